@@ -1,0 +1,46 @@
+# fmbseg: the two Quickstart commands (`make demo`, `make test`) and a few helpers.
+# Everything installs into .venv on first use; `make install` forces it.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Any recent torch/torchvision pair works; on the project's CI machines pip's constraint file pins
+# them to the builds on disk (torch 2.14.1 / torchvision 0.29.1).
+TORCH  ?= "torch>=2.3" "torchvision>=0.18"
+PYTEST_ARGS ?=
+
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install test test-fast demo ui lint bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/fmbseg demo
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+lint: install
+	$(VENV)/bin/ruff check components flows tests bench
+
+bench: install
+	$(PY) bench/models.py --profile demo
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,105 @@
+"""File I/O shared by every stage: atomic writes, content hashes, PNG label maps.
+
+Every output of the pipeline is written through these helpers: the bytes go to a temporary file in
+the destination's directory and take their final name with ``os.replace``, so a killed process
+never leaves a half-written file under a final name (the rename is atomic on POSIX filesystems).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "file_sha256",
+    "bytes_sha256",
+    "encode_label_png",
+    "decode_label_png",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` keeps its previous content (or stays
+    absent). ``suffix`` lets writers that infer the format from the name (pandas, PIL) see it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable diffs for DVC metrics) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def bytes_sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (bounded memory for multi-GB archives)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """Encode a label map as a lossless grayscale PNG.
+
+    label: [H, W] uint8, class index per pixel, 255 = unlabelled / ignore.
+    """
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise ValueError(f"a label map must be [H, W] uint8, got shape {label.shape} dtype {label.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(label).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_label_png(data: bytes) -> np.ndarray:
+    """Decode a PNG written by :func:`encode_label_png` into [H, W] uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"a label PNG must be single-channel (L or P), got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8).copy()

@@ -1,0 +1,28 @@
+"""`fmbseg`: one subcommand per DVC stage (each runs that stage's Prefect flow) plus tools.
+
+Heavy imports (torch, prefect, mlflow) happen inside the commands, so `fmbseg --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="fmbseg",
+    help="Annotation-free open-vocabulary semantic segmentation from CLIP, SAM and DINOv2.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines `register(app)`, adding its commands; one module per stage or tool.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"flows.{_name}").register(app)
+
+
+if __name__ == "__main__":
+    app()
