@@ -23,3 +23,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test server for the whole session (a Prefect server start costs seconds)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store, migrated once per session (migrations take seconds)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+    client.search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _migrated_mlflow_db, monkeypatch) -> str:
+    """A fresh, pre-migrated SQLite MLflow store for one test; MLFLOW_TRACKING_URI points to it."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_migrated_mlflow_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,200 @@
+"""What every stage flow shares: settings, the task runner, per-worker model caches, progress.
+
+Flows hold no math: they read params.yaml once (:func:`stage_params`), pick the fields each
+component needs, and put tasks in order. Tasks take and return paths and small records, never
+tensors, so the same flow runs on threads, a Dask cluster or a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from components.config import OrchestrationConfig, Params, load_params
+
+__all__ = [
+    "PARAMS_FILE",
+    "stage_params",
+    "make_task_runner",
+    "cached_clip",
+    "cached_sam",
+    "cached_dino",
+    "Progress",
+    "table_artifact",
+    "markdown_artifact",
+    "in_flow_run",
+    "timed",
+    "project_path",
+]
+
+PARAMS_FILE = "params.yaml"
+
+
+def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml of the project the command runs in (DVC runs every stage at the repo root)."""
+    return load_params(params_path, overrides)
+
+
+def make_task_runner(orch: OrchestrationConfig) -> Any:
+    """The Prefect task runner named by ``orchestration.task_runner``.
+
+    threads: a ThreadPoolTaskRunner (one process: models load once and are shared by threads).
+    dask: prefect-dask on a LocalCluster of ``dask_workers`` processes, or ``dask_address``.
+    ray: prefect-ray on the cluster at ``ray_address`` (install the ``ray`` extra).
+    """
+    if orch.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": None}
+        )
+    if orch.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as err:
+            raise RuntimeError(
+                "orchestration.task_runner 'ray' needs prefect-ray: pip install -e '.[ray]'"
+            ) from err
+        init_kwargs = {"num_gpus": orch.gpus_per_task} if orch.gpus_per_task else None
+        return RayTaskRunner(address=orch.ray_address, init_kwargs=init_kwargs)
+    raise ValueError(f"unknown task runner {orch.task_runner!r}; supported: threads, dask, ray")
+
+
+# One model of each kind per worker process: threads share it, Dask/Ray workers each load theirs
+# once. The lock keeps two threads from building the same model twice.
+_model_lock = threading.Lock()
+
+
+def _locked_cache(builder: Any) -> Any:
+    cached = functools.lru_cache(maxsize=4)(builder)
+
+    @functools.wraps(builder)
+    def get(*args: Any, **kwargs: Any) -> Any:
+        with _model_lock:
+            return cached(*args, **kwargs)
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
+
+
+@_locked_cache
+def cached_clip(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
+    """The CLIP bundle (model, tokenizer, spec) for ``name``, built once per process."""
+    from components.models.registry import build_clip
+
+    return build_clip(name, device=device, weights_dir=weights_dir)
+
+
+@_locked_cache
+def cached_sam(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
+    """The SAM model for ``name``, built once per process."""
+    from components.models.registry import build_sam
+
+    return build_sam(name, device=device, weights_dir=weights_dir)
+
+
+@_locked_cache
+def cached_dino(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
+    """The DINOv2 model for ``name``, built once per process."""
+    from components.models.registry import build_dino
+
+    return build_dino(name, device=device, weights_dir=weights_dir)
+
+
+def in_flow_run() -> bool:
+    """True inside a Prefect flow or task run (artifacts can be created)."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+    except ImportError:
+        return False
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+class Progress:
+    """A progress bar on a terminal and a Prefect progress artifact in the UI, updated together.
+
+    The artifact is updated at most every ``artifact_every`` seconds so that a fast loop does not
+    turn into a stream of API calls.
+    """
+
+    def __init__(self, total: int, desc: str, key: str | None = None, artifact_every: float = 2.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.total = max(int(total), 0)
+        self.done = 0
+        self._bar = tqdm(total=self.total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+        self._artifact_id = None
+        self._every = artifact_every
+        self._last = 0.0
+        if in_flow_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact_id = create_progress_artifact(progress=0.0, key=key, description=desc)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._bar.update(n)
+        now = time.monotonic()
+        if self._artifact_id is not None and (now - self._last >= self._every or self.done >= self.total):
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._artifact_id, progress=100.0 * self.done / max(self.total, 1))
+            self._last = now
+
+    def close(self) -> None:
+        if self._artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._artifact_id, progress=100.0 * self.done / max(self.total, 1))
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def table_artifact(rows: list[dict[str, Any]], key: str | None, description: str) -> None:
+    """A Prefect table artifact (no-op outside a flow run)."""
+    if in_flow_run():
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(table=rows, key=key, description=description)
+
+
+def markdown_artifact(markdown: str, key: str | None, description: str) -> None:
+    """A Prefect markdown artifact (no-op outside a flow run)."""
+    if in_flow_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+@contextmanager
+def timed(store: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``store[key]`` (seconds)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = store.get(key, 0.0) + time.perf_counter() - t0
+
+
+def project_path(params: Params, name: str) -> Path:
+    """A path of the ``paths`` section, relative to the working directory (the project root)."""
+    return Path(getattr(params.paths, name))
