@@ -1,0 +1,261 @@
+"""Zero-shot inference for FMbSeg Stage 2 (base), as pure functions over callables.
+
+Paper §3.4 "Pixelwise Segmentation": patch logits are the cosine similarities between the aligned
+patch embeddings and the text prototypes, interpolated to the original image size, then argmax.
+The evaluation protocol follows TCL / mmseg (DESIGN.md §4): resize to short side 448, sliding
+window 448 / stride 224 with overlapping window logits averaged, no post-processing.
+
+Nothing here knows which encoder produced the embeddings: `encode_fn` / `logits_fn` are callables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def resize_short_side(image: Tensor, short_side: int) -> Tensor:
+    """Bilinear resize so that the shorter side is `short_side`, keeping the aspect ratio.
+
+    image: [3, H, W] float (any value range) or [H, W, 3] uint8 (HWC, as images load from disk);
+    the result has the same layout and dtype. The long side becomes round(long * short_side /
+    short) (mmcv's rescale rounding). Bilinear with align_corners=False and no antialiasing, like
+    the cv2 resize of the mmseg test pipeline.
+    """
+    if short_side < 1:
+        raise ValueError(f"short_side must be >= 1, got {short_side}")
+    if image.dim() == 3 and image.shape[0] == 3 and image.dtype.is_floating_point:
+        chw = image
+    elif image.dim() == 3 and image.shape[-1] == 3 and image.dtype == torch.uint8:
+        chw = image.permute(2, 0, 1).float()
+    else:
+        raise ValueError(
+            f"image must be [3, H, W] float or [H, W, 3] uint8, got shape {tuple(image.shape)} {image.dtype}"
+        )
+    h, w = chw.shape[-2:]
+    scale = short_side / min(h, w)
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    resized = F.interpolate(chw[None], size=size, mode="bilinear", align_corners=False)[0]
+    if image.dtype == torch.uint8:
+        return resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    return resized
+
+
+def _window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis (mmseg slide_inference): every `stride`, the last
+    window moved back so that it ends on the border; a single window at 0 when size <= window."""
+    count = max(size - window + stride - 1, 0) // stride + 1
+    return [max(min(i * stride, size - window), 0) for i in range(count)]
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    image: Tensor,
+    logits_fn: Callable[[Tensor], Tensor],
+    *,
+    window: int,
+    stride: int,
+    num_classes: int,
+    batch_size: int = 8,
+) -> Tensor:
+    """Sliding-window dense logits of one image, averaged where windows overlap.
+
+    image: [3, H, W] float. logits_fn: [B, 3, h, w] -> [B, K, h', w'] (K = num_classes; any h', w',
+    e.g. the patch grid). Windows are window x window, placed every `stride` pixels, with the last
+    window in each direction snapped to the image border (mmseg slide inference); along an axis where
+    the image is smaller than `window`, a single window spans the whole axis, so all windows of an
+    image have the same size min(window, H) x min(window, W) and run through `logits_fn` together,
+    in chunks of `batch_size`. Each window's logits are upsampled bilinearly (align_corners=False)
+    to the window size and summed into the image; every pixel is divided by the number of windows
+    that cover it. Returns [K, H, W] float32 on the image's device. Runs without gradients.
+    """
+    if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+        raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
+    if window < 1 or stride < 1 or batch_size < 1 or num_classes < 1:
+        raise ValueError(
+            f"window, stride, batch_size and num_classes must be >= 1, got {window}, {stride}, "
+            f"{batch_size}, {num_classes}"
+        )
+    if stride > window:
+        raise ValueError(f"stride {stride} > window {window} would leave pixels that no window covers")
+    _, height, width = image.shape
+    win_h, win_w = min(window, height), min(window, width)
+    boxes = [
+        (y, x) for y in _window_starts(height, window, stride) for x in _window_starts(width, window, stride)
+    ]
+    logits_sum = torch.zeros(num_classes, height, width, dtype=torch.float32, device=image.device)
+    count = torch.zeros(1, height, width, dtype=torch.float32, device=image.device)
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        crops = torch.stack([image[:, y : y + win_h, x : x + win_w] for y, x in chunk])
+        out = logits_fn(crops)
+        if out.dim() != 4 or tuple(out.shape[:2]) != (len(chunk), num_classes):
+            raise ValueError(
+                f"logits_fn must return [B={len(chunk)}, K={num_classes}, h, w], got {tuple(out.shape)}"
+            )
+        out = out.float()
+        if tuple(out.shape[-2:]) != (win_h, win_w):
+            out = F.interpolate(out, size=(win_h, win_w), mode="bilinear", align_corners=False)
+        for (y, x), window_logits in zip(chunk, out, strict=True):
+            logits_sum[:, y : y + win_h, x : x + win_w] += window_logits
+            count[:, y : y + win_h, x : x + win_w] += 1
+    return logits_sum / count
+
+
+def patch_logits(z: Tensor, prototypes: Tensor) -> Tensor:
+    """Cosine similarity of every patch embedding with every text prototype (paper §3.4).
+
+    z: [B, h, w, D] patch embeddings in text space; prototypes: [K, D]. Both are L2-normalised over
+    D. Returns [B, K, h, w] float32 in [-1, 1].
+    """
+    if z.dim() != 4 or prototypes.dim() != 2 or z.shape[-1] != prototypes.shape[-1]:
+        raise ValueError(
+            f"expected z [B, h, w, D] and prototypes [K, D], got {tuple(z.shape)} and {tuple(prototypes.shape)}"
+        )
+    z = F.normalize(z.float(), dim=-1)
+    t = F.normalize(prototypes.float(), dim=-1)
+    return torch.einsum("bhwd,kd->bkhw", z, t)
+
+
+def predict_logits(
+    image: Tensor,
+    *,
+    encode_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    window: int,
+    stride: int,
+    short_side: int | None,
+    batch_size: int = 8,
+) -> Tensor:
+    """FMbSeg Stage 2 (base) logits at the original image size.
+
+    image: [3, H, W] float, normalised as `encode_fn` expects. encode_fn: pixels [B, 3, h, w] ->
+    patch embeddings [B, h/p, w/p, D] already in text space (e.g. DINOv2 + aligner). prototypes:
+    [K, D] text prototypes. The image is resized to `short_side` (None: kept as is), cut into sliding
+    windows (`sliding_window_logits`), each window scored by `patch_logits`, and the averaged logits
+    are resized bilinearly (align_corners=False) back to H x W. Returns [K, H, W] float32 cosine
+    similarities.
+    """
+    if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+        raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
+    height, width = image.shape[-2:]
+    resized = resize_short_side(image, short_side) if short_side is not None else image
+    logits = sliding_window_logits(
+        resized,
+        lambda crops: patch_logits(encode_fn(crops), prototypes),
+        window=window,
+        stride=stride,
+        num_classes=prototypes.shape[0],
+        batch_size=batch_size,
+    )
+    if tuple(logits.shape[-2:]) != (height, width):
+        logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return logits
+
+
+def labels_from_logits(
+    logits: Tensor,
+    *,
+    class_map: Tensor | None = None,
+    bg_threshold: float | None = None,
+    background_index: int | None = None,
+) -> Tensor:
+    """Per-pixel class from prompt logits.
+
+    logits: [K, H, W] scores over K prompts. The prompt with the highest score wins (ties: the lower
+    prompt index); class_map [K] int64 maps prompt index -> output class (e.g. PV-21's stuff prompts
+    -> background, see `build_prompt_set`); None: class = prompt index. With `bg_threshold`, pixels
+    whose highest score is below it get `background_index` (an output class index; required then).
+    The threshold is compared with the logits as given: cosine similarities from `predict_logits`.
+    Returns [H, W] int64.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [K, H, W], got {tuple(logits.shape)}")
+    score, prompt = logits.max(dim=0)
+    if class_map is None:
+        labels = prompt
+    else:
+        if class_map.shape != (logits.shape[0],) or class_map.dtype != torch.int64:
+            raise ValueError(
+                f"class_map must be [K={logits.shape[0]}] int64, got {tuple(class_map.shape)} {class_map.dtype}"
+            )
+        labels = class_map.to(logits.device)[prompt]
+    if bg_threshold is not None:
+        if background_index is None:
+            raise ValueError("bg_threshold needs background_index (the output class of background)")
+        labels = torch.where(score < bg_threshold, torch.full_like(labels, background_index), labels)
+    elif background_index is not None:
+        raise ValueError("background_index is only used with bg_threshold; pass both or neither")
+    return labels
+
+
+def predict_base(
+    image: Tensor,
+    *,
+    encode_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    window: int,
+    stride: int,
+    short_side: int | None,
+    batch_size: int = 8,
+    class_map: Tensor | None = None,
+    bg_threshold: float | None = None,
+    background_index: int | None = None,
+) -> Tensor:
+    """FMbSeg Stage 2 (base) prediction: [H, W] int64 class map at the original image size.
+
+    `predict_logits` followed by `labels_from_logits` (see both for the arguments).
+    """
+    logits = predict_logits(
+        image,
+        encode_fn=encode_fn,
+        prototypes=prototypes,
+        window=window,
+        stride=stride,
+        short_side=short_side,
+        batch_size=batch_size,
+    )
+    return labels_from_logits(
+        logits, class_map=class_map, bg_threshold=bg_threshold, background_index=background_index
+    )
+
+
+class PromptSet(NamedTuple):
+    """Prompts to encode and, for each, the output class it votes for."""
+
+    names: list[str]
+    """[K'] prompt class names: the dataset's classes, then the extra background prompts."""
+    class_map: Tensor
+    """[K'] int64: prompt index -> dataset class index."""
+
+
+def build_prompt_set(
+    class_names: Sequence[str], extra_background: Sequence[str] | None, background_index: int
+) -> PromptSet:
+    """Dataset classes plus extra prompts that all mean background.
+
+    For PV-21 (paper §4.1): class_names = the 21 classes with "background" at `background_index`,
+    extra_background = the COCO-Stuff stuff classes; every stuff prompt maps to `background_index`.
+    Returns names = class_names + extra_background and class_map = [0, ..., C-1, b, ..., b].
+    A name that appears twice raises ValueError (its prompts would tie).
+    """
+    class_names = list(class_names)
+    extra = list(extra_background) if extra_background is not None else []
+    if not 0 <= background_index < len(class_names):
+        raise ValueError(f"background_index {background_index} outside [0, {len(class_names)})")
+    names = class_names + extra
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"prompt names appear more than once: {duplicates}")
+    class_map = torch.cat(
+        [
+            torch.arange(len(class_names), dtype=torch.int64),
+            torch.full((len(extra),), background_index, dtype=torch.int64),
+        ]
+    )
+    return PromptSet(names=names, class_map=class_map)

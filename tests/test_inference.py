@@ -1,0 +1,258 @@
+"""Sliding-window inference, patch logits, prompt sets (DESIGN.md §4 evaluation protocol)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.evaluation.inference import (
+    build_prompt_set,
+    labels_from_logits,
+    patch_logits,
+    predict_base,
+    predict_logits,
+    resize_short_side,
+    sliding_window_logits,
+)
+
+
+def coordinate_image(height: int, width: int) -> torch.Tensor:
+    """[3, H, W] float: channel 0 = row index, channel 1 = column index, channel 2 = 1."""
+    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    return torch.stack([rows, cols, torch.ones(height, width)])
+
+
+def pooled_logits_fn(num_classes: int, seed: int = 0):
+    """A position-dependent logits_fn at half resolution: 2x2 average pool, then a fixed 1x1 map."""
+    weight = torch.randn(num_classes, 3, generator=torch.Generator().manual_seed(seed))
+
+    def logits_fn(crops: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(crops, 2, ceil_mode=True)
+        return torch.einsum("kc,bchw->bkhw", weight, pooled) + pooled[:, :1].square()
+
+    return logits_fn
+
+
+def counting(logits_fn, batches: list[int]):
+    """Wraps logits_fn, appending each batch size it is called with to `batches`."""
+
+    def counting_fn(crops: torch.Tensor) -> torch.Tensor:
+        batches.append(crops.shape[0])
+        return logits_fn(crops)
+
+    return counting_fn
+
+
+def naive_window_starts(size: int, window: int, stride: int) -> list[int]:
+    """mmseg slide_inference, literally."""
+    starts = []
+    for idx in range(max(size - window + stride - 1, 0) // stride + 1):
+        end = min(idx * stride + window, size)
+        starts.append(max(end - window, 0))
+    return starts
+
+
+def naive_sliding(image: torch.Tensor, logits_fn, window: int, stride: int) -> torch.Tensor:
+    """Per-pixel loop: mean over the covering windows of that window's upsampled logit."""
+    _, height, width = image.shape
+    win_h, win_w = min(window, height), min(window, width)
+    windows = []
+    for y in naive_window_starts(height, window, stride):
+        for x in naive_window_starts(width, window, stride):
+            out = logits_fn(image[None, :, y : y + win_h, x : x + win_w])
+            up = F.interpolate(out, size=(win_h, win_w), mode="bilinear", align_corners=False)[0]
+            windows.append((y, x, up))
+    result = torch.zeros(windows[0][2].shape[0], height, width)
+    for i in range(height):
+        for j in range(width):
+            values = [
+                up[:, i - y, j - x] for y, x, up in windows if y <= i < y + win_h and x <= j < x + win_w
+            ]
+            result[:, i, j] = torch.stack(values).mean(dim=0)
+    return result
+
+
+def test_resize_short_side_shapes_and_dtypes() -> None:
+    chw = torch.rand(3, 6, 9)
+    out = resize_short_side(chw, 4)
+    assert out.shape == (3, 4, 6) and out.dtype == torch.float32
+    assert torch.allclose(out, F.interpolate(chw[None], size=(4, 6), mode="bilinear", align_corners=False)[0])
+
+    hwc = torch.randint(0, 256, (9, 6, 3), dtype=torch.uint8)
+    out = resize_short_side(hwc, 4)
+    assert out.shape == (6, 4, 3) and out.dtype == torch.uint8
+    as_float = resize_short_side(hwc.permute(2, 0, 1).float(), 4)
+    assert torch.equal(out, as_float.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
+
+    assert resize_short_side(torch.rand(3, 7, 5), 448).shape == (3, 627, 448)  # 7 * 448 / 5 = 627.2
+    with pytest.raises(ValueError, match=r"\[3, H, W\] float or \[H, W, 3\] uint8"):
+        resize_short_side(torch.rand(4, 4, 3), 4)
+
+
+def test_window_positions_snap_to_border_and_small_axes() -> None:
+    seen: list[tuple[int, int, int, int]] = []
+
+    def recording_fn(crops: torch.Tensor) -> torch.Tensor:
+        for crop in crops:
+            seen.append((int(crop[0, 0, 0]), int(crop[1, 0, 0]), crop.shape[1], crop.shape[2]))
+        return crops[:, :1]
+
+    sliding_window_logits(coordinate_image(5, 7), recording_fn, window=4, stride=3, num_classes=1)
+    assert seen == [(0, 0, 4, 4), (0, 3, 4, 4), (1, 0, 4, 4), (1, 3, 4, 4)]
+
+    seen.clear()  # height 3 < window 4: one window of height 3 along that axis
+    sliding_window_logits(coordinate_image(3, 10), recording_fn, window=4, stride=2, num_classes=1)
+    assert seen == [(0, 0, 3, 4), (0, 2, 3, 4), (0, 4, 3, 4), (0, 6, 3, 4)]
+
+
+@pytest.mark.parametrize("window", [8, 16])
+def test_window_covering_image_equals_whole_image_inference(window: int) -> None:
+    image = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits_fn = pooled_logits_fn(4)
+    got = sliding_window_logits(image, logits_fn, window=window, stride=4, num_classes=4)
+    want = F.interpolate(logits_fn(image[None]), size=(8, 8), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_overlapping_windows_average_by_hand() -> None:
+    # Windows start at columns 0 and 2; each outputs its start column everywhere.
+    def start_column(crops: torch.Tensor) -> torch.Tensor:
+        return crops[:, 1:2, :1, :1].amin(dim=(2, 3), keepdim=True).expand(-1, 1, 2, 2)
+
+    got = sliding_window_logits(coordinate_image(4, 6), start_column, window=4, stride=2, num_classes=1)
+    assert got.shape == (1, 4, 6)
+    assert torch.equal(got[0], torch.tensor([[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]]).expand(4, 6))
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "window", "stride"), [(9, 13, 6, 4), (5, 11, 8, 3), (10, 10, 4, 4)]
+)
+def test_sliding_window_matches_naive_loop(height: int, width: int, window: int, stride: int) -> None:
+    image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(1))
+    logits_fn = pooled_logits_fn(3, seed=2)
+    want = naive_sliding(image, logits_fn, window, stride)
+    for batch_size in (1, 2, 8):
+        batches: list[int] = []
+        got = sliding_window_logits(
+            image,
+            counting(logits_fn, batches),
+            window=window,
+            stride=stride,
+            num_classes=3,
+            batch_size=batch_size,
+        )
+        assert torch.allclose(got, want, atol=1e-5)
+        assert max(batches) <= batch_size
+        assert sum(batches) == len(naive_window_starts(height, window, stride)) * len(
+            naive_window_starts(width, window, stride)
+        )
+
+
+def test_sliding_window_errors() -> None:
+    image = torch.rand(3, 8, 8)
+    with pytest.raises(ValueError, match="leave pixels"):
+        sliding_window_logits(image, pooled_logits_fn(2), window=4, stride=5, num_classes=2)
+    with pytest.raises(ValueError, match="logits_fn must return"):
+        sliding_window_logits(image, pooled_logits_fn(2), window=4, stride=4, num_classes=3)
+
+
+def test_patch_logits_is_cosine_similarity() -> None:
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 3, 4, 5, generator=generator)
+    prototypes = torch.randn(6, 5, generator=generator) * 7.0
+    got = patch_logits(z, prototypes)
+    assert got.shape == (2, 6, 3, 4)
+    for b in range(2):
+        for k in range(6):
+            for i in range(3):
+                for j in range(4):
+                    v, t = z[b, i, j], prototypes[k]
+                    want = float(v @ t) / (float(v.norm()) * float(t.norm()))
+                    assert float(got[b, k, i, j]) == pytest.approx(want, abs=1e-5)
+
+
+def make_encoder(patch: int, dim: int):
+    """encode_fn: [B, 3, h, w] -> [B, h/p, w/p, D] (patch average, then a fixed linear map)."""
+    weight = torch.randn(3, dim, generator=torch.Generator().manual_seed(4))
+
+    def encode_fn(pixels: torch.Tensor) -> torch.Tensor:
+        per_image_mean = pixels.mean(dim=(1, 2, 3))[:, None, None, None]
+        return F.avg_pool2d(pixels, patch).permute(0, 2, 3, 1) @ weight + per_image_mean
+
+    return encode_fn
+
+
+def test_predict_logits_composes_resize_window_and_upsample() -> None:
+    image = torch.randn(3, 10, 15, generator=torch.Generator().manual_seed(5))
+    prototypes = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
+    encode_fn = make_encoder(patch=2, dim=6)
+    got = predict_logits(
+        image, encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
+    )
+    assert got.shape == (4, 10, 15)
+
+    resized = F.interpolate(image[None], size=(8, 12), mode="bilinear", align_corners=False)[0]
+    small = naive_sliding(resized, lambda crops: patch_logits(encode_fn(crops), prototypes), 8, 4)
+    want = F.interpolate(small[None], size=(10, 15), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+
+    labels = predict_base(
+        image, encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
+    )
+    assert labels.dtype == torch.int64 and labels.shape == (10, 15)
+    assert torch.equal(labels, got.argmax(dim=0))
+
+
+def test_predict_logits_without_resize_one_window() -> None:
+    image = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))
+    prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
+    encode_fn = make_encoder(patch=4, dim=5)
+    got = predict_logits(
+        image, encode_fn=encode_fn, prototypes=prototypes, window=12, stride=6, short_side=None
+    )
+    want = F.interpolate(
+        patch_logits(encode_fn(image[None]), prototypes), size=(8, 12), mode="bilinear", align_corners=False
+    )[0]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_pv21_stuff_prompts_map_to_background() -> None:
+    classes = ["background", "aeroplane", "bicycle"]
+    prompts = build_prompt_set(classes, ["sky", "grass"], background_index=0)
+    assert prompts.names == ["background", "aeroplane", "bicycle", "sky", "grass"]
+    assert prompts.class_map.dtype == torch.int64
+    assert prompts.class_map.tolist() == [0, 1, 2, 0, 0]
+    names, class_map = prompts  # also unpacks like the (names, class_map) pair
+    assert names == prompts.names and class_map is prompts.class_map
+
+    # Pixel winners, one per pixel: prompt 3 (sky), 1 (aeroplane), 4 (grass), 2 (bicycle), 0.
+    winners = torch.tensor([[3, 1, 4, 2, 0]])
+    logits = F.one_hot(winners, 5).permute(2, 0, 1).float() + 0.1 * torch.rand(5, 1, 5)
+    labels = labels_from_logits(logits, class_map=prompts.class_map)
+    assert labels.tolist() == [[0, 1, 0, 2, 0]]
+    assert labels_from_logits(logits).tolist() == winners.tolist()  # no map: prompt index
+
+
+def test_build_prompt_set_errors_and_no_extra() -> None:
+    plain = build_prompt_set(["a", "b"], None, background_index=0)
+    assert plain.names == ["a", "b"] and plain.class_map.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="more than once"):
+        build_prompt_set(["background", "sky"], ["sky"], background_index=0)
+    with pytest.raises(ValueError, match="outside"):
+        build_prompt_set(["a", "b"], ["c"], background_index=2)
+
+
+def test_background_threshold() -> None:
+    logits = torch.tensor([[[0.9, 0.1, 0.05]], [[0.2, 0.3, 0.01]], [[0.1, 0.25, 0.02]]])  # [K=3, 1, 3]
+    class_map = torch.tensor([0, 1, 2])
+    got = labels_from_logits(logits, class_map=class_map, bg_threshold=0.28, background_index=0)
+    # maxima 0.9 (class 0), 0.3 (class 1), 0.05 (class 0, below threshold -> background 0).
+    assert got.tolist() == [[0, 1, 0]]
+    got = labels_from_logits(logits, bg_threshold=0.5, background_index=2)
+    assert got.tolist() == [[0, 2, 2]]
+    with pytest.raises(ValueError, match="needs background_index"):
+        labels_from_logits(logits, bg_threshold=0.5)
+    with pytest.raises(ValueError, match="class_map must be"):
+        labels_from_logits(logits, class_map=torch.tensor([0, 1]))
