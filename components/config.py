@@ -93,6 +93,17 @@ class DatasetOverride(_Section):
     root: str | None = None
 
 
+class DownloadConfig(_Section):
+    """What ``download@<dataset>`` fetches. ``synthetic`` writes each source's synthetic twin in its
+    raw on-disk format instead of downloading it (the demo and the tests); the real converters run
+    on it either way."""
+
+    datasets: tuple[str, ...] = ("coco_train", "pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+    synthetic: bool = False
+    synthetic_images: int = Field(8, ge=1)
+    seed: int = 0
+
+
 # ----------------------------------------------------------------------------------------- label
 class AmgConfig(_Section):
     """SamAutomaticMaskGenerator settings plus the size filter (paper appendix 1.2)."""
@@ -218,6 +229,7 @@ class Params(_Section):
     paths: PathsConfig = PathsConfig()
     models: ModelsConfig = ModelsConfig()
     datasets: dict[str, DatasetOverride] = Field(default_factory=dict)
+    download: DownloadConfig = DownloadConfig()
     label: LabelConfig = LabelConfig()
     balance: BalanceConfig = BalanceConfig()
     features: FeaturesConfig = FeaturesConfig()
