@@ -1,0 +1,110 @@
+"""The self-describing aligner checkpoint ``models/aligner.pt`` (nanoGPT style).
+
+One ``torch.save`` of plain types (dicts, lists, str, numbers, tensors), so it loads with
+``torch.load(weights_only=True)`` and the aligner rebuilds from the file alone:
+
+- ``model``: the aligner's state dict; ``aligner_config``: ``Aligner(**aligner_config)`` rebuilds it,
+- ``encoder``: ``{"dino": spec name, "image_size": input side}`` (the frozen image encoder),
+- ``text``: ``{"clip": spec name, "templates": [...]}`` (what made the prototypes),
+- ``class_names`` [K] and ``prototypes`` [K, D] float32 (L2-normalised text features t_k),
+- ``params``: the flattened params that made it; ``mlflow_run_id``: its MLflow run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from components.aligner.model import Aligner
+from components.io import atomic_write_bytes
+
+__all__ = ["CHECKPOINT_FORMAT", "LoadedAligner", "save_checkpoint", "load_aligner"]
+
+CHECKPOINT_FORMAT = 1
+_KEYS = ("format", "model", "aligner_config", "encoder", "text", "class_names", "prototypes", "params", "mlflow_run_id")
+
+
+class LoadedAligner(NamedTuple):
+    """An aligner rebuilt from its checkpoint, in ``eval()`` mode, with what it needs at inference."""
+
+    model: Aligner
+    prototypes: torch.Tensor  # [K, D] float32, L2-normalised
+    class_names: list[str]
+    encoder_spec: str  # DINOv2 registry name
+    image_size: int  # encoder input side in pixels
+    text_spec: str  # CLIP registry name
+    templates: list[str]
+    run_id: str | None  # MLflow run of the training
+    params: dict[str, Any]  # flattened params that made it
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: Aligner,
+    encoder_spec: str,
+    image_size: int,
+    text_spec: str,
+    templates: Sequence[str],
+    class_names: Sequence[str],
+    prototypes: torch.Tensor,
+    params: Mapping[str, Any],
+    mlflow_run_id: str | None,
+) -> Path:
+    """Write the checkpoint atomically; return its path.
+
+    prototypes: [K, D] float text prototypes, K = len(class_names), D = the aligner's out_dim.
+    params: flat {dotted key: str | int | float | bool | None | list}.
+    """
+    if prototypes.ndim != 2 or prototypes.shape != (len(class_names), model.out_dim):
+        raise ValueError(
+            f"prototypes must be [K={len(class_names)}, D={model.out_dim}]; got {tuple(prototypes.shape)}"
+        )
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "aligner_config": dict(model.aligner_config()),
+        "encoder": {"dino": encoder_spec, "image_size": int(image_size)},
+        "text": {"clip": text_spec, "templates": list(templates)},
+        "class_names": list(class_names),
+        "prototypes": prototypes.detach().float().cpu().clone(),
+        "params": dict(params),
+        "mlflow_run_id": mlflow_run_id,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> LoadedAligner:
+    """Rebuild the aligner of a checkpoint written by :func:`save_checkpoint` (weights_only load)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no aligner checkpoint at {path}: run `fmbseg train` (or `dvc repro train`)")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    missing = [k for k in _KEYS if k not in state] if isinstance(state, dict) else list(_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not an fmbseg aligner checkpoint: missing {missing}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {CHECKPOINT_FORMAT}")
+    config = state["aligner_config"]
+    model = Aligner(config["in_dim"], config["out_dim"], kind=config["kind"], num_heads=config["num_heads"])
+    model.load_state_dict(state["model"])
+    model.to(map_location).eval()
+    return LoadedAligner(
+        model=model,
+        prototypes=state["prototypes"],
+        class_names=list(state["class_names"]),
+        encoder_spec=state["encoder"]["dino"],
+        image_size=int(state["encoder"]["image_size"]),
+        text_spec=state["text"]["clip"],
+        templates=list(state["text"]["templates"]),
+        run_id=state["mlflow_run_id"],
+        params=dict(state["params"]),
+    )
