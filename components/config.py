@@ -45,6 +45,7 @@ class PathsConfig(_Section):
     raw: str = "data/raw"
     datasets: str = "data/datasets"
     images: str = "data/datasets/coco_train/images/train"
+    incoming: str = "data/incoming"
     pseudo: str = "data/pseudo"
     features: str = "data/features"
     models: str = "models"
