@@ -27,12 +27,25 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """One Prefect test server for the whole session (a Prefect server start costs seconds)."""
+    """One Prefect test server for the whole session (a Prefect server start costs seconds).
+
+    Its URL is exported as PREFECT_API_URL too, so that stage subprocesses (`dvc repro` running
+    `fmbseg <stage>`) report to the same server instead of starting one each.
+    """
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    previous = os.environ.get("PREFECT_API_URL")
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield PREFECT_API_URL.value()
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
 
 
 @pytest.fixture(scope="session")
