@@ -1,0 +1,321 @@
+"""MLflow tracking: the only module of the project that imports mlflow.
+
+One run per trained model (DESIGN §6). The train flow opens it with :func:`start_run`, logs the loss
+per step through a :class:`StepLogger` (buffered: one SQLite write per step would cost more than
+the step on a GPU), an epoch summary per epoch (:func:`log_epoch`) and the checkpoint
+(:func:`log_checkpoint`); the checkpoint carries the run id, and the evaluate stages attach their
+metrics and tables to the same run with :func:`attach_metrics`. The nightly job compares a new
+model with the registered ``champion`` and promotes it (:func:`run_scores`, :func:`champion_scores`,
+:func:`promote_champion`).
+
+Where runs go (:func:`tracking_uri`): ``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else
+``sqlite:///<project root>/mlflow.db`` with artifacts in ``<project root>/mlartifacts``. A
+``dvc exp run --queue`` experiment runs in a copy of the project under ``<root>/.dvc/tmp/exps/``;
+its runs still land in ``<root>``'s store, so a grid of queued experiments compares in one UI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from components.aligner.checkpoint import load_aligner
+from components.config import Params, flatten
+
+__all__ = [
+    "GROUP_ENV",
+    "CHAMPION_ALIAS",
+    "project_root",
+    "tracking_uri",
+    "standard_tags",
+    "start_run",
+    "run_exists",
+    "StepLogger",
+    "log_epoch",
+    "log_checkpoint",
+    "attach_metrics",
+    "checkpoint_run_id",
+    "run_scores",
+    "champion_scores",
+    "promote_champion",
+]
+
+# Set this to one value for a batch of runs (a nightly, a hand-made sweep) to group them in the UI;
+# runs of one `dvc exp run --queue` grid are grouped by their baseline commit without it.
+GROUP_ENV = "FMBSEG_RUN_GROUP"
+_DVC_EXPS_DIR = (".dvc", "tmp", "exps")
+CHAMPION_ALIAS = "champion"
+CHECKPOINT_ARTIFACT_DIR = "model"
+
+
+def project_root(cwd: str | os.PathLike[str] | None = None) -> Path:
+    """The project whose MLflow store runs belong to: the working directory, except inside a DVC
+    queued-experiment copy ``<root>/.dvc/tmp/exps/<tmp>/...``, where it is ``<root>``."""
+    path = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - len(_DVC_EXPS_DIR) + 1):
+        if parts[i : i + len(_DVC_EXPS_DIR)] == _DVC_EXPS_DIR:
+            return Path(*parts[:i])
+    return path
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+
+
+def tracking_uri(params: Params, project_dir: str | os.PathLike[str] | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else the project's SQLite store.
+
+    A relative SQLite path is taken relative to the project root (:func:`project_root` of
+    ``project_dir``, default the working directory), never to a DVC temp copy.
+    """
+    root = project_root(project_dir)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    if uri is None:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return f"sqlite:///{root / db}"
+    return uri
+
+
+def _experiment_id(mlflow: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing. With a SQLite store its artifacts go to
+    ``mlartifacts/`` next to the database (MLflow's default would be the working directory)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    db = _sqlite_path(mlflow.tracking_uri)
+    location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def _git_commit(cwd: Path) -> str:
+    """``git rev-parse HEAD`` in ``cwd``, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _lock_hashes(lock_file: Path, input_paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    """{path: md5} from dvc.lock for each input path, as recorded by the stage that wrote it
+    (its ``outs``) or, for a source file, by a stage that reads it (its ``deps``)."""
+    with open(lock_file, encoding="utf-8") as f:
+        lock = yaml.safe_load(f) or {}
+    recorded: dict[str, str] = {}
+    for section in ("deps", "outs"):  # outs second: the producer's record wins
+        for stage in (lock.get("stages") or {}).values():
+            for entry in stage.get(section) or []:
+                if "md5" in entry:
+                    recorded[os.path.normpath(entry["path"])] = str(entry["md5"])
+    wanted = [os.path.normpath(p) for p in input_paths]
+    return {p: recorded[p] for p in wanted if p in recorded}
+
+
+def standard_tags(params: Params, input_paths: Iterable[str | os.PathLike[str]] = ()) -> dict[str, str]:
+    """Tags every fmbseg run carries.
+
+    ``git.commit`` (also as ``mlflow.source.git.commit`` for the UI), ``fmbseg.profile``,
+    ``dvc.exp_name`` ($DVC_EXP_NAME, under `dvc exp run`), ``fmbseg.group`` ($FMBSEG_RUN_GROUP, else
+    $DVC_EXP_BASELINE_REV: the runs of one queued grid share it), and ``dvc.md5/<path>`` for each of
+    ``input_paths`` (relative to the working directory) that dvc.lock records.
+    """
+    cwd = Path.cwd()
+    commit = _git_commit(cwd)
+    tags = {"git.commit": commit, "mlflow.source.git.commit": commit, "fmbseg.profile": params.models.profile}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    group = os.environ.get(GROUP_ENV) or os.environ.get("DVC_EXP_BASELINE_REV")
+    if group:
+        tags["fmbseg.group"] = group
+    lock_file = cwd / "dvc.lock"
+    if lock_file.exists():
+        for path, md5 in _lock_hashes(lock_file, input_paths).items():
+            tags[f"dvc.md5/{Path(path).as_posix()}"] = md5
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        raise ValueError(f"a parameter value is longer than MLflow's {MAX_PARAM_VAL_LENGTH} characters: {text[:80]}...")
+    return text
+
+
+def run_exists(run_id: str, *, tracking_uri: str) -> bool:
+    """True when ``run_id`` is a run of the store at ``tracking_uri``."""
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+@contextmanager
+def start_run(
+    params: Params, *, run_name: str, tags: Mapping[str, str], tracking_uri: str, resume_run_id: str | None = None
+) -> Iterator[str]:
+    """Open a run in experiment ``tracking.experiment``; yield its id.
+
+    Logs the flattened params (``train.lr`` ...) and ``tags``. ``resume_run_id`` reopens that run
+    instead (an interrupted training resuming). The run ends FINISHED, or FAILED on an exception
+    (KILLED on Ctrl-C).
+    """
+    mlflow = MlflowClient(tracking_uri)
+    if resume_run_id is not None:
+        run_id = resume_run_id
+        mlflow.update_run(run_id, status="RUNNING")
+    else:
+        run_id = mlflow.create_run(_experiment_id(mlflow, params.tracking.experiment), run_name=run_name).info.run_id
+    param_list = [Param(k, _param_value(v)) for k, v in sorted(flatten(params).items())]
+    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, max(len(param_list), len(tag_list)), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_batch(
+            run_id,
+            params=param_list[i : i + MAX_PARAMS_TAGS_PER_BATCH],
+            tags=tag_list[i : i + MAX_PARAMS_TAGS_PER_BATCH],
+        )
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        yield run_id
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    except KeyboardInterrupt:
+        status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    finally:
+        mlflow.set_terminated(run_id, status=status)
+
+
+def _metrics(values: Mapping[str, float], step: int) -> list[Metric]:
+    now_ms = int(time.time() * 1000)
+    return [Metric(k, float(v), now_ms, step) for k, v in values.items()]
+
+
+def _log_metrics(mlflow: MlflowClient, run_id: str, metrics: Sequence[Metric]) -> None:
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        mlflow.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+
+
+class StepLogger:
+    """Per-step metrics of one run, written in batches (every ``every`` metrics or ``seconds``).
+
+    Use as a context manager, or call :meth:`flush` before the run ends.
+    """
+
+    def __init__(self, run_id: str, *, tracking_uri: str, every: int = 100, seconds: float = 10.0) -> None:
+        self._client = MlflowClient(tracking_uri)
+        self._run_id = run_id
+        self._every = every
+        self._seconds = seconds
+        self._pending: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record ``metrics`` (e.g. ``{"loss": 1.3}``) at global step ``step``."""
+        self._pending.extend(_metrics(metrics, step))
+        if len(self._pending) >= self._every or time.monotonic() - self._last_flush >= self._seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending."""
+        _log_metrics(self._client, self._run_id, self._pending)
+        self._pending = []
+        self._last_flush = time.monotonic()
+
+    def __enter__(self) -> StepLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+
+def log_epoch(run_id: str, epoch: int, summary: Mapping[str, float], *, tracking_uri: str) -> None:
+    """An epoch summary as metrics ``epoch/<name>`` at step ``epoch`` (0-based)."""
+    metrics = _metrics({f"epoch/{k}": v for k, v in summary.items()}, epoch)
+    _log_metrics(MlflowClient(tracking_uri), run_id, metrics)
+
+
+def log_checkpoint(run_id: str, path: str | os.PathLike[str], *, tracking_uri: str) -> None:
+    """The checkpoint file as an artifact of the run, under ``model/``."""
+    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
+
+
+def attach_metrics(
+    run_id: str,
+    metrics: Mapping[str, float],
+    artifacts: Sequence[str | os.PathLike[str]] = (),
+    artifact_path: str | None = None,
+    *,
+    tracking_uri: str,
+) -> None:
+    """Metrics (``{"<dataset>/mIoU_base": 41.2, ...}``, at step 0) and files (per-class tables,
+    overlays, under ``artifact_path``) of a later stage, attached to the training run ``run_id``
+    (a finished run accepts them)."""
+    mlflow = MlflowClient(tracking_uri)
+    _log_metrics(mlflow, run_id, _metrics(metrics, 0))
+    for path in artifacts:
+        mlflow.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+# ------------------------------------------------------------------------- champion (the nightly)
+def checkpoint_run_id(path: str | os.PathLike[str]) -> str:
+    """The MLflow run id recorded in an aligner checkpoint."""
+    run_id = load_aligner(path).run_id
+    if not run_id:
+        raise ValueError(f"{path} records no MLflow run id")
+    return run_id
+
+
+def run_scores(run_id: str, benchmarks: Sequence[str], metric: str, *, tracking_uri: str) -> dict[str, Any]:
+    """``{"run_id", "score": mean over benchmarks of <benchmark>/<metric>, "metrics": {benchmark: value}}``."""
+    if not benchmarks:
+        raise ValueError("no benchmarks to score a run on")
+    logged = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+    keys = {b: f"{b}/{metric}" for b in benchmarks}
+    missing = [k for k in keys.values() if k not in logged]
+    if missing:
+        raise KeyError(f"run {run_id} has no metrics {missing}: evaluate those benchmarks first")
+    values = {b: float(logged[k]) for b, k in keys.items()}
+    return {"run_id": run_id, "score": sum(values.values()) / len(values), "metrics": values}
+
+
+def champion_scores(
+    registered_model: str, benchmarks: Sequence[str], metric: str, *, tracking_uri: str
+) -> dict[str, Any] | None:
+    """:func:`run_scores` of the run behind the registered model's ``champion`` alias (None: no champion)."""
+    try:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
+    except MlflowException:
+        return None
+    return run_scores(version.run_id, benchmarks, metric, tracking_uri=tracking_uri)
+
+
+def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -> str:
+    """Register the run's checkpoint artifact as a new version of ``registered_model`` and point the
+    ``champion`` alias at it; return the version."""
+    mlflow = MlflowClient(tracking_uri)
+    try:
+        mlflow.get_registered_model(registered_model)
+    except MlflowException:
+        mlflow.create_registered_model(registered_model)
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}"
+    version = mlflow.create_model_version(registered_model, source, run_id=run_id).version
+    mlflow.set_registered_model_alias(registered_model, CHAMPION_ALIAS, str(version))
+    return str(version)
