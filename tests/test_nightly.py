@@ -1,0 +1,88 @@
+"""Nightly relabel-and-retrain on a real Prefect server: a cron deployment on a process work pool,
+one run triggered now and executed by a real worker; its outputs and MLflow results checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from flows.pipeline import PROJECT_ROOT, prepare_workspace, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+def _new_images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (96, 80), (40 * i % 255, 120, 200))
+        img.paste((250, 30, 30), (10 + 5 * i, 10, 50 + 5 * i, 60))
+        img.save(folder / f"new_{i}.jpg", quality=90)
+
+
+def test_nightly_deployment_runs_on_a_worker(tmp_path, prefect_harness, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.deployments import run_deployment
+
+    from flows.nightly import schedule_nightly
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = tmp_path / "camera_uploads"
+    _new_images(source, 2)
+    ws = prepare_workspace(
+        tmp_path / "ws",
+        PROJECT_ROOT / "configs" / "demo.yaml",
+        overrides={
+            "download": {"datasets": ["coco_train", "pv21", "cs171"]},
+            "evaluate": {"benchmarks": ["pv21", "cs171"], "refine": False},
+            "nightly": {"source_dir": str(source), "benchmarks": ["pv21", "cs171"],
+                        "dvc_remote": str(tmp_path / "remote")},
+        },
+    )
+
+    deployment_id = schedule_nightly(ws, cron="0 2 * * *", pool="fmbseg-test")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+        # the next run, as the server's scheduler service makes it (its REST endpoint, called now)
+        httpx.post(f"{os.environ['PREFECT_API_URL']}/deployments/{deployment_id}/schedule",
+                   json={"max_runs": 1}, timeout=30).raise_for_status()
+        scheduled = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}),
+        )
+        assert scheduled and all(r.next_scheduled_start_time.hour == 2 for r in scheduled)
+
+    run = run_deployment(name="nightly/nightly", timeout=0)
+    env = stage_env({"PREFECT_API_URL": os.environ["PREFECT_API_URL"]})
+    worker = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "fmbseg-test", "--run-once"],
+        env=env, cwd=ws, capture_output=True, text=True, timeout=1500,
+    )
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        state = client.read_flow_run(run.id).state
+        while not state.is_final() and time.monotonic() < deadline:
+            time.sleep(2)
+            state = client.read_flow_run(run.id).state
+    assert state.is_completed(), f"{state}\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
+
+    # the new images were synced and labelled; the model was trained, evaluated, promoted, pushed
+    assert sorted(p.name for p in (ws / "data" / "incoming").iterdir()) == ["new_0.jpg", "new_1.jpg"]
+    assert (ws / "models" / "aligner.pt").exists()
+    assert (ws / "metrics" / "pv21.json").exists()
+    assert any((tmp_path / "remote").rglob("*")), "dvc push sent nothing to the remote"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("fmbseg-aligner", "champion")
+    metrics = client.get_run(champion.run_id).data.metrics
+    assert {"pv21/mIoU_base", "cs171/mIoU_base"} <= set(metrics)

@@ -1,0 +1,169 @@
+"""The whole pipeline under real `dvc repro` on the demo profile, in a temporary git repo.
+
+One workspace serves the module, in order: the full run, the no-op rerun, which stages a setting
+makes stale, reproducing a past experiment from the cache, and a queued ablation grid whose MLflow
+runs land in the project's one store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import PROJECT_ROOT, dvc_command, prepare_workspace, run_logged, stage_env
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = ["pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k"]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _dvc(ws: Path, *args: str) -> str:
+    return run_logged([dvc_command(), *args], ws, stage_env(), log=None)
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+def _ran(output: str) -> set[str]:
+    """Stages that `dvc repro` actually ran (not skipped, not restored)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_params(ws: Path, **dotted: object) -> None:
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    for key, value in dotted.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _runs(ws: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fmbseg")
+    return [] if exp is None else client.search_runs([exp.experiment_id], filter_string="tags.`fmbseg.stage` = 'train'")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, prefect_harness, _migrated_mlflow_db, monkeypatch_module):
+    """A demo workspace; MLflow left at its default (the workspace's mlflow.db)."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = prepare_workspace(tmp_path_factory.mktemp("pipeline") / "ws", PROJECT_ROOT / "configs" / "demo.yaml")
+    shutil.copy(_migrated_mlflow_db, ws / "mlflow.db")  # skip the migrations, not the store
+    return ws
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def first_run(ws) -> dict:
+    out = _dvc(ws, "repro")
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-q", "-m", "first run")
+    return {
+        "output": out,
+        "rev": _git(ws, "rev-parse", "HEAD").strip(),
+        "model_md5": _md5(ws / "models" / "aligner.pt"),
+        "metrics": {b: (ws / "metrics" / f"{b}.json").read_text() for b in BENCHMARKS},
+    }
+
+
+def test_repro_runs_every_stage_and_tracks_one_run(ws, first_run):
+    ran = _ran(first_run["output"])
+    expected = {"sync", "label", "balance", "features", "train", "report"}
+    expected |= {f"download@{d}" for d in ["coco_train", *BENCHMARKS]} | {f"evaluate@{b}" for b in BENCHMARKS}
+    assert expected <= ran
+    assert (ws / "models" / "aligner.pt").stat().st_size > 0
+    assert (ws / "data" / "pseudo" / "train_index.parquet").exists()
+    for bench in BENCHMARKS:
+        metrics = json.loads(first_run["metrics"][bench])
+        assert {"mIoU_base", "mIoU_refined", "mAcc_base", "aAcc_base"} <= set(metrics)
+        assert (ws / "metrics" / f"{bench}_per_class.csv").exists()
+    report = (ws / "reports" / "report.md").read_text()
+    assert "pv21" in report and "67.73" in report  # next to the paper's PV-21 base number
+    runs = _runs(ws)
+    assert len(runs) == 1
+    assert {f"{b}/mIoU_base" for b in BENCHMARKS} <= set(runs[0].data.metrics)
+
+
+def test_second_repro_does_nothing(ws, first_run):
+    out = _dvc(ws, "repro")
+    assert _ran(out) <= {"sync"}  # sync only looks at nightly.source_dir (seconds)
+    assert _md5(ws / "models" / "aligner.pt") == first_run["model_md5"]
+    assert len(_runs(ws)) == 1
+
+
+def _dry(ws: Path) -> set[str]:
+    return _ran(_dvc(ws, "repro", "--dry")) - {"sync"}
+
+
+def test_a_setting_reruns_exactly_its_downstream(ws, first_run):
+    evaluates = {f"evaluate@{b}" for b in BENCHMARKS}
+    _set_params(ws, **{"train.lr": 0.02})
+    assert _dry(ws) == {"train", "report"} | evaluates
+    _git(ws, "checkout", "params.yaml")
+    _set_params(ws, **{"balance.ratio": 0.33})
+    assert _dry(ws) == {"balance", "features", "train", "report"} | evaluates
+    _git(ws, "checkout", "params.yaml")
+    assert _dry(ws) == set()
+
+
+def test_reproduce_a_past_experiment_from_the_cache(ws, first_run):
+    _set_params(ws, **{"train.epochs": 1})
+    _dvc(ws, "repro")
+    assert _md5(ws / "models" / "aligner.pt") != first_run["model_md5"]
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-q", "-m", "one epoch")
+    runs_before = len(_runs(ws))
+
+    _git(ws, "checkout", "-q", first_run["rev"])
+    _dvc(ws, "checkout")
+    out = _dvc(ws, "repro")
+    assert _ran(out) <= {"sync"}, "going back must restore from the cache, not recompute"
+    assert _md5(ws / "models" / "aligner.pt") == first_run["model_md5"]
+    for bench in BENCHMARKS:
+        assert (ws / "metrics" / f"{bench}.json").read_text() == first_run["metrics"][bench]
+    assert len(_runs(ws)) == runs_before
+    _git(ws, "checkout", "-q", "main")
+    _dvc(ws, "checkout")
+
+
+def test_queued_ablation_grid_lands_in_the_project_store(ws, first_run):
+    before = {r.info.run_id for r in _runs(ws)}
+    _dvc(ws, "exp", "run", "--queue", "-S", "aligner.kind=linear,mlp")
+    _dvc(ws, "exp", "run", "--run-all")
+    new = [r for r in _runs(ws) if r.info.run_id not in before]
+    assert sorted(r.data.params["aligner.kind"] for r in new) == ["linear", "mlp"]
+    for run in new:
+        assert "pv21/mIoU_base" in run.data.metrics
+    assert len({r.data.tags.get("fmbseg.group") for r in new}) == 1  # one grid, one group in the UI
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--params", str(ws / "params.yaml")],
+                                env={"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"})
+    assert result.exit_code == 0, result.output
+    assert "linear" in result.output and "mlp" in result.output
