@@ -92,6 +92,10 @@ def tracking_uri(params: Params, project_dir: str | os.PathLike[str] | None = No
     return uri
 
 
+def _client(params: Params) -> MlflowClient:
+    return MlflowClient(tracking_uri(params))
+
+
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created when missing. With a SQLite store its artifacts go to
     ``mlartifacts/`` next to the database (MLflow's default would be the working directory)."""
@@ -159,10 +163,10 @@ def _param_value(value: Any) -> str:
     return text
 
 
-def run_exists(run_id: str, *, tracking_uri: str) -> bool:
-    """True when ``run_id`` is a run of the store at ``tracking_uri``."""
+def run_exists(params: Params, run_id: str) -> bool:
+    """True when ``run_id`` is a run of the store :func:`tracking_uri` names."""
     try:
-        MlflowClient(tracking_uri).get_run(run_id)
+        _client(params).get_run(run_id)
     except MlflowException:
         return False
     return True
@@ -170,7 +174,7 @@ def run_exists(run_id: str, *, tracking_uri: str) -> bool:
 
 @contextmanager
 def start_run(
-    params: Params, *, run_name: str, tags: Mapping[str, str], tracking_uri: str, resume_run_id: str | None = None
+    params: Params, *, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None
 ) -> Iterator[str]:
     """Open a run in experiment ``tracking.experiment``; yield its id.
 
@@ -178,7 +182,7 @@ def start_run(
     instead (an interrupted training resuming). The run ends FINISHED, or FAILED on an exception
     (KILLED on Ctrl-C).
     """
-    mlflow = MlflowClient(tracking_uri)
+    mlflow = _client(params)
     if resume_run_id is not None:
         run_id = resume_run_id
         mlflow.update_run(run_id, status="RUNNING")
@@ -219,8 +223,8 @@ class StepLogger:
     Use as a context manager, or call :meth:`flush` before the run ends.
     """
 
-    def __init__(self, run_id: str, *, tracking_uri: str, every: int = 100, seconds: float = 10.0) -> None:
-        self._client = MlflowClient(tracking_uri)
+    def __init__(self, params: Params, run_id: str, *, every: int = 100, seconds: float = 10.0) -> None:
+        self._client = _client(params)
         self._run_id = run_id
         self._every = every
         self._seconds = seconds
@@ -246,15 +250,15 @@ class StepLogger:
         self.flush()
 
 
-def log_epoch(run_id: str, epoch: int, summary: Mapping[str, float], *, tracking_uri: str) -> None:
+def log_epoch(params: Params, run_id: str, epoch: int, summary: Mapping[str, float]) -> None:
     """An epoch summary as metrics ``epoch/<name>`` at step ``epoch`` (0-based)."""
     metrics = _metrics({f"epoch/{k}": v for k, v in summary.items()}, epoch)
-    _log_metrics(MlflowClient(tracking_uri), run_id, metrics)
+    _log_metrics(_client(params), run_id, metrics)
 
 
-def log_checkpoint(run_id: str, path: str | os.PathLike[str], *, tracking_uri: str) -> None:
+def log_checkpoint(params: Params, run_id: str, path: str | os.PathLike[str]) -> None:
     """The checkpoint file as an artifact of the run, under ``model/``."""
-    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
+    _client(params).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
 
 
 def attach_metrics(
@@ -263,18 +267,20 @@ def attach_metrics(
     artifacts: Sequence[str | os.PathLike[str]] = (),
     artifact_path: str | None = None,
     *,
-    tracking_uri: str,
+    params: Params,
 ) -> None:
     """Metrics (``{"<dataset>/mIoU_base": 41.2, ...}``, at step 0) and files (per-class tables,
     overlays, under ``artifact_path``) of a later stage, attached to the training run ``run_id``
     (a finished run accepts them)."""
-    mlflow = MlflowClient(tracking_uri)
+    mlflow = _client(params)
     _log_metrics(mlflow, run_id, _metrics(metrics, 0))
     for path in artifacts:
         mlflow.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 # ------------------------------------------------------------------------- champion (the nightly)
+# The nightly job works on a project directory other than its working directory: these take the
+# store's URI (``tracking_uri(params, project_dir)``) instead of the stage's params.
 def checkpoint_run_id(path: str | os.PathLike[str]) -> str:
     """The MLflow run id recorded in an aligner checkpoint."""
     run_id = load_aligner(path).run_id

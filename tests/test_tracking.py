@@ -45,12 +45,12 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
     assert uri == mlflow_uri
     artifact = tmp_path / "aligner.pt"
     artifact.write_bytes(b"weights")
-    with tracking.start_run(params, run_name="train", tags={"git.commit": "abc"}, tracking_uri=uri) as run_id:
-        with tracking.StepLogger(run_id, tracking_uri=uri, every=4) as steps:
+    with tracking.start_run(params, run_name="train", tags={"git.commit": "abc"}) as run_id:
+        with tracking.StepLogger(params, run_id, every=4) as steps:
             for step in range(10):
                 steps.log_step(step, {"loss": 1.0 / (step + 1)})
-        tracking.log_epoch(run_id, 0, {"loss": 0.5, "seconds": 2.0}, tracking_uri=uri)
-        tracking.log_checkpoint(run_id, artifact, tracking_uri=uri)
+        tracking.log_epoch(params, run_id, 0, {"loss": 0.5, "seconds": 2.0})
+        tracking.log_checkpoint(params, run_id, artifact)
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -65,7 +65,7 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
     assert Path(client.download_artifacts(run_id, "model/aligner.pt")).read_bytes() == b"weights"
     assert (tmp_path / "mlartifacts").is_dir()
 
-    tracking.attach_metrics(run_id, {"pv21/mIoU_base": 41.5}, [artifact], "tables/pv21", tracking_uri=uri)
+    tracking.attach_metrics(run_id, {"pv21/mIoU_base": 41.5}, [artifact], "tables/pv21", params=params)
     run = client.get_run(run_id)
     assert run.data.metrics["pv21/mIoU_base"] == 41.5
     assert [a.path for a in client.list_artifacts(run_id, "tables/pv21")] == ["tables/pv21/aligner.pt"]
@@ -74,13 +74,13 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
 def test_failed_run_and_resumed_run(mlflow_uri) -> None:
     params = parse_params({})
     with pytest.raises(RuntimeError):
-        with tracking.start_run(params, run_name="t", tags={}, tracking_uri=mlflow_uri) as run_id:
+        with tracking.start_run(params, run_name="t", tags={}) as run_id:
             raise RuntimeError("boom")
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.get_run(run_id).info.status == "FAILED"
-    assert tracking.run_exists(run_id, tracking_uri=mlflow_uri)
-    assert not tracking.run_exists("0" * 32, tracking_uri=mlflow_uri)
-    with tracking.start_run(params, run_name="t", tags={}, tracking_uri=mlflow_uri, resume_run_id=run_id) as again:
+    assert tracking.run_exists(params, run_id)
+    assert not tracking.run_exists(params, "0" * 32)
+    with tracking.start_run(params, run_name="t", tags={}, resume_run_id=run_id) as again:
         assert again == run_id
         assert client.get_run(run_id).info.status == "RUNNING"
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -137,10 +137,10 @@ def test_champion_promotion(tmp_path, mlflow_uri) -> None:
         tracking.checkpoint_run_id(ckpt)
     runs = {}
     for name, score in (("first", 30.0), ("second", 40.0)):
-        with tracking.start_run(params, run_name=name, tags={}, tracking_uri=mlflow_uri) as run_id:
-            tracking.log_checkpoint(run_id, ckpt, tracking_uri=mlflow_uri)
+        with tracking.start_run(params, run_name=name, tags={}) as run_id:
+            tracking.log_checkpoint(params, run_id, ckpt)
         tracking.attach_metrics(run_id, {"pv21/mIoU_base": score, "cs171/mIoU_base": score + 2},
-                                tracking_uri=mlflow_uri)
+                                params=params)
         runs[name] = run_id
     assert tracking.champion_scores("m", ["pv21"], "mIoU_base", tracking_uri=mlflow_uri) is None
     scores = tracking.run_scores(runs["first"], ["pv21", "cs171"], "mIoU_base", tracking_uri=mlflow_uri)
