@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -36,6 +37,7 @@ from components.config import Params, flatten
 __all__ = [
     "GROUP_ENV",
     "CHAMPION_ALIAS",
+    "STAGE_TAG",
     "project_root",
     "tracking_uri",
     "standard_tags",
@@ -49,6 +51,7 @@ __all__ = [
     "run_scores",
     "champion_scores",
     "promote_champion",
+    "model_runs",
 ]
 
 # Set this to one value for a batch of runs (a nightly, a hand-made sweep) to group them in the UI;
@@ -56,6 +59,7 @@ __all__ = [
 GROUP_ENV = "FMBSEG_RUN_GROUP"
 _DVC_EXPS_DIR = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
+STAGE_TAG = "fmbseg.stage"  # "train" on the one run of each trained model
 CHECKPOINT_ARTIFACT_DIR = "model"
 
 
@@ -325,3 +329,30 @@ def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -
     version = mlflow.create_model_version(registered_model, source, run_id=run_id).version
     mlflow.set_registered_model_alias(registered_model, CHAMPION_ALIAS, str(version))
     return str(version)
+
+
+# ------------------------------------------------------------------------------- comparing runs
+def model_runs(params: Params, *, experiment: str | None = None, max_results: int = 50) -> pd.DataFrame:
+    """The trained-model runs (``fmbseg.stage`` = train) of ``experiment`` (default
+    ``tracking.experiment``), newest first, one row each as ``mlflow.search_runs`` frames them:
+    run_id, status, start_time, then ``params.*``, ``metrics.*`` and ``tags.*`` columns."""
+    mlflow = _client(params)
+    found = mlflow.get_experiment_by_name(experiment or params.tracking.experiment)
+    if found is None:
+        return pd.DataFrame()
+    runs = mlflow.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'train'", max_results=max_results,
+        order_by=["attributes.start_time DESC"],
+    )
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
+            **{f"params.{k}": v for k, v in run.data.params.items()},
+            **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
+            **{f"tags.{k}": v for k, v in run.data.tags.items()},
+        }
+        for run in runs
+    ]
+    return pd.DataFrame(rows)

@@ -156,3 +156,23 @@ def test_champion_promotion(tmp_path, mlflow_uri) -> None:
         templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), params={}, mlflow_run_id=runs["second"],
     )
     assert tracking.checkpoint_run_id(ckpt) == runs["second"]
+
+
+def test_model_runs_lists_trained_models_newest_first(mlflow_uri) -> None:
+    params = parse_params({})
+    assert tracking.model_runs(params).empty
+    ids = []
+    for lr in (0.1, 0.2):
+        p = parse_params({"train": {"lr": lr}})
+        with tracking.start_run(p, run_name=f"lr{lr}", tags={tracking.STAGE_TAG: "train"}) as run_id:
+            ids.append(run_id)
+        tracking.attach_metrics(run_id, {"pv21/mIoU_base": 10 * lr}, params=p)
+    with tracking.start_run(params, run_name="other", tags={}):
+        pass
+    runs = tracking.model_runs(params)
+    assert runs["run_id"].tolist() == ids[::-1]
+    assert runs["params.train.lr"].tolist() == ["0.2", "0.1"]
+    assert runs["metrics.pv21/mIoU_base"].tolist() == [2.0, 1.0]
+    assert runs["tags.mlflow.runName"].tolist() == ["lr0.2", "lr0.1"]
+    assert len(tracking.model_runs(params, max_results=1)) == 1
+    assert tracking.model_runs(params, experiment="nope").empty
