@@ -1,0 +1,49 @@
+"""Balancing Stage 1.1 and Stage 1.2 pseudo labels into a training index (appendix §2.1, Table 2).
+
+Stage 1.2 annotates every SAM mask, so it yields far more labelled pixels than Stage 1.1; the
+paper trains on all Stage 1.1 maps plus a random 75% of the images' Stage 1.2 maps, each map a
+separate training sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["INDEX_COLUMNS", "VARIANTS", "balance_index"]
+
+VARIANTS: tuple[str, str] = ("stage1_1", "stage1_2")
+INDEX_COLUMNS: tuple[str, ...] = ("sample_id", "image_id", "image_path", "variant", "shard", "row")
+_RECORD_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "shard", "row")
+
+
+def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
+    """The training index: every image's Stage 1.1 map plus ``ratio`` of the images' Stage 1.2 maps.
+
+    records: one row per labelled image with columns image_id (unique), image_path, shard, row
+    (where its maps are stored). The Stage 1.2 images are the first round(ratio · n) of
+    ``np.random.Generator(PCG64(seed)).permutation`` over the sorted image ids (halves round up),
+    so the result depends on (records, ratio, seed) only. Returns a DataFrame with
+    :data:`INDEX_COLUMNS`, sorted by (image_id, variant); sample_id = "<image_id>/<variant>".
+    """
+    missing = [c for c in _RECORD_COLUMNS if c not in records.columns]
+    if missing:
+        raise ValueError(f"records lack columns {missing}; need {list(_RECORD_COLUMNS)}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"balance ratio must be in [0, 1], got {ratio}")
+    if records["image_id"].duplicated().any():
+        dupes = records.loc[records["image_id"].duplicated(), "image_id"].head(5).tolist()
+        raise ValueError(f"image ids must be unique, repeated: {dupes}")
+    base = records.loc[:, list(_RECORD_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
+    n = len(base)
+    n_stage1_2 = math.floor(ratio * n + 0.5)
+    chosen = np.random.default_rng(seed).permutation(n)[:n_stage1_2]
+    stage1_1 = base.assign(variant=VARIANTS[0])
+    stage1_2 = base.iloc[np.sort(chosen)].assign(variant=VARIANTS[1])
+    index = pd.concat([stage1_1, stage1_2], ignore_index=True)
+    index = index.sort_values(["image_id", "variant"], kind="stable").reset_index(drop=True)
+    index.insert(0, "sample_id", index["image_id"] + "/" + index["variant"])
+    index["row"] = index["row"].astype("int64")
+    return index.loc[:, list(INDEX_COLUMNS)]

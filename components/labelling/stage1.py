@@ -1,0 +1,346 @@
+"""FMbSeg Stage 1 on one image: CLIP presence, Stage 1.1 (SAM prompted by CLIP), Stage 1.2 (SAM's
+automatic masks labelled by CLIP). Paper §3.2 and appendix §1; decisions in DESIGN.md §4.
+
+Frames (all squares, the aspect ratio is not kept):
+- CLIP sees the image resized (bicubic) to G·S × G·S and tiled into G² crops; their patches
+  stitch into an [h, w] = [G·S/p, G·S/p] dense map (96 × 96 for ViT-L/14-336 at G = 4).
+- SAM sees the image resized to ``sam_size`` (518 in the paper): one encoder pass serves both
+  stages; point prompts and masks live in this frame.
+- Label maps are painted in the SAM frame and resized to ``label_size`` by pixel-centre nearest
+  sampling ("nearest-exact"), which equals resizing every mask that way before painting.
+
+The per-image steps are separate functions so a flow can show and time them one by one;
+:func:`label_image` strings them together for a caller that wants one call per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything.modeling import Sam
+from torch import Tensor
+
+from components.evaluation.refine import paint_by_score, paint_masks
+from components.labelling.detect import (
+    Presence,
+    crop_classes,
+    detect_present,
+    label_masks,
+    mask_coverage,
+    mask_mean_features,
+    patch_centres_xy,
+    presence_from_image_labels,
+    prompt_patches,
+)
+from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
+from components.models.sam import SamImage
+
+__all__ = [
+    "IGNORE",
+    "AmgSettings",
+    "Stage1Settings",
+    "PreparedImage",
+    "AmgMask",
+    "Stage11Result",
+    "Stage12Result",
+    "Stage1Result",
+    "prepare_image",
+    "clip_features",
+    "presence",
+    "embed_sam",
+    "stage1_1",
+    "automatic_masks",
+    "decode_masks",
+    "stage1_2",
+    "resize_label",
+    "stage1_result",
+    "label_image",
+]
+
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class AmgSettings:
+    """SamAutomaticMaskGenerator settings (crop_n_layers is always 0: one embedding per image)."""
+
+    points_per_side: int
+    points_per_batch: int
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    box_nms_thresh: float
+    min_mask_region_area: int
+
+
+@dataclass(frozen=True)
+class Stage1Settings:
+    """Every number of Stage 1 (params.yaml ``label``), as plain values.
+
+    grid: G; dense_mode: CLIP last-block mode; min_crops: T; top_k_points: prompts per class;
+    sam_size: SAM frame side; label_size: label map side; amg: generator settings;
+    min_area_frac / max_area_frac: Stage 1.2 size filter (share of the image); crop_batch: CLIP
+    crops per forward.
+    """
+
+    grid: int
+    dense_mode: str
+    min_crops: int
+    top_k_points: int
+    sam_size: int
+    label_size: int
+    amg: AmgSettings
+    min_area_frac: float
+    max_area_frac: float
+    crop_batch: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage1Settings:
+        """Inverse of ``dataclasses.asdict`` (settings travel to workers as plain dicts)."""
+        return cls(**{**data, "amg": AmgSettings(**data["amg"])})
+
+    def mask_side(self) -> dict[str, Any]:
+        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash)."""
+        return {"sam_size": self.sam_size, "amg": asdict(self.amg)}
+
+    def label_side(self) -> dict[str, Any]:
+        """The settings that only change how masks are prompted, labelled and painted."""
+        side = asdict(self)
+        for key in ("sam_size", "amg", "crop_batch"):
+            side.pop(key)
+        return side
+
+
+class PreparedImage(NamedTuple):
+    """An image in both model frames.
+
+    clip_pixels: [3, G·S, G·S] float32, CLIP-normalised; sam_image: [sam_size, sam_size, 3] uint8
+    RGB; height, width: the original size.
+    """
+
+    clip_pixels: Tensor
+    sam_image: np.ndarray
+    height: int
+    width: int
+
+
+class AmgMask(NamedTuple):
+    """One automatic mask: COCO compressed RLE counts of a [sam_size, sam_size] mask, SAM's predicted
+    IoU and stability score, and its area in SAM-frame pixels."""
+
+    counts: bytes
+    predicted_iou: float
+    stability_score: float
+    area: int
+
+
+class Stage11Result(NamedTuple):
+    """label: [sam_size, sam_size] uint8 (255 = unlabelled); for the K' present classes:
+    points_xy [K', k, 2] float32 SAM-frame prompts, scores [K'] SAM predicted IoU, area_frac [K']."""
+
+    label: Tensor
+    points_xy: Tensor
+    scores: Tensor
+    area_frac: Tensor
+
+
+class Stage12Result(NamedTuple):
+    """label: [sam_size, sam_size] uint8; per automatic mask: labels [M] int64 (-1 = dropped by the
+    size filter or no present class) and scores [M] float32 cosine (NaN where dropped)."""
+
+    label: Tensor
+    mask_labels: Tensor
+    mask_scores: Tensor
+
+
+class Stage1Result(NamedTuple):
+    """Everything Stage 1 produces for one image.
+
+    stage1_1, stage1_2: [label_size, label_size] uint8 label maps, 255 = unlabelled.
+    presence: the present classes and their crop wins; stage1_1_detail / stage1_2_detail: the
+    per-class and per-mask records; amg_masks: the automatic masks (before the size filter).
+    """
+
+    stage1_1: np.ndarray
+    stage1_2: np.ndarray
+    presence: Presence
+    stage1_1_detail: Stage11Result
+    stage1_2_detail: Stage12Result
+    amg_masks: list[AmgMask]
+
+
+def prepare_image(
+    image_rgb: np.ndarray, *, clip_side: int, mean: tuple[float, ...], std: tuple[float, ...], sam_size: int
+) -> PreparedImage:
+    """Resize one [H, W, 3] uint8 RGB image into the CLIP frame (bicubic, ``clip_side`` = G·S) and
+    the SAM frame (bicubic, ``sam_size``)."""
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8 RGB, got {image_rgb.shape} {image_rgb.dtype}")
+    clip_pixels = clip_preprocess(np.require(image_rgb, requirements="W"), clip_side, mean, std)[0]
+    sam_image = np.asarray(Image.fromarray(image_rgb).resize((sam_size, sam_size), Image.Resampling.BICUBIC))
+    return PreparedImage(clip_pixels, sam_image, int(image_rgb.shape[0]), int(image_rgb.shape[1]))
+
+
+@torch.inference_mode()
+def clip_features(model: open_clip.CLIP, clip_pixels: Tensor, *, grid: int, mode: str, crop_batch: int) -> DenseFeatures:
+    """One CLIP vision pass over the G² crops (``crop_batch`` per forward): crop CLS embeddings
+    [G², D] and the stitched dense map [h, w, D] (appendix §1.1.2)."""
+    device = model.visual.conv1.weight.device
+    return tiled_features(model, clip_pixels.to(device), grid, mode, batch_size=crop_batch)
+
+
+def presence(
+    crop_embeddings: Tensor, prototypes: Tensor, *, min_crops: int, image_classes: list[int] | None = None
+) -> Presence:
+    """Classes taken as present: CLIP crop votes with threshold T (``image_classes`` None), or the
+    image-level labels (semi-supervised variant, no threshold). Appendix §1.1.3."""
+    votes = crop_classes(crop_embeddings, prototypes.to(crop_embeddings.device))
+    if image_classes is None:
+        return detect_present(votes, prototypes.shape[0], min_crops)
+    return presence_from_image_labels(votes, image_classes, prototypes.shape[0])
+
+
+def embed_sam(sam: Sam, sam_image: np.ndarray) -> SamImage:
+    """SAM's one image-encoder pass for this image (both stages reuse it)."""
+    return SamImage(sam, sam_image)
+
+
+def stage1_1(
+    sam_image: SamImage, patches: Tensor, prototypes: Tensor, found: Presence, *, top_k_points: int
+) -> Stage11Result:
+    """Stage 1.1 (paper §3.2.1, appendix §1.1.4): per present class, the centres of the
+    ``top_k_points`` patches most similar to its prototype prompt SAM; of the 3 multimask outputs
+    the one with the highest predicted IoU is kept; overlaps go to the higher predicted IoU."""
+    size = sam_image.size
+    if size[0] != size[1]:
+        raise ValueError(f"the SAM frame must be square, got {size}")
+    h, w, _ = patches.shape
+    rows_cols = prompt_patches(patches, prototypes.to(patches.device)[found.classes.to(patches.device)], top_k_points)
+    points = patch_centres_xy(rows_cols, (h, w), size[0]).cpu()
+    results = [sam_image.masks_from_points(p) for p in points]
+    masks = torch.as_tensor(np.stack([r.mask for r in results])) if results else torch.zeros(0, *size, dtype=torch.bool)
+    scores = torch.tensor([r.score for r in results], dtype=torch.float32)
+    label = paint_by_score(masks, found.classes.cpu(), scores, size, fill=IGNORE)
+    area_frac = masks.flatten(1).float().mean(dim=1)
+    return Stage11Result(label, points, scores, area_frac)
+
+
+def automatic_masks(sam_image: SamImage, amg: AmgSettings) -> list[AmgMask]:
+    """SAM's automatic masks from the image's one embedding, as COCO RLE (kept for relabelling)."""
+    records = sam_image.automatic_masks(**asdict(amg), output_mode="coco_rle")
+    return [
+        AmgMask(
+            counts=r["segmentation"]["counts"].encode("ascii") if isinstance(r["segmentation"]["counts"], str)
+            else bytes(r["segmentation"]["counts"]),
+            predicted_iou=float(r["predicted_iou"]),
+            stability_score=float(r["stability_score"]),
+            area=int(r["area"]),
+        )
+        for r in records
+    ]
+
+
+def decode_masks(masks: list[AmgMask], size: int) -> Tensor:
+    """COCO RLE masks of a ``size`` × ``size`` frame -> [M, size, size] bool."""
+    if not masks:
+        return torch.zeros(0, size, size, dtype=torch.bool)
+    decoded = mask_utils.decode([{"size": [size, size], "counts": m.counts} for m in masks])
+    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
+
+
+def stage1_2(
+    masks: Tensor,
+    patches: Tensor,
+    prototypes: Tensor,
+    found: Presence,
+    *,
+    min_area_frac: float,
+    max_area_frac: float,
+) -> Stage12Result:
+    """Stage 1.2 (paper §3.2.2, appendix §1.2): automatic masks within the size filter take the
+    present class whose prototype is most similar to their coverage-weighted mean dense CLIP
+    feature; painted larger first, smaller on top.
+
+    masks: [M, s, s] bool in the SAM frame; patches: [h, w, D] dense CLIP map.
+    """
+    count, height, width = masks.shape
+    area_frac = masks.flatten(1).float().mean(dim=1)
+    keep = (area_frac >= min_area_frac) & (area_frac <= max_area_frac)
+    mask_labels = torch.full((count,), -1, dtype=torch.int64)
+    mask_scores = torch.full((count,), float("nan"), dtype=torch.float32)
+    if found.classes.numel() == 0 or not bool(keep.any()):
+        return Stage12Result(torch.full((height, width), IGNORE, dtype=torch.uint8), mask_labels, mask_scores)
+    kept = masks[keep]
+    device = patches.device
+    coverage = mask_coverage(kept.to(device), tuple(patches.shape[:2]))
+    labelled = label_masks(mask_mean_features(coverage, patches), prototypes.to(device), found.classes.to(device))
+    mask_labels[keep] = labelled.labels.cpu()
+    mask_scores[keep] = labelled.scores.float().cpu()
+    label = paint_masks(kept, labelled.labels.cpu(), (height, width), fill=IGNORE, order="area_desc")
+    return Stage12Result(label, mask_labels, mask_scores)
+
+
+def resize_label(label: Tensor, size: int) -> np.ndarray:
+    """[H, W] uint8 label map -> [size, size] uint8 by pixel-centre nearest sampling."""
+    if tuple(label.shape) == (size, size):
+        return label.cpu().numpy()
+    resized = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest-exact")
+    return resized[0, 0].to(torch.uint8).cpu().numpy()
+
+
+def stage1_result(
+    found: Presence, s11: Stage11Result, s12: Stage12Result, amg_masks: list[AmgMask], *, label_size: int
+) -> Stage1Result:
+    """Assemble one image's :class:`Stage1Result`, label maps resized to ``label_size``."""
+    return Stage1Result(
+        stage1_1=resize_label(s11.label, label_size),
+        stage1_2=resize_label(s12.label, label_size),
+        presence=found,
+        stage1_1_detail=s11,
+        stage1_2_detail=s12,
+        amg_masks=amg_masks,
+    )
+
+
+def label_image(
+    image_rgb: np.ndarray,
+    *,
+    clip_model: open_clip.CLIP,
+    clip_mean: tuple[float, ...],
+    clip_std: tuple[float, ...],
+    clip_image_size: int,
+    sam: Sam,
+    prototypes: Tensor,
+    settings: Stage1Settings,
+    image_classes: list[int] | None = None,
+    kept_masks: list[AmgMask] | None = None,
+) -> Stage1Result:
+    """FMbSeg Stage 1 on one image: both pseudo label maps and what produced them.
+
+    image_rgb: [H, W, 3] uint8 RGB; prototypes: [K, D] text prototypes of the vocabulary;
+    clip_image_size: S (the CLIP spec's input side); image_classes: image-level labels (vocabulary
+    indices) for the semi-supervised variant, None to detect with CLIP; kept_masks: automatic
+    masks of an earlier run with the same SAM settings (skips the mask generator).
+    """
+    prepared = prepare_image(
+        image_rgb, clip_side=settings.grid * clip_image_size, mean=clip_mean, std=clip_std, sam_size=settings.sam_size
+    )
+    features = clip_features(
+        clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
+    )
+    found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes)
+    embedded = embed_sam(sam, prepared.sam_image)
+    s11 = stage1_1(embedded, features.patches, prototypes, found, top_k_points=settings.top_k_points)
+    amg = automatic_masks(embedded, settings.amg) if kept_masks is None else kept_masks
+    s12 = stage1_2(
+        decode_masks(amg, settings.sam_size), features.patches, prototypes, found,
+        min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
+    )
+    return stage1_result(found, s11, s12, amg, label_size=settings.label_size)

@@ -1,0 +1,57 @@
+"""`fmbseg balance`: the training index from Stage 1's pseudo labels (the DVC stage `balance`).
+
+Every Stage 1.1 map plus a seeded ``balance.ratio`` of the images' Stage 1.2 maps, each a sample
+(appendix §2.1, Table 2); ``dvc exp run -S balance.ratio=0.33`` is one ablation row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from prefect import flow
+
+from flows.common import PARAMS_FILE, stage_params, table_artifact
+from flows.label import output_root
+
+__all__ = ["TRAIN_INDEX", "train_index_path", "balance_flow", "register"]
+
+TRAIN_INDEX = "train_index.parquet"
+
+
+def train_index_path(pseudo_dir: str | Path) -> Path:
+    """``${paths.pseudo}/train_index.parquet``."""
+    return Path(pseudo_dir) / TRAIN_INDEX
+
+
+@flow(name="balance", log_prints=True)
+def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """Write ``${paths.pseudo}/train_index.parquet``; returns counts per variant."""
+    import pyarrow as pa
+
+    from components.labelling.balance import balance_index
+    from components.labelling.store import PseudoLabels, write_table
+
+    params = stage_params(params_path)
+    root = output_root(params)
+    labels = PseudoLabels(root)
+    records = labels.index.loc[:, ["image_id", "image_path", "shard", "row"]].copy()
+    records["shard"] = [(root / shard).as_posix() for shard in records["shard"]]
+    index = balance_index(records, params.balance.ratio, params.balance.seed)
+    path = train_index_path(params.paths.pseudo)
+    write_table(path, pa.Table.from_pandas(index, preserve_index=False))
+    counts = {variant: int(n) for variant, n in index["variant"].value_counts().sort_index().items()}
+    summary = {"images": len(records), "samples": len(index), **counts,
+               "ratio": params.balance.ratio, "seed": params.balance.seed}
+    print(f"{path}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    table_artifact([{"quantity": k, "value": v} for k, v in summary.items()], key="balance-summary",
+                   description="training index: samples per pseudo label variant")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("balance")
+    def balance_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
+        """Training index: every Stage 1.1 map + a seeded balance.ratio of the Stage 1.2 maps."""
+        balance_flow(str(params))

@@ -1,0 +1,529 @@
+"""`fmbseg label` and `fmbseg show`: FMbSeg Stage 1 as a Prefect flow (the DVC stage `label`).
+
+The flow lists and hashes the images (``paths.images`` and, when present, ``paths.incoming``),
+plans shards against the completion records already on disk (components/labelling/plan.py: only
+new or changed images, or all of them after a settings change), maps ``label_shard`` over the
+pending shards on the configured task runner, then merges the finished shards and writes the
+summary. Inside a shard every image goes through four nested tasks on the shard's worker -- CLIP
+tiling, detection, Stage 1.1, Stage 1.2 -- so tensors never leave the worker; the shard task
+itself takes and returns plain records. Images are decoded on ``label.num_workers`` threads
+while the models run.
+"""
+
+from __future__ import annotations
+
+import glob
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from components.config import ConfigError, LabelConfig, Params
+from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
+from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+from components.io import atomic_write_bytes, atomic_write_json, file_sha256
+from flows.common import (
+    PARAMS_FILE,
+    Progress,
+    cached_clip,
+    cached_sam,
+    make_task_runner,
+    stage_params,
+    table_artifact,
+    timed,
+)
+
+__all__ = [
+    "STAGE_DIR",
+    "output_root",
+    "stage1_settings",
+    "vocabulary_lines",
+    "settings_hashes",
+    "image_folders",
+    "list_inputs",
+    "label_shard",
+    "label_flow",
+    "run_label",
+    "show_image",
+    "register",
+]
+
+STAGE_DIR = "stage1"
+T = TypeVar("T")
+
+
+def output_root(params: Params) -> Path:
+    """The stage's DVC out: ``${paths.pseudo}/stage1``."""
+    return Path(params.paths.pseudo) / STAGE_DIR
+
+
+def stage1_settings(label: LabelConfig) -> Any:
+    """params.yaml ``label`` -> the components' Stage1Settings."""
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+
+    amg = label.amg
+    return Stage1Settings(
+        grid=label.grid,
+        dense_mode=label.dense_mode,
+        min_crops=label.min_crops,
+        top_k_points=label.top_k_points,
+        sam_size=label.sam_size,
+        label_size=label.label_size,
+        amg=AmgSettings(
+            points_per_side=amg.points_per_side,
+            points_per_batch=amg.points_per_batch,
+            pred_iou_thresh=amg.pred_iou_thresh,
+            stability_score_thresh=amg.stability_score_thresh,
+            stability_score_offset=amg.stability_score_offset,
+            box_nms_thresh=amg.box_nms_thresh,
+            min_mask_region_area=amg.min_mask_region_area,
+        ),
+        min_area_frac=amg.min_area_frac,
+        max_area_frac=amg.max_area_frac,
+        crop_batch=label.crop_batch,
+    )
+
+
+def vocabulary_lines(spec: str) -> list[str]:
+    """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines."""
+    if spec in CLASS_FILES:
+        return read_class_file(class_file_path(spec))
+    if Path(spec).is_file():
+        return read_class_file(spec)
+    raise ConfigError(
+        f"label.vocabulary {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
+    )
+
+
+def settings_hashes(params: Params, vocabulary: list[str]) -> tuple[str, str]:
+    """(settings hash, mask settings hash) of a run: what its labels and its SAM masks depend on."""
+    from components.labelling.plan import settings_hash
+
+    settings = stage1_settings(params.label)
+    masks = {"sam": params.models.selected.sam, **settings.mask_side()}
+    labels = {
+        "clip": params.models.selected.clip,
+        "vocabulary": vocabulary,
+        "templates": list(params.label.templates),
+        "presence": params.label.presence,
+        "ground_truth_dir": params.label.ground_truth_dir,
+        **settings.label_side(),
+    }
+    return settings_hash({"masks": masks, "labels": labels}), settings_hash(masks)
+
+
+def image_folders(params: Params) -> list[str]:
+    """Folders Stage 1 labels: ``paths.images``, plus ``paths.incoming`` once the sync stage made it."""
+    images = Path(params.paths.images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"paths.images {images} is not a folder of images (run `fmbseg download` first?)")
+    folders = [images.as_posix()]
+    if Path(params.paths.incoming).is_dir():
+        folders.append(Path(params.paths.incoming).as_posix())
+    return folders
+
+
+@task(name="list-images", cache_policy=NO_CACHE)
+def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
+    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken."""
+    files = [(folder, path) for folder in folders for path in list_images(folder)]
+
+    def digest(path: Path) -> str | OSError:
+        try:
+            return file_sha256(path)
+        except OSError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        digests = list(pool.map(digest, [path for _, path in files]))
+    entries: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
+    for (folder, path), sha in zip(files, digests, strict=True):
+        image_id = path.relative_to(folder).with_suffix("").as_posix()
+        if isinstance(sha, OSError):
+            skipped.append({"path": path.as_posix(), "reason": f"cannot read the file: {sha}"})
+        elif image_id in seen:
+            skipped.append({"path": path.as_posix(), "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
+        else:
+            seen[image_id] = path.as_posix()
+            entries.append({"image_id": image_id, "path": path.as_posix(), "sha256": sha})
+    return entries, skipped
+
+
+# ------------------------------------------------------------------------------ inside one shard
+_prototype_lock = threading.Lock()
+_prototype_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabulary: tuple[str, ...],
+                       templates: tuple[str, ...], dtype: str) -> Any:
+    """Text prototypes [K, D] of the vocabulary, computed once per worker process."""
+    from components.models.clip_dense import prototypes
+    from components.models.registry import autocast_context
+
+    key = (clip, device, weights_dir, vocabulary, templates, dtype)
+    with _prototype_lock:
+        if key not in _prototype_cache:
+            bundle = cached_clip(clip, device, weights_dir)
+            with autocast_context(device, dtype):
+                _prototype_cache[key] = prototypes(bundle.model, bundle.tokenizer, list(vocabulary), templates).float()
+        return _prototype_cache[key]
+
+
+class Step(NamedTuple):
+    """A nested task's output and the seconds it spent, by summary key."""
+
+    value: Any
+    seconds: dict[str, float]
+
+
+@task(name="clip-tiling", cache_policy=NO_CACHE)
+def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str) -> Step:
+    """CLIP: one vision pass over the image's G² crops -> crop embeddings and the dense map."""
+    from components.labelling.stage1 import clip_features
+    from components.models.registry import autocast_context
+
+    seconds: dict[str, float] = {}
+    with timed(seconds, "clip"), autocast_context(device, dtype):
+        features = clip_features(
+            model, clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
+        )
+    return Step(features, seconds)
+
+
+@task(name="detection", cache_policy=NO_CACHE)
+def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None) -> Step:
+    """Object presence: crop votes with threshold T, or the image-level labels."""
+    from components.labelling.stage1 import presence
+
+    seconds: dict[str, float] = {}
+    with timed(seconds, "labelling"):
+        found = presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
+    return Step(found, seconds)
+
+
+@task(name="stage1.1", cache_policy=NO_CACHE)
+def stage1_1_step(sam: Any, sam_image: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
+                  device: str, dtype: str) -> Step:
+    """SAM's image embedding (one encoder pass) and the Stage 1.1 masks from CLIP's point prompts."""
+    from components.labelling.stage1 import embed_sam, stage1_1
+    from components.models.registry import autocast_context
+
+    seconds: dict[str, float] = {}
+    with autocast_context(device, dtype):
+        with timed(seconds, "sam_encoder"):
+            embedded = embed_sam(sam, sam_image)
+        with timed(seconds, "prompts"):
+            result = stage1_1(embedded, patches, prototypes, found, top_k_points=settings.top_k_points)
+    return Step((embedded, result), seconds)
+
+
+@task(name="stage1.2", cache_policy=NO_CACHE)
+def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
+                  device: str, dtype: str) -> Step:
+    """Stage 1.2: SAM's automatic masks (or the kept ones) labelled by their mean CLIP feature."""
+    from components.labelling.stage1 import automatic_masks, decode_masks, stage1_2
+    from components.models.registry import autocast_context
+
+    seconds: dict[str, float] = {}
+    with autocast_context(device, dtype):
+        if kept_masks is None:
+            with timed(seconds, "amg"):
+                kept_masks = automatic_masks(embedded, settings.amg)
+        with timed(seconds, "labelling"):
+            result = stage1_2(
+                decode_masks(kept_masks, settings.sam_size), patches, prototypes, found,
+                min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
+            )
+    return Step((kept_masks, result), seconds)
+
+
+def _prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
+    """``load(item)`` for each item in order, computed up to ``workers + 1`` items ahead on threads."""
+    if workers < 1:
+        yield from map(load, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queue: deque[Future[T]] = deque()
+        for item in items:
+            queue.append(pool.submit(load, item))
+            if len(queue) > workers:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+
+def _ground_truth_classes(gt_root: str, image_id: str, index_map: Any) -> list[int] | None:
+    """Image-level labels of ``image_id`` from a canonical layout's labels/<split>/<id>.png, or None
+    when it has no label file."""
+    import torch
+
+    from components.labelling.detect import image_level_labels
+
+    matches = sorted(glob.glob(f"{glob.escape(gt_root)}/labels/*/{glob.escape(image_id)}.png"))
+    if not matches:
+        return None
+    return image_level_labels(torch.from_numpy(read_label_png(matches[0])), index_map)
+
+
+def _kept_masks(root: str, sources: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """Automatic masks of earlier runs, by image id ({image_id: {"shard_id", "row"}} -> AmgMasks)."""
+    import pyarrow.parquet as pq
+
+    from components.labelling.stage1 import AmgMask
+    from components.labelling.store import shard_paths
+
+    by_shard: dict[str, list[tuple[str, int]]] = {}
+    for image_id, source in sources.items():
+        by_shard.setdefault(source["shard_id"], []).append((image_id, int(source["row"])))
+    kept: dict[str, list[Any]] = {}
+    for shard_id, wanted in by_shard.items():
+        column = pq.read_table(shard_paths(root, shard_id)["labels"], columns=["amg_masks"]).column("amg_masks")
+        for image_id, row in wanted:
+            kept[image_id] = [AmgMask(**m) for m in column[row].as_py()]
+    return kept
+
+
+class _Loaded(NamedTuple):
+    """A decoded image in both model frames (None and the reason when it cannot be used) and its
+    image-level labels (semi-supervised presence)."""
+
+    prepared: Any
+    image_classes: list[int] | None
+    reason: str | None
+
+
+def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Label one shard and write its files and completion record; returns a small report
+    ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
+    import torch
+
+    from components.labelling.detect import Presence
+    from components.labelling.stage1 import Stage1Settings, prepare_image, stage1_result
+    from components.labelling.store import ImageEntry, ShardRecord, detection_rows, labels_row, write_shard
+    from components.models.registry import resolve_device
+
+    settings = Stage1Settings.from_dict(context["settings"])
+    device = str(resolve_device(context["device"]))
+    dtype = context["dtype"]
+    bundle = cached_clip(context["clip"], device, context["weights_dir"])
+    sam = cached_sam(context["sam"], device, context["weights_dir"])
+    prototypes = _cached_prototypes(
+        context["clip"], device, context["weights_dir"], tuple(context["vocabulary"]), tuple(context["templates"]), dtype
+    )
+    gt_map = torch.tensor(context["ground_truth_map"]) if context["ground_truth_dir"] else None
+    timings: dict[str, float] = {}
+    with timed(timings, "io"):
+        kept = _kept_masks(context["root"], job["mask_sources"])
+
+    def load(entry: dict[str, str]) -> _Loaded:
+        """Decode and resize one image (on a decoding thread)."""
+        try:
+            image = read_image_rgb(entry["path"])
+        except UnreadableImageError as err:
+            return _Loaded(None, None, err.reason)
+        classes = None
+        if gt_map is not None:
+            classes = _ground_truth_classes(context["ground_truth_dir"], entry["image_id"], gt_map)
+            if classes is None:
+                reason = f"no ground-truth label for image-level presence in {context['ground_truth_dir']}"
+                return _Loaded(None, None, reason)
+        prepared = prepare_image(
+            image, clip_side=settings.grid * bundle.spec.image_size, mean=bundle.spec.mean, std=bundle.spec.std,
+            sam_size=settings.sam_size,
+        )
+        return _Loaded(prepared, classes, None)
+
+    labels: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
+    rows: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
+    decoded = _prefetch(load, job["images"], context["num_workers"])
+    for entry in job["images"]:
+        with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
+            loaded = next(decoded)
+        prepared, classes = loaded.prepared, loaded.image_classes
+        if prepared is None:
+            skipped.append({"image_id": entry["image_id"], "path": entry["path"], "reason": str(loaded.reason)})
+            continue
+        steps = [clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype)]
+        features = steps[-1].value
+        steps.append(detection(features.cls, prototypes, settings.min_crops, classes))
+        found: Presence = steps[-1].value
+        steps.append(stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings, device, dtype))
+        embedded, s11 = steps[-1].value
+        steps.append(stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
+                                   settings, device, dtype))
+        amg_masks, s12 = steps[-1].value
+        for step in steps:
+            for key, value in step.seconds.items():
+                timings[key] = timings.get(key, 0.0) + value
+        with timed(timings, "io"):
+            result = stage1_result(found, s11, s12, amg_masks, label_size=settings.label_size)
+            image_entry = ImageEntry(entry["image_id"], entry["path"], entry["sha256"])
+            rows[entry["image_id"]] = len(labels)
+            labels.append(labels_row(image_entry, result, height=prepared.height, width=prepared.width,
+                                     sam_size=settings.sam_size))
+            detections.extend(detection_rows(entry["image_id"], result, context["vocabulary"]))
+    record = ShardRecord(
+        shard_id=job["shard_id"],
+        settings_hash=context["settings_hash"],
+        mask_settings_hash=context["mask_settings_hash"],
+        images=[ImageEntry(e["image_id"], e["path"], e["sha256"]) for e in job["images"]],
+        rows=rows,
+        skipped=skipped,
+        timings=timings,
+    )
+    with timed(timings, "io"):
+        write_shard(context["root"], record, labels, detections)
+    return {"shard_id": job["shard_id"], "labelled": len(labels), "skipped": len(skipped),
+            "reused_masks": sum(1 for e in job["images"] if e["image_id"] in kept), "timings": timings}
+
+
+@task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{job[shard_id]}")
+def label_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1 for one shard of images, written atomically with its completion record."""
+    return run_shard(context, job)
+
+
+# ------------------------------------------------------------------------------------- the flow
+def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"quantity": key, "value": summary[key]}
+        for key in ("images_found", "images_labelled", "images_labelled_this_run", "images_skipped",
+                    "shards", "shards_this_run", "shards_removed", "masks_reused_this_run", "wall_seconds")
+    ]
+    rows += [{"quantity": f"seconds/image {k}", "value": round(v, 4)} for k, v in summary["seconds_per_image"].items()]
+    rows += [{"quantity": f"detections {k}", "value": v} for k, v in summary["detections_per_class"].items()]
+    return rows
+
+
+@flow(name="label", log_prints=True)
+def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """FMbSeg Stage 1 over the image folder: pseudo labels under ``${paths.pseudo}/stage1``."""
+    from components.labelling.detect import class_index_map
+    from components.labelling.plan import plan_shards
+    from components.labelling.store import SUMMARY_FILE, ImageEntry, merge_outputs, read_records, summarise
+
+    start = time.perf_counter()
+    log = get_run_logger()
+    params = stage_params(params_path)
+    root = output_root(params)
+    vocabulary = vocabulary_lines(params.label.vocabulary)
+    full_hash, mask_hash = settings_hashes(params, vocabulary)
+    gt_dir = params.label.ground_truth_dir if params.label.presence == "ground_truth" else None
+    gt_map = class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist() if gt_dir else None
+
+    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers)
+    entries = [ImageEntry(**e) for e in raw_entries]
+    plan = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
+                       shard_size=params.label.shard_size)
+    todo = sum(len(s.images) for s in plan.pending)
+    log.info("%d images: %d already labelled in %d shards, %d to label in %d shards (settings %s)",
+             len(entries), len(entries) - todo, len(plan.done), todo, len(plan.pending), full_hash)
+
+    context = {
+        "root": root.as_posix(),
+        "clip": params.models.selected.clip,
+        "sam": params.models.selected.sam,
+        "device": params.models.device,
+        "dtype": params.models.dtype,
+        "weights_dir": params.models.weights_dir,
+        "vocabulary": vocabulary,
+        "templates": list(params.label.templates),
+        "settings": asdict(stage1_settings(params.label)),
+        "settings_hash": full_hash,
+        "mask_settings_hash": mask_hash,
+        "num_workers": params.label.num_workers,
+        "ground_truth_dir": gt_dir,
+        "ground_truth_map": gt_map,
+    }
+    jobs = [
+        {"shard_id": s.shard_id, "images": [asdict(e) for e in s.images],
+         "mask_sources": {k: asdict(v) for k, v in s.mask_sources.items()}}
+        for s in plan.pending
+    ]
+    reports: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with Progress(total=todo, desc="label", key="label-progress") as progress:
+        futures = {label_shard.submit(context, job): job for job in jobs}
+        for future in as_completed(list(futures)):
+            job = futures[future]
+            try:
+                reports.append(future.result())
+            except Exception as err:  # one shard's failure must not hide the others' results
+                failures.append(f"{job['shard_id']}: {type(err).__name__}: {err}")
+            progress.update(len(job["images"]))
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(jobs)} shards failed (finished shards are kept; rerun to resume):\n  "
+            + "\n  ".join(failures)
+        )
+
+    final = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
+                        shard_size=params.label.shard_size)
+    if final.pending:
+        raise RuntimeError(f"{len(final.pending)} shards are still unfinished after the run: {final.pending[0].shard_id} ...")
+    merged = merge_outputs(root, entries=entries, done=final.done, skipped=pre_skipped, vocabulary=vocabulary)
+    summary = summarise(merged, images_found=len(entries) + len(pre_skipped), reports=reports,
+                        settings_hash=full_hash, wall_seconds=time.perf_counter() - start)
+    atomic_write_json(root / SUMMARY_FILE, summary)
+    rows = _summary_rows(summary)
+    print("\n".join(f"{r['quantity']:>32}  {r['value']}" for r in rows))
+    table_artifact(rows, key="label-summary", description="Stage 1 pseudo labels: counts and seconds per image")
+    return summary
+
+
+def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names."""
+    params = stage_params(params_path)
+    return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+
+
+def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = None) -> Path:
+    """Write a picture of one image's pseudo labels (image, Stage 1.1, Stage 1.2, legend); returns its path."""
+    from components.labelling.show import render_pseudo_labels
+    from components.labelling.store import PseudoLabels
+
+    params = stage_params(params_path)
+    labels = PseudoLabels(output_root(params))
+    row = labels.index.loc[labels.index["image_id"] == image_id]
+    if row.empty:
+        raise KeyError(f"no pseudo labels for image id {image_id!r}; e.g. {labels.image_ids[:3]}")
+    picture = render_pseudo_labels(
+        read_image_rgb(row["image_path"].iloc[0]),
+        labels.read(image_id, "stage1_1"),
+        labels.read(image_id, "stage1_2"),
+        labels.vocabulary,
+        title=image_id,
+    )
+    path = Path(out) if out else Path(params.paths.reports) / "show" / f"{image_id}.png"
+    atomic_write_bytes(path, picture)
+    return path
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("label")
+    def label_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
+        """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable)."""
+        run_label(str(params))
+
+    @app.command("show")
+    def show_cmd(
+        image_id: str = typer.Argument(..., help="image id (its path in the image folder, without extension)"),
+        out: Path | None = typer.Option(None, help="picture to write (default: <paths.reports>/show/<id>.png)"),
+        params: Path = typer.Option(Path(PARAMS_FILE), help="settings file"),
+    ) -> None:
+        """Write a picture of one image's pseudo labels: the image, Stage 1.1, Stage 1.2, a legend."""
+        typer.echo(show_image(image_id, str(params), str(out) if out else None))
