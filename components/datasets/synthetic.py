@@ -1,0 +1,426 @@
+"""Synthetic twins: small datasets in each source's raw on-disk format, for tests and the demo.
+
+Every scene is a background fill plus a few labelled rectangles (later ones painted over earlier
+ones), in the source's own raw label space (COCO-Stuff ids, VOC indices with 255 boundaries,
+Context category ids, Cityscapes labelIds, ADE indices). The converters, readers and every later
+stage run on them unchanged. ``synthetic_scenes`` is the pure, seeded plan: the tests read the
+planted regions from it and check converted labels pixel by pixel.
+
+Sources that share images (COCO val2017 images and the stuffthingmaps, VOC 2010 images and the
+Context JSON, Cityscapes leftImg8bit and gtFine) share one plan, so images and labels agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from components.datasets.convert import (
+    COCOSTUFF_NUM_RAW,
+    COCOSTUFF_UNUSED_IDS,
+    CONTEXT59_CATEGORY_IDS,
+    convert_benchmark,
+)
+from components.datasets.download import STAMP_NAME
+from components.datasets.extract import atomic_directory
+from components.datasets.registry import class_file_path, get_benchmark, get_source, read_class_file
+
+__all__ = [
+    "PlantedRegion",
+    "SyntheticScene",
+    "SYNTHETIC_SOURCES",
+    "synthetic_scenes",
+    "write_synthetic_source",
+    "write_synthetic_benchmark",
+    "write_synthetic_unlabelled",
+    "voc_palette",
+]
+
+# source -> the family whose plan it draws (sources sharing a family share images and ids)
+_FAMILY: dict[str, str] = {
+    "coco_train2017": "coco_train",
+    "coco_val2017": "coco",
+    "cocostuff_maps": "coco",
+    "voc2012": "voc",
+    "voc2010": "context",
+    "context_json": "context",
+    "cityscapes_leftimg": "cityscapes",
+    "cityscapes_gtfine": "cityscapes",
+    "ade20k": "ade20k",
+}
+SYNTHETIC_SOURCES: tuple[str, ...] = tuple(_FAMILY)
+
+_COCO_USED = [i for i in range(COCOSTUFF_NUM_RAW) if i not in COCOSTUFF_UNUSED_IDS]
+_COCO_THINGS = [i for i in _COCO_USED if i < 91]
+_COCO_STUFF = [i for i in _COCO_USED if i >= 91]
+_CITY_THINGS = range(24, 34)
+
+
+@dataclass(frozen=True)
+class PlantedRegion:
+    """One painted rectangle: raw label value and box (y0, x0, y1, x1), end-exclusive."""
+
+    raw_value: int
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """One planted scene.
+
+    split: the source's split name ("val2017", "val", "validation", "train", ...).
+    regions: painting order; the first covers the whole image (the fill).
+    raw_label: [H, W] int64, the raw label map as the source stores it (VOC: with 255 boundaries;
+        Context: category ids, 0 where nothing is annotated).
+    image: [H, W, 3] uint8 RGB, colour by region plus seeded noise.
+    """
+
+    id: str
+    split: str
+    regions: tuple[PlantedRegion, ...]
+    raw_label: np.ndarray
+    image: np.ndarray
+
+
+def voc_palette() -> np.ndarray:
+    """PASCAL VOC's colour map: [256, 3] uint8 (index bits spread over R, G, B, high bit first)."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, rgb = i, [0, 0, 0]
+        for j in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = rgb
+    return pal
+
+
+def _rng(family: str, seed: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{family}:{seed}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _random_box(
+    rng: np.random.Generator, size: tuple[int, int], min_side: int = 10
+) -> tuple[int, int, int, int]:
+    h, w = size
+    bh = int(rng.integers(min_side, max(min_side + 1, h // 2)))
+    bw = int(rng.integers(min_side, max(min_side + 1, w // 2)))
+    y0 = int(rng.integers(0, h - bh + 1))
+    x0 = int(rng.integers(0, w - bw + 1))
+    return (y0, x0, y0 + bh, x0 + bw)
+
+
+def _colour(value: int) -> np.ndarray:
+    digest = hashlib.sha256(str(value).encode()).digest()
+    return np.frombuffer(digest[:3], dtype=np.uint8).astype(np.int64)
+
+
+def _paint(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    fill: int,
+    values: list[int],
+    *,
+    voc_boundaries: bool = False,
+) -> tuple[tuple[PlantedRegion, ...], np.ndarray, np.ndarray]:
+    h, w = size
+    regions = [PlantedRegion(fill, (0, 0, h, w))]
+    label = np.full((h, w), fill, dtype=np.int64)
+    colour_map = np.full((h, w), fill, dtype=np.int64)
+    for value in values:
+        box = _random_box(rng, size)
+        regions.append(PlantedRegion(value, box))
+        y0, x0, y1, x1 = box
+        label[y0:y1, x0:x1] = value
+        colour_map[y0:y1, x0:x1] = value
+        if voc_boundaries:  # VOC marks a one-pixel band along object outlines as 255 ("void")
+            label[y0, x0:x1] = label[y1 - 1, x0:x1] = 255
+            label[y0:y1, x0] = label[y0:y1, x1 - 1] = 255
+    palette = {v: _colour(v) for v in np.unique(colour_map).tolist()}
+    image = np.zeros((h, w, 3), dtype=np.int64)
+    for v, c in palette.items():
+        image[colour_map == v] = c
+    image = np.clip(image + rng.integers(-12, 13, size=image.shape), 0, 255).astype(np.uint8)
+    return tuple(regions), label, image
+
+
+def _values(rng: np.random.Generator, pool: list[int], k: int, forced: list[int]) -> list[int]:
+    picks = [int(v) for v in rng.choice(pool, size=k, replace=True)]
+    return forced + picks[len(forced) :] if len(forced) < k else forced
+
+
+def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) -> list[SyntheticScene]:
+    scenes = []
+    if family in ("coco", "coco_train"):
+        split = "val2017" if family == "coco" else "train2017"
+        ids = sorted(int(i) for i in rng.choice(np.arange(1, 581_930), size=n + 1, replace=False))
+        for k, num in enumerate(ids):
+            # Scene 0 holds the edge cases: first thing, a thing right after a gap (stop sign),
+            # the last thing, first and last stuff, and unlabelled pixels.
+            forced = [[0, 12, 89, 91, 181, 255], [255], [], []][k % 4]
+            fill = int(rng.choice(_COCO_STUFF))
+            values = _values(rng, _COCO_THINGS + _COCO_STUFF + [255], 4, forced)
+            regions, label, image = _paint(rng, size, fill, values)
+            scene_split = split if k < n else ("train2017" if family == "coco" else "val2017")
+            scenes.append(SyntheticScene(f"{num:012d}", scene_split, regions, label, image))
+    elif family == "voc":
+        for k in range(n + 1):
+            forced = [[1, 20], [15], [], []][k % 4]
+            values = _values(rng, list(range(1, 21)), 3, forced)
+            regions, label, image = _paint(rng, size, 0, values, voc_boundaries=True)
+            scenes.append(
+                SyntheticScene(f"2007_{100 + k:06d}", "val" if k < n else "train", regions, label, image)
+            )
+    elif family == "context":
+        for k in range(n + 1):
+            forced = [[2, 458, 0], [284, 0], [], []][k % 4]
+            pool = list(CONTEXT59_CATEGORY_IDS) + [0]
+            values = _values(rng, pool, 4, forced)
+            fill = 0 if k % 2 == 0 else int(rng.choice(CONTEXT59_CATEGORY_IDS))
+            regions, label, image = _paint(rng, size, fill, values)
+            scenes.append(
+                SyntheticScene(f"2008_{200 + k:06d}", "val" if k < n else "train", regions, label, image)
+            )
+    elif family == "cityscapes":
+        cities = ("frankfurt", "lindau", "munster")
+        for k in range(n + 1):
+            forced = [[0, 33, 9, 26, 23], [1, 24, 25], [], []][k % 4]
+            values = _values(rng, list(range(34)), 5, forced)
+            regions, label, image = _paint(rng, size, 7, values)
+            city = cities[k % 3] if k < n else "aachen"
+            split = "val" if k < n else "train"
+            scenes.append(SyntheticScene(f"{city}_{k:06d}_000019", split, regions, label, image))
+    elif family == "ade20k":
+        for k in range(n + 1):
+            forced = [[0, 1, 150], [0, 75], [], []][k % 4]
+            values = _values(rng, list(range(151)), 4, forced)
+            fill = int(rng.integers(1, 151))
+            regions, label, image = _paint(rng, size, fill, values)
+            scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
+            scenes.append(
+                SyntheticScene(scene_id, "validation" if k < n else "training", regions, label, image)
+            )
+    else:
+        raise ValueError(f"no synthetic plan for {family!r}")
+    return scenes
+
+
+def synthetic_scenes(
+    source_name: str, *, num_images: int = 4, seed: int = 0, size: tuple[int, int] = (96, 128)
+) -> list[SyntheticScene]:
+    """The seeded plan behind :func:`write_synthetic_source`: ``num_images`` scenes of the evaluated
+    split plus one scene of another split (which converters must leave out).
+
+    size: (H, W) of every image.
+    """
+    if source_name not in _FAMILY:
+        raise ValueError(f"no synthetic twin for {source_name!r}; available: {', '.join(SYNTHETIC_SOURCES)}")
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    family = _FAMILY[source_name]
+    return _plan(family, _rng(family, seed), num_images, size)
+
+
+# ------------------------------------------------------------------------------------- writers
+def _save_jpeg(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="JPEG", quality=92)
+
+
+def _save_png(array: np.ndarray, path: Path, *, palette: np.ndarray | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 2 and array.dtype != np.uint16:
+        im = Image.fromarray(array.astype(np.uint8))
+        if palette is not None:  # indices kept, mode becomes P (VOC's palette PNGs)
+            im.putpalette(palette.reshape(-1).tolist())
+    else:
+        im = Image.fromarray(array)
+    im.save(path, format="PNG")
+
+
+def _rle(mask: np.ndarray) -> dict[str, object]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _write_context_json(scenes: list[SyntheticScene], path: Path) -> None:
+    names = [line.split(",")[0].strip() for line in read_class_file(class_file_path("context59"))]
+    images, annotations = [], []
+    for scene in scenes:
+        image_id = int(scene.id.replace("_", ""))  # the Detail API's id: 2008_000200 -> 2008000200
+        h, w = scene.raw_label.shape
+        images.append(
+            {
+                "image_id": image_id,
+                "file_name": f"{scene.id}.jpg",
+                "height": h,
+                "width": w,
+                "phase": scene.split,
+            }
+        )
+        # A region of raw value 0 is a hole: no annotation there. The annotations of earlier regions
+        # leave it out; overlaps between annotated regions stay (the later one paints over).
+        for i, region in enumerate(scene.regions):
+            if region.raw_value == 0:
+                continue
+            mask = np.zeros((h, w), dtype=bool)
+            y0, x0, y1, x1 = region.box
+            mask[y0:y1, x0:x1] = True
+            for later in scene.regions[i + 1 :]:
+                if later.raw_value == 0:
+                    ly0, lx0, ly1, lx1 = later.box
+                    mask[ly0:ly1, lx0:lx1] = False
+            if not mask.any():
+                continue
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": region.raw_value,
+                    "segmentation": _rle(mask),
+                    "area": int(mask.sum()),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "iscrowd": 0,
+                    "parts": [],
+                }
+            )
+    categories = [
+        {"category_id": cid, "name": name, "supercategory": "object", "onlysemantic": 0, "parts": []}
+        for cid, name in zip(CONTEXT59_CATEGORY_IDS, names, strict=True)
+    ]
+    data = {
+        "info": {"description": "fmbseg synthetic twin of PASCAL Context trainval_merged.json"},
+        "images": images,
+        "annos_segmentation": annotations,
+        "categories": categories,
+        "annos_occlusion": [],
+        "annos_boundary": [],
+        "parts": [],
+    }
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _write_source_tree(source_name: str, root: Path, scenes: list[SyntheticScene]) -> None:
+    if source_name in ("coco_val2017", "coco_train2017"):
+        for s in scenes:
+            if s.split == ("val2017" if source_name == "coco_val2017" else "train2017"):
+                _save_jpeg(s.image, root / s.split / f"{s.id}.jpg")
+    elif source_name == "cocostuff_maps":
+        for s in scenes:
+            _save_png(s.raw_label, root / s.split / f"{s.id}.png")
+    elif source_name == "voc2012":
+        voc = root / "VOCdevkit" / "VOC2012"
+        palette = voc_palette()
+        for s in scenes:
+            _save_jpeg(s.image, voc / "JPEGImages" / f"{s.id}.jpg")
+            _save_png(s.raw_label, voc / "SegmentationClass" / f"{s.id}.png", palette=palette)
+        sets = voc / "ImageSets" / "Segmentation"
+        sets.mkdir(parents=True)
+        for split in ("train", "val"):
+            (sets / f"{split}.txt").write_text("".join(f"{s.id}\n" for s in scenes if s.split == split))
+        (sets / "trainval.txt").write_text("".join(f"{s.id}\n" for s in sorted(scenes, key=lambda s: s.id)))
+    elif source_name == "voc2010":
+        for s in scenes:
+            _save_jpeg(s.image, root / "VOCdevkit" / "VOC2010" / "JPEGImages" / f"{s.id}.jpg")
+    elif source_name == "context_json":
+        _write_context_json(scenes, root / "trainval_merged.json")
+    elif source_name == "cityscapes_leftimg":
+        for s in scenes:
+            city = s.id.split("_")[0]
+            _save_png(s.image, root / "leftImg8bit" / s.split / city / f"{s.id}_leftImg8bit.png")
+    elif source_name == "cityscapes_gtfine":
+        for s in scenes:
+            city = s.id.split("_")[0]
+            base = root / "gtFine" / s.split / city / f"{s.id}_gtFine"
+            _save_png(s.raw_label, Path(f"{base}_labelIds.png"))
+            instances = s.raw_label.astype(np.uint16).copy()
+            objects = []
+            for k, region in enumerate(s.regions):
+                y0, x0, y1, x1 = region.box
+                if region.raw_value in _CITY_THINGS:
+                    visible = s.raw_label[y0:y1, x0:x1] == region.raw_value
+                    instances[y0:y1, x0:x1][visible] = region.raw_value * 1000 + k
+                objects.append(
+                    {"label": str(region.raw_value), "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]}
+                )
+            _save_png(instances, Path(f"{base}_instanceIds.png"))
+            h, w = s.raw_label.shape
+            Path(f"{base}_polygons.json").write_text(
+                json.dumps({"imgHeight": h, "imgWidth": w, "objects": objects})
+            )
+    elif source_name == "ade20k":
+        ade = root / "ADEChallengeData2016"
+        for s in scenes:
+            _save_jpeg(s.image, ade / "images" / s.split / f"{s.id}.jpg")
+            _save_png(s.raw_label, ade / "annotations" / s.split / f"{s.id}.png")
+        names = [line.split(",")[0].strip() for line in read_class_file(class_file_path("ade150"))]
+        (ade / "objectInfo150.txt").write_text(
+            "Idx\tRatio\tTrain\tVal\tName\n"
+            + "".join(f"{i + 1}\t0\t0\t0\t{n}\n" for i, n in enumerate(names))
+        )
+        (ade / "sceneCategories.txt").write_text("".join(f"{s.id} synthetic\n" for s in scenes))
+    else:
+        raise ValueError(f"no synthetic twin for {source_name!r}; available: {', '.join(SYNTHETIC_SOURCES)}")
+
+
+def write_synthetic_source(
+    source_name: str, root: Path, *, num_images: int = 4, seed: int = 0, size: tuple[int, int] = (96, 128)
+) -> Path:
+    """Write the raw twin of ``source_name`` at ``root`` (replaced atomically) and return ``root``.
+
+    ``root`` then stands where the extracted archive would (``raw_dir/<source>``); a stamp marks
+    the tree as synthetic, so ``download_source`` accepts it and meta.json records it.
+    """
+    spec = get_source(source_name)
+    scenes = synthetic_scenes(source_name, num_images=num_images, seed=seed, size=size)
+    root = Path(root)
+    with atomic_directory(root) as tmp:
+        _write_source_tree(source_name, tmp, scenes)
+        stamp = {
+            "source": spec.name,
+            "filename": spec.filename,
+            "sha256": None,
+            "origin": "synthetic",
+            "synthetic": True,
+        }
+        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+def write_synthetic_benchmark(
+    name: str, data_dir: Path, *, num_images: int = 4, seed: int = 0, size: tuple[int, int] = (96, 128)
+) -> Path:
+    """Write the raw twins of every source of benchmark ``name`` under ``data_dir/raw/`` and convert
+    them to ``data_dir/datasets/<name>/``; return the canonical dataset's path."""
+    spec = get_benchmark(name)
+    data_dir = Path(data_dir)
+    raw_dirs = {
+        source: write_synthetic_source(
+            source, data_dir / "raw" / source, num_images=num_images, seed=seed, size=size
+        )
+        for source in spec.sources
+    }
+    return convert_benchmark(
+        name, raw_dirs=raw_dirs, out_dir=data_dir / "datasets" / name, expect_count=num_images
+    )
+
+
+def write_synthetic_unlabelled(
+    folder: Path, *, num_images: int, seed: int = 0, size: tuple[int, int] = (96, 128)
+) -> list[Path]:
+    """Write ``num_images`` JPEG scenes (labelled-region look, no labels) into ``folder``; return their paths."""
+    scenes = synthetic_scenes("coco_train2017", num_images=num_images, seed=seed, size=size)
+    folder = Path(folder)
+    paths = []
+    for k, scene in enumerate(scenes[:num_images]):
+        path = folder / f"img_{k:05d}.jpg"
+        _save_jpeg(scene.image, path)
+        paths.append(path)
+    return paths

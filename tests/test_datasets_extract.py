@@ -1,0 +1,143 @@
+"""Safe extraction: members that would land outside the target are refused by name, nothing is
+written, and a good archive lands atomically."""
+
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from components.datasets.extract import UnsafeArchiveError, atomic_directory, safe_extract
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tar.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def _zip(path: Path, members: list[tuple[str, bytes] | tuple[str, str, str]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for m in members:
+            if len(m) == 3:  # (name, "symlink", target)
+                info = zipfile.ZipInfo(m[0])
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, m[2])
+            else:
+                zf.writestr(zipfile.ZipInfo(m[0]), m[1])
+    return path
+
+
+GOOD = ("data/ok.txt", b"fine")
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (("../evil.txt", b"x"), "'..'"),
+        (("/abs/evil.txt", b"x"), "absolute path"),
+        (_link("data/up", "../../outside", tarfile.SYMTYPE), "outside the target"),
+        (_link("data/etc", "/etc/passwd", tarfile.SYMTYPE), "absolute path"),
+        (_link("data/hard", "../outside.txt", tarfile.LNKTYPE), "outside the target"),
+        (_link("data/hard", "/etc/passwd", tarfile.LNKTYPE), "absolute path"),
+        (_link("data/fifo", "", tarfile.FIFOTYPE), "special file"),
+    ],
+)
+def test_tar_unsafe_members_are_refused_by_name(tmp_path, member, reason):
+    archive = _tar(tmp_path / "a.tar", [GOOD, member])
+    target = tmp_path / "out" / "tree"
+    with pytest.raises(UnsafeArchiveError, match=reason) as err:
+        safe_extract(archive, target, kind="tar")
+    name = member[0] if isinstance(member, tuple) else member.name
+    assert err.value.member == name and repr(name) in str(err.value)
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary tree left behind
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "outside.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (("../evil.txt", b"x"), "'..'"),
+        (("/abs/evil.txt", b"x"), "absolute path"),
+        (("C:/evil.txt", b"x"), "absolute path"),
+        (("data/up", "symlink", "../../outside"), "outside the target"),
+        (("data/etc", "symlink", "/etc/passwd"), "absolute path"),
+    ],
+)
+def test_zip_unsafe_members_are_refused_by_name(tmp_path, member, reason):
+    archive = _zip(tmp_path / "a.zip", [GOOD, member])
+    target = tmp_path / "out" / "tree"
+    with pytest.raises(UnsafeArchiveError, match=reason) as err:
+        safe_extract(archive, target, kind="zip")
+    assert err.value.member == member[0]
+    assert not target.exists() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_zip_link_chain_that_escapes_through_an_earlier_link_is_refused(tmp_path):
+    # d/b -> .. is inside (the root); d/a -> b/../x looks inside lexically (d/x) but resolves
+    # through d/b to <root>/../x.
+    archive = _zip(tmp_path / "a.zip", [("d/b", "symlink", ".."), ("d/a", "symlink", "b/../x")])
+    target = tmp_path / "out" / "tree"
+    with pytest.raises(UnsafeArchiveError, match="outside the target") as err:
+        safe_extract(archive, target, kind="zip")
+    assert err.value.member == "d/a"
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_good_archive_extracts_with_inner_links_and_stamp(tmp_path, kind):
+    if kind == "zip":
+        archive = _zip(tmp_path / "a.zip", [GOOD, ("data/sub/", b""), ("data/link", "symlink", "ok.txt")])
+    else:
+        archive = tmp_path / f"a.{kind}"
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as tar:
+            info = tarfile.TarInfo(GOOD[0])
+            info.size = len(GOOD[1])
+            tar.addfile(info, io.BytesIO(GOOD[1]))
+            tar.addfile(_link("data/link", "ok.txt", tarfile.SYMTYPE))
+    target = tmp_path / "tree"
+    out = safe_extract(archive, target, kind=kind, required="data/ok.txt", extra_files={"stamp.json": b"{}"})
+    assert out == target
+    assert (target / "data" / "ok.txt").read_bytes() == b"fine"
+    assert (target / "data" / "link").read_bytes() == b"fine"
+    assert (target / "stamp.json").read_bytes() == b"{}"
+
+
+def test_missing_required_path_commits_nothing(tmp_path):
+    archive = _tar(tmp_path / "a.tar", [GOOD])
+    with pytest.raises(FileNotFoundError, match="not the expected archive"):
+        safe_extract(archive, tmp_path / "tree", kind="tar", required="VOCdevkit/VOC2012")
+    assert not (tmp_path / "tree").exists()
+
+
+def test_atomic_directory_keeps_the_old_tree_on_failure_and_replaces_it_on_success(tmp_path):
+    target = tmp_path / "tree"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError("killed half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+    assert (target / "old.txt").exists()
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
