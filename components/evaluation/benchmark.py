@@ -1,0 +1,598 @@
+"""Scoring a segmenter on a canonical benchmark (paper §4), resumable per batch of images.
+
+The pieces, in the order the evaluate stage strings them together:
+
+- :class:`Stage2Segmenter`: FMbSeg Stage 2 on one image (paper §3.4). Base: DINOv2 patch features
+  of sliding windows -> aligner -> cosine to the text prototypes -> bilinear to the image size ->
+  argmax (``components.evaluation.inference``). Refined: SAM's automatic masks of the image (one
+  encoder pass), each painted over the base map with the majority base class inside it
+  (``components.evaluation.refine``).
+- :func:`evaluate_batch`: a batch of image ids -> partial confusion matrices (small, plain lists),
+  the ids scored, the ids that could not be read (reported, left out of the metric), overlay
+  pictures for the chosen ids. The segmenter is any callable ``[H, W, 3] uint8 -> Prediction``, so
+  Stage 1's pseudo labels are scored by the same loop.
+- :class:`EvalState`: the dataset-level confusion matrices and the ids done so far, saved
+  atomically after each batch (:func:`save_state`) under a key of the model and settings
+  (:func:`state_key`); a rerun with the same key skips what is done, any other key starts over.
+- :func:`summarize`: the metrics (mIoU / mAcc / aAcc per variant) and the per-class table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+
+from components.datasets.readers import UnreadableImageError
+from components.evaluation.inference import (
+    PromptSet,
+    build_prompt_set,
+    labels_from_logits,
+    predict_logits,
+    resize_short_side,
+)
+from components.evaluation.metrics import MeanIoU
+from components.evaluation.overlay import write_overlay
+from components.evaluation.paper_numbers import STAGE1_VARIANTS
+from components.evaluation.refine import refine_with_masks
+from components.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from components.labelling.stage1 import (
+    Stage1Settings,
+    automatic_masks,
+    clip_features,
+    decode_masks,
+    embed_sam,
+    prepare_image,
+    presence,
+    stage1_1,
+    stage1_2,
+)
+from components.models.dino import patch_features
+from components.models.preprocess import resize_normalize
+from components.models.sam import SamImage
+
+__all__ = [
+    "IGNORE_INDEX",
+    "STATE_FORMAT",
+    "Prediction",
+    "Segmenter",
+    "LabelledImages",
+    "benchmark_prompts",
+    "background_index",
+    "Stage2Segmenter",
+    "STAGE1_VARIANTS",
+    "Stage1Segmenter",
+    "size_filter",
+    "BatchResult",
+    "evaluate_batch",
+    "write_overlays",
+    "EvalState",
+    "state_key",
+    "load_state",
+    "save_state",
+    "EvalSummary",
+    "summarize",
+    "write_summary",
+    "display_names",
+]
+
+IGNORE_INDEX = 255
+STATE_FORMAT = 1
+BACKGROUND_HANDLING: tuple[str, ...] = ("class0", "ignored", "none")
+
+# What the readers raise for a file that is missing, truncated or not an image: the image reader's
+# UnreadableImageError; for a label PNG, PIL's errors (UnidentifiedImageError is an OSError) or
+# decode_label_png's ValueError.
+_UNREADABLE = (UnreadableImageError, OSError, ValueError)
+
+
+class Prediction(NamedTuple):
+    """A segmenter's output for one image: [H, W] int64 class maps at the image's size."""
+
+    base: Tensor
+    refined: Tensor | None
+
+
+Segmenter = Callable[[np.ndarray], Prediction]
+"""[H, W, 3] uint8 RGB image -> :class:`Prediction`."""
+
+
+class LabelledImages(Protocol):
+    """What the loop reads from a benchmark (components.datasets.readers.CanonicalDataset)."""
+
+    def read_image(self, image_id: str) -> np.ndarray: ...
+
+    def read_label(self, image_id: str) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------------------------ inference
+def benchmark_prompts(class_lines: Sequence[str], meta: Mapping[str, Any]) -> PromptSet:
+    """The prompts a benchmark is evaluated with (paper §4.1) and the class each one votes for.
+
+    class_lines: the benchmark's classes.txt lines (synonyms kept); meta: its meta.json. Most
+    benchmarks prompt only their own classes; one whose meta lists ``extra_background_classes``
+    (PV-21: the COCO-Stuff stuff classes) adds those prompts, every one mapped to background
+    (class 0, which its meta must declare with ``"background": "class0"``).
+    """
+    extra = meta.get("extra_background_classes") or []
+    if not extra:
+        return PromptSet(list(class_lines), torch.arange(len(class_lines), dtype=torch.int64))
+    index = background_index(meta)
+    if index is None:
+        raise ValueError(f"meta.json lists extra background prompts but background is {meta.get('background')!r}, "
+                         "not 'class0'")
+    return build_prompt_set(class_lines, extra, background_index=index)
+
+
+def background_index(meta: Mapping[str, Any]) -> int | None:
+    """Class index of background when the benchmark scores it (meta background "class0": 0), else
+    None ("ignored": background pixels are 255; "none": there is no background)."""
+    handling = meta.get("background")
+    if handling not in BACKGROUND_HANDLING:
+        raise ValueError(f"meta.json background must be one of {list(BACKGROUND_HANDLING)}, got {handling!r}")
+    return 0 if handling == "class0" else None
+
+
+def size_filter(records: Sequence[Mapping[str, Any]], image_area: int, min_area_frac: float,
+                max_area_frac: float) -> list[Mapping[str, Any]]:
+    """Automatic-mask records whose area is within [min_area_frac, max_area_frac] of the image."""
+    low, high = min_area_frac * image_area, max_area_frac * image_area
+    return [r for r in records if low <= r["area"] <= high]
+
+
+class Stage2Segmenter:
+    """FMbSeg Stage 2 (paper §3.4) on one image: base prediction and, with `sam`, the refined one.
+
+    dino: a frozen DINOv2 (components.models.build_dino); aligner: the trained alignment module M
+    ([B, N, C] -> [B, N, D]); prototypes: [K', D] text prototypes of the prompts; class_map: [K']
+    int64 prompt -> dataset class (``build_prompt_set``); num_classes: dataset classes C.
+    mean / std: the DINOv2 pixel statistics (of pixels in [0, 1]).
+    short_side / window / stride: the evaluation protocol (TCL: 448 / 448 / 224; short_side None
+    keeps the image size); window_batch: windows per encoder forward (a memory knob: the windows of
+    an ordinary image all fit in one). bg_threshold / background_index: pixels whose best cosine is
+    below the threshold become background (None: off).
+    sam: SAM for the refined prediction (None: base only); amg: SamImage.automatic_masks settings
+    plus ``min_area_frac`` / ``max_area_frac`` (the size filter). SAM runs on the image resized to
+    the evaluation short side; its masks are resized (nearest) to the original size for painting.
+    autocast: a context manager factory for the model forwards (mixed precision on GPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        dino: nn.Module,
+        aligner: nn.Module,
+        prototypes: Tensor,
+        class_map: Tensor,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        short_side: int | None,
+        window: int,
+        stride: int,
+        window_batch: int = 16,
+        bg_threshold: float | None = None,
+        background_index: int | None = None,
+        sam: Sam | None = None,
+        amg: Mapping[str, Any] | None = None,
+        autocast: Callable[[], Any] | None = None,
+    ) -> None:
+        if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
+            raise ValueError(
+                f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
+                f"{tuple(class_map.shape)}"
+            )
+        if (sam is None) != (amg is None):
+            raise ValueError("refinement needs both sam and amg (or neither, for base only)")
+        self.dino, self.aligner = dino, aligner
+        self.device = prototypes.device
+        self.prototypes, self.class_map = prototypes, class_map.to(self.device)
+        self.num_classes = num_classes
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.short_side, self.window, self.stride, self.window_batch = short_side, window, stride, window_batch
+        self.bg_threshold, self.background_index = bg_threshold, background_index
+        self.sam = sam
+        amg = dict(amg or {})
+        self.size_filter = (amg.pop("min_area_frac", 0.0), amg.pop("max_area_frac", 1.0))
+        self.amg = amg
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Aligned patch embeddings z = M(DINOv2(x)): [B, 3, h, w] normalised pixels (h, w ÷ 14)
+        -> [B, h/14, w/14, D] float32."""
+        with self._autocast():
+            features = patch_features(self.dino, pixels)
+            batch, rows, cols, width = features.shape
+            z = self.aligner(features.reshape(batch, rows * cols, width))
+        return z.float().reshape(batch, rows, cols, -1)
+
+    def base_logits(self, image: np.ndarray) -> Tensor:
+        """[H, W, 3] uint8 -> [K', H, W] float32 cosine logits of every prompt (sliding windows)."""
+        pixels = resize_normalize(torch.from_numpy(image).to(self.device), image.shape[:2], self.mean, self.std)[0]
+        return predict_logits(
+            pixels,
+            encode_fn=self.encode,
+            prototypes=self.prototypes,
+            window=self.window,
+            stride=self.stride,
+            short_side=self.short_side,
+            batch_size=self.window_batch,
+        )
+
+    @torch.no_grad()
+    def masks(self, image: np.ndarray) -> Tensor:
+        """SAM automatic masks of the image, size-filtered: [M, H, W] bool at the image's size."""
+        if self.sam is None:
+            raise ValueError("this segmenter has no SAM: it was built for base predictions only")
+        height, width = image.shape[:2]
+        small = image
+        if self.short_side is not None:
+            small = resize_short_side(torch.from_numpy(image), self.short_side).numpy()
+        with self._autocast():
+            records = SamImage(self.sam, small).automatic_masks(**self.amg)
+        records = size_filter(records, small.shape[0] * small.shape[1], *self.size_filter)
+        if not records:
+            return torch.zeros(0, height, width, dtype=torch.bool, device=self.device)
+        stack = torch.from_numpy(np.stack([r["segmentation"] for r in records])).to(self.device)
+        if stack.shape[1:] != (height, width):
+            stack = F.interpolate(stack[None].to(torch.uint8), size=(height, width), mode="nearest")[0].bool()
+        return stack
+
+    def __call__(self, image: np.ndarray) -> Prediction:
+        """[H, W, 3] uint8 RGB -> base and (with SAM) refined [H, W] int64 class maps."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be [H, W, 3] uint8 RGB, got {image.shape} {image.dtype}")
+        base = labels_from_logits(
+            self.base_logits(image),
+            class_map=self.class_map,
+            bg_threshold=self.bg_threshold,
+            background_index=self.background_index,
+        )
+        refined = refine_with_masks(base, self.masks(image), self.num_classes) if self.sam is not None else None
+        return Prediction(base, refined)
+
+    def _autocast(self) -> Any:
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
+
+
+class Stage1Segmenter:
+    """Stage 1's pseudo label map of one image as a prediction, to score it (paper Table 2).
+
+    variant: "stage1_1" | "stage1_2" | "semi". clip_model / clip_mean / clip_std / clip_image_size:
+    the CLIP of Stage 1; sam: SAM; prototypes: [K', D] prompt prototypes; class_map: [K'] int64
+    prompt -> dataset class; num_classes: C; settings: Stage 1's settings (params.yaml ``label``).
+    Only the steps the variant needs run (Stage 1.1 alone skips the automatic masks). The label
+    map (SAM frame) is resized to the image by nearest sampling; unlabelled pixels (255) become
+    class C, an extra "unlabelled" column of the confusion matrix (``summarize(...,
+    unlabelled_column=True)``), so they count as misses.
+    """
+
+    def __init__(
+        self,
+        *,
+        variant: str,
+        clip_model: nn.Module,
+        clip_mean: Sequence[float],
+        clip_std: Sequence[float],
+        clip_image_size: int,
+        sam: Sam,
+        prototypes: Tensor,
+        class_map: Tensor,
+        num_classes: int,
+        settings: Stage1Settings,
+    ) -> None:
+        if variant not in STAGE1_VARIANTS:
+            raise ValueError(f"unknown Stage 1 variant {variant!r}; supported: {list(STAGE1_VARIANTS)}")
+        if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
+            raise ValueError(
+                f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
+                f"{tuple(class_map.shape)}"
+            )
+        self.variant = variant
+        self.clip_model, self.clip_image_size = clip_model, clip_image_size
+        self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
+        self.sam, self.prototypes, self.settings = sam, prototypes, settings
+        self.num_classes = num_classes
+        # prompt index -> dataset class, and 255 (unlabelled) -> the extra column C
+        lookup = torch.full((256,), num_classes, dtype=torch.int64)
+        lookup[: class_map.shape[0]] = class_map.cpu()
+        self.lookup = lookup
+
+    @torch.no_grad()
+    def label(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Tensor:
+        """The variant's pseudo label map in the SAM frame: [s, s] uint8 prompt index, 255 = unlabelled."""
+        settings = self.settings
+        prepared = prepare_image(
+            image, clip_side=settings.grid * self.clip_image_size, mean=self.clip_mean, std=self.clip_std,
+            sam_size=settings.sam_size,
+        )
+        features = clip_features(
+            self.clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode,
+            crop_batch=settings.crop_batch,
+        )
+        found = presence(features.cls, self.prototypes, min_crops=settings.min_crops,
+                         image_classes=list(image_classes) if image_classes is not None else None)
+        embedded = embed_sam(self.sam, prepared.sam_image)
+        if self.variant == "stage1_2":
+            masks = decode_masks(automatic_masks(embedded, settings.amg), settings.sam_size)
+            return stage1_2(masks, features.patches, self.prototypes, found,
+                            min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac).label
+        return stage1_1(embedded, features.patches, self.prototypes, found, top_k_points=settings.top_k_points).label
+
+    def __call__(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Prediction:
+        """[H, W, 3] uint8 RGB -> Prediction(base=[H, W] int64 in [0, C], C = unlabelled, refined=None).
+
+        image_classes: the dataset classes present (ground truth), required by "semi" and refused
+        by the others (which detect presence with CLIP).
+        """
+        if (self.variant == "semi") != (image_classes is not None):
+            raise ValueError(f"variant {self.variant!r}: image_classes must be given exactly for 'semi'")
+        label = self.label(image, image_classes)
+        height, width = image.shape[:2]
+        resized = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0]
+        return Prediction(self.lookup[resized.long().cpu()], None)
+
+
+# ------------------------------------------------------------------------------------- the loop
+class BatchResult(NamedTuple):
+    """What one batch of images adds to the evaluation: plain types, cheap to send between workers."""
+
+    done: list[str]
+    """ids scored."""
+    skipped: dict[str, str]
+    """id -> why it could not be read (left out of the metric)."""
+    confusion: dict[str, list[list[int]]]
+    """variant ("base", "refined") -> [C, C] confusion counts, rows = ground truth."""
+
+
+def _check_variants(variants: Sequence[str]) -> None:
+    unknown = [v for v in variants if v not in Prediction._fields]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {Prediction._fields}, got {list(variants)}")
+
+
+def _variant_maps(prediction: Prediction, variants: Sequence[str], image_id: str) -> dict[str, Tensor]:
+    maps = {}
+    for variant in variants:
+        pred = getattr(prediction, variant)
+        if pred is None:
+            raise ValueError(f"the segmenter returned no {variant!r} prediction for {image_id!r}")
+        maps[variant] = pred.cpu()
+    return maps
+
+
+def _overlay(overlay_dir: str | Path, image_id: str, image: np.ndarray, label: np.ndarray,
+             maps: Mapping[str, Tensor], class_names: Sequence[str]) -> Path:
+    predictions = {v: m.numpy().astype(np.uint8) for v, m in maps.items()}
+    return write_overlay(Path(overlay_dir) / f"{image_id}.png", image, label, predictions, class_names)
+
+
+def _image_classes(label: np.ndarray) -> list[int]:
+    """Classes present in a [H, W] uint8 ground truth (255 = ignore left out), ascending."""
+    present = np.unique(label)
+    return [int(c) for c in present if c != IGNORE_INDEX]
+
+
+def evaluate_batch(
+    dataset: LabelledImages,
+    ids: Sequence[str],
+    *,
+    segment: Segmenter,
+    num_classes: int,
+    variants: Sequence[str],
+    class_names: Sequence[str] = (),
+    overlay_ids: Sequence[str] = (),
+    overlay_dir: str | Path | None = None,
+    image_level_labels: bool = False,
+) -> BatchResult:
+    """Score `segment` on the images `ids` of `dataset`.
+
+    variants: the Prediction fields scored ("base", and "refined" when the segmenter refines).
+    image_level_labels: call ``segment(image, image_classes=...)`` with the classes present in the
+    ground truth (the semi-supervised Stage 1.1 of Table 2); otherwise ``segment(image)``.
+    An image or label that cannot be read is recorded in ``skipped`` with the error and left out;
+    an image and label of different sizes is a broken dataset and raises ValueError. For ids in
+    `overlay_ids`, an overlay picture (image | ground truth | each variant, legend from
+    `class_names`) is written to ``overlay_dir/<id>.png`` from the same prediction.
+    """
+    _check_variants(variants)
+    if overlay_ids and overlay_dir is None:
+        raise ValueError("overlay_ids given without an overlay_dir")
+    metrics = {v: MeanIoU(num_classes, ignore_index=IGNORE_INDEX) for v in variants}
+    done: list[str] = []
+    skipped: dict[str, str] = {}
+    wanted_overlays = set(overlay_ids)
+    for image_id in ids:
+        try:
+            image = dataset.read_image(image_id)
+            label = dataset.read_label(image_id)
+        except _UNREADABLE as err:
+            skipped[image_id] = f"{type(err).__name__}: {err}"
+            continue
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"image {image_id!r} is {image.shape[:2]} but its label is {label.shape}")
+        prediction = segment(image, image_classes=_image_classes(label)) if image_level_labels else segment(image)
+        maps = _variant_maps(prediction, variants, image_id)
+        target = torch.from_numpy(label)
+        for variant, pred in maps.items():
+            metrics[variant].update(pred, target)
+        done.append(image_id)
+        if image_id in wanted_overlays:
+            _overlay(overlay_dir, image_id, image, label, maps, class_names)  # type: ignore[arg-type]
+    return BatchResult(done=done, skipped=skipped, confusion={v: m.confusion.cpu().tolist() for v, m in metrics.items()})
+
+
+def write_overlays(
+    dataset: LabelledImages,
+    ids: Sequence[str],
+    *,
+    segment: Segmenter,
+    variants: Sequence[str],
+    class_names: Sequence[str],
+    overlay_dir: str | Path,
+    image_level_labels: bool = False,
+) -> list[Path]:
+    """Overlay pictures of `ids` on their own (e.g. those a resumed run scored before, whose
+    pictures are gone): ``overlay_dir/<id>.png`` each. Unreadable images raise."""
+    _check_variants(variants)
+    paths = []
+    for image_id in ids:
+        image, label = dataset.read_image(image_id), dataset.read_label(image_id)
+        prediction = segment(image, image_classes=_image_classes(label)) if image_level_labels else segment(image)
+        maps = _variant_maps(prediction, variants, image_id)
+        paths.append(_overlay(overlay_dir, image_id, image, label, maps, class_names))
+    return paths
+
+
+# ------------------------------------------------------------------------------------ the state
+@dataclass
+class EvalState:
+    """Dataset-level confusion matrices so far, and which images they hold.
+
+    confusion: variant -> [C, C] int64 (rows = ground truth); done: ids scored, in the order they
+    were added; skipped: id -> why it could not be read.
+    """
+
+    key: str
+    confusion: dict[str, Tensor]
+    done: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, key: str, num_classes: int, variants: Sequence[str]) -> EvalState:
+        """An empty state: zero confusion matrices for each variant."""
+        return cls(key, {v: torch.zeros(num_classes, num_classes, dtype=torch.int64) for v in variants})
+
+    def covered(self) -> set[str]:
+        """ids already handled (scored or found unreadable)."""
+        return set(self.done) | set(self.skipped)
+
+    def add(self, result: BatchResult) -> None:
+        """Merge a batch's counts and ids into the state."""
+        if set(result.confusion) != set(self.confusion):
+            raise ValueError(f"batch has variants {sorted(result.confusion)}, the state {sorted(self.confusion)}")
+        overlap = self.covered() & (set(result.done) | set(result.skipped))
+        if overlap:
+            raise ValueError(f"images counted twice: {sorted(overlap)[:5]}")
+        for variant, counts in result.confusion.items():
+            self.confusion[variant] += torch.tensor(counts, dtype=torch.int64)
+        self.done.extend(result.done)
+        self.skipped.update(result.skipped)
+
+
+def state_key(model_sha256: str, settings: Mapping[str, Any]) -> str:
+    """sha256 of the model file's hash and the (JSON-serialisable) settings that change results."""
+    text = json.dumps({"model": model_sha256, "settings": settings}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_state(path: str | Path, state: EvalState) -> None:
+    """Write the state atomically (one torch.save of plain types; loads with weights_only=True)."""
+    payload = {
+        "format": STATE_FORMAT,
+        "key": state.key,
+        "confusion": {v: c.cpu() for v, c in state.confusion.items()},
+        "done": list(state.done),
+        "skipped": dict(state.skipped),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path: str | Path, key: str, num_classes: int, variants: Sequence[str]) -> EvalState:
+    """The saved state when it exists and has this `key` (same model and settings); else a fresh one."""
+    path = Path(path)
+    if not path.exists():
+        return EvalState.fresh(key, num_classes, variants)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("format") != STATE_FORMAT or saved.get("key") != key:
+        return EvalState.fresh(key, num_classes, variants)
+    confusion = saved["confusion"]
+    shapes_ok = all(c.shape == (num_classes, num_classes) for c in confusion.values())
+    if set(confusion) != set(variants) or not shapes_ok:
+        raise ValueError(f"{path} has the key of this run but other variants or classes: delete it and rerun")
+    return EvalState(key, dict(confusion), list(saved["done"]), dict(saved["skipped"]))
+
+
+# ---------------------------------------------------------------------------------- the summary
+class EvalSummary(NamedTuple):
+    """metrics: {"mIoU_base": 41.23, "mAcc_base", "aAcc_base", [..._refined], "images", "skipped"}
+    (percent, 2 decimals; images = scored, skipped = unreadable); per_class: one row per class
+    {"class": name, "IoU_<variant>": float (NaN when undefined), "Acc_<variant>": float}."""
+
+    metrics: dict[str, float | int]
+    per_class: list[dict[str, Any]]
+
+
+def display_names(class_lines: Sequence[str]) -> list[str]:
+    """The protocol's name of each class: the first of a line's comma-separated synonyms."""
+    return [line.split(",")[0].strip() for line in class_lines]
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def summarize(state: EvalState, class_names: Sequence[str], *, unlabelled_column: bool = False) -> EvalSummary:
+    """Dataset-level metrics of every variant (``MeanIoU.compute``), rounded to 2 decimals.
+
+    unlabelled_column: the confusion matrices have one column more than `class_names`, the
+    prediction "unlabelled" (Stage 1's 255 pixels): it counts as a miss of the ground-truth class
+    (in IoU's FN and Acc's denominator) but is no class of its own, so it is left out of the means
+    and of the per-class rows. Raises ValueError when no image was scored.
+    """
+    if not state.done:
+        raise ValueError(f"no image was scored ({len(state.skipped)} could not be read)")
+    metrics: dict[str, float | int] = {}
+    num_scored = len(class_names)
+    rows = [{"class": name} for name in class_names]
+    for variant, confusion in state.confusion.items():
+        size = confusion.shape[0]
+        if size != num_scored + int(unlabelled_column):
+            raise ValueError(f"{num_scored} class names for a {size}-class confusion matrix "
+                             f"(unlabelled_column={unlabelled_column})")
+        meter = MeanIoU(size, ignore_index=IGNORE_INDEX)
+        meter.load_state_dict({"num_classes": size, "ignore_index": IGNORE_INDEX, "confusion": confusion})
+        result = meter.compute()
+        class_iou, class_acc = result["IoU"][:num_scored], result["Acc"][:num_scored]
+        result.update(mIoU=_nanmean(class_iou), mAcc=_nanmean(class_acc))
+        for name in ("mIoU", "mAcc", "aAcc"):
+            metrics[f"{name}_{variant}"] = round(result[name], 2)
+        for row, iou, acc in zip(rows, class_iou, class_acc, strict=True):
+            row[f"IoU_{variant}"] = round(iou, 2)
+            row[f"Acc_{variant}"] = round(acc, 2)
+    metrics["images"] = len(state.done)
+    metrics["skipped"] = len(state.skipped)
+    return EvalSummary(metrics, rows)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.2f}"
+    return value
+
+
+def write_summary(summary: EvalSummary, metrics_path: str | Path, per_class_path: str | Path) -> None:
+    """metrics JSON (the DVC metrics file) and the per-class CSV (NaN written as "nan"), atomically."""
+    atomic_write_json(metrics_path, summary.metrics)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(summary.per_class[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in summary.per_class)
+    atomic_write_text(per_class_path, buf.getvalue())

@@ -1,0 +1,143 @@
+"""Overlay pictures for eyeballing predictions: image | ground truth | prediction(s), with a legend.
+
+Label maps are blended over the image in the PASCAL VOC colour map (class c gets the colour of the
+bit-interleaved index c, the colours every segmentation viewer uses); ignored pixels (255) show the
+image unchanged. The legend lists every class present in the ground truth or a prediction.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from components.io import atomic_write_bytes
+
+__all__ = ["IGNORE_INDEX", "palette", "colorize", "overlay_picture", "write_overlay"]
+
+IGNORE_INDEX = 255
+
+_TITLE_HEIGHT = 22
+_SWATCH = 14
+_PAD = 6
+
+
+def palette() -> np.ndarray:
+    """[256, 3] uint8: the PASCAL VOC colour map (bits of the class index interleaved into R, G, B)."""
+    index = np.arange(256)
+    colours = np.zeros((256, 3), dtype=np.int64)
+    for bit in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    return colours.astype(np.uint8)
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """[H, W] uint8 class map (255 = ignore) -> [H, W, 3] uint8 RGB in the VOC colour map."""
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise ValueError(f"a label map must be [H, W] uint8, got shape {label.shape} dtype {label.dtype}")
+    return palette()[label]
+
+
+def _blend(image: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
+    """[H, W, 3] uint8: the label colours blended over the image; ignored pixels left as they are."""
+    mixed = image.astype(np.float32) * (1.0 - alpha) + colorize(label).astype(np.float32) * alpha
+    keep = (label == IGNORE_INDEX)[..., None]
+    return np.where(keep, image, mixed.round().astype(np.uint8))
+
+
+def _check_label(name: str, label: np.ndarray, shape: tuple[int, int]) -> None:
+    if label.dtype != np.uint8 or label.shape != shape:
+        raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}] uint8, got {label.shape} {label.dtype}")
+
+
+def overlay_picture(
+    image: np.ndarray,
+    ground_truth: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    *,
+    panel_height: int = 320,
+    alpha: float = 0.55,
+) -> Image.Image:
+    """One RGB picture: image | ground truth | each prediction, titled, and a legend underneath.
+
+    image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore); predictions: title ->
+    [H, W] uint8 class map (e.g. {"base": ..., "refined": ...}); class_names: one name per class
+    index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    shape = image.shape[:2]
+    _check_label("ground_truth", ground_truth, shape)
+    for title, pred in predictions.items():
+        _check_label(f"prediction {title!r}", pred, shape)
+    present = np.unique(np.concatenate([ground_truth.ravel(), *(p.ravel() for p in predictions.values())]))
+    present = present[present != IGNORE_INDEX]
+    if present.size and int(present.max()) >= len(class_names):
+        raise ValueError(f"class index {int(present.max())} has no name ({len(class_names)} class names)")
+
+    height = panel_height
+    width = max(1, round(shape[1] * height / shape[0]))
+    panels = [("image", Image.fromarray(image).resize((width, height), Image.BILINEAR))]
+    for title, label in [("ground truth", ground_truth), *predictions.items()]:
+        small = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+        small_image = np.asarray(panels[0][1])
+        panels.append((title, Image.fromarray(_blend(small_image, small, alpha))))
+
+    font = ImageFont.load_default()
+    total_width = len(panels) * width + (len(panels) - 1) * _PAD
+    legend = _legend_rows(present.tolist(), class_names, font, total_width)
+    line = _SWATCH + _PAD
+    canvas = Image.new("RGB", (total_width, _TITLE_HEIGHT + height + _PAD + len(legend) * line), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, panel) in enumerate(panels):
+        x = i * (width + _PAD)
+        draw.text((x + 2, 4), title, fill="black", font=font)
+        canvas.paste(panel, (x, _TITLE_HEIGHT))
+    colours = palette()
+    y = _TITLE_HEIGHT + height + _PAD
+    for row in legend:
+        for x, index in row:
+            draw.rectangle([x, y, x + _SWATCH, y + _SWATCH], fill=tuple(int(c) for c in colours[index]),
+                           outline="black")
+            draw.text((x + _SWATCH + 4, y), class_names[index], fill="black", font=font)
+        y += line
+    return canvas
+
+
+def _legend_rows(
+    indices: list[int], class_names: Sequence[str], font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: int,
+) -> list[list[tuple[int, int]]]:
+    """Legend entries laid out left to right, wrapped at `width`: rows of (x, class index)."""
+    rows: list[list[tuple[int, int]]] = []
+    x = width
+    for index in indices:
+        entry = _SWATCH + 4 + int(font.getlength(class_names[index])) + 2 * _PAD
+        if x + entry > width and (x > 0 or not rows):
+            rows.append([])
+            x = 0
+        rows[-1].append((x, index))
+        x += entry
+    return rows
+
+
+def write_overlay(
+    path: str | Path,
+    image: np.ndarray,
+    ground_truth: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    *,
+    panel_height: int = 320,
+) -> Path:
+    """Write :func:`overlay_picture` as a PNG to `path` atomically; returns the path."""
+    picture = overlay_picture(image, ground_truth, predictions, class_names, panel_height=panel_height)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,44 @@
+"""The paper's own numbers (mIoU, percent), as data, for reports to print next to ours.
+
+Keys are our benchmark names (components/datasets): pv21, pv20, pc59, co80, cs171, cityscapes,
+ade20k. Only FMbSeg's rows are kept: Table 1's other methods are not what a run of this project
+reproduces, and the text of its second block does not assign values to cells unambiguously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+__all__ = ["PAPER_BENCHMARKS", "STAGE1_VARIANTS", "TABLE1", "TABLE2"]
+
+PAPER_BENCHMARKS: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+"""The seven benchmarks of Tables 1 and 2, in the paper's column order."""
+
+
+def _row(*values: float) -> Mapping[str, float]:
+    return MappingProxyType(dict(zip(PAPER_BENCHMARKS, values, strict=True)))
+
+
+TABLE1: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        "base": _row(67.73, 85.65, 42.72, 57.63, 29.88, 28.37, 16.25),
+        "refined": _row(71.02, 87.03, 44.34, 58.20, 30.65, 30.55, 16.60),
+    }
+)
+"""Table 1, FMbSeg-Stage 2 rows: variant ("base" | "refined") -> benchmark -> mIoU."""
+
+TABLE2: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        "stage1_1": _row(25.37, 42.92, 22.03, 32.97, 16.96, 9.50, 10.45),
+        "stage1_2": _row(36.68, 53.36, 24.25, 29.15, 16.82, 14.86, 12.30),
+        "semi": _row(50.86, 63.82, 39.33, 47.77, 29.03, 10.76, 22.86),
+    }
+)
+"""Table 2 (Stage 1 pseudo labels vs ground truth): variant ("stage1_1" | "stage1_2" | "semi",
+semi-supervised Stage 1.1) -> benchmark -> mIoU."""
+
+STAGE1_VARIANTS: tuple[str, ...] = tuple(TABLE2)
+"""Table 2's rows: Stage 1.1, Stage 1.2, and Stage 1.1 with image-level labels from the ground
+truth instead of CLIP's presence detection (semi-supervised)."""
+

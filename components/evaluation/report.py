@@ -1,0 +1,97 @@
+"""The results table of a model: every benchmark x {base, refined}, next to the paper's numbers.
+
+Inputs are the metric dicts the evaluate stage writes (``metrics/<benchmark>.json``:
+``{"mIoU_base": 67.7, "mIoU_refined": 71.0, ...}``) and, optionally, the Stage 1 ones
+(``metrics/stage1/<benchmark>_<variant>.json``: ``{"mIoU": ...}``). Outputs are plain rows (dicts),
+rendered as markdown and CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from components.evaluation.paper_numbers import STAGE1_VARIANTS, TABLE1, TABLE2
+
+__all__ = [
+    "REPORT_COLUMNS",
+    "STAGE1_COLUMNS",
+    "report_rows",
+    "stage1_rows",
+    "to_markdown",
+    "to_csv",
+]
+
+REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined")
+STAGE1_COLUMNS: tuple[str, ...] = ("benchmark", "variant", "mIoU", "paper")
+
+Row = dict[str, Any]
+
+
+def report_rows(metrics: Mapping[str, Mapping[str, float] | None], benchmarks: Sequence[str]) -> list[Row]:
+    """One row per benchmark, in the given order: our mIoU (base, refined) and the paper's (Table 1).
+
+    metrics: benchmark -> the evaluate stage's metric dict, or None when the benchmark was not
+    evaluated. A value we do not have (not evaluated, or refinement off) is None; so is a paper
+    value for a benchmark outside Table 1.
+    """
+    rows = []
+    for name in benchmarks:
+        ours = metrics.get(name) or {}
+        rows.append(
+            {
+                "benchmark": name,
+                "base": ours.get("mIoU_base"),
+                "refined": ours.get("mIoU_refined"),
+                "paper_base": TABLE1["base"].get(name),
+                "paper_refined": TABLE1["refined"].get(name),
+            }
+        )
+    return rows
+
+
+def stage1_rows(metrics: Mapping[tuple[str, str], Mapping[str, float]]) -> list[Row]:
+    """Rows for Stage 1's pseudo labels against Table 2, sorted by benchmark then variant.
+
+    metrics: (benchmark, variant) -> the evaluate-stage1 metric dict ({"mIoU": ...}). An unknown
+    variant raises ValueError listing the known ones.
+    """
+    rows = []
+    for (name, variant), values in sorted(metrics.items()):
+        if variant not in TABLE2:
+            raise ValueError(f"unknown Stage 1 variant {variant!r}; known: {list(STAGE1_VARIANTS)}")
+        rows.append(
+            {"benchmark": name, "variant": variant, "mIoU": values.get("mIoU"), "paper": TABLE2[variant].get(name)}
+        )
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def to_markdown(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    """A GitHub markdown table; numbers with 2 decimals, a missing value as "—"."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c in ("benchmark", "variant") else "---:" for c in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    """CSV text with a header; a missing value is an empty cell."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+    return buf.getvalue()

@@ -1,0 +1,492 @@
+"""`fmbseg evaluate` (the evaluate@<benchmark> DVC stage) and `fmbseg evaluate-stage1`.
+
+evaluate: the aligner checkpoint (self-describing: the DINOv2 and CLIP specs travel in it) scored
+on one canonical benchmark, base and SAM-refined (paper §4.2, Table 1). Outputs:
+``metrics/<benchmark>.json`` (DVC metrics), ``metrics/<benchmark>_per_class.csv``, overlay pictures
+in ``reports/overlays/<benchmark>/``, all attached to the checkpoint's MLflow run.
+
+evaluate-stage1: Stage 1's pseudo labels of the benchmark's images, with the benchmark's own
+vocabulary, scored against the ground truth (Table 2): ``metrics/stage1/<benchmark>_<variant>.json``
+and its per-class CSV, logged to an MLflow run ``stage1-<variant>`` of their own.
+
+Both send images to tasks in batches of ``evaluate.batch_size`` ids. A task builds its models once
+per worker process and returns only partial confusion matrices; the flow adds them into a state
+file saved atomically after every batch, so a killed run resumes where it stopped (the state is
+keyed by the model and every setting that changes the counts, and removed once the outputs are
+written).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import typer
+from prefect import flow, get_run_logger, task
+
+from components.config import Params
+from components.io import bytes_sha256, file_sha256
+from flows.common import (
+    Progress,
+    cached_clip,
+    cached_dino,
+    cached_sam,
+    project_path,
+    stage_params,
+    table_artifact,
+)
+
+__all__ = [
+    "evaluate_flow",
+    "evaluate_stage1_flow",
+    "evaluate_images",
+    "write_missing_overlays",
+    "state_path",
+    "register",
+]
+
+BASE_VARIANTS = ("base",)
+REFINED_VARIANTS = ("base", "refined")
+
+
+def state_path(params: Params, name: str) -> Path:
+    """Where the resume state of one evaluation lives (``name``: a benchmark, or stage1/<bench>_<variant>)."""
+    return project_path(params, "reports") / ".eval_state" / f"{name}.pt"
+
+
+def _artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())
+
+
+# ----------------------------------------------------------------------- per-worker model context
+class _Context(NamedTuple):
+    dataset: Any  # CanonicalDataset
+    segment: Any  # Stage2Segmenter | Stage1Segmenter
+    num_classes: int  # columns of the confusion matrix
+    class_names: list[str]
+    variants: tuple[str, ...]
+    image_level_labels: bool
+
+
+def _stage2_context(job: dict[str, Any]) -> _Context:
+    from components.aligner.checkpoint import load_aligner
+    from components.datasets.readers import CanonicalDataset
+    from components.evaluation.benchmark import (
+        Stage2Segmenter,
+        background_index,
+        benchmark_prompts,
+        display_names,
+    )
+    from components.models import autocast_context, get_spec, prototypes, resolve_device
+
+    device = resolve_device(job["device"])
+    dataset = CanonicalDataset(job["root"], job["split"])
+    loaded = load_aligner(job["model_path"], map_location=device)
+    dino = cached_dino(loaded.encoder_spec, str(device), job["weights_dir"])
+    clip = cached_clip(loaded.text_spec, str(device), job["weights_dir"])
+    prompts = benchmark_prompts(dataset.classes, dataset.meta)
+    text = prototypes(clip.model, clip.tokenizer, prompts.names, job["templates"])
+    sam = cached_sam(job["sam"], str(device), job["weights_dir"]) if job["sam"] else None
+    spec = get_spec(loaded.encoder_spec)
+    segment = Stage2Segmenter(
+        dino=dino,
+        aligner=loaded.model,
+        prototypes=text,
+        class_map=prompts.class_map,
+        num_classes=len(dataset.classes),
+        mean=spec.mean,
+        std=spec.std,
+        short_side=job["short_side"],
+        window=job["window"],
+        stride=job["stride"],
+        bg_threshold=job["bg_threshold"],
+        background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
+        sam=sam,
+        amg=job["amg"] if sam is not None else None,
+        autocast=functools.partial(autocast_context, device, job["dtype"]),
+    )
+    variants = REFINED_VARIANTS if sam is not None else BASE_VARIANTS
+    return _Context(dataset, segment, len(dataset.classes), display_names(dataset.classes), variants, False)
+
+
+def _stage1_context(job: dict[str, Any]) -> _Context:
+    from components.datasets.readers import CanonicalDataset
+    from components.evaluation.benchmark import Stage1Segmenter, benchmark_prompts, display_names
+    from components.labelling.stage1 import Stage1Settings
+    from components.models import prototypes, resolve_device
+
+    device = resolve_device(job["device"])
+    dataset = CanonicalDataset(job["root"], job["split"])
+    clip = cached_clip(job["clip"], str(device), job["weights_dir"])
+    sam = cached_sam(job["sam"], str(device), job["weights_dir"])
+    prompts = benchmark_prompts(dataset.classes, dataset.meta)
+    segment = Stage1Segmenter(
+        variant=job["variant"],
+        clip_model=clip.model,
+        clip_mean=clip.spec.mean,
+        clip_std=clip.spec.std,
+        clip_image_size=clip.spec.image_size,
+        sam=sam,
+        prototypes=prototypes(clip.model, clip.tokenizer, prompts.names, job["templates"]),
+        class_map=prompts.class_map,
+        num_classes=len(dataset.classes),
+        settings=Stage1Settings.from_dict(job["stage1"]),
+    )
+    # one column more than classes: Stage 1's unlabelled pixels (summarize(unlabelled_column=True))
+    return _Context(dataset, segment, len(dataset.classes) + 1, display_names(dataset.classes), BASE_VARIANTS,
+                    job["variant"] == "semi")
+
+
+_context_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)
+def _build_context(job_json: str) -> _Context:
+    job = json.loads(job_json)
+    return _stage1_context(job) if job["kind"] == "stage1" else _stage2_context(job)
+
+
+def _context(job: dict[str, Any]) -> _Context:
+    """The models, prompts and segmenter of one job, built once per worker process."""
+    with _context_lock:
+        return _build_context(json.dumps(job, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------ the tasks
+@task(name="evaluate-images")
+def evaluate_images(job: dict[str, Any], ids: list[str], overlay_ids: list[str], overlay_dir: str | None) -> Any:
+    """Score one batch of images; returns a BatchResult (ids done, ids skipped, confusion counts)."""
+    from components.evaluation.benchmark import evaluate_batch
+
+    ctx = _context(job)
+    return evaluate_batch(
+        ctx.dataset,
+        ids,
+        segment=ctx.segment,
+        num_classes=ctx.num_classes,
+        variants=ctx.variants,
+        class_names=ctx.class_names,
+        overlay_ids=overlay_ids,
+        overlay_dir=overlay_dir,
+        image_level_labels=ctx.image_level_labels,
+    )
+
+
+@task(name="write-overlays")
+def write_missing_overlays(job: dict[str, Any], ids: list[str], overlay_dir: str) -> list[str]:
+    """Overlay pictures of images an earlier, interrupted run scored (their files are gone)."""
+    from components.evaluation.benchmark import write_overlays
+
+    ctx = _context(job)
+    paths = write_overlays(ctx.dataset, ids, segment=ctx.segment, variants=ctx.variants,
+                           class_names=ctx.class_names, overlay_dir=overlay_dir)
+    return [str(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------- shared flow parts
+def _dataset_root(params: Params, dataset: str) -> Path:
+    """``${paths.datasets}/<dataset>``; a missing one is an error naming those that exist."""
+    base = project_path(params, "datasets")
+    root = base / dataset
+    if not root.is_dir():
+        present = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        raise FileNotFoundError(
+            f"no dataset {dataset!r} at {root} (datasets there: {present or 'none'}); "
+            f"fetch it with `fmbseg download {dataset}` (or `dvc repro download@{dataset}`)"
+        )
+    return root
+
+
+def _open_dataset(params: Params, dataset: str) -> tuple[Any, Path, list[str]]:
+    """The labelled split of a benchmark, its root and the ids to score (``evaluate.limit``)."""
+    from components.datasets.readers import CanonicalDataset
+
+    root = _dataset_root(params, dataset)
+    data = CanonicalDataset(root, params.evaluate.split)
+    if not data.has_labels:
+        raise ValueError(f"{root} has no labels for split {params.evaluate.split!r}: it cannot be evaluated")
+    ids = data.ids[: params.evaluate.limit]
+    if not ids:
+        raise ValueError(f"{root} has no images in split {params.evaluate.split!r}")
+    return data, root, ids
+
+
+def _dataset_identity(root: Path) -> dict[str, str]:
+    """Hashes of meta.json and classes.txt: a re-converted dataset gets a new resume key."""
+    return {"meta": bytes_sha256((root / "meta.json").read_bytes()),
+            "classes": bytes_sha256((root / "classes.txt").read_bytes())}
+
+
+def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _score(
+    job: dict[str, Any],
+    ids: list[str],
+    *,
+    key: str,
+    state_file: Path,
+    num_classes: int,
+    variants: tuple[str, ...],
+    batch_size: int,
+    label: str,
+    overlay_ids: Sequence[str] = (),
+    overlay_dir: Path | None = None,
+) -> Any:
+    """Score ``ids`` batch by batch on the task runner, resuming from ``state_file``; returns the
+    complete EvalState (saved after every batch)."""
+    from components.evaluation.benchmark import load_state, save_state
+
+    logger = get_run_logger()
+    state = load_state(state_file, key, num_classes, variants)
+    covered = state.covered()
+    todo = [i for i in ids if i not in covered]
+    if len(todo) < len(ids):
+        logger.info("resuming %s: %d of %d images already scored", label, len(ids) - len(todo), len(ids))
+    wanted = set(overlay_ids)
+    with Progress(len(ids), desc=f"evaluate {label}", key=_artifact_key("evaluate", label)) as bar:
+        bar.update(len(ids) - len(todo))
+        futures = [
+            evaluate_images.submit(job, batch, [i for i in batch if i in wanted],
+                                   str(overlay_dir) if overlay_dir else None)
+            for batch in _chunks(todo, batch_size)
+        ]
+        for future in futures:
+            result = future.result()
+            state.add(result)
+            save_state(state_file, state)
+            bar.update(len(result.done) + len(result.skipped))
+    for image_id, why in sorted(state.skipped.items()):
+        logger.warning("%s: image %s left out of the metric: %s", label, image_id, why)
+    if state.skipped:
+        table_artifact([{"image": i, "error": why} for i, why in sorted(state.skipped.items())],
+                       key=_artifact_key("evaluate", label, "skipped"),
+                       description=f"{label}: images that could not be read, left out of the metric")
+    return state
+
+
+# ------------------------------------------------------------------------------ evaluate (Stage 2)
+def _stage2_job(params: Params, dataset: str, root: Path, model_path: Path) -> dict[str, Any]:
+    """What a task needs to rebuild the evaluation (plain JSON types)."""
+    ev = params.evaluate
+    return {
+        "kind": "stage2",
+        "dataset": dataset,
+        "root": str(root),
+        "split": ev.split,
+        "model_path": str(model_path),
+        "model_sha256": file_sha256(model_path),
+        "sam": params.models.selected.sam if ev.refine else None,
+        "device": params.models.device,
+        "dtype": params.models.dtype,
+        "weights_dir": params.models.weights_dir,
+        "short_side": ev.short_side,
+        "window": ev.window,
+        "stride": ev.stride,
+        "templates": list(ev.templates),
+        "bg_threshold": ev.bg_threshold,
+        "amg": ev.amg.model_dump(mode="json"),
+    }
+
+
+def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files: list[Path],
+            overlays: list[Path], dataset: str) -> bool:
+    """Attach to the model's MLflow run; False (and a warning) when the checkpoint names none."""
+    from flows import tracking
+
+    if run_id is None or not tracking.run_exists(params, run_id):
+        get_run_logger().warning(
+            "the checkpoint's MLflow run %s is not in %s: the %s metrics are in their files only, not attached",
+            run_id, tracking.tracking_uri(params), dataset,
+        )
+        return False
+    tracking.attach_metrics(run_id, metrics, files, artifact_path=f"evaluate/{dataset}", params=params)
+    if overlays:
+        tracking.attach_metrics(run_id, {}, overlays, artifact_path=f"evaluate/{dataset}/overlays", params=params)
+    return True
+
+
+@flow(name="evaluate")
+def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
+    """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
+    from components.aligner.checkpoint import load_aligner
+    from components.evaluation.benchmark import (
+        background_index,
+        display_names,
+        state_key,
+        summarize,
+        write_summary,
+    )
+
+    params = stage_params(params_path)
+    ev = params.evaluate
+    model = Path(model_path) if model_path else project_path(params, "models") / "aligner.pt"
+    run_id = load_aligner(model).run_id  # fails early, naming the stage to run, when there is no model
+    data, root, ids = _open_dataset(params, dataset)
+    if ev.bg_threshold is not None and background_index(data.meta) is None:
+        raise ValueError(f"evaluate.bg_threshold is set but {dataset} has no background class to assign")
+    job = _stage2_job(params, dataset, root, model)
+    counted = {k: v for k, v in job.items() if k not in ("root", "model_path", "model_sha256", "device", "weights_dir")}
+    if not ev.refine:
+        counted.pop("amg")
+    overlay_dir = project_path(params, "reports") / "overlays" / dataset
+    overlay_ids = ids[: ev.overlays]
+    state_file = state_path(params, dataset)
+    state = _score(
+        job, ids,
+        key=state_key(job["model_sha256"], {**counted, **_dataset_identity(root)}),
+        state_file=state_file,
+        num_classes=len(data.classes),
+        variants=REFINED_VARIANTS if ev.refine else BASE_VARIANTS,
+        batch_size=ev.batch_size,
+        label=dataset,
+        overlay_ids=overlay_ids,
+        overlay_dir=overlay_dir,
+    )
+
+    # A resumed run's earlier batches drew their pictures in a run whose outputs DVC has since
+    # removed: draw what is missing, and drop pictures of images no longer chosen.
+    missing = [i for i in overlay_ids if i in state.done and not (overlay_dir / f"{i}.png").exists()]
+    if missing:
+        write_missing_overlays(job, missing, str(overlay_dir))
+    overlays = [overlay_dir / f"{i}.png" for i in overlay_ids if i in state.done]
+    for stale in set(overlay_dir.glob("*.png")) - set(overlays):
+        stale.unlink()
+
+    summary = summarize(state, display_names(data.classes))
+    metrics_dir = project_path(params, "metrics")
+    metrics_file, per_class_file = metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv"
+    write_summary(summary, metrics_file, per_class_file)
+    table_artifact(summary.per_class, key=_artifact_key("evaluate", dataset, "per-class"),
+                   description=f"{dataset}: per-class IoU / Acc (percent)")
+    named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
+    _attach(params, run_id, named, [metrics_file, per_class_file], overlays, dataset)
+    state_file.unlink()  # done: a later run (new data, new model) starts from scratch
+    return dict(summary.metrics)
+
+
+# -------------------------------------------------------------------------- evaluate-stage1 (Table 2)
+def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[str, Any]:
+    """What a task needs to run Stage 1 on the benchmark (plain JSON types)."""
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+
+    label = params.label
+    amg = label.amg
+    settings = Stage1Settings(
+        grid=label.grid,
+        dense_mode=label.dense_mode,
+        min_crops=label.min_crops,
+        top_k_points=label.top_k_points,
+        sam_size=label.sam_size,
+        label_size=label.label_size,
+        amg=AmgSettings(
+            points_per_side=amg.points_per_side,
+            points_per_batch=amg.points_per_batch,
+            pred_iou_thresh=amg.pred_iou_thresh,
+            stability_score_thresh=amg.stability_score_thresh,
+            stability_score_offset=amg.stability_score_offset,
+            box_nms_thresh=amg.box_nms_thresh,
+            min_mask_region_area=amg.min_mask_region_area,
+        ),
+        min_area_frac=amg.min_area_frac,
+        max_area_frac=amg.max_area_frac,
+        crop_batch=label.crop_batch,
+    )
+    return {
+        "kind": "stage1",
+        "variant": variant,
+        "dataset": dataset,
+        "root": str(root),
+        "split": params.evaluate.split,
+        "clip": params.models.selected.clip,
+        "sam": params.models.selected.sam,
+        "device": params.models.device,
+        "weights_dir": params.models.weights_dir,
+        "templates": list(label.templates),
+        "stage1": asdict(settings),
+    }
+
+
+@flow(name="evaluate-stage1")
+def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.yaml") -> dict[str, float]:
+    """Stage 1's pseudo labels of a benchmark against its ground truth; returns the metrics."""
+    from components.evaluation.benchmark import display_names, state_key, summarize, write_summary
+    from components.evaluation.paper_numbers import STAGE1_VARIANTS
+    from flows import tracking
+
+    if variant not in STAGE1_VARIANTS:
+        raise ValueError(f"unknown Stage 1 variant {variant!r}; supported: {', '.join(STAGE1_VARIANTS)}")
+    params = stage_params(params_path)
+    data, root, ids = _open_dataset(params, dataset)
+    job = _stage1_job(params, dataset, root, variant)
+    counted = {k: v for k, v in job.items() if k not in ("root", "device", "weights_dir")}
+    name = f"{dataset}_{variant}"
+    state_file = state_path(params, f"stage1/{name}")
+    state = _score(
+        job, ids,
+        key=state_key("stage1", {**counted, **_dataset_identity(root)}),
+        state_file=state_file,
+        num_classes=len(data.classes) + 1,
+        variants=BASE_VARIANTS,
+        batch_size=params.evaluate.batch_size,
+        label=f"stage1 {name}",
+    )
+    summary = summarize(state, display_names(data.classes), unlabelled_column=True)
+    # Stage 1 has one prediction per variant: plain names ("mIoU", "IoU") instead of "_base".
+    metrics = {k.removesuffix("_base"): v for k, v in summary.metrics.items()}
+    per_class = [{k.removesuffix("_base"): v for k, v in row.items()} for row in summary.per_class]
+    stage1_dir = project_path(params, "metrics") / "stage1"
+    metrics_file, per_class_file = stage1_dir / f"{name}.json", stage1_dir / f"{name}_per_class.csv"
+    write_summary(type(summary)(metrics, per_class), metrics_file, per_class_file)
+    table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
+                   description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
+    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant}
+    with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
+        tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
+                                [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
+    state_file.unlink()
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- the CLI
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_cmd(
+        dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
+        params: Path = typer.Option(Path("params.yaml"), help="settings file"),
+        model: Path = typer.Option(None, help="aligner checkpoint (default: ${paths.models}/aligner.pt)"),
+    ) -> None:
+        """Score the aligner on one benchmark, base and SAM-refined (the evaluate@<dataset> stage)."""
+        from flows.common import make_task_runner
+
+        runner = make_task_runner(stage_params(params).orchestration)
+        metrics = evaluate_flow.with_options(task_runner=runner)(dataset, str(params), str(model) if model else None)
+        _echo(dataset, metrics)
+
+    @app.command("evaluate-stage1")
+    def evaluate_stage1_cmd(
+        dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
+        variant: str = typer.Option(..., help="stage1_1 | stage1_2 | semi (Stage 1.1 with ground-truth image labels)"),
+        params: Path = typer.Option(Path("params.yaml"), help="settings file"),
+    ) -> None:
+        """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
+        from flows.common import make_task_runner
+
+        runner = make_task_runner(stage_params(params).orchestration)
+        metrics = evaluate_stage1_flow.with_options(task_runner=runner)(dataset, variant, str(params))
+        _echo(f"{dataset} {variant}", metrics)
+
+
+def _echo(label: str, metrics: dict[str, float]) -> None:
+    typer.echo(json.dumps({label: metrics}, indent=2))
+    if metrics.get("skipped"):
+        typer.echo(f"WARNING: {int(metrics['skipped'])} image(s) of {label} could not be read and were left out "
+                   "of the metric (listed in the log above)", err=True)
