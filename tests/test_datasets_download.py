@@ -209,6 +209,11 @@ def test_local_archive_root_is_verified_then_extracted_and_never_deleted(tmp_pat
     out = _download(_spec(()), tmp_path, local_root=user_archive)
     assert (out / "fixture" / "hello.txt").exists() and user_archive.read_bytes() == ARCHIVE
 
+    # The same file again: recognised by its stamp (path, size, mtime), not hashed or extracted again.
+    (out / "sentinel").write_text("kept")
+    assert _download(_spec(()), tmp_path, local_root=user_archive) == out
+    assert (out / "sentinel").exists()
+
     bad = tmp_path / "bad.tar"
     mid = len(ARCHIVE) // 2
     bad.write_bytes(ARCHIVE[:mid] + bytes([ARCHIVE[mid] ^ 1]) + ARCHIVE[mid + 1 :])
@@ -224,7 +229,6 @@ def test_manual_source_says_where_to_place_the_file_then_runs_from_there(tmp_pat
     expected_path = tmp_path / "raw" / "downloads" / "fixture.tar"
     with pytest.raises(ManualDownloadRequired, match=str(expected_path)):
         _download(spec, tmp_path)
-    expected_path.parent.mkdir(parents=True)
     expected_path.write_bytes(ARCHIVE)
     out = _download(spec, tmp_path)
     assert (out / "fixture" / "hello.txt").exists()
@@ -237,4 +241,8 @@ def test_foreign_tree_under_the_raw_name_is_not_touched(tmp_path):
     (foreign / "precious.txt").write_text("mine")
     with pytest.raises(DownloadError, match="not produced by fmbseg"):
         _download(_spec(("http://127.0.0.1:9/never",)), tmp_path)
-    assert (foreign / "precious.txt").read_text() == "mine"
+    user_archive = tmp_path / "fixture.tar"
+    user_archive.write_bytes(ARCHIVE)
+    with pytest.raises(DownloadError, match="not produced by fmbseg"):
+        _download(_spec(()), tmp_path, local_root=user_archive)
+    assert [p.name for p in foreign.iterdir()] == ["precious.txt"]

@@ -101,11 +101,15 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, *, what: str) -> np.ndarray:
     """
     if raw.ndim != 2:
         raise ValueError(f"{what}: a label map must be [H, W], got shape {raw.shape}")
-    raw = raw.astype(np.int64, copy=False)
-    bad = (raw < 0) | (raw >= len(lut))
-    mapped = np.full(raw.shape, _INVALID, dtype=np.int64)
-    mapped[~bad] = lut[raw[~bad]]
-    bad |= mapped == _INVALID
+    if raw.dtype == np.uint8 and len(lut) >= 256:  # the common case (PNG maps): a plain gather
+        mapped = lut[raw]
+        bad = mapped == _INVALID
+    else:
+        raw = raw.astype(np.int64, copy=False)
+        bad = (raw < 0) | (raw >= len(lut))
+        mapped = np.full(raw.shape, _INVALID, dtype=np.int64)
+        mapped[~bad] = lut[raw[~bad]]
+        bad |= mapped == _INVALID
     if bad.any():
         values = sorted(set(np.unique(raw[bad]).tolist()))[:20]
         raise ValueError(
@@ -424,6 +428,7 @@ def convert_benchmark(
     Labels: [H, W] uint8 PNG, 255 = ignore, conventions of the module docstring.
     """
     spec = get_benchmark(name)
+    raw_dirs = {source: Path(path) for source, path in raw_dirs.items()}
     missing = [s for s in spec.sources if s not in raw_dirs]
     if missing:
         raise ValueError(f"{name} needs the sources {list(spec.sources)}; raw_dirs lacks {missing}")
@@ -445,7 +450,7 @@ def convert_benchmark(
         "extra_background_classes": None if extra is None else read_class_file(class_file_path(extra)),
         "protocol": spec.protocol,
         "limit": limit,
-        "sources": {s: _source_record(Path(raw_dirs[s])) for s in spec.sources},
+        "sources": {s: _source_record(raw_dirs[s]) for s in spec.sources},
     }
     class_lines = read_class_file(class_file_path(spec.class_file))
     if len(class_lines) != spec.num_classes:

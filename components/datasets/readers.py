@@ -9,7 +9,6 @@ reason, so that Stage 1 can skip it and report it.
 from __future__ import annotations
 
 import json
-import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,13 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     if size == 0:
         raise UnreadableImageError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im, path)
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im, path)
     except UnidentifiedImageError:
         raise UnreadableImageError(path, "not an image (format not recognised)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise UnreadableImageError(path, f"too large to decode safely: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImageError(path, f"corrupt or truncated ({type(err).__name__}: {err})") from None
