@@ -30,7 +30,7 @@ def _main(ctx: typer.Context) -> None:
 
 
 # Each module defines `register(app)`, adding its commands; one module per stage or tool.
-_COMMAND_MODULES: tuple[str, ...] = ("weights", "pipeline", "nightly", "evaluate", "report", "features", "train")
+_COMMAND_MODULES: tuple[str, ...] = ("weights", "download", "pipeline", "nightly", "evaluate", "report", "features", "train", "label", "balance", "compare")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"flows.{_name}").register(app)
