@@ -190,3 +190,11 @@ def test_prefetch_keeps_order_and_stays_bounded() -> None:
             assert len(started) <= n + 4  # never more than `depth` items ahead of the consumer
     assert seen == [i * i for i in range(20)]
     assert list(prefetch(work, range(3), num_workers=0, depth=1)) == [0, 1, 4]
+
+
+def test_encoder_features_can_feed_a_trained_module(encoder) -> None:
+    features = encoder(torch.randn(2, 3, SIZE, SIZE))
+    assert features.shape == (2, 4, 4, 32) and not features.requires_grad
+    head = torch.nn.Linear(32, 3)
+    head(features).sum().backward()  # no inference-mode tensors: training on the fly works
+    assert head.weight.grad is not None

@@ -76,6 +76,7 @@ def test_training_learns_the_classes() -> None:
     assert result.epochs[-1]["loss"] < 0.9 * result.epochs[0]["loss"]
     assert result.epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine annealed to 0
     assert result.epochs[0]["valid_patch_fraction"] == pytest.approx(float((data.targets != 255).float().mean()))
+    torch.manual_seed(0)  # the trainer's initial weights (seed 0)
     untrained = Aligner(IN_DIM, OUT_DIM, kind="transformer", num_heads=4)
     assert accuracy(untrained, data, text) < 0.7
     assert accuracy(result.model, data, text) > 0.95
@@ -179,3 +180,10 @@ def test_checkpoint_errors(tmp_path) -> None:
             image_size=56, text_spec="mini-clip", templates=[], class_names=["a"], prototypes=prototypes(),
             params={}, mlflow_run_id=None,
         )
+
+
+def test_loader_workers_give_the_same_weights() -> None:
+    data, text, cfg = FeatureSamples(10), prototypes(), settings(epochs=2)
+    assert_same_weights(
+        train_aligner(data, text, cfg, num_workers=2).model, train_aligner(data, text, cfg, num_workers=0).model
+    )

@@ -18,13 +18,13 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from components.aligner.losses import get_loss
 from components.aligner.model import Aligner
@@ -101,6 +101,20 @@ def _save_state(state_path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(state_path, buf.getvalue())
 
 
+class _EpochOrder(Sampler[int]):
+    """The sample order of the current epoch, drawn by the trainer's seeded generator. One DataLoader
+    (with persistent workers) serves every epoch: the order is read in the main process."""
+
+    def __init__(self, n: int) -> None:
+        self.order = list(range(n))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def _build_model(settings: TrainSettings, out_dim: int) -> Aligner:
     """The aligner with its initial weights drawn from ``seed`` (the caller's RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -160,12 +174,14 @@ def train_aligner(
         start_epoch = int(state["epoch"])
 
     pin = device.type == "cuda"
+    sampler = _EpochOrder(len(dataset))
+    loader = DataLoader(
+        dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+        persistent_workers=num_workers > 0,
+    )
     for epoch in range(start_epoch, settings.epochs):
         model.train()
-        order = torch.randperm(len(dataset), generator=shuffle).tolist()
-        loader = DataLoader(
-            dataset, batch_size=settings.batch_size, sampler=order, num_workers=num_workers, pin_memory=pin
-        )
+        sampler.order = torch.randperm(len(dataset), generator=shuffle).tolist()
         t0 = time.perf_counter()
         loss_sum, valid, total = 0.0, 0, 0
         for i, batch in enumerate(loader):

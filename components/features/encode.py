@@ -95,7 +95,7 @@ class DinoEncoder:
         return int(self.model.config.patch_size)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast_context(self.device, self.dtype):
+        with torch.no_grad(), autocast_context(self.device, self.dtype):  # no_grad: outputs feed training
             return patch_features(self.model, pixels.to(self.device, non_blocking=True))
 
 

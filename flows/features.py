@@ -1,0 +1,135 @@
+"""`fmbseg features`: the frozen DINOv2 feature cache as a Prefect flow (the DVC stage `features`).
+
+The flow lists the distinct images of the training index and hashes them, plans shards against the
+completion records already on disk (only new or changed images, or all of them after a change of
+encoder or input size), maps ``features_shard`` over the pending shards on the configured task
+runner, then merges the records into the index and the manifest. With ``features.cache: false`` it
+writes only a manifest saying so, and training computes the features on the fly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from components.config import Params
+from components.features.cache import CacheImage, ShardPlan
+from flows.balance import train_index_path
+from flows.common import PARAMS_FILE, Progress, cached_dino, make_task_runner, stage_params, table_artifact
+
+__all__ = ["features_root", "list_cache_images", "features_shard", "features_flow", "run_features", "register"]
+
+
+def features_root(params: Params) -> Path:
+    """The stage's DVC out: ``${paths.features}``."""
+    return Path(params.paths.features)
+
+
+@task(name="hash-images", cache_policy=NO_CACHE)
+def list_cache_images(train_index: str, num_workers: int) -> list[CacheImage]:
+    """The distinct images of the training index, sorted by id, with their sha256."""
+    from components.features.cache import unique_images
+
+    return unique_images(pd.read_parquet(train_index, columns=["image_id", "image_path"]), ".", num_workers=num_workers)
+
+
+@task(name="features-shard", cache_policy=NO_CACHE, task_run_name="features-shard-{shard.shard_id}")
+def features_shard(context: dict[str, Any], shard: ShardPlan) -> dict[str, Any]:
+    """Encode one shard and write it with its completion record; returns {"shard_id", "images", "seconds"}."""
+    from components.features.cache import write_shard
+    from components.features.encode import DinoEncoder
+    from components.models.registry import get_spec, resolve_device
+
+    device = resolve_device(context["device"])
+    spec = get_spec(context["dino"])
+    encoder = DinoEncoder(cached_dino(context["dino"], str(device), context["weights_dir"]), device=device,
+                          dtype=context["dtype"])
+    record = write_shard(
+        context["root"], shard, encoder, settings=context["settings"], project_root=".",
+        image_size=context["image_size"], mean=spec.mean, std=spec.std, batch_size=context["batch_size"],
+        num_workers=context["num_workers"],
+    )
+    return {"shard_id": record.shard_id, "images": len(record.images), "seconds": record.seconds}
+
+
+@flow(name="features", log_prints=True)
+def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """DINOv2 patch features of every training image under ``${paths.features}``; returns the manifest."""
+    from components.features.cache import finalize_cache, plan_cache, settings_hash, write_uncached_manifest
+
+    start = time.perf_counter()
+    log = get_run_logger()
+    params = stage_params(params_path)
+    root = features_root(params)
+    dino, feats = params.models.selected.dino, params.features
+    if not feats.cache:
+        manifest = write_uncached_manifest(root, dino=dino, image_size=feats.image_size)
+        print(f"features.cache is false: training computes {dino} features on the fly; wrote {root}/manifest.json")
+        return manifest
+
+    images = list_cache_images(str(train_index_path(params.paths.pseudo)), feats.num_workers)
+    settings = settings_hash(dino, feats.image_size)
+    plan = plan_cache(root, images, settings=settings, shard_size=feats.shard_size)
+    todo = sum(len(s.images) for s in plan.todo)
+    log.info("%d images: %d cached, %d to encode in %d shards (%s at %d px)",
+             len(images), len(images) - todo, todo, len(plan.todo), dino, feats.image_size)
+    context = {
+        "root": root.as_posix(),
+        "dino": dino,
+        "device": params.models.device,
+        "dtype": params.models.dtype,
+        "weights_dir": params.models.weights_dir,
+        "image_size": feats.image_size,
+        "batch_size": feats.batch_size,
+        "num_workers": feats.num_workers,
+        "settings": settings,
+    }
+    reports: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with Progress(total=todo, desc="features", key="features-progress") as progress:
+        futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            try:
+                reports.append(future.result())
+            except Exception as err:  # one shard's failure must not hide the others' results
+                failures.append(f"{shard.shard_id}: {type(err).__name__}: {err}")
+            progress.update(len(shard.images))
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(plan.todo)} shards failed (finished shards are kept; rerun to resume):\n  "
+            + "\n  ".join(failures)
+        )
+    manifest = finalize_cache(root, images, dino=dino, image_size=feats.image_size)
+    encode_seconds = sum(r["seconds"] for r in reports)
+    rows = [
+        {"quantity": "images", "value": len(images)},
+        {"quantity": "images_encoded_this_run", "value": todo},
+        {"quantity": "shards", "value": manifest["num_shards"]},
+        {"quantity": "shards_this_run", "value": len(reports)},
+        {"quantity": "images_per_second", "value": round(todo / encode_seconds, 2) if encode_seconds else 0.0},
+        {"quantity": "wall_seconds", "value": round(time.perf_counter() - start, 2)},
+    ]
+    print("\n".join(f"{r['quantity']:>28}  {r['value']}" for r in rows))
+    table_artifact(rows, key="features-summary", description="DINOv2 feature cache: counts and speed")
+    return manifest
+
+
+def run_features(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """Run :func:`features_flow` on the task runner params.yaml's ``orchestration`` names."""
+    params = stage_params(params_path)
+    return features_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("features")
+    def features_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
+        """Stage 2 input: DINOv2 patch features of every training image, cached as fp16 shards (resumable)."""
+        run_features(str(params))

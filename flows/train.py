@@ -1,0 +1,231 @@
+"""`fmbseg train`: Stage 2 training as a Prefect flow (the DVC stage `train`), tracked in MLflow.
+
+The flow computes the text prototypes of Stage 1's vocabulary with the frozen CLIP text encoder,
+opens one MLflow run for the model (reopening the interrupted run when training resumes), trains the
+aligner on the training index -- features from the cache, or from DINOv2 on the fly when
+``features.cache`` is false -- logging the loss per step and a summary per epoch, then writes the
+self-describing checkpoint ``${paths.models}/aligner.pt`` with the run id in it and logs it as the
+run's artifact. ``${paths.models}/train_state.pt`` holds the end-of-epoch state while training runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.config import Params, flatten
+from components.io import file_sha256
+from flows import tracking
+from flows.balance import train_index_path
+from flows.common import PARAMS_FILE, cached_clip, cached_dino, stage_params, table_artifact
+from flows.features import features_root
+from flows.label import output_root
+
+__all__ = [
+    "CHECKPOINT",
+    "TRAIN_STATE",
+    "checkpoint_path",
+    "state_path",
+    "text_prototypes",
+    "fit_aligner",
+    "train_flow",
+    "register",
+]
+
+CHECKPOINT = "aligner.pt"
+TRAIN_STATE = "train_state.pt"
+
+
+def checkpoint_path(params: Params) -> Path:
+    """The stage's DVC out: ``${paths.models}/aligner.pt``."""
+    return Path(params.paths.models) / CHECKPOINT
+
+
+def state_path(params: Params) -> Path:
+    """Where an unfinished training keeps its end-of-epoch state: ``${paths.models}/train_state.pt``."""
+    return Path(params.paths.models) / TRAIN_STATE
+
+
+def _input_paths(params: Params) -> list[Path]:
+    """The stage's data inputs (their dvc.lock hashes become tags of the run)."""
+    return [train_index_path(params.paths.pseudo), output_root(params), features_root(params)]
+
+
+def _data_fingerprint(params: Params) -> str:
+    """What the training data is: hashes of the training index, Stage 1's index and the feature
+    manifest and index (the label maps and features are content-addressed by those)."""
+    from components.features.cache import INDEX_FILE, MANIFEST_FILE
+    from components.labelling.store import INDEX_FILE as STAGE1_INDEX
+
+    files = [train_index_path(params.paths.pseudo), output_root(params) / STAGE1_INDEX,
+             features_root(params) / MANIFEST_FILE, features_root(params) / INDEX_FILE]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.as_posix()}\0{file_sha256(path) if path.exists() else '-'}\0".encode())
+    return h.hexdigest()
+
+
+@task(name="text-prototypes", cache_policy=NO_CACHE)
+def text_prototypes(clip: str, device: str, weights_dir: str | None, class_names: list[str],
+                    templates: list[str]) -> torch.Tensor:
+    """[K, D] float32 L2-normalised text prototypes t_k from the frozen CLIP text encoder."""
+    from components.models.clip_dense import prototypes
+
+    bundle = cached_clip(clip, device, weights_dir)
+    with torch.no_grad():  # not inference_mode: the prototypes enter the (autograd-tracked) loss
+        return prototypes(bundle.model, bundle.tokenizer, class_names, templates).float().cpu()
+
+
+@task(name="fit-aligner", cache_policy=NO_CACHE)
+def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict[str, Any]:
+    """Train the aligner (resuming a matching interrupted run) and write the checkpoint with
+    ``run_id``; returns {"checkpoint", "epochs", "start_epoch", "steps"}."""
+    from components.aligner.checkpoint import save_checkpoint
+    from components.aligner.train import train_aligner
+    from components.labelling.store import PseudoLabels
+
+    params = stage_params(params_path)
+    labels = PseudoLabels(output_root(params))
+    dataset, encoder = _training_data(params, labels)
+    settings = _train_settings(params)
+    log = get_run_logger()
+
+    def on_epoch(epoch: int, summary: dict[str, float]) -> None:
+        steps.flush()
+        tracking.log_epoch(params, run_id, epoch, summary)
+        log.info("epoch %d/%d: %s", epoch + 1, settings.epochs, {k: round(v, 4) for k, v in summary.items()})
+
+    with tracking.StepLogger(params, run_id) as steps:
+        result = train_aligner(
+            dataset, prototypes, settings,
+            device=_device(params),
+            num_workers=params.train.num_workers,
+            encoder=encoder,
+            state_path=state_path(params),
+            data_fingerprint=_data_fingerprint(params),
+            extra={"mlflow_run_id": run_id},
+            on_step=lambda step, loss: steps.log_step(step, {"loss": loss}),
+            on_epoch=on_epoch,
+        )
+    manifest = _manifest(params)
+    path = save_checkpoint(
+        checkpoint_path(params),
+        model=result.model,
+        encoder_spec=manifest["dino"],
+        image_size=manifest["image_size"],
+        text_spec=params.models.selected.clip,
+        templates=list(params.label.templates),
+        class_names=labels.vocabulary,
+        prototypes=prototypes,
+        params=flatten(params),
+        mlflow_run_id=run_id,
+    )
+    return {"checkpoint": path.as_posix(), "epochs": result.epochs, "start_epoch": result.start_epoch,
+            "steps": result.steps}
+
+
+def _device(params: Params) -> torch.device:
+    from components.models.registry import resolve_device
+
+    return resolve_device(params.models.device)
+
+
+def _manifest(params: Params) -> dict[str, Any]:
+    """The feature manifest, checked against the settings (a stale cache is an error, not a silent mix)."""
+    from components.features.cache import read_manifest
+
+    manifest = read_manifest(features_root(params))
+    wanted = {"dino": params.models.selected.dino, "image_size": params.features.image_size,
+              "cache": params.features.cache}
+    found = {k: manifest[k] for k in wanted}
+    if found != wanted:
+        raise ValueError(f"{features_root(params)} holds features for {found}, the settings ask for {wanted}: "
+                         "run `fmbseg features` (or `dvc repro features`) first")
+    return manifest
+
+
+def _train_settings(params: Params) -> Any:
+    """params.yaml ``train`` + ``aligner`` -> the component's TrainSettings."""
+    from components.aligner.train import TrainSettings
+    from components.models.registry import get_spec
+
+    a, t = params.aligner, params.train
+    return TrainSettings(
+        in_dim=get_spec(params.models.selected.dino).embed_dim, kind=a.kind, num_heads=a.num_heads, loss=t.loss,
+        temperature=t.temperature, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
+        batch_size=t.batch_size, seed=t.seed,
+    )
+
+
+def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
+    """(dataset, encoder or None): cached features, or pixels that a DINOv2 encoder turns into
+    features per batch (``features.cache: false``)."""
+    from components.aligner.data import AlignerSamples
+    from components.features.cache import FeatureCache
+    from components.features.encode import DinoEncoder, PixelSource
+    from components.models.registry import get_spec
+
+    manifest = _manifest(params)
+    spec = get_spec(manifest["dino"])
+    side = manifest["image_size"] // spec.patch_size
+    encoder = None
+    if manifest["cache"]:
+        inputs: Any = FeatureCache(features_root(params))
+    else:
+        inputs = PixelSource(".", image_size=manifest["image_size"], mean=spec.mean, std=spec.std)
+        device = _device(params)
+        encoder = DinoEncoder(cached_dino(spec.name, str(device), params.models.weights_dir), device=device,
+                              dtype=params.models.dtype)
+    samples = pd.read_parquet(train_index_path(params.paths.pseudo))
+    dataset = AlignerSamples(samples, inputs=inputs, labels=labels, grid=(side, side),
+                             num_classes=len(labels.vocabulary))
+    return dataset, encoder
+
+
+def _run_name(params: Params) -> str:
+    a, t = params.aligner, params.train
+    return os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """Train the aligner into ``${paths.models}/aligner.pt`` with one MLflow run; returns a summary."""
+    from components.aligner.train import pending_resume
+    from components.labelling.store import PseudoLabels
+
+    params = stage_params(params_path)
+    labels = PseudoLabels(output_root(params))
+    device = _device(params)
+    prototypes = text_prototypes(params.models.selected.clip, str(device), params.models.weights_dir,
+                                 labels.vocabulary, list(params.label.templates))
+    resume = pending_resume(state_path(params), _train_settings(params), prototypes, _data_fingerprint(params))
+    run_to_resume = (resume or {}).get("mlflow_run_id")
+    if run_to_resume is not None and not tracking.run_exists(params, run_to_resume):
+        run_to_resume = None
+    tags = {**tracking.standard_tags(params, _input_paths(params)), tracking.STAGE_TAG: "train"}
+    with tracking.start_run(params, run_name=_run_name(params), tags=tags, resume_run_id=run_to_resume) as run_id:
+        result = fit_aligner(params_path, prototypes, run_id)
+        tracking.log_checkpoint(params, run_id, result["checkpoint"])
+    state_path(params).unlink(missing_ok=True)
+    last = result["epochs"][-1]
+    summary = {"checkpoint": result["checkpoint"], "mlflow_run_id": run_id, "steps": result["steps"],
+               "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
+    rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
+    print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))
+    table_artifact(rows, key="train-epochs", description=f"aligner training, MLflow run {run_id}")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
+        """Stage 2: train the aligner on the pseudo labels (resumable), tracked as one MLflow run."""
+        train_flow(str(params))
