@@ -119,6 +119,11 @@ class LabelledImages(Protocol):
 
 
 # ------------------------------------------------------------------------------------ inference
+def _as_tensor(image: np.ndarray) -> Tensor:
+    """A tensor view of the image (copied only when numpy marks it read-only, as PIL's arrays are)."""
+    return torch.from_numpy(np.require(image, requirements="W"))
+
+
 def benchmark_prompts(class_lines: Sequence[str], meta: Mapping[str, Any]) -> PromptSet:
     """The prompts a benchmark is evaluated with (paper §4.1) and the class each one votes for.
 
@@ -222,7 +227,7 @@ class Stage2Segmenter:
 
     def base_logits(self, image: np.ndarray) -> Tensor:
         """[H, W, 3] uint8 -> [K', H, W] float32 cosine logits of every prompt (sliding windows)."""
-        pixels = resize_normalize(torch.from_numpy(image).to(self.device), image.shape[:2], self.mean, self.std)[0]
+        pixels = resize_normalize(_as_tensor(image).to(self.device), image.shape[:2], self.mean, self.std)[0]
         return predict_logits(
             pixels,
             encode_fn=self.encode,
@@ -241,7 +246,7 @@ class Stage2Segmenter:
         height, width = image.shape[:2]
         small = image
         if self.short_side is not None:
-            small = resize_short_side(torch.from_numpy(image), self.short_side).numpy()
+            small = resize_short_side(_as_tensor(image), self.short_side).numpy()
         with self._autocast():
             records = SamImage(self.sam, small).automatic_masks(**self.amg)
         records = size_filter(records, small.shape[0] * small.shape[1], *self.size_filter)

@@ -1,0 +1,85 @@
+"""The report: rows next to the paper's Tables 1 and 2, markdown and CSV, and the report flow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from components.evaluation.paper_numbers import PAPER_BENCHMARKS, STAGE1_VARIANTS, TABLE1, TABLE2
+from components.evaluation.report import (
+    REPORT_COLUMNS,
+    STAGE1_COLUMNS,
+    report_rows,
+    stage1_rows,
+    to_csv,
+    to_markdown,
+)
+
+
+def test_paper_tables_as_printed():
+    assert TABLE1["base"]["pv21"] == 67.73 and TABLE1["refined"]["ade20k"] == 16.60
+    assert TABLE2["semi"]["co80"] == 47.77 and TABLE2["stage1_2"]["cityscapes"] == 14.86
+    assert STAGE1_VARIANTS == ("stage1_1", "stage1_2", "semi")
+    for table in (TABLE1, TABLE2):
+        assert all(tuple(row) == PAPER_BENCHMARKS for row in table.values())
+    # §4.2: refinement improves every benchmark
+    assert all(TABLE1["refined"][b] > TABLE1["base"][b] for b in PAPER_BENCHMARKS)
+
+
+def test_report_rows_put_ours_next_to_the_paper():
+    rows = report_rows(
+        {"pv21": {"mIoU_base": 10.0, "mIoU_refined": 11.5}, "pc59": {"mIoU_base": 3.25}, "ade20k": None},
+        ["pv21", "pc59", "ade20k", "coco_object"],
+    )
+    assert rows[0] == {"benchmark": "pv21", "base": 10.0, "refined": 11.5, "paper_base": 67.73, "paper_refined": 71.02}
+    assert rows[1]["refined"] is None and rows[1]["base"] == 3.25  # evaluated without refinement
+    assert rows[2]["base"] is None and rows[2]["paper_base"] == 16.25  # not evaluated
+    assert rows[3]["paper_base"] is None  # COCO-Object is not in the paper
+
+
+def test_markdown_and_csv():
+    rows = report_rows({"pv21": {"mIoU_base": 10.0, "mIoU_refined": 11.456}}, ["pv21", "pc59"])
+    markdown = to_markdown(rows, REPORT_COLUMNS)
+    lines = markdown.strip().splitlines()
+    assert lines[0] == "| benchmark | base | refined | paper_base | paper_refined |"
+    assert lines[2] == "| pv21 | 10.00 | 11.46 | 67.73 | 71.02 |"
+    assert lines[3] == "| pc59 | — | — | 42.72 | 44.34 |"
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows, REPORT_COLUMNS))))
+    assert parsed[0] == {"benchmark": "pv21", "base": "10.0", "refined": "11.456", "paper_base": "67.73",
+                         "paper_refined": "71.02"}
+    assert parsed[1]["base"] == ""
+
+
+def test_stage1_rows():
+    rows = stage1_rows({("pv21", "semi"): {"mIoU": 40.0}, ("pv20", "stage1_1"): {"mIoU": 20.0}})
+    assert [(r["benchmark"], r["variant"], r["mIoU"], r["paper"]) for r in rows] == [
+        ("pv20", "stage1_1", 20.0, 42.92),
+        ("pv21", "semi", 40.0, 50.86),
+    ]
+    assert "| pv21 | semi | 40.00 | 50.86 |" in to_markdown(rows, STAGE1_COLUMNS)
+    with pytest.raises(ValueError, match="stage1_1"):
+        stage1_rows({("pv21", "stage3"): {"mIoU": 1.0}})
+
+
+def test_report_flow_writes_the_tables(tmp_path, monkeypatch, prefect_harness):
+    from flows.report import report_flow
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"benchmarks": ["pv21", "pc59", "cs171"]}}))
+    (tmp_path / "metrics" / "stage1").mkdir(parents=True)
+    (tmp_path / "metrics" / "pv21.json").write_text(json.dumps({"mIoU_base": 50.0, "mIoU_refined": 52.5}))
+    (tmp_path / "metrics" / "cs171.json").write_text(json.dumps({"mIoU_base": 20.0, "mIoU_refined": 21.0}))
+    (tmp_path / "metrics" / "stage1" / "pv21_stage1_2.json").write_text(json.dumps({"mIoU": 30.0}))
+    markdown = report_flow("params.yaml")
+    assert (tmp_path / "reports" / "report.md").read_text() == markdown
+    assert "| pv21 | 50.00 | 52.50 | 67.73 | 71.02 |" in markdown
+    assert "| pc59 | — | — | 42.72 | 44.34 |" in markdown
+    assert "| pv21 | stage1_2 | 30.00 | 36.68 |" in markdown
+    rows = list(csv.DictReader((tmp_path / "reports" / "report.csv").open()))
+    assert [r["benchmark"] for r in rows] == ["pv21", "pc59", "cs171"]
+    assert rows[2] == {"benchmark": "cs171", "base": "20.0", "refined": "21.0", "paper_base": "29.88",
+                       "paper_refined": "30.65"}
