@@ -1,0 +1,172 @@
+"""Per-image time of the three foundation-model steps of the pipeline, and how much of it is glue.
+
+Steps (each from a uint8 RGB 640x480 picture to features on the CPU):
+
+- CLIP: the paper's tiling -- resize to G·S (1344 for ViT-L/14-336, G = 4), 16 crops through one
+  ``tiled_features`` call (fmbseg mode), crops batched ``--crop-batch`` at a time;
+- SAM: one image embedding (``SamImage``: ResizeLongestSide, normalise + pad, image encoder);
+- DINOv2: one forward at the spec's input side (518 for the real models).
+
+"model s" is the time inside the network (the ``tiled_features`` call; SAM's image encoder,
+timed by forward hooks; the DINOv2 forward); "outside" is the rest of the step's wall time
+(resizing, normalisation, copies) as a share of it. Real specs whose weights are absent run with
+random weights (same architecture and cost; the table says so).
+
+    python bench/models.py --profile demo|paper [--repeats 3] [--warmup 1] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.config import load_params
+from components.models import (
+    SamImage,
+    autocast_context,
+    build_clip,
+    build_dino,
+    build_sam,
+    clip_preprocess,
+    dino_preprocess,
+    get_spec,
+    patch_features,
+    resolve_device,
+    tiled_features,
+    weights_status,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_HW = (480, 640)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class ForwardTimer:
+    """Wall seconds spent inside a module's forward calls, summed (forward pre / post hooks)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
+        self._start = _clock(self.device)
+
+    def _post(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self.seconds += _clock(self.device) - self._start
+
+
+Step = Callable[[np.ndarray], float]  # image -> seconds inside the model
+
+
+def clip_step(name: str, device: torch.device, random: bool, grid: int, crop_batch: int) -> tuple[str, Step]:
+    model, _, spec = build_clip(name, device=device, random_weights=random)
+    side = grid * spec.image_size
+
+    def step(image: np.ndarray) -> float:
+        pixels = clip_preprocess(image, side, spec.mean, spec.std)[0].to(device)
+        start = _clock(device)
+        feats = tiled_features(model, pixels, grid, "fmbseg", batch_size=crop_batch)
+        inside = _clock(device) - start
+        feats.patches.cpu()
+        return inside
+
+    return f"{grid * grid}-crop tiling {side}x{side}", step
+
+
+def sam_step(name: str, device: torch.device, random: bool) -> tuple[str, Step]:
+    sam = build_sam(name, device=device, random_weights=random)
+    timer = ForwardTimer(sam.image_encoder, device)
+
+    def step(image: np.ndarray) -> float:
+        before = timer.seconds
+        SamImage(sam, image).predictor.features.cpu()
+        return timer.seconds - before
+
+    return f"embedding {IMAGE_HW[1]}x{IMAGE_HW[0]}", step
+
+
+def dino_step(name: str, device: torch.device, random: bool) -> tuple[str, Step]:
+    model = build_dino(name, device=device, random_weights=random)
+    size = get_spec(name).image_size
+
+    def step(image: np.ndarray) -> float:
+        pixels = dino_preprocess(image, size).to(device)
+        start = _clock(device)
+        feats = patch_features(model, pixels)
+        inside = _clock(device) - start
+        feats.cpu()
+        return inside
+
+    return f"forward {size}x{size}", step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=("paper", "demo"), default="demo")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed images first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="autocast on cuda")
+    parser.add_argument("--grid", type=int, default=4, help="G: CLIP crops per side")
+    parser.add_argument("--crop-batch", type=int, default=16, help="CLIP crops per forward")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    profile = load_params(REPO / "params.yaml").models.profiles[args.profile]
+    image = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
+    threads = (
+        f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    )
+    dtype = "fp32" if device.type == "cpu" else args.dtype
+    print(
+        f"profile {args.profile} | device {device} ({threads}) | dtype {dtype} | "
+        f"{args.warmup} warm-up + {args.repeats} timed images\n"
+    )
+
+    rows = []
+    cases = (
+        (profile.clip, lambda n, r: clip_step(n, device, r, args.grid, args.crop_batch)),
+        (profile.sam, lambda n, r: sam_step(n, device, r)),
+        (profile.dino, lambda n, r: dino_step(n, device, r)),
+    )
+    with torch.inference_mode():
+        for name, make in cases:
+            random = not get_spec(name).miniature and not all(s.present for s in weights_status([name]))
+            start = time.perf_counter()
+            what, step = make(name, random)
+            build = time.perf_counter() - start
+            with autocast_context(device, dtype):
+                for _ in range(args.warmup):
+                    step(image)
+                inside = wall = 0.0
+                for _ in range(args.repeats):
+                    start = _clock(device)
+                    inside += step(image)
+                    wall += _clock(device) - start
+            weights = "seeded mini" if get_spec(name).miniature else ("RANDOM" if random else "checkpoint")
+            rows.append(
+                (name, weights, what, build, wall / args.repeats, inside / args.repeats, 1 - inside / wall)
+            )
+
+    header = ("model", "weights", "step", "build s", "s/image", "model s", "outside")
+    table = [header] + [
+        (n, w, s, f"{b:.2f}", f"{t:.3f}", f"{i:.3f}", f"{o:.1%}") for n, w, s, b, t, i, o in rows
+    ]
+    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+    for r in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

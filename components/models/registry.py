@@ -1,0 +1,451 @@
+"""The model registry: named specs of the three foundation models (DESIGN §5).
+
+Like segment_anything's ``sam_model_registry``, a name picks a spec and the spec's family picks a
+builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vitl14`` and a few
+smaller siblings) load published weights (weights.py); miniature specs (``mini-*``) build the *same
+classes* -- open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
+``Dinov2WithRegistersModel`` -- with a few layers and seeded random weights, for tests and the demo.
+Architectures of the miniatures (and of DINOv2, for random-weight benchmarks) are JSON files in
+``components/models/configs/``. Every builder returns a frozen model: ``eval()`` and
+``requires_grad_(False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import open_clip
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+
+from components.models.weights import WeightFile, load_state_dict, resolve_weight
+
+__all__ = [
+    "Family",
+    "ModelSpec",
+    "ClipBundle",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "get_spec",
+    "list_specs",
+    "build_clip",
+    "build_sam",
+    "build_dino",
+    "resolve_device",
+    "autocast_context",
+]
+
+log = logging.getLogger(__name__)
+
+Family = Literal["clip", "sam", "dino"]
+FAMILIES: tuple[str, ...] = ("clip", "sam", "dino")
+
+OPENAI_MEAN: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_MEAN)
+OPENAI_STD: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_STD)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named model.
+
+    image_size: CLIP input side S; SAM encoder ``img_size``; DINOv2 default input side (÷ 14).
+    patch_size: ViT patch side in pixels.
+    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; DINOv2 hidden size C.
+    mean / std: per-channel RGB normalisation for pixels in [0, 1] (SAM's ``pixel_mean`` /
+        ``pixel_std`` are these × 255; SAM normalises inside the model).
+    weights: files a real spec loads (empty for miniatures).
+    architecture: what builds it -- an open_clip model config name (real CLIP), a
+        segment_anything ``sam_model_registry`` key (real SAM), or a JSON file in ``configs/``
+        (miniatures; DINOv2).
+    pretrained_tag: open_clip pretrained tag (real CLIP only).
+    hub_repo: Hugging Face repo of the weights (real DINOv2 only).
+    """
+
+    name: str
+    family: Family
+    miniature: bool
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    architecture: str
+    weights: tuple[WeightFile, ...] = ()
+    pretrained_tag: str | None = None
+    hub_repo: str | None = None
+
+    @property
+    def seed(self) -> int:
+        """Seed of a miniature's random weights: fixed per name."""
+        return zlib.crc32(self.name.encode())
+
+
+class ClipBundle(NamedTuple):
+    """A frozen open_clip CLIP, its tokenizer (list[str] -> LongTensor [N, context]) and its spec."""
+
+    model: open_clip.CLIP
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    spec: ModelSpec
+
+
+def _clip(name: str, arch: str, tag: str, *, image_size: int, patch_size: int, embed_dim: int) -> ModelSpec:
+    file = WeightFile(
+        names=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+        local_dir=f"clip/{arch}-{tag}",
+        hub_repo=open_clip.get_pretrained_cfg(arch, tag)["hf_hub"].strip("/"),
+    )
+    return ModelSpec(
+        name=name,
+        family="clip",
+        miniature=False,
+        image_size=image_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        architecture=arch,
+        weights=(file,),
+        pretrained_tag=tag,
+    )
+
+
+def _sam(key: str, checkpoint: str, *, sha256: str, size: int) -> ModelSpec:
+    file = WeightFile(
+        names=(checkpoint,),
+        local_dir="sam",
+        url=f"https://dl.fbaipublicfiles.com/segment_anything/{checkpoint}",
+        sha256=sha256,
+        size=size,
+    )
+    return ModelSpec(
+        name=key,
+        family="sam",
+        miniature=False,
+        image_size=1024,
+        patch_size=16,
+        embed_dim=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        architecture=key,
+        weights=(file,),
+    )
+
+
+def _dino(name: str, repo: str, *, embed_dim: int) -> ModelSpec:
+    folder = repo.split("/")[1]
+    files = tuple(
+        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo)
+        for n in ("config.json", "model.safetensors")
+    )
+    return ModelSpec(
+        name=name,
+        family="dino",
+        miniature=False,
+        image_size=518,
+        patch_size=14,
+        embed_dim=embed_dim,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        architecture=f"{folder}.json",
+        weights=files,
+        hub_repo=repo,
+    )
+
+
+def _mini(name: str, family: Family, *, image_size: int, patch_size: int, embed_dim: int) -> ModelSpec:
+    mean, std = (OPENAI_MEAN, OPENAI_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    return ModelSpec(
+        name=name,
+        family=family,
+        miniature=True,
+        image_size=image_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        mean=mean,
+        std=std,
+        architecture=f"{name}.json",
+    )
+
+
+# sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
+# downstream projects (the segment-anything README lists only the URLs).
+_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _clip("ViT-L-14-336/openai", "ViT-L-14-336", "openai", image_size=336, patch_size=14, embed_dim=768),
+        _clip("ViT-B-16/openai", "ViT-B-16", "openai", image_size=224, patch_size=16, embed_dim=512),
+        _mini("mini-clip", "clip", image_size=64, patch_size=16, embed_dim=32),
+        _sam(
+            "vit_h",
+            "sam_vit_h_4b8939.pth",
+            sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            size=2564550879,
+        ),
+        _sam(
+            "vit_l",
+            "sam_vit_l_0b3195.pth",
+            sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            size=1249524607,
+        ),
+        _sam(
+            "vit_b",
+            "sam_vit_b_01ec64.pth",
+            sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            size=375042383,
+        ),
+        _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
+        _dino("dinov2_vitl14", "facebook/dinov2-large", embed_dim=1024),
+        _dino("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", embed_dim=1024),
+        _dino("dinov2_vitb14", "facebook/dinov2-base", embed_dim=768),
+        _mini("mini-dino", "dino", image_size=224, patch_size=14, embed_dim=32),
+        _mini("mini-dino-reg", "dino", image_size=224, patch_size=14, embed_dim=32),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec called ``name``; an unknown name raises KeyError listing the known ones."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise KeyError(f"unknown model spec {name!r}; known specs: {', '.join(_SPECS)}") from None
+
+
+def list_specs(family: Family | None = None) -> list[str]:
+    """Names of all specs, or of one family ("clip" | "sam" | "dino"), in registry order."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+    return [name for name, spec in _SPECS.items() if family is None or spec.family == family]
+
+
+def _spec_of(name: str, family: Family) -> ModelSpec:
+    spec = get_spec(name)
+    if spec.family != family:
+        raise ValueError(f"model spec {name!r} is a {spec.family} model, not {family}: {list_specs(family)}")
+    return spec
+
+
+def _read_config(spec: ModelSpec) -> dict[str, Any]:
+    with open(CONFIG_DIR / spec.architecture, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Deterministic random init that leaves the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _frozen(model: torch.nn.Module, device: str | torch.device) -> Any:
+    model.eval().requires_grad_(False)
+    return model.to(resolve_device(device) if isinstance(device, str) else device)
+
+
+def _warn_random(spec: ModelSpec) -> None:
+    log.warning("model %r built with RANDOM weights (random_weights=True): benchmarks only", spec.name)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(context_length: int) -> open_clip.SimpleTokenizer:
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+def build_clip(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike[str] | None = None,
+    random_weights: bool = False,
+) -> ClipBundle:
+    """A frozen open_clip ``CLIP`` with the OpenAI BPE tokenizer.
+
+    ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only,
+    never for results. Miniatures always get their seeded weights.
+    """
+    spec = _spec_of(name, "clip")
+    if spec.miniature:
+        with _seeded(spec.seed):
+            model = open_clip.CLIP(**_read_config(spec))
+    else:
+        path = None if random_weights else resolve_weight(name, spec.weights[0], weights_dir)
+        cfg = open_clip.get_model_config(spec.architecture)
+        cfg["quick_gelu"] = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag).get(
+            "quick_gelu", False
+        )
+        model = open_clip.CLIP(**cfg)
+        if path is None:
+            _warn_random(spec)
+        else:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    return ClipBundle(_frozen(model, device), _tokenizer(model.context_length), spec)
+
+
+def _build_mini_sam(cfg: dict[str, Any]) -> Sam:
+    """segment_anything's classes composed as its ``build_sam.py`` does, at miniature size."""
+    size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=size,
+            patch_size=patch,
+            embed_dim=cfg["encoder_embed_dim"],
+            depth=cfg["encoder_depth"],
+            num_heads=cfg["encoder_num_heads"],
+            mlp_ratio=4,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=cfg["window_size"],
+            global_attn_indexes=tuple(cfg["encoder_global_attn_indexes"]),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(size // patch, size // patch),
+            input_image_size=(size, size),
+            mask_in_chans=cfg["mask_in_chans"],
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg["decoder_depth"],
+                embedding_dim=dim,
+                mlp_dim=cfg["decoder_mlp_dim"],
+                num_heads=cfg["decoder_num_heads"],
+            ),
+            transformer_dim=dim,
+            iou_head_depth=cfg["iou_head_depth"],
+            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+        ),
+        pixel_mean=[255 * m for m in IMAGENET_MEAN],
+        pixel_std=[255 * s for s in IMAGENET_STD],
+    )
+
+
+def build_sam(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike[str] | None = None,
+    random_weights: bool = False,
+) -> Sam:
+    """A frozen segment_anything ``Sam``.
+
+    ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only.
+    """
+    spec = _spec_of(name, "sam")
+    if spec.miniature:
+        with _seeded(spec.seed):
+            sam = _build_mini_sam(_read_config(spec))
+    else:
+        state = (
+            None if random_weights else load_state_dict(resolve_weight(name, spec.weights[0], weights_dir))
+        )
+        sam = sam_model_registry[spec.architecture](checkpoint=None)
+        if state is None:
+            _warn_random(spec)
+        else:
+            sam.load_state_dict(state, strict=True)
+    return _frozen(sam, device)
+
+
+def build_dino(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike[str] | None = None,
+    random_weights: bool = False,
+) -> Dinov2Model | Dinov2WithRegistersModel:
+    """A frozen transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
+
+    Real specs load the hub repo's ``config.json`` + ``model.safetensors``; every weight of the
+    model must come from the file (a missing or mismatched key is an error, never a random init).
+    ``random_weights=True`` builds the architecture with random weights -- for benchmarks only.
+    """
+    spec = _spec_of(name, "dino")
+    if spec.miniature or random_weights:
+        cfg = _read_config(spec)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with _seeded(spec.seed):
+            model = AutoModel.from_config(config)
+        if not spec.miniature:
+            _warn_random(spec)
+    else:
+        config_path, weights_path = (resolve_weight(name, f, weights_dir) for f in spec.weights)
+        model, info = AutoModel.from_pretrained(
+            str(weights_path.parent),
+            config=AutoConfig.from_pretrained(str(config_path)),
+            local_files_only=True,
+            output_loading_info=True,
+        )
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
+        if bad:
+            raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+    if (model.config.hidden_size, model.config.patch_size) != (spec.embed_dim, spec.patch_size):
+        raise ValueError(
+            f"{spec.name}: built hidden_size {model.config.hidden_size} / patch_size "
+            f"{model.config.patch_size}, spec says {spec.embed_dim} / {spec.patch_size}"
+        )
+    return _frozen(model, device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given.
+
+    Asking for cuda on a machine without it is an error, not a silent CPU run.
+    """
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+_AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(
+    device: str | torch.device, dtype: Literal["fp32", "bf16", "fp16"]
+) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for model forwards: ``torch.autocast`` on cuda for bf16/fp16; a no-op for
+    fp32 and on the CPU (which always runs fp32)."""
+    if dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(_AUTOCAST_DTYPES)}")
+    device = torch.device(device)
+    if dtype == "fp32" or device.type == "cpu":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[dtype])

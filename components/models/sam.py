@@ -1,0 +1,220 @@
+"""SAM on one image: one image-encoder pass answers point prompts and automatic masks (DESIGN §4).
+
+Stage 1.1 prompts SAM with the top-k patch centres of each detected class; Stage 1.2 runs SAM's
+automatic mask generator on the same image. :class:`SamImage` pays for the image embedding once
+(``SamPredictor.set_image``) and serves both from it. The automatic masks come from
+segment_anything's own ``SamAutomaticMaskGenerator``, subclassed in two places:
+
+- its predictor is a view of the already-set predictor, so the generator's ``set_image`` costs
+  nothing (crops, ``crop_n_layers > 0``, would need new embeddings and are refused);
+- its batch step filters candidates by predicted IoU *before* upsampling the low-resolution mask
+  logits to the image size (the stock step upsamples every candidate first). The filter reads only
+  the IoU prediction, so the records are identical to the stock generator's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    calculate_stability_score,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    uncrop_masks,
+)
+
+__all__ = ["PointMask", "SamImage", "OUTPUT_MODES"]
+
+OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+class PointMask(NamedTuple):
+    """mask: [H, W] bool at the image's size; score: SAM's predicted IoU of that mask."""
+
+    mask: np.ndarray
+    score: float
+
+
+@torch.no_grad()
+def _decode(predictor: SamPredictor, coords: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimask decoding of foreground point prompts against the set image.
+
+    coords: [B, P, 2] float xy in the resized input frame (``transform.apply_coords``).
+    Returns low-resolution mask logits [B, 3, 4·h, 4·w] and predicted IoUs [B, 3].
+    """
+    model = predictor.model
+    points = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)
+    labels = torch.ones(points.shape[:2], dtype=torch.int, device=points.device)
+    sparse, dense = model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    return model.mask_decoder(
+        image_embeddings=predictor.features,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+
+
+class _EmbeddedPredictor(SamPredictor):
+    """The generator's predictor: shares the features of an already-set predictor. ``set_image``
+    accepts only that image (no encoder pass); ``reset_image`` keeps the embedding."""
+
+    def __init__(self, source: SamPredictor) -> None:
+        super().__init__(source.model)
+        self.features = source.features
+        self.original_size = source.original_size
+        self.input_size = source.input_size
+        self.is_image_set = True
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        if tuple(image.shape[:2]) != tuple(self.original_size):
+            raise RuntimeError(
+                f"this SAM embedding is of a {self.original_size} image, not {image.shape[:2]}: "
+                "automatic masks on crops need new embeddings (use crop_n_layers=0)"
+            )
+
+    def reset_image(self) -> None:
+        """Keep the embedding: it belongs to the SamImage, which outlives one generator run."""
+
+
+class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
+    """SamAutomaticMaskGenerator over an embedded image, filtering by predicted IoU before upsampling."""
+
+    def __init__(self, predictor: _EmbeddedPredictor, **settings: Any) -> None:
+        super().__init__(predictor.model, **settings)
+        self.predictor = predictor
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        im_size: tuple[int, ...],
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        """The stock batch step (amg.py's functions in its order), with the predicted-IoU filter
+        moved ahead of ``postprocess_masks`` so only surviving candidates are upsampled."""
+        orig_h, orig_w = orig_size
+        model = self.predictor.model
+        coords = self.predictor.transform.apply_coords(points, im_size)
+        low_res, iou_preds = _decode(self.predictor, coords[:, None, :])
+        data = MaskData(
+            masks=low_res.flatten(0, 1),
+            iou_preds=iou_preds.flatten(0, 1),
+            points=torch.as_tensor(points.repeat(low_res.shape[1], axis=0)),
+        )
+        if self.pred_iou_thresh > 0.0:
+            data.filter(data["iou_preds"] > self.pred_iou_thresh)
+        data["masks"] = model.postprocess_masks(
+            data["masks"][:, None], self.predictor.input_size, self.predictor.original_size
+        )[:, 0]
+
+        data["stability_score"] = calculate_stability_score(
+            data["masks"], model.mask_threshold, self.stability_score_offset
+        )
+        if self.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= self.stability_score_thresh)
+        data["masks"] = data["masks"] > model.mask_threshold
+        data["boxes"] = batched_mask_to_box(data["masks"])
+        keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+        if not torch.all(keep):
+            data.filter(keep)
+        data["rles"] = mask_to_rle_pytorch(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+        del data["masks"]
+        return data
+
+
+class SamImage:
+    """One image embedded by SAM's image encoder (exactly one encoder pass, at construction).
+
+    image: [H, W, 3] uint8 RGB numpy array.
+    """
+
+    def __init__(self, sam: Sam, image: np.ndarray) -> None:
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or image.ndim != 3
+            or image.shape[2] != 3
+        ):
+            shape = getattr(image, "shape", None)
+            raise ValueError(
+                f"image must be an [H, W, 3] uint8 RGB numpy array, got {type(image).__name__} {shape}"
+            )
+        self.image = image
+        self.predictor = SamPredictor(sam)
+        self.predictor.set_image(image)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return self.image.shape[0], self.image.shape[1]
+
+    @torch.no_grad()
+    def masks_from_points(self, points: np.ndarray | torch.Tensor) -> PointMask:
+        """Stage 1.1: foreground point prompts -> SAM's highest-predicted-IoU mask of 3 (multimask).
+
+        points: [P, 2] float xy in the image's pixel coordinates, all foreground (P >= 1).
+        """
+        coords = np.asarray(
+            points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64
+        )
+        if coords.ndim != 2 or coords.shape[0] < 1 or coords.shape[1] != 2:
+            raise ValueError(f"points must be [P, 2] xy with P >= 1, got shape {coords.shape}")
+        coords = self.predictor.transform.apply_coords(coords, self.size)
+        low_res, iou_preds = _decode(self.predictor, coords[None])
+        best = int(iou_preds[0].argmax())
+        logits = self.predictor.model.postprocess_masks(
+            low_res[:, best : best + 1], self.predictor.input_size, self.size
+        )
+        mask = (logits[0, 0] > self.predictor.model.mask_threshold).cpu().numpy()
+        return PointMask(mask, float(iou_preds[0, best]))
+
+    def automatic_masks(
+        self,
+        *,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> list[dict[str, Any]]:
+        """Stage 1.2: SamAutomaticMaskGenerator's records for this image, from the same embedding.
+
+        Settings as SamAutomaticMaskGenerator's (same defaults); ``crop_n_layers`` must be 0.
+        Each record: segmentation ([H, W] bool, or an RLE dict for the RLE output modes), area
+        (int pixels), bbox (XYWH floats), predicted_iou, stability_score, point_coords ([[x, y]]),
+        crop_box (XYWH, the whole image).
+        """
+        if crop_n_layers != 0:
+            raise ValueError(f"crop_n_layers must be 0 (crops need new SAM embeddings), got {crop_n_layers}")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"unknown output_mode {output_mode!r}; supported: {', '.join(OUTPUT_MODES)}")
+        if min_mask_region_area > 0 and importlib.util.find_spec("cv2") is None:
+            raise ModuleNotFoundError(
+                "min_mask_region_area > 0 needs OpenCV (segment_anything's remove_small_regions): "
+                "install opencv-python-headless, or use min_mask_region_area=0"
+            )
+        generator = _EmbeddedMaskGenerator(
+            _EmbeddedPredictor(self.predictor),
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=0,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+        )
+        return generator.generate(self.image)

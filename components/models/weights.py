@@ -1,0 +1,292 @@
+"""Model weight files: where they are looked for, how they load, how they are fetched.
+
+A real spec (registry.py) lists the files it needs as :class:`WeightFile` records. A file is looked
+for, in this order, in
+
+1. the weights dir: ``$FMBSEG_WEIGHTS_DIR`` (default ``~/.cache/fmbseg``), as
+   ``<weights dir>/<local_dir>/<name>`` (SAM checkpoints are fetched there; CLIP and DINOv2 files may
+   be copied there by hand, e.g. on an offline machine);
+2. the Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+   ``~/.cache/huggingface/hub``) for files hosted on the hub (CLIP via open_clip's hf-hub tags,
+   DINOv2) -- where :func:`fetch_weights` puts them, and where an earlier download is reused.
+
+A missing file raises :class:`MissingWeightsError` naming the file, every path looked in and the
+command that fetches it; a real spec never falls back to random weights. Miniature specs need no
+files. Checkpoints load with ``torch.load(..., map_location="cpu", weights_only=True)`` or
+safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from components.io import atomic_path
+
+if TYPE_CHECKING:
+    from components.models.registry import ModelSpec
+
+__all__ = [
+    "WEIGHTS_DIR_ENV",
+    "FETCH_PROFILE_COMMAND",
+    "MissingWeightsError",
+    "WeightFile",
+    "WeightStatus",
+    "default_weights_dir",
+    "hub_cache_dir",
+    "candidate_paths",
+    "find_weight",
+    "resolve_weight",
+    "load_state_dict",
+    "fetch_command",
+    "weights_status",
+    "fetch_weights",
+]
+
+WEIGHTS_DIR_ENV = "FMBSEG_WEIGHTS_DIR"
+FETCH_PROFILE_COMMAND = "fmbseg weights fetch --profile paper"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A real spec's weight file is in none of the places looked in (the message says which)."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a real spec needs and where it comes from.
+
+    names: accepted file names, preferred first (e.g. safetensors before a pickle).
+    local_dir: folder under the weights dir that may hold the file.
+    url / sha256: direct download and the hex sha256 of the published file (None: not recorded).
+    hub_repo: Hugging Face repo that holds the file under one of ``names``.
+    size: bytes of the published file where recorded, else None.
+    """
+
+    names: tuple[str, ...]
+    local_dir: str
+    url: str | None = None
+    sha256: str | None = None
+    hub_repo: str | None = None
+    size: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The preferred file name."""
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    """Whether one weight file of a spec is on disk.
+
+    path: where the file was found; when absent, where a copy by hand belongs (the weights dir).
+    size: bytes on disk when present, else the published size (None: not recorded).
+    """
+
+    spec: str
+    file: str
+    path: Path
+    present: bool
+    size: int | None
+
+
+def default_weights_dir(weights_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``weights_dir`` if given, else ``$FMBSEG_WEIGHTS_DIR``, else ``~/.cache/fmbseg`` (expanded)."""
+    if weights_dir is not None:
+        return Path(weights_dir).expanduser()
+    return Path(os.environ.get(WEIGHTS_DIR_ENV) or "~/.cache/fmbseg").expanduser()
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (not at import time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def _hub_cached(repo: str, name: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir())
+    return Path(found) if isinstance(found, str) else None
+
+
+def candidate_paths(file: WeightFile, weights_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Every place :func:`find_weight` looks, in order, as human-readable strings."""
+    root = default_weights_dir(weights_dir) / file.local_dir
+    places = [str(root / name) for name in file.names]
+    if file.hub_repo is not None:
+        places += [f"hub cache {hub_cache_dir()} ({file.hub_repo}/{name})" for name in file.names]
+    return places
+
+
+def find_weight(file: WeightFile, weights_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The first existing copy of ``file`` in the weights dir, then the hub cache; None if absent."""
+    root = default_weights_dir(weights_dir) / file.local_dir
+    for name in file.names:
+        if (root / name).is_file():
+            return root / name
+    if file.hub_repo is not None:
+        for name in file.names:
+            found = _hub_cached(file.hub_repo, name)
+            if found is not None and found.is_file():
+                return found
+    return None
+
+
+def fetch_command(spec_name: str) -> str:
+    """The shell command that downloads a spec's weights."""
+    return f"fmbseg weights fetch {spec_name}"
+
+
+def resolve_weight(
+    spec_name: str, file: WeightFile, weights_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Path of ``file`` on disk; raises :class:`MissingWeightsError` naming the fetch command."""
+    found = find_weight(file, weights_dir)
+    if found is not None:
+        return found
+    size = f" ({file.size / 1e9:.2f} GB)" if file.size else ""
+    looked = "\n".join(f"  - {place}" for place in candidate_paths(file, weights_dir))
+    raise MissingWeightsError(
+        f"missing weights for model spec {spec_name!r}: file {file.name!r}{size} was not found.\n"
+        f"Looked in:\n{looked}\n"
+        f"Fetch it with:  {fetch_command(spec_name)}\n"
+        f"(or every paper model at once:  {FETCH_PROFILE_COMMAND}). "
+        f"The weights dir is ${WEIGHTS_DIR_ENV} (default ~/.cache/fmbseg)."
+    )
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors on the CPU: safetensors by suffix, else ``torch.load(weights_only=True)``.
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    for key in ("state_dict", "model"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+    return checkpoint
+
+
+def weights_status(
+    names: list[str], *, weights_dir: str | os.PathLike[str] | None = None
+) -> list[WeightStatus]:
+    """One row per weight file of each named spec (miniature specs have none)."""
+    from components.models.registry import get_spec  # the registry imports this module
+
+    rows = []
+    for spec_name in names:
+        for file in get_spec(spec_name).weights:
+            found = find_weight(file, weights_dir)
+            if found is not None:
+                rows.append(WeightStatus(spec_name, file.name, found, True, found.stat().st_size))
+            else:
+                path = default_weights_dir(weights_dir) / file.local_dir / file.name
+                rows.append(WeightStatus(spec_name, file.name, path, False, file.size))
+    return rows
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    if enabled:
+        enable_progress_bars()
+    else:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_disabled:
+            disable_progress_bars()
+        else:
+            enable_progress_bars()
+
+
+def _download_url(url: str, target: Path, sha256: str | None, progress: bool) -> None:
+    """Stream ``url`` to a temp file next to ``target``, check its sha256, then rename it."""
+    import requests
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with requests.get(url, stream=True, timeout=60) as response:
+        response.raise_for_status()
+        total = int(response.headers.get("Content-Length", 0)) or None
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise OSError(
+                    f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}; the file was not kept"
+                )
+
+
+def _fetch_clip(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag)
+    open_clip.download_pretrained(cfg, cache_dir=str(hub_cache_dir()))
+
+
+def _fetch_sam(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
+    for file in missing:
+        _download_url(file.url, root / file.local_dir / file.name, file.sha256, progress)
+
+
+def _fetch_dino(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(
+        spec.weights[0].hub_repo, allow_patterns=[f.name for f in spec.weights], cache_dir=hub_cache_dir()
+    )
+
+
+_FETCHERS = {"clip": _fetch_clip, "sam": _fetch_sam, "dino": _fetch_dino}
+
+
+def fetch_weights(
+    names: list[str], *, weights_dir: str | os.PathLike[str] | None = None, progress: bool = True
+) -> list[WeightStatus]:
+    """Download the weight files of the named specs that are not on disk yet; returns their status.
+
+    CLIP: open_clip's pretrained registry and download function (into the hub cache). SAM: the
+    published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2:
+    ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
+    """
+    from components.models.registry import get_spec  # the registry imports this module
+
+    for spec_name in names:
+        spec = get_spec(spec_name)
+        missing = [f for f in spec.weights if find_weight(f, weights_dir) is None]
+        if not missing:
+            continue
+        with _hub_progress(progress):
+            _FETCHERS[spec.family](spec, missing, default_weights_dir(weights_dir), progress)
+    return weights_status(names, weights_dir=weights_dir)
