@@ -50,6 +50,8 @@ __all__ = [
     "settings_hashes",
     "image_folders",
     "list_inputs",
+    "prefetch",
+    "run_shard",
     "label_shard",
     "label_flow",
     "run_label",
@@ -105,11 +107,15 @@ def vocabulary_lines(spec: str) -> list[str]:
 
 
 def settings_hashes(params: Params, vocabulary: list[str]) -> tuple[str, str]:
-    """(settings hash, mask settings hash) of a run: what its labels and its SAM masks depend on."""
+    """(settings hash, mask settings hash) of a run: what its labels and its SAM masks depend on.
+
+    Both include ``models.dtype`` (bf16 and fp32 forwards give different masks); neither includes
+    what cannot change a label: device, shard size, crop batch, worker counts, the task runner.
+    """
     from components.labelling.plan import settings_hash
 
     settings = stage1_settings(params.label)
-    masks = {"sam": params.models.selected.sam, **settings.mask_side()}
+    masks = {"sam": params.models.selected.sam, "dtype": params.models.dtype, **settings.mask_side()}
     labels = {
         "clip": params.models.selected.clip,
         "vocabulary": vocabulary,
@@ -249,7 +255,7 @@ def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any,
     return Step((kept_masks, result), seconds)
 
 
-def _prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
+def prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
     """``load(item)`` for each item in order, computed up to ``workers + 1`` items ahead on threads."""
     if workers < 1:
         yield from map(load, items)
@@ -349,7 +355,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     detections: list[dict[str, Any]] = []
     rows: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
-    decoded = _prefetch(load, job["images"], context["num_workers"])
+    decoded = prefetch(load, job["images"], context["num_workers"])
     for entry in job["images"]:
         with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
             loaded = next(decoded)

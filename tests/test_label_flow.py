@@ -277,3 +277,28 @@ def test_cli_balance_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p
     result = runner.invoke(app, ["show", "nope"])
     assert result.exit_code != 0 and "nope" in str(result.exception)
     shutil.rmtree(project / "reports", ignore_errors=True)
+
+
+def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:
+    from components.config import ConfigError, apply_overrides, parse_params
+    from flows.label import settings_hashes, vocabulary_lines
+
+    vocabulary = vocabulary_lines("voc21")
+
+    def hashes(**overrides: Any) -> tuple[str, str]:
+        return settings_hashes(parse_params(apply_overrides(PARAMS, overrides)), vocabulary)
+
+    base = hashes()
+    for harmless in ({"label.shard_size": 7}, {"label.crop_batch": 1}, {"label.num_workers": 0},
+                     {"models.device": "auto"}, {"orchestration.max_workers": 2}):
+        assert hashes(**harmless) == base, harmless
+    for clip_side in ({"label.top_k_points": 3}, {"label.grid": 3}, {"label.min_crops": 2}, {"label.label_size": 32},
+                      {"label.amg.min_area_frac": 0.01}, {"label.dense_mode": "maskclip"}):
+        full, masks = hashes(**clip_side)
+        assert full != base[0] and masks == base[1], clip_side
+    for sam_side in ({"label.sam_size": 96}, {"label.amg.points_per_side": 5}, {"models.dtype": "bf16"}):
+        full, masks = hashes(**sam_side)
+        assert full != base[0] and masks != base[1], sam_side
+    assert settings_hashes(parse_params(PARAMS), vocabulary[:-1])[0] != base[0]
+    with pytest.raises(ConfigError, match="neither a shipped class list.*voc21"):
+        vocabulary_lines("no-such-list")
