@@ -173,10 +173,10 @@ class AlignerConfig(_Section):
 
 class TrainConfig(_Section):
     loss: Literal["tsupcon", "prototype", "supcon"] = "tsupcon"
-    temperature: float = Field(0.1, gt=0.0)
-    lr: float = Field(0.05, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(5, ge=1)
     seed: int = 0

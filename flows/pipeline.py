@@ -8,11 +8,13 @@ stage's flow run with its own id so that the UI shows them together.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -135,6 +137,16 @@ def prepare_workspace(dest: Path, overlay: Path | None = None, overrides: dict |
     return dest
 
 
+@contextlib.contextmanager
+def _api(api_url: str) -> Iterator[None]:
+    """Point this process (settings already loaded) and its subprocesses at ``api_url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
 def _demo(workspace: Path) -> None:
     from flows.server import prefect_server
 
@@ -142,8 +154,7 @@ def _demo(workspace: Path) -> None:
     print(f"[demo] workspace {workspace} (miniature models with random weights, synthetic data)")
     prepare_workspace(workspace, PROJECT_ROOT / "configs" / "demo.yaml")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
-    with prefect_server(home=workspace / ".prefect", log=workspace / ".prefect" / "server.log") as api_url:
-        os.environ["PREFECT_API_URL"] = api_url
+    with prefect_server(home=workspace / ".prefect", log=workspace / ".prefect" / "server.log") as api_url, _api(api_url):
         print(f"[demo] Prefect server {api_url}; running `dvc repro` in {workspace}")
         pipeline_flow(str(workspace))
     report = workspace / "reports" / "report.md"
@@ -164,8 +175,7 @@ def register(app: typer.Typer) -> None:
         """Run the whole pipeline (`dvc repro`) as one Prefect flow, one server for every stage."""
         from flows.server import prefect_server
 
-        with prefect_server(home=Path(".prefect")) as api_url:
-            os.environ["PREFECT_API_URL"] = api_url
+        with prefect_server(home=Path(".prefect")) as api_url, _api(api_url):
             pipeline_flow(".", tuple(targets or ()), force)
 
     @app.command("demo")
