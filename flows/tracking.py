@@ -38,6 +38,7 @@ __all__ = [
     "GROUP_ENV",
     "CHAMPION_ALIAS",
     "STAGE_TAG",
+    "RESUME_CHANGES_TAG",
     "project_root",
     "tracking_uri",
     "standard_tags",
@@ -60,6 +61,7 @@ GROUP_ENV = "FMBSEG_RUN_GROUP"
 _DVC_EXPS_DIR = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
 STAGE_TAG = "fmbseg.stage"  # "train" on the one run of each trained model
+RESUME_CHANGES_TAG = "fmbseg.params_changed_on_resume"
 CHECKPOINT_ARTIFACT_DIR = "model"
 
 
@@ -183,16 +185,26 @@ def start_run(
     """Open a run in experiment ``tracking.experiment``; yield its id.
 
     Logs the flattened params (``train.lr`` ...) and ``tags``. ``resume_run_id`` reopens that run
-    instead (an interrupted training resuming). The run ends FINISHED, or FAILED on an exception
-    (KILLED on Ctrl-C).
+    instead (an interrupted training resuming): params it lacks are added, and params edited since
+    are listed in the tag ``fmbseg.params_changed_on_resume``. The run ends FINISHED, or FAILED on
+    an exception (KILLED on Ctrl-C).
     """
     mlflow = _client(params)
+    values = {k: _param_value(v) for k, v in sorted(flatten(params).items())}
+    tags = dict(tags)
     if resume_run_id is not None:
         run_id = resume_run_id
+        logged = mlflow.get_run(run_id).data.params
+        # MLflow never changes a logged param: settings that do not touch the training (those in
+        # its resume key) may have been edited meanwhile; they are named in a tag instead.
+        changed = sorted(k for k in values.keys() & logged.keys() if values[k] != logged[k])
+        if changed:
+            tags[RESUME_CHANGES_TAG] = ", ".join(changed)[:5000]
+        values = {k: v for k, v in values.items() if k not in logged}
         mlflow.update_run(run_id, status="RUNNING")
     else:
         run_id = mlflow.create_run(_experiment_id(mlflow, params.tracking.experiment), run_name=run_name).info.run_id
-    param_list = [Param(k, _param_value(v)) for k, v in sorted(flatten(params).items())]
+    param_list = [Param(k, v) for k, v in values.items()]
     tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, max(len(param_list), len(tag_list)), MAX_PARAMS_TAGS_PER_BATCH):
         mlflow.log_batch(

@@ -80,10 +80,14 @@ def test_failed_run_and_resumed_run(mlflow_uri) -> None:
     assert client.get_run(run_id).info.status == "FAILED"
     assert tracking.run_exists(params, run_id)
     assert not tracking.run_exists(params, "0" * 32)
-    with tracking.start_run(params, run_name="t", tags={}, resume_run_id=run_id) as again:
+    edited = parse_params({"evaluate": {"window": 224}})  # edited while the training was down
+    with tracking.start_run(edited, run_name="t", tags={}, resume_run_id=run_id) as again:
         assert again == run_id
         assert client.get_run(run_id).info.status == "RUNNING"
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["evaluate.window"] == "448"  # MLflow keeps the first value ...
+    assert run.data.tags[tracking.RESUME_CHANGES_TAG] == "evaluate.window"  # ... and the change is named
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
