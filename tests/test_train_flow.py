@@ -124,7 +124,6 @@ def test_samples_pool_the_label_maps_to_the_patch_grid(project) -> None:
         AlignerSamples(index.drop(columns="variant"), inputs=inputs, labels=labels, grid=(8, 8), num_classes=4)
 
 
-@pytest.mark.slow
 def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, prefect_harness, mlflow_uri) -> None:
     fmbseg("features", "--params", "params.yaml")
     features = project / "data" / "features"
@@ -162,7 +161,6 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_interrupted_training_resumes_into_the_same_run(project, prefect_harness, mlflow_uri, monkeypatch) -> None:
     from flows.features import features_flow
     from flows.train import train_flow
