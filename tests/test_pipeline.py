@@ -114,30 +114,43 @@ def test_second_repro_does_nothing(ws, first_run):
     assert len(_runs(ws)) == 1
 
 
-def _dry(ws: Path) -> set[str]:
-    return _ran(_dvc(ws, "repro", "--dry")) - {"sync"}
+def _changed_stages(ws: Path) -> set[str]:
+    """Stages `dvc status` reports as changed (their deps, params or outs differ from dvc.lock)."""
+    status = json.loads(_dvc(ws, "status", "--json") or "{}")
+    return set(status) - {"sync"}
 
 
-def test_a_setting_reruns_exactly_its_downstream(ws, first_run):
+def test_a_setting_reruns_exactly_its_downstream(ws, first_run, one_epoch_run):
     evaluates = {f"evaluate@{b}" for b in BENCHMARKS}
-    _set_params(ws, **{"train.lr": 0.02})
-    assert _dry(ws) == {"train", "report"} | evaluates
-    _git(ws, "checkout", "params.yaml")
-    _set_params(ws, **{"balance.ratio": 0.33})
-    assert _dry(ws) == {"balance", "features", "train", "report"} | evaluates
-    _git(ws, "checkout", "params.yaml")
-    assert _dry(ws) == set()
-
-
-def test_reproduce_a_past_experiment_from_the_cache(ws, first_run):
-    _set_params(ws, **{"train.epochs": 1})
-    _dvc(ws, "repro")
+    assert _ran(one_epoch_run["output"]) - {"sync"} == {"train", "report"} | evaluates
     assert _md5(ws / "models" / "aligner.pt") != first_run["model_md5"]
+
+    # balance.ratio: balance reruns, and what it wrote makes features (and so all after it) stale
+    index = ws / "data" / "pseudo" / "train_index.parquet"
+    before = _md5(index)
+    _set_params(ws, **{"balance.ratio": 0.33})
+    assert _ran(_dvc(ws, "repro", "balance")) == {"balance"}
+    assert _md5(index) != before
+    assert _changed_stages(ws) == {"features", "train"}  # both read train_index.parquet
+    _git(ws, "checkout", "params.yaml")
+    assert _ran(_dvc(ws, "repro", "balance")) == set()  # restored from the run cache
+    assert _md5(index) == before
+    assert _changed_stages(ws) == set()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(ws, first_run) -> dict:
+    """A second experiment: train.epochs changed, reproduced, committed."""
+    _set_params(ws, **{"train.epochs": 1})
+    out = _dvc(ws, "repro")
     _git(ws, "add", "-A")
     _git(ws, "commit", "-q", "-m", "one epoch")
-    runs_before = len(_runs(ws))
+    return {"output": out, "rev": _git(ws, "rev-parse", "HEAD").strip()}
 
-    _git(ws, "checkout", "-q", first_run["rev"])
+
+def test_reproduce_a_past_experiment_from_the_cache(ws, first_run, one_epoch_run):
+    runs_before = len(_runs(ws))
+    _git(ws, "checkout", "-q", "-f", first_run["rev"])
     _dvc(ws, "checkout")
     out = _dvc(ws, "repro")
     assert _ran(out) <= {"sync"}, "going back must restore from the cache, not recompute"
@@ -145,7 +158,7 @@ def test_reproduce_a_past_experiment_from_the_cache(ws, first_run):
     for bench in BENCHMARKS:
         assert (ws / "metrics" / f"{bench}.json").read_text() == first_run["metrics"][bench]
     assert len(_runs(ws)) == runs_before
-    _git(ws, "checkout", "-q", "main")
+    _git(ws, "checkout", "-q", "-f", "main")
     _dvc(ws, "checkout")
 
 
