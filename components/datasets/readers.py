@@ -78,7 +78,7 @@ def _to_rgb(im: Image.Image, path: Path) -> np.ndarray:
         )
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # writable: torch.as_tensor warns on read-only arrays
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:
