@@ -20,6 +20,15 @@ os.environ.update(
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread: the tiny models' forwards are dominated by thread hand-offs (2 threads
+    made the miniature SAM decoder ~100x slower on a loaded 2-core machine), and every process -
+    this one and Dask's workers (OMP_NUM_THREADS=1) - then computes bit-identical floats."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
