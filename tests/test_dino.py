@@ -11,15 +11,6 @@ from components.models.dino import dino_preprocess, patch_features
 from components.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_dino
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP waits on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("name", "cls", "registers"),
     [("mini-dino", Dinov2Model, 0), ("mini-dino-reg", Dinov2WithRegistersModel, 4)],

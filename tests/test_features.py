@@ -31,14 +31,6 @@ from components.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_dino
 SIZE = 56  # a 4 x 4 patch grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP waits on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def encoder() -> DinoEncoder:

@@ -9,7 +9,6 @@ their clean labels (argmax cosine to the prototypes), as at inference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
@@ -93,15 +92,6 @@ def train(
             optimiser.step()
             schedule.step()
     return accuracy(aligner, held_out, text)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: intra-op threads only add synchronisation (10x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_noisy_labels_are_noisy() -> None:

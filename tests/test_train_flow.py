@@ -31,14 +31,6 @@ LABEL_SIZE = 112  # the demo profile's label.label_size
 NUM_IMAGES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP waits on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_stage1(project: Path, num_images: int = NUM_IMAGES) -> None:
     """Images plus a Stage 1 output (two label maps per image) in the labelling store's format.
