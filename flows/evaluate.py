@@ -338,6 +338,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     if not ev.refine:
         counted.pop("amg")
     overlay_dir = project_path(params, "reports") / "overlays" / dataset
+    overlay_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even with evaluate.overlays 0
     overlay_ids = ids[: ev.overlays]
     state_file = state_path(params, dataset)
     state = _score(
@@ -369,37 +370,16 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
                    description=f"{dataset}: per-class IoU / Acc (percent)")
     named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
     _attach(params, run_id, named, [metrics_file, per_class_file], overlays, dataset)
-    state_file.unlink()  # done: a later run (new data, new model) starts from scratch
+    state_file.unlink(missing_ok=True)  # done: a later run (new data, new model) starts from scratch
     return dict(summary.metrics)
 
 
 # -------------------------------------------------------------------------- evaluate-stage1 (Table 2)
 def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[str, Any]:
     """What a task needs to run Stage 1 on the benchmark (plain JSON types)."""
-    from components.labelling.stage1 import AmgSettings, Stage1Settings
+    from flows.label import stage1_settings
 
-    label = params.label
-    amg = label.amg
-    settings = Stage1Settings(
-        grid=label.grid,
-        dense_mode=label.dense_mode,
-        min_crops=label.min_crops,
-        top_k_points=label.top_k_points,
-        sam_size=label.sam_size,
-        label_size=label.label_size,
-        amg=AmgSettings(
-            points_per_side=amg.points_per_side,
-            points_per_batch=amg.points_per_batch,
-            pred_iou_thresh=amg.pred_iou_thresh,
-            stability_score_thresh=amg.stability_score_thresh,
-            stability_score_offset=amg.stability_score_offset,
-            box_nms_thresh=amg.box_nms_thresh,
-            min_mask_region_area=amg.min_mask_region_area,
-        ),
-        min_area_frac=amg.min_area_frac,
-        max_area_frac=amg.max_area_frac,
-        crop_batch=label.crop_batch,
-    )
+    settings = stage1_settings(params.label)
     return {
         "kind": "stage1",
         "variant": variant,
@@ -410,7 +390,7 @@ def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[
         "sam": params.models.selected.sam,
         "device": params.models.device,
         "weights_dir": params.models.weights_dir,
-        "templates": list(label.templates),
+        "templates": list(params.label.templates),
         "stage1": asdict(settings),
     }
 
@@ -452,7 +432,7 @@ def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.
     with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
         tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
                                 [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
-    state_file.unlink()
+    state_file.unlink(missing_ok=True)
     return metrics
 
 

@@ -1,20 +1,23 @@
 """Scoring a segmenter on a canonical benchmark (paper §4), resumable per batch of images.
 
-The pieces, in the order the evaluate stage strings them together:
+The pieces, in the order the evaluate stages string them together:
 
+- :func:`benchmark_prompts`: the prompts of a benchmark and the class each votes for (PV-21 adds
+  the COCO-Stuff stuff classes, all mapped to background; paper §4.1).
 - :class:`Stage2Segmenter`: FMbSeg Stage 2 on one image (paper §3.4). Base: DINOv2 patch features
   of sliding windows -> aligner -> cosine to the text prototypes -> bilinear to the image size ->
   argmax (``components.evaluation.inference``). Refined: SAM's automatic masks of the image (one
   encoder pass), each painted over the base map with the majority base class inside it
   (``components.evaluation.refine``).
+- :class:`Stage1Segmenter`: Stage 1's pseudo label map of one image, to score it (Table 2).
 - :func:`evaluate_batch`: a batch of image ids -> partial confusion matrices (small, plain lists),
-  the ids scored, the ids that could not be read (reported, left out of the metric), overlay
-  pictures for the chosen ids. The segmenter is any callable ``[H, W, 3] uint8 -> Prediction``, so
-  Stage 1's pseudo labels are scored by the same loop.
+  the ids scored, the ids that could not be read (reported, left out of the metric); overlay
+  pictures for the chosen ids. A segmenter is any callable ``[H, W, 3] uint8 -> Prediction``.
 - :class:`EvalState`: the dataset-level confusion matrices and the ids done so far, saved
   atomically after each batch (:func:`save_state`) under a key of the model and settings
   (:func:`state_key`); a rerun with the same key skips what is done, any other key starts over.
-- :func:`summarize`: the metrics (mIoU / mAcc / aAcc per variant) and the per-class table.
+- :func:`summarize` / :func:`write_summary`: the metrics (mIoU / mAcc / aAcc per variant, from one
+  dataset-level confusion matrix) and the per-class table.
 """
 
 from __future__ import annotations
@@ -211,7 +214,9 @@ class Stage2Segmenter:
         self.bg_threshold, self.background_index = bg_threshold, background_index
         self.sam = sam
         amg = dict(amg or {})
-        self.size_filter = (amg.pop("min_area_frac", 0.0), amg.pop("max_area_frac", 1.0))
+        if sam is not None and not {"min_area_frac", "max_area_frac"} <= set(amg):
+            raise ValueError(f"amg needs min_area_frac and max_area_frac (the size filter), got keys {sorted(amg)}")
+        self.size_filter = (amg.pop("min_area_frac", None), amg.pop("max_area_frac", None))
         self.amg = amg
         self.autocast = autocast
 
@@ -254,7 +259,7 @@ class Stage2Segmenter:
             return torch.zeros(0, height, width, dtype=torch.bool, device=self.device)
         stack = torch.from_numpy(np.stack([r["segmentation"] for r in records])).to(self.device)
         if stack.shape[1:] != (height, width):
-            stack = F.interpolate(stack[None].to(torch.uint8), size=(height, width), mode="nearest")[0].bool()
+            stack = F.interpolate(stack[None].to(torch.uint8), size=(height, width), mode="nearest-exact")[0].bool()
         return stack
 
     def __call__(self, image: np.ndarray) -> Prediction:
