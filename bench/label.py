@@ -5,7 +5,8 @@ Both run the component pipeline the flow runs, on N synthetic 640x480 JPEGs (dec
 one shard written at the end), with the profile's models and params.yaml's ``label`` settings
 (the demo profile merges configs/demo.yaml on top):
 
-- ``fmbseg``: images decoded on ``label.num_workers`` threads ahead of the models; one CLIP
+- ``fmbseg``: images decoded on ``label.num_workers`` threads ahead of the models (decoding
+  only: torch resizing on those threads would fight the models for the intra-op pool); one CLIP
   vision pass per image (all crops batched ``crop_batch`` at a time, CLS and patches from one
   pass); one SAM image-encoder pass serving the Stage 1.1 prompts and the automatic masks, whose
   generator drops candidates by predicted IoU before upsampling them.
@@ -147,8 +148,7 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
     vocabulary = models["vocabulary"]
 
     def load(path: Path) -> Any:
-        return prepare_image(read_image_rgb(path), clip_side=side, mean=clip.spec.mean, std=clip.spec.std,
-                             sam_size=settings.sam_size)
+        return read_image_rgb(path)
 
     labels, detections, entries = [], [], []
     start = _clock(device)
@@ -156,7 +156,8 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
     with torch.inference_mode(), autocast_context(device, dtype):
         for i, path in enumerate(paths):
             with clocks.step("io"):
-                prepared = next(decoded)
+                prepared = prepare_image(next(decoded), clip_side=side, mean=clip.spec.mean, std=clip.spec.std,
+                                         sam_size=settings.sam_size)
             with clocks.step("clip"):
                 t0 = _clock(device)
                 if mode == "fmbseg":
@@ -206,9 +207,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("both", "fmbseg", "straightforward"), default="both")
     parser.add_argument("--device", default=None, help="default: models.device of the profile")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="autocast on cuda")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: label.num_workers)")
     args = parser.parse_args()
 
     params, settings = load_settings(args.profile)
+    workers = params.label.num_workers if args.workers is None else args.workers
     device = resolve_device(args.device or params.models.device)
     dtype = "fp32" if device.type == "cpu" else (args.dtype or params.models.dtype)
     names = params.models.selected
@@ -228,7 +231,7 @@ def main() -> None:
     print(f"profile {args.profile} | device {device} ({threads}) | dtype {dtype} | {weights}\n"
           f"G={settings.grid} S={clip.spec.image_size} sam_size={settings.sam_size} label_size={settings.label_size} "
           f"AMG {settings.amg.points_per_side}^2 points | {args.warmup} warm-up + {args.images} timed images "
-          f"{IMAGE_HW[1]}x{IMAGE_HW[0]} | setup (build + {len(vocabulary)} prototypes) {setup:.1f} s\n")
+          f"{IMAGE_HW[1]}x{IMAGE_HW[0]} | {workers} decoding threads (fmbseg) | setup (build + {len(vocabulary)} prototypes) {setup:.1f} s\n")
 
     modes = ("fmbseg", "straightforward") if args.mode == "both" else (args.mode,)
     rows = []
@@ -237,10 +240,8 @@ def main() -> None:
                                            size=IMAGE_HW)
         for mode in modes:
             if args.warmup:
-                run(mode, paths[: args.warmup], models, settings, params.label.num_workers, device, dtype,
-                    Path(tmp) / "warmup")
-            r = run(mode, paths[args.warmup :], models, settings, params.label.num_workers, device, dtype,
-                    Path(tmp) / mode)
+                run(mode, paths[: args.warmup], models, settings, workers, device, dtype, Path(tmp) / "warmup")
+            r = run(mode, paths[args.warmup :], models, settings, workers, device, dtype, Path(tmp) / mode)
             n = args.images
             rows.append([mode, f"{n / r['wall']:.3f}", f"{r['wall'] / n:.3f}"]
                         + [f"{r['steps'][s] / n:.3f}" for s in STEPS]

@@ -7,7 +7,7 @@ pending shards on the configured task runner, then merges the finished shards an
 summary. Inside a shard every image goes through four nested tasks on the shard's worker -- CLIP
 tiling, detection, Stage 1.1, Stage 1.2 -- so tensors never leave the worker; the shard task
 itself takes and returns plain records. Images are decoded on ``label.num_workers`` threads
-while the models run.
+while the models run (decoding only; resizing with torch stays on the model thread).
 """
 
 from __future__ import annotations
@@ -302,10 +302,10 @@ def _kept_masks(root: str, sources: dict[str, dict[str, Any]]) -> dict[str, list
 
 
 class _Loaded(NamedTuple):
-    """A decoded image in both model frames (None and the reason when it cannot be used) and its
+    """A decoded [H, W, 3] uint8 RGB image (None and the reason when it cannot be used) and its
     image-level labels (semi-supervised presence)."""
 
-    prepared: Any
+    image: Any
     image_classes: list[int] | None
     reason: str | None
 
@@ -334,7 +334,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         kept = _kept_masks(context["root"], job["mask_sources"])
 
     def load(entry: dict[str, str]) -> _Loaded:
-        """Decode and resize one image (on a decoding thread)."""
+        """Decode one image and read its image-level labels (on a decoding thread)."""
         try:
             image = read_image_rgb(entry["path"])
         except UnreadableImageError as err:
@@ -345,11 +345,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
             if classes is None:
                 reason = f"no ground-truth label for image-level presence in {context['ground_truth_dir']}"
                 return _Loaded(None, None, reason)
-        prepared = prepare_image(
-            image, clip_side=settings.grid * bundle.spec.image_size, mean=bundle.spec.mean, std=bundle.spec.std,
-            sam_size=settings.sam_size,
-        )
-        return _Loaded(prepared, classes, None)
+        return _Loaded(image, classes, None)
 
     labels: list[dict[str, Any]] = []
     detections: list[dict[str, Any]] = []
@@ -359,10 +355,16 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     for entry in job["images"]:
         with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
             loaded = next(decoded)
-        prepared, classes = loaded.prepared, loaded.image_classes
-        if prepared is None:
+        if loaded.image is None:
             skipped.append({"image_id": entry["image_id"], "path": entry["path"], "reason": str(loaded.reason)})
             continue
+        with timed(timings, "io"):  # torch resizing stays on this thread: on the decoding threads it
+            # would compete with the model forwards for torch's intra-op threads
+            prepared = prepare_image(
+                loaded.image, clip_side=settings.grid * bundle.spec.image_size, mean=bundle.spec.mean,
+                std=bundle.spec.std, sam_size=settings.sam_size,
+            )
+        classes = loaded.image_classes
         steps = [clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype)]
         features = steps[-1].value
         steps.append(detection(features.cls, prototypes, settings.min_crops, classes))
