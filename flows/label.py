@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import typer
 from prefect import flow, get_run_logger, task
@@ -41,6 +41,9 @@ from flows.common import (
     table_artifact,
     timed,
 )
+
+if TYPE_CHECKING:
+    from components.labelling.stage1 import Stage1Settings
 
 __all__ = [
     "STAGE_DIR",
@@ -68,7 +71,7 @@ def output_root(params: Params) -> Path:
     return Path(params.paths.pseudo) / STAGE_DIR
 
 
-def stage1_settings(label: LabelConfig) -> Any:
+def stage1_settings(label: LabelConfig) -> Stage1Settings:
     """params.yaml ``label`` -> the components' Stage1Settings."""
     from components.labelling.stage1 import AmgSettings, Stage1Settings
 
