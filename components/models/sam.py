@@ -9,7 +9,10 @@ segment_anything's own ``SamAutomaticMaskGenerator``, subclassed in two places:
   nothing (crops, ``crop_n_layers > 0``, would need new embeddings and are refused);
 - its batch step filters candidates by predicted IoU *before* upsampling the low-resolution mask
   logits to the image size (the stock step upsamples every candidate first). The filter reads only
-  the IoU prediction, so the records are identical to the stock generator's.
+  the IoU prediction, so the records are identical to the stock generator's;
+- its crop step keeps the candidates as binary masks through duplicate removal (box NMS, which
+  reads only boxes and IoU predictions) and run-length encodes the survivors alone; the stock step
+  encodes every candidate, which was most of the generator's time on noisy masks.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
+    batch_iterator,
     batched_mask_to_box,
     calculate_stability_score,
     is_box_near_crop_edge,
     mask_to_rle_pytorch,
+    uncrop_boxes_xyxy,
     uncrop_masks,
+    uncrop_points,
 )
+from torchvision.ops.boxes import batched_nms
 
 __all__ = ["PointMask", "SamImage", "OUTPUT_MODES"]
 
@@ -125,8 +132,37 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
         keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
         if not torch.all(keep):
             data.filter(keep)
-        data["rles"] = mask_to_rle_pytorch(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+        data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+        return data
+
+    def _process_crop(
+        self,
+        image: np.ndarray,
+        crop_box: list[int],
+        crop_layer_idx: int,
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        """The stock crop step (amg.py's functions in its order) on the embedded image, with the
+        run-length encoding moved after duplicate removal so only the kept masks are encoded."""
+        x0, y0, x1, y1 = crop_box
+        cropped_im_size = image[y0:y1, x0:x1, :].shape[:2]
+        points_scale = np.array(cropped_im_size)[None, ::-1]
+        points_for_image = self.point_grids[crop_layer_idx] * points_scale
+        data = MaskData()
+        for (points,) in batch_iterator(self.points_per_batch, points_for_image):
+            data.cat(self._process_batch(points, cropped_im_size, crop_box, orig_size))
+        keep_by_nms = batched_nms(
+            data["boxes"].float(),
+            data["iou_preds"],
+            torch.zeros(len(data["boxes"])),  # one category
+            iou_threshold=self.box_nms_thresh,
+        )
+        data.filter(keep_by_nms)
+        data["rles"] = mask_to_rle_pytorch(data["masks"])
         del data["masks"]
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
         return data
 
 
