@@ -129,11 +129,11 @@ def test_a_setting_reruns_exactly_its_downstream(ws, first_run, one_epoch_run):
     index = ws / "data" / "pseudo" / "train_index.parquet"
     before = _md5(index)
     _set_params(ws, **{"balance.ratio": 0.33})
-    assert _ran(_dvc(ws, "repro", "balance")) == {"balance"}
+    assert _ran(_dvc(ws, "repro", "balance")) - {"sync"} == {"balance"}
     assert _md5(index) != before
     assert _changed_stages(ws) == {"features", "train"}  # both read train_index.parquet
     _git(ws, "checkout", "params.yaml")
-    assert _ran(_dvc(ws, "repro", "balance")) == set()  # restored from the run cache
+    assert _ran(_dvc(ws, "repro", "balance")) - {"sync"} == set()  # restored from the run cache
     assert _md5(index) == before
     assert _changed_stages(ws) == set()
 
