@@ -1,0 +1,54 @@
+"""Atomic writes and PNG label maps: what every stage writes goes through these."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from components.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    bytes_sha256,
+    decode_label_png,
+    encode_label_png,
+    file_sha256,
+)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_content(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target, suffix=".json") as tmp:
+        tmp.write_text("half a fi")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_hashes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"fmbseg" * 100_000)
+    assert file_sha256(path, chunk_size=4096) == bytes_sha256(path.read_bytes())
+
+
+def test_label_png_round_trip_and_validation():
+    label = np.random.default_rng(0).integers(0, 256, (17, 23), dtype=np.uint8)
+    assert np.array_equal(decode_label_png(encode_label_png(label)), label)
+    with pytest.raises(ValueError, match=r"\[H, W\] uint8"):
+        encode_label_png(label.astype(np.int32))
+    with pytest.raises(ValueError, match=r"\[H, W\] uint8"):
+        encode_label_png(np.zeros((2, 3, 3), np.uint8))
