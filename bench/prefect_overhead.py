@@ -1,11 +1,13 @@
 """What Prefect adds to a stage's wall time.
 
-In a workspace where the pipeline has run (e.g. `demo/` after `make demo`), each stage is timed
-three ways, as whole processes the way DVC runs them:
+Every DVC stage is one process running one Prefect flow. Prefect's share of that process is its
+import, the flow and task runs it records through the API, and, with no server configured, the
+temporary server it starts. This benchmark times, as separate processes the way DVC runs them:
 
-- ``plain``: the stage's flow function called without Prefect (``flow.fn``), same imports;
-- ``server``: `fmbseg <stage>` reporting to an already running Prefect server (the pipeline's case);
-- ``ephemeral``: `fmbseg <stage>` with no server configured (Prefect starts a temporary one).
+- a trivial stage (one flow, one task, no work) with no Prefect at all, reporting to a running
+  server (the pipeline's case: `fmbseg pipeline`, `make demo`), and with no server (ephemeral);
+- the real stages `balance`, `report` and `evaluate@pv21` of a workspace where the pipeline ran
+  (e.g. `demo/` after `make demo`), reporting to the running server, for scale.
 
 Usage: python bench/prefect_overhead.py --workspace demo [--repeats 3]
 """
@@ -25,18 +27,21 @@ from flows.server import prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 
-# stage -> (fmbseg arguments, the flow function's module and name, its arguments as Python source)
-STAGES = {
-    "balance": (["balance"], "flows.balance", "balance_flow", "'params.yaml'"),
-    "report": (["report"], "flows.report", "report_flow", "'params.yaml'"),
-    "evaluate@pv21": (["evaluate", "--dataset", "pv21"], "flows.evaluate", "evaluate_flow", "'pv21', 'params.yaml'"),
-}
+TRIVIAL_PLAIN = "def step(x):\n    return x + 1\n\ndef stage():\n    return step(1)\n\nstage()\n"
+TRIVIAL_PREFECT = (
+    "from prefect import flow, task\n\n@task\ndef step(x):\n    return x + 1\n\n"
+    "@flow\ndef stage():\n    return step(1)\n\nstage()\n"
+)
+STAGES = {"balance": ["balance"], "report": ["report"], "evaluate@pv21": ["evaluate", "--dataset", "pv21"]}
 
 
-def _time(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+def _median_time(cmd: list[str], cwd: Path, env: dict[str, str], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -48,19 +53,19 @@ def main() -> None:
     fmbseg = str(Path(sys.executable).with_name("fmbseg"))
     base = stage_env()
     base.pop("PREFECT_API_URL", None)
-    rows = []
+    py = sys.executable
     with prefect_server(home=ws / ".prefect-bench") as api_url:
         served = dict(base, PREFECT_API_URL=api_url)
-        for stage, (cli, module, func, fn_args) in STAGES.items():
-            code = f"from {module} import {func}; {func}.fn({fn_args})"
-            plain = [_time([sys.executable, "-c", code], ws, base) for _ in range(args.repeats)]
-            server = [_time([fmbseg, *cli], ws, served) for _ in range(args.repeats)]
-            ephemeral = [_time([fmbseg, *cli], ws, base) for _ in range(args.repeats)]
-            rows.append((stage, statistics.median(plain), statistics.median(server), statistics.median(ephemeral)))
-    print(f"median of {args.repeats} runs, seconds of wall time per stage process ({os.cpu_count()} cores)")
-    print(f"{'stage':16} {'plain':>7} {'server':>7} {'+prefect':>9} {'ephemeral':>10} {'+prefect':>9}")
-    for stage, plain, server, ephemeral in rows:
-        print(f"{stage:16} {plain:7.2f} {server:7.2f} {server - plain:+9.2f} {ephemeral:10.2f} {ephemeral - plain:+9.2f}")
+        plain = _median_time([py, "-c", TRIVIAL_PLAIN], ws, base, args.repeats)
+        server = _median_time([py, "-c", TRIVIAL_PREFECT], ws, served, args.repeats)
+        ephemeral = _median_time([py, "-c", TRIVIAL_PREFECT], ws, base, args.repeats)
+        stages = {name: _median_time([fmbseg, *cli], ws, served, args.repeats) for name, cli in STAGES.items()}
+    print(f"median of {args.repeats} runs, wall seconds per process ({os.cpu_count()} cores)")
+    print(f"trivial stage: no Prefect {plain:.2f} | running server {server:.2f} (+{server - plain:.2f}) | "
+          f"ephemeral {ephemeral:.2f} (+{ephemeral - plain:.2f})")
+    for name, seconds in stages.items():
+        share = 100 * (server - plain) / seconds
+        print(f"{name:14} {seconds:6.2f} s with the server; Prefect's fixed part ~{share:.0f}%")
 
 
 if __name__ == "__main__":
