@@ -140,11 +140,15 @@ def prepare_workspace(dest: Path, overlay: Path | None = None, overrides: dict |
 @contextlib.contextmanager
 def _api(api_url: str) -> Iterator[None]:
     """Point this process (settings already loaded) and its subprocesses at ``api_url``."""
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     os.environ["PREFECT_API_URL"] = api_url
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        yield
+        try:
+            yield
+        finally:  # send the queued run logs while the server is still up
+            APILogHandler().flush()
 
 
 def _demo(workspace: Path) -> None:
