@@ -43,6 +43,8 @@ def sync_flow(params_path: str = "params.yaml") -> int:
     if not params.nightly.source_dir:
         get_run_logger().info("nightly.source_dir is not set: nothing to sync into %s", dest)
         return 0
+    if not Path(params.nightly.source_dir).is_dir():  # a setting to fix, not an I/O hiccup to retry
+        raise FileNotFoundError(f"nightly.source_dir {params.nightly.source_dir} is not a folder")
     return sync_images(params.nightly.source_dir, str(dest))
 
 

@@ -86,3 +86,41 @@ def test_nightly_deployment_runs_on_a_worker(tmp_path, prefect_harness, monkeypa
     champion = client.get_model_version_by_alias("fmbseg-aligner", "champion")
     metrics = client.get_run(champion.run_id).data.metrics
     assert {"pv21/mIoU_base", "cs171/mIoU_base"} <= set(metrics)
+
+
+def test_a_failed_night_leaves_the_champion_and_the_data_untouched(tmp_path, prefect_harness, monkeypatch):
+    import mlflow
+    import yaml
+
+    from flows import tracking
+    from flows.nightly import nightly_flow
+    from flows.pipeline import dvc_command, run_logged
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = tmp_path / "camera_uploads"
+    source.mkdir()
+    ws = prepare_workspace(
+        tmp_path / "ws",
+        PROJECT_ROOT / "configs" / "demo.yaml",
+        overrides={"download": {"datasets": ["coco_train"]}, "nightly": {"source_dir": str(source)}},
+    )
+    # yesterday: the data as it was, and a champion
+    run_logged([dvc_command(), "repro", "download@coco_train", "sync"], ws, stage_env())
+    lock_before = (ws / "dvc.lock").read_text()
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("fmbseg")).info.run_id
+    client.log_metric(run, "pv21/mIoU_base", 50.0)
+    version = tracking.promote_champion("fmbseg-aligner", run, tracking_uri=uri)
+
+    # tonight: new images arrive, and labelling breaks (a vocabulary that does not exist)
+    _new_images(source, 2)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["label"]["vocabulary"] = "no-such-vocabulary"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    state = nightly_flow(str(ws), return_state=True)
+    assert state.is_failed()
+    assert (ws / "dvc.lock").read_text() == lock_before
+    assert not list((ws / "data" / "incoming").iterdir()), "the night's synced images must be rolled back"
+    assert str(client.get_model_version_by_alias("fmbseg-aligner", "champion").version) == version
