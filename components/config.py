@@ -211,9 +211,17 @@ class OrchestrationConfig(_Section):
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = None
-    dask_workers: int = Field(2, ge=1)
+    # an int, or "auto": one worker per visible GPU, each pinned to its own device (1 on a machine without GPUs)
+    dask_workers: int | Literal["auto"] = 2
     ray_address: str | None = None
-    gpus_per_task: float = Field(0.0, ge=0.0)
+    gpus_per_task: float = Field(0.0, ge=0.0)  # ray: GPUs each shard task reserves (1: one task per GPU)
+
+    @field_validator("dask_workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("dask_workers must be >= 1 or 'auto'")
+        return value
 
 
 class NightlyConfig(_Section):

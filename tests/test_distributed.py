@@ -54,3 +54,53 @@ def test_label_flow_on_a_dask_cluster_equals_the_threaded_run(tmp_path, monkeypa
     assert len([name for name in got if name.startswith("shards/") and ".detections." not in name]) == 3
     for name in expected:
         assert got[name] == expected[name], name
+
+
+def _worker_identity(index: int) -> dict:
+    """Where a shard task ran: its worker's pinned GPU, process id and the model its cache holds."""
+    import os
+    import time
+
+    from flows.common import cached_dino
+
+    time.sleep(0.3)  # long enough that the scheduler spreads the shards over both workers
+    return {"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+            "model": id(cached_dino("mini-dino")), "index": index}
+
+
+def test_dask_auto_starts_one_pinned_worker_per_visible_gpu(monkeypatch, prefect_harness):
+    """`dask_workers: auto` with two visible GPUs: two worker processes, each seeing only its own
+    device, the shards split across them, and each worker builds its model once."""
+    from prefect import flow, task
+
+    from components.config import OrchestrationConfig
+    from flows.common import make_task_runner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers="auto"))
+    shard = task(_worker_identity)
+
+    @flow(task_runner=runner)
+    def shards() -> list[dict]:
+        return [f.result() for f in shard.map(list(range(8)))]
+
+    ran = shards()
+    assert sorted(r["index"] for r in ran) == list(range(8))
+    gpus_by_pid: dict[int, set] = {}
+    models_by_pid: dict[int, set] = {}
+    for r in ran:
+        gpus_by_pid.setdefault(r["pid"], set()).add(r["gpu"])
+        models_by_pid.setdefault(r["pid"], set()).add(r["model"])
+    assert len(gpus_by_pid) == 2, gpus_by_pid  # both workers got shards
+    assert sorted(g for gpus in gpus_by_pid.values() for g in gpus) == ["0", "1"]  # one GPU each, distinct
+    assert all(len(models) == 1 for models in models_by_pid.values())  # the model loads once per worker
+
+
+def test_dask_auto_without_gpus_is_one_worker(monkeypatch):
+    from components.config import OrchestrationConfig
+    from flows.common import make_task_runner, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers="auto"))
+    assert runner.cluster_kwargs["n_workers"] == 1
