@@ -151,7 +151,7 @@ def encode_label_map(label: np.ndarray) -> bytes:
     """PNG of a label map: [H, W] uint8 (8-bit grayscale) or uint16 (16-bit grayscale)."""
     if label.ndim == 2 and label.dtype == np.uint16:
         buf = io.BytesIO()
-        Image.fromarray(label, mode="I;16").save(buf, format="PNG", compress_level=1)
+        Image.fromarray(label).save(buf, format="PNG", compress_level=1)  # mode I;16
         return buf.getvalue()
     return encode_label_png(label)
 
