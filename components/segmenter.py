@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner
 from components.evaluation.inference import (
     PromptSet,
-    labels_from_logits,
+    labels_from_scores,
     predict_logits_batch,
+    predict_scores_batch,
     resize_short_side,
 )
 from components.evaluation.refine import refine_with_masks
@@ -267,22 +268,25 @@ class Segmenter:
             z = self.aligner(features.reshape(batch, rows * cols, width))
         return z.float().reshape(batch, rows, cols, -1)
 
+    def _pixels(self, images: Sequence[np.ndarray]) -> list[Tensor]:
+        spec = self.dino_spec
+        return [resize_normalize(_as_tensor(im).to(self.device), im.shape[:2], spec.mean, spec.std)[0]
+                for im in images]
+
+    def _protocol(self) -> dict[str, Any]:
+        spec = self.inference
+        return {"encode_fn": self.encode, "window": spec.window, "stride": spec.stride,
+                "short_side": spec.short_side, "batch_size": self.window_batch, "pad_to": self.dino_spec.patch_size}
+
     def base_logits(self, images: Sequence[np.ndarray], vocabulary: Vocabulary) -> list[Tensor]:
         """[H_i, W_i, 3] uint8 images -> one [K', H_i, W_i] float32 of cosine logits of every prompt
         each (sliding windows; windows of all the images share encoder forwards)."""
-        spec = self.dino_spec
-        pixels = [resize_normalize(_as_tensor(im).to(self.device), im.shape[:2], spec.mean, spec.std)[0]
-                  for im in images]
-        return predict_logits_batch(
-            pixels,
-            encode_fn=self.encode,
-            prototypes=vocabulary.prototypes,
-            window=self.inference.window,
-            stride=self.inference.stride,
-            short_side=self.inference.short_side,
-            batch_size=self.window_batch,
-            pad_to=spec.patch_size,
-        )
+        return predict_logits_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
+
+    def best_prompts(self, images: Sequence[np.ndarray], vocabulary: Vocabulary) -> list[tuple[Tensor, Tensor]]:
+        """The argmax of :meth:`base_logits` without holding them at full size: one ([H_i, W_i]
+        float32 best cosine, [H_i, W_i] int64 prompt index) per image."""
+        return predict_scores_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
 
     def load_sam(self) -> Sam:
         """The SAM of the refined prediction, built on first use (MissingWeightsError when absent)."""
@@ -327,11 +331,11 @@ class Segmenter:
     ) -> list[tuple[Prediction, Tensor]]:
         """(Prediction, [H, W] float32 best prompt cosine) per image."""
         out = []
-        for image, logits in zip(images, self.base_logits(images, vocabulary), strict=True):
-            base = labels_from_logits(logits, class_map=vocabulary.class_map, bg_threshold=bg_threshold,
+        for image, (score, prompt) in zip(images, self.best_prompts(images, vocabulary), strict=True):
+            base = labels_from_scores(score, prompt, class_map=vocabulary.class_map, bg_threshold=bg_threshold,
                                       background_index=background_index)
             refined = refine_with_masks(base, self.masks(image), vocabulary.num_classes) if refine else None
-            out.append((Prediction(base, refined), logits.max(dim=0).values))
+            out.append((Prediction(base, refined), score))
         return out
 
     def predict_batch(
@@ -346,7 +350,7 @@ class Segmenter:
         """[H, W, 3] uint8 RGB images -> base and (with refine) refined [H, W] int64 class maps.
 
         bg_threshold / background_index: pixels whose best cosine is below the threshold become
-        class `background_index` (None: off; ``labels_from_logits``).
+        class `background_index` (None: off; ``labels_from_scores``).
         """
         images = [_as_rgb(im) for im in images]
         return [p for p, _ in self._predict(images, vocabulary, refine=refine, bg_threshold=bg_threshold,

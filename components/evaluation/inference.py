@@ -165,6 +165,33 @@ def patch_logits(z: Tensor, prototypes: Tensor) -> Tensor:
     return torch.einsum("bhwd,kd->bkhw", z, t)
 
 
+def _resized_logits(
+    images: Sequence[Tensor],
+    *,
+    encode_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    window: int,
+    stride: int,
+    short_side: int | None,
+    batch_size: int,
+    pad_to: int,
+) -> list[Tensor]:
+    """The sliding-window logits of every image at its resized size: [K, h_i, w_i] float32 each."""
+    for image in images:
+        if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+            raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
+    resized = [resize_short_side(image, short_side) if short_side is not None else image for image in images]
+    return sliding_window_logits_batch(
+        resized,
+        lambda crops: patch_logits(encode_fn(crops), prototypes),
+        window=window,
+        stride=stride,
+        num_classes=prototypes.shape[0],
+        batch_size=batch_size,
+        pad_to=pad_to,
+    )
+
+
 def predict_logits_batch(
     images: Sequence[Tensor],
     *,
@@ -186,19 +213,8 @@ def predict_logits_batch(
     averaged logits are resized bilinearly (align_corners=False) back to H_i x W_i. Returns one
     [K, H_i, W_i] float32 of cosine similarities per image.
     """
-    for image in images:
-        if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
-            raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
-    resized = [resize_short_side(image, short_side) if short_side is not None else image for image in images]
-    logits = sliding_window_logits_batch(
-        resized,
-        lambda crops: patch_logits(encode_fn(crops), prototypes),
-        window=window,
-        stride=stride,
-        num_classes=prototypes.shape[0],
-        batch_size=batch_size,
-        pad_to=pad_to,
-    )
+    logits = _resized_logits(images, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+                             short_side=short_side, batch_size=batch_size, pad_to=pad_to)
     out = []
     for image, image_logits in zip(images, logits, strict=True):
         size = tuple(image.shape[-2:])
@@ -206,6 +222,53 @@ def predict_logits_batch(
             image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
         out.append(image_logits)
     return out
+
+
+def upsampled_max(logits: Tensor, size: tuple[int, int], *, chunk: int = 16) -> tuple[Tensor, Tensor]:
+    """Max over K of [K, h, w] logits resized bilinearly (align_corners=False) to `size` = (H, W).
+
+    The same values as resizing all K maps, then ``max(dim=0)`` (ties: the lower index), computed
+    `chunk` maps at a time so that memory holds [chunk, H, W], not [K, H, W] (a 12-megapixel photo
+    and 171 classes would be 8 GB). Returns ([H, W] float32 score, [H, W] int64 index).
+    """
+    if logits.dim() != 3 or chunk < 1:
+        raise ValueError(f"logits must be [K, h, w] and chunk >= 1, got {tuple(logits.shape)} and {chunk}")
+    best: Tensor | None = None
+    index: Tensor | None = None
+    for start in range(0, logits.shape[0], chunk):
+        part = logits[start : start + chunk]
+        if tuple(part.shape[-2:]) != tuple(size):
+            part = F.interpolate(part[None], size=size, mode="bilinear", align_corners=False)[0]
+        score, which = part.max(dim=0)
+        if best is None or index is None:
+            best, index = score, which
+        else:
+            better = score > best  # strictly: a tie keeps the earlier (lower) index, as max does
+            best = torch.where(better, score, best)
+            index = torch.where(better, which + start, index)
+    assert best is not None and index is not None
+    return best, index
+
+
+def predict_scores_batch(
+    images: Sequence[Tensor],
+    *,
+    encode_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    window: int,
+    stride: int,
+    short_side: int | None,
+    batch_size: int = 8,
+    pad_to: int = 1,
+    chunk: int = 16,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`predict_logits_batch` followed by the max over prompts, without holding [K, H, W] at
+    the original size (:func:`upsampled_max`): one ([H_i, W_i] float32 best cosine, [H_i, W_i] int64
+    prompt index) per image."""
+    logits = _resized_logits(images, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+                             short_side=short_side, batch_size=batch_size, pad_to=pad_to)
+    return [upsampled_max(image_logits, tuple(image.shape[-2:]), chunk=chunk)
+            for image, image_logits in zip(images, logits, strict=True)]
 
 
 def predict_logits(
@@ -227,33 +290,28 @@ def predict_logits(
     )[0]
 
 
-def labels_from_logits(
-    logits: Tensor,
+def labels_from_scores(
+    score: Tensor,
+    prompt: Tensor,
     *,
     class_map: Tensor | None = None,
     bg_threshold: float | None = None,
     background_index: int | None = None,
 ) -> Tensor:
-    """Per-pixel class from prompt logits.
+    """Per-pixel class from the winning prompt of every pixel.
 
-    logits: [K, H, W] scores over K prompts. The prompt with the highest score wins (ties: the lower
-    prompt index); class_map [K] int64 maps prompt index -> output class (e.g. PV-21's stuff prompts
-    -> background, see `build_prompt_set`); None: class = prompt index. With `bg_threshold`, pixels
-    whose highest score is below it get `background_index` (an output class index; required then).
-    The threshold is compared with the logits as given: cosine similarities from `predict_logits`.
-    Returns [H, W] int64.
+    score / prompt: [H, W] highest prompt logit and its prompt index (of K prompts). class_map [K]
+    int64 maps prompt index -> output class (e.g. PV-21's stuff prompts -> background, see
+    `build_prompt_set`); None: class = prompt index. With `bg_threshold`, pixels whose score is
+    below it get `background_index` (an output class index; required then): cosine similarities
+    from `predict_logits`. Returns [H, W] int64.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [K, H, W], got {tuple(logits.shape)}")
-    score, prompt = logits.max(dim=0)
     if class_map is None:
         labels = prompt
     else:
-        if class_map.shape != (logits.shape[0],) or class_map.dtype != torch.int64:
-            raise ValueError(
-                f"class_map must be [K={logits.shape[0]}] int64, got {tuple(class_map.shape)} {class_map.dtype}"
-            )
-        labels = class_map.to(logits.device)[prompt]
+        if class_map.dim() != 1 or class_map.dtype != torch.int64:
+            raise ValueError(f"class_map must be [K] int64, got {tuple(class_map.shape)} {class_map.dtype}")
+        labels = class_map.to(prompt.device)[prompt]
     if bg_threshold is not None:
         if background_index is None:
             raise ValueError("bg_threshold needs background_index (the output class of background)")
@@ -261,6 +319,27 @@ def labels_from_logits(
     elif background_index is not None:
         raise ValueError("background_index is only used with bg_threshold; pass both or neither")
     return labels
+
+
+def labels_from_logits(
+    logits: Tensor,
+    *,
+    class_map: Tensor | None = None,
+    bg_threshold: float | None = None,
+    background_index: int | None = None,
+) -> Tensor:
+    """Per-pixel class from prompt logits: [K, H, W] -> [H, W] int64.
+
+    The prompt with the highest score wins (ties: the lower prompt index), then
+    :func:`labels_from_scores` (class_map, bg_threshold / background_index: see there).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [K, H, W], got {tuple(logits.shape)}")
+    if class_map is not None and class_map.shape != (logits.shape[0],):
+        raise ValueError(f"class_map must be [K={logits.shape[0]}] int64, got {tuple(class_map.shape)} {class_map.dtype}")
+    score, prompt = logits.max(dim=0)
+    return labels_from_scores(score, prompt, class_map=class_map, bg_threshold=bg_threshold,
+                              background_index=background_index)
 
 
 def predict_base(
