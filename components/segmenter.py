@@ -202,8 +202,8 @@ class Segmenter:
         of the forwards, "fp32" by default. DINOv2 and CLIP are built from the registry now (absent
         weights raise MissingWeightsError naming the fetch command), SAM on the first refined
         prediction (or :meth:`load_sam`). inference: overrides the checkpoint's protocol (the
-        evaluation's settings). random_weights: real architectures with random weights where
-        weights are absent -- for benchmarks only, never for results.
+        evaluation's settings). random_weights: the real architectures with random weights, whatever
+        files are present -- for benchmarks only, never for results.
         """
         resolved = resolve_device(device or "auto")
         loaded = source if isinstance(source, LoadedAligner) else load_aligner(source, map_location=resolved)

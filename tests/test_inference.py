@@ -335,7 +335,7 @@ def test_a_batch_of_images_equals_one_image_at_a_time() -> None:
     assert max(batches) <= 8 and len(batches) < len(images) * 2  # windows of several images share forwards
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("chunk", [1, 3, 16])  # maps per chunk
 def test_upsampled_max_equals_resize_then_max(chunk: int) -> None:
     from components.evaluation.inference import upsampled_max
 
@@ -343,5 +343,5 @@ def test_upsampled_max_equals_resize_then_max(chunk: int) -> None:
     logits[4] = logits[2]  # a tie: the lower index wins, as with max
     full = F.interpolate(logits[None], size=(13, 17), mode="bilinear", align_corners=False)[0]
     want_score, want_index = full.max(dim=0)
-    score, index = upsampled_max(logits, (13, 17), chunk=chunk)
+    score, index = upsampled_max(logits, (13, 17), max_elements=chunk * 13 * 17)
     assert torch.equal(score, want_score) and torch.equal(index, want_index)

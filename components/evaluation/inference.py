@@ -224,15 +224,17 @@ def predict_logits_batch(
     return out
 
 
-def upsampled_max(logits: Tensor, size: tuple[int, int], *, chunk: int = 16) -> tuple[Tensor, Tensor]:
+def upsampled_max(logits: Tensor, size: tuple[int, int], *, max_elements: int = 1 << 25) -> tuple[Tensor, Tensor]:
     """Max over K of [K, h, w] logits resized bilinearly (align_corners=False) to `size` = (H, W).
 
-    The same values as resizing all K maps, then ``max(dim=0)`` (ties: the lower index), computed
-    `chunk` maps at a time so that memory holds [chunk, H, W], not [K, H, W] (a 12-megapixel photo
-    and 171 classes would be 8 GB). Returns ([H, W] float32 score, [H, W] int64 index).
+    The same values as resizing all K maps, then ``max(dim=0)`` (ties: the lower index), computed a
+    chunk of maps at a time so that a resized chunk holds at most `max_elements` values (one chunk
+    for an ordinary image; a 12-megapixel photo and 171 classes at once would be 8 GB). Returns
+    ([H, W] float32 score, [H, W] int64 index).
     """
-    if logits.dim() != 3 or chunk < 1:
-        raise ValueError(f"logits must be [K, h, w] and chunk >= 1, got {tuple(logits.shape)} and {chunk}")
+    if logits.dim() != 3 or max_elements < 1:
+        raise ValueError(f"logits must be [K, h, w] and max_elements >= 1, got {tuple(logits.shape)}, {max_elements}")
+    chunk = max(1, max_elements // (size[0] * size[1]))
     best: Tensor | None = None
     index: Tensor | None = None
     for start in range(0, logits.shape[0], chunk):
@@ -260,14 +262,14 @@ def predict_scores_batch(
     short_side: int | None,
     batch_size: int = 8,
     pad_to: int = 1,
-    chunk: int = 16,
+    max_elements: int = 1 << 25,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`predict_logits_batch` followed by the max over prompts, without holding [K, H, W] at
     the original size (:func:`upsampled_max`): one ([H_i, W_i] float32 best cosine, [H_i, W_i] int64
     prompt index) per image."""
     logits = _resized_logits(images, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
                              short_side=short_side, batch_size=batch_size, pad_to=pad_to)
-    return [upsampled_max(image_logits, tuple(image.shape[-2:]), chunk=chunk)
+    return [upsampled_max(image_logits, tuple(image.shape[-2:]), max_elements=max_elements)
             for image, image_logits in zip(images, logits, strict=True)]
 
 
