@@ -75,9 +75,12 @@ def _bad_row(row: int, message: str) -> MlflowException:
 def parse_classes(text: str) -> list[str]:
     """The classes of one row: ``"sky, tree"`` -> ``["sky", "tree"]``; with a ``;`` the classes are
     separated by it and keep their commas as synonyms: ``"person, people; sky"`` ->
-    ``["person, people", "sky"]``. Blank entries are dropped; no class at all is an error."""
-    separator = ";" if ";" in text else ","
-    names = [name.strip() for name in text.split(separator)]
+    ``["person, people", "sky"]``. Blank names are dropped; no class at all is an error."""
+    if ";" in text:
+        synonyms = [[word.strip() for word in entry.split(",")] for entry in text.split(";")]
+        names = [", ".join(word for word in words if word) for words in synonyms]
+    else:
+        names = [name.strip() for name in text.split(",")]
     names = [name for name in names if name]
     if not names:
         raise ValueError(f"no class names in {text!r}: write them comma-separated, e.g. 'sky, tree'")
