@@ -30,21 +30,21 @@ from typing import Any
 import torch
 import yaml
 
+from components.aligner.checkpoint import InferenceSpec
 from components.aligner.model import Aligner
 from components.config import Params, deep_merge, parse_params
 from components.datasets.readers import CanonicalDataset
 from components.datasets.synthetic import write_synthetic_benchmark
-from components.evaluation.benchmark import Stage2Segmenter, benchmark_prompts, evaluate_batch
+from components.evaluation.benchmark import benchmark_prompts, evaluate_batch
 from components.models import (
-    autocast_context,
     build_clip,
     build_dino,
     build_sam,
     get_spec,
-    prototypes,
     resolve_device,
     weights_status,
 )
+from components.segmenter import Segmenter, VocabularySegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_HW = (375, 500)
@@ -99,23 +99,20 @@ def build(params: Params, device: torch.device, dtype: str, data: CanonicalDatas
     torch.manual_seed(0)
     aligner = Aligner(get_spec(names.dino).embed_dim, get_spec(names.clip).embed_dim,
                       kind=params.aligner.kind, num_heads=params.aligner.num_heads).to(device).eval()
-    prompts = benchmark_prompts(data.classes, data.meta)
-    with torch.no_grad():
-        text = prototypes(clip.model, clip.tokenizer, prompts.names, list(params.evaluate.templates))
     ev = params.evaluate
-    common = dict(
-        dino=dino, aligner=aligner, prototypes=text, class_map=prompts.class_map, num_classes=len(data.classes),
-        mean=get_spec(names.dino).mean, std=get_spec(names.dino).std, short_side=ev.short_side,
-        window=ev.window, stride=ev.stride, autocast=functools.partial(autocast_context, device, dtype),
-    )
+    inference = InferenceSpec(sam=names.sam, templates=tuple(ev.templates), short_side=ev.short_side,
+                              window=ev.window, stride=ev.stride, amg=ev.amg.model_dump())
+    segmenter = Segmenter(aligner=aligner, dino=dino, dino_spec=get_spec(names.dino), clip=clip, inference=inference,
+                          sam=lambda: sam, device=device, dtype=dtype)
+    vocabulary = segmenter.vocabulary(data.classes, benchmark_prompts(data.classes, data.meta))  # untimed
     timer = ForwardTimer(
         {"dino": [dino], "aligner": [aligner], "sam_encoder": [sam.image_encoder],
          "sam_decoder": [sam.prompt_encoder, sam.mask_decoder]},
         device,
     )
     return {
-        "base": Stage2Segmenter(**common),
-        "refined": Stage2Segmenter(**common, sam=sam, amg=ev.amg.model_dump()),
+        "base": VocabularySegmenter(segmenter, vocabulary, refine=False),
+        "refined": VocabularySegmenter(segmenter, vocabulary, refine=True),
         "timer": timer,
         "random": sorted(n for n, r in random.items() if r),
     }
@@ -160,7 +157,7 @@ def main() -> None:
               f"device {device}, dtype {dtype if device.type == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}")
         print(f"# {args.images} timed images of {IMAGE_HW[1]}x{IMAGE_HW[0]} (+{args.warmup} warm-up), short side "
               f"{ev.short_side}, window {ev.window} / stride {ev.stride}, AMG {ev.amg.points_per_side}^2 points, "
-              f"{len(built['base'].class_map)} prompts")
+              f"{len(built['base'].vocabulary.prompts)} prompts")
         if built["random"]:
             print(f"# RANDOM weights (files absent): {', '.join(built['random'])}")
         print("| variant | images/s | s/image | in models | " + " | ".join(MODULES) + " |")

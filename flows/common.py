@@ -131,12 +131,13 @@ class Progress:
     turn into a stream of API calls.
     """
 
-    def __init__(self, total: int, desc: str, key: str | None = None, artifact_every: float = 2.0) -> None:
+    def __init__(self, total: int, desc: str, key: str | None = None, artifact_every: float = 2.0,
+                 unit: str = "it") -> None:
         from tqdm.auto import tqdm
 
         self.total = max(int(total), 0)
         self.done = 0
-        self._bar = tqdm(total=self.total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+        self._bar = tqdm(total=self.total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
         self._artifact_id = None
         self._every = artifact_every
         self._last = 0.0

@@ -45,6 +45,7 @@ from flows.common import (
 __all__ = [
     "evaluate_flow",
     "evaluate_stage1_flow",
+    "inference_spec",
     "evaluate_images",
     "write_missing_overlays",
     "state_path",
@@ -68,51 +69,51 @@ def _artifact_key(*parts: str) -> str:
 # ----------------------------------------------------------------------- per-worker model context
 class _Context(NamedTuple):
     dataset: Any  # CanonicalDataset
-    segment: Any  # Stage2Segmenter | Stage1Segmenter
+    segment: Any  # VocabularySegmenter | Stage1Segmenter
     num_classes: int  # columns of the confusion matrix
     class_names: list[str]
     variants: tuple[str, ...]
     image_level_labels: bool
 
 
+def inference_spec(params: Params) -> Any:
+    """The Stage 2 inference protocol of the settings (params.yaml ``evaluate`` and the profile's
+    SAM) as a components.aligner.checkpoint.InferenceSpec: what train records in the checkpoint,
+    and what evaluate runs with (the settings win over the checkpoint's record there)."""
+    from components.aligner.checkpoint import InferenceSpec
+
+    ev = params.evaluate
+    return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
+                         window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
+
+
 def _stage2_context(job: dict[str, Any]) -> _Context:
-    from components.aligner.checkpoint import load_aligner
+    from components.aligner.checkpoint import InferenceSpec, load_aligner
     from components.datasets.readers import CanonicalDataset
-    from components.evaluation.benchmark import (
-        Stage2Segmenter,
-        background_index,
-        benchmark_prompts,
-        display_names,
-    )
-    from components.models import autocast_context, get_spec, prototypes, resolve_device
+    from components.evaluation.benchmark import background_index, benchmark_prompts, display_names
+    from components.models import get_spec, resolve_device
+    from components.segmenter import Segmenter, VocabularySegmenter
 
     device = resolve_device(job["device"])
     dataset = CanonicalDataset(job["root"], job["split"])
     loaded = load_aligner(job["model_path"], map_location=device)
-    dino = cached_dino(loaded.encoder_spec, str(device), job["weights_dir"])
-    clip = cached_clip(loaded.text_spec, str(device), job["weights_dir"])
-    prompts = benchmark_prompts(dataset.classes, dataset.meta)
-    text = prototypes(clip.model, clip.tokenizer, prompts.names, job["templates"])
-    sam = cached_sam(job["sam"], str(device), job["weights_dir"]) if job["sam"] else None
-    spec = get_spec(loaded.encoder_spec)
-    segment = Stage2Segmenter(
-        dino=dino,
+    refine = job["sam"] is not None
+    segmenter = Segmenter(
         aligner=loaded.model,
-        prototypes=text,
-        class_map=prompts.class_map,
-        num_classes=len(dataset.classes),
-        mean=spec.mean,
-        std=spec.std,
-        short_side=job["short_side"],
-        window=job["window"],
-        stride=job["stride"],
-        bg_threshold=job["bg_threshold"],
-        background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
-        sam=sam,
-        amg=job["amg"] if sam is not None else None,
-        autocast=functools.partial(autocast_context, device, job["dtype"]),
+        dino=cached_dino(loaded.encoder_spec, str(device), job["weights_dir"]),
+        dino_spec=get_spec(loaded.encoder_spec),
+        clip=cached_clip(loaded.text_spec, str(device), job["weights_dir"]),
+        inference=InferenceSpec.from_dict(job["inference"]),
+        sam=functools.partial(cached_sam, job["sam"], str(device), job["weights_dir"]) if refine else None,
+        device=device,
+        dtype=job["dtype"],
     )
-    variants = REFINED_VARIANTS if sam is not None else BASE_VARIANTS
+    vocabulary = segmenter.vocabulary(dataset.classes, benchmark_prompts(dataset.classes, dataset.meta))
+    segment = VocabularySegmenter(
+        segmenter, vocabulary, refine=refine, bg_threshold=job["bg_threshold"],
+        background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
+    )
+    variants = REFINED_VARIANTS if refine else BASE_VARIANTS
     return _Context(dataset, segment, len(dataset.classes), display_names(dataset.classes), variants, False)
 
 
@@ -288,12 +289,8 @@ def _stage2_job(params: Params, dataset: str, root: Path, model_path: Path) -> d
         "device": params.models.device,
         "dtype": params.models.dtype,
         "weights_dir": params.models.weights_dir,
-        "short_side": ev.short_side,
-        "window": ev.window,
-        "stride": ev.stride,
-        "templates": list(ev.templates),
+        "inference": inference_spec(params).to_dict(),
         "bg_threshold": ev.bg_threshold,
-        "amg": ev.amg.model_dump(mode="json"),
     }
 
 
@@ -336,7 +333,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     job = _stage2_job(params, dataset, root, model)
     counted = {k: v for k, v in job.items() if k not in ("root", "model_path", "model_sha256", "device", "weights_dir")}
     if not ev.refine:
-        counted.pop("amg")
+        counted["inference"] = {k: v for k, v in counted["inference"].items() if k not in ("amg", "sam")}
     overlay_dir = project_path(params, "reports") / "overlays" / dataset
     overlay_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even with evaluate.overlays 0
     overlay_ids = ids[: ev.overlays]

@@ -19,7 +19,9 @@ its runs still land in ``<root>``'s store, so a grid of queued experiments compa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -56,6 +58,7 @@ __all__ = [
     "champion_scores",
     "promote_champion",
     "model_runs",
+    "resolve_model_uri",
 ]
 
 # Set this to one value for a batch of runs (a nightly, a hand-made sweep) to group them in the UI;
@@ -419,3 +422,100 @@ def model_runs(params: Params, *, experiment: str | None = None, max_results: in
         for run in runs
     ]
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------- model URIs (predict)
+CHECKPOINT_FILE = "aligner.pt"  # the name log_checkpoint gives the file under CHECKPOINT_ARTIFACT_DIR
+
+
+def resolve_model_uri(uri: str | None, params: Params, *, dst_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local checkpoint file for a model reference.
+
+    uri: a checkpoint path; ``runs:/<run_id>`` (the checkpoint :func:`log_checkpoint` logged to
+    that run, or ``runs:/<run_id>/<artifact path>``); ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` (the checkpoint of the registered version's run); None: the
+    ``champion`` of ``tracking.registered_model`` when the store has one, else
+    ``${paths.models}/aligner.pt``. Artifacts are downloaded under ``dst_dir`` (default: a folder
+    per run in the system's temp dir). Raises ValueError for a malformed URI or an unknown
+    run / model / alias, FileNotFoundError for a path that does not exist.
+    """
+    if uri is None:
+        champion = _champion_run(params)
+        if champion is None:
+            return Path(params.paths.models) / CHECKPOINT_FILE
+        return _run_checkpoint(params, champion, f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
+    if uri.startswith("runs:/"):
+        run_id, _, artifact = uri.removeprefix("runs:/").strip("/").partition("/")
+        if not run_id:
+            raise ValueError(f"model URI {uri!r} names no run: use runs:/<run_id>")
+        return _run_checkpoint(params, run_id, artifact or f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
+    if uri.startswith("models:/"):
+        run_id = _registered_run(params, uri)
+        return _run_checkpoint(params, run_id, f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", uri):
+        raise ValueError(f"unsupported model URI {uri!r}: use a checkpoint path, runs:/<run_id>, "
+                         "models:/<name>@<alias> or models:/<name>/<version>")
+    path = Path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path}")
+    return path
+
+
+def _store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is absent (asking would create it); True otherwise."""
+    db = _sqlite_path(uri)
+    return db is None or db.exists()
+
+
+def _champion_run(params: Params) -> str | None:
+    """The run behind the ``champion`` alias of the registered model, None when there is none."""
+    uri = tracking_uri(params)
+    if not _store_exists(uri):
+        return None
+    try:
+        return MlflowClient(uri).get_model_version_by_alias(params.tracking.registered_model, CHAMPION_ALIAS).run_id
+    except MlflowException:
+        return None
+
+
+def _registered_run(params: Params, uri: str) -> str:
+    """The run id of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    ref = uri.removeprefix("models:/").strip("/")
+    name, at, alias = ref.partition("@")
+    version = None
+    if not at:
+        name, _, version = ref.rpartition("/")
+    if not name or not (alias or version):
+        raise ValueError(f"model URI {uri!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+    store = tracking_uri(params)
+    if not _store_exists(store):
+        raise ValueError(f"{uri}: there is no MLflow store at {store}")
+    client = MlflowClient(store)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"{uri}: no such registered model version in {store} ({err.message})") from None
+    if not found.run_id:
+        raise ValueError(f"{uri}: version {found.version} of {name} was registered without a run")
+    return str(found.run_id)
+
+
+def _run_checkpoint(params: Params, run_id: str, artifact: str, dst_dir: str | os.PathLike[str] | None) -> Path:
+    """Download one artifact file of a run (the checkpoint) and return its local path."""
+    store = tracking_uri(params)
+    if not _store_exists(store):
+        raise ValueError(f"runs:/{run_id}: there is no MLflow store at {store}")
+    client = MlflowClient(store)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"runs:/{run_id}: no such run in {store}") from None
+    target = Path(dst_dir) if dst_dir is not None else Path(tempfile.gettempdir()) / "fmbseg-models" / run_id
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(client.download_artifacts(run_id, artifact, str(target)))
+    except (MlflowException, OSError) as err:
+        raise ValueError(f"run {run_id} has no artifact {artifact!r} (is it a trained model's run?): {err}") from None
+    if not local.is_file():
+        raise ValueError(f"run {run_id}: artifact {artifact!r} is a folder, not a checkpoint file")
+    return local

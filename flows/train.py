@@ -28,6 +28,7 @@ from components.io import file_sha256
 from flows import tracking
 from flows.balance import train_index_path
 from flows.common import PARAMS_FILE, cached_clip, cached_dino, stage_params, table_artifact
+from flows.evaluate import inference_spec
 from flows.features import features_root
 from flows.label import output_root
 
@@ -127,6 +128,7 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
         templates=list(params.label.templates),
         class_names=labels.vocabulary,
         prototypes=prototypes,
+        inference=inference_spec(params),  # SAM, templates and window protocol of the segmenter
         params=flatten(params),
         mlflow_run_id=run_id,
     )

@@ -18,7 +18,6 @@ from components.evaluation.benchmark import (
     EvalState,
     Prediction,
     Stage1Segmenter,
-    Stage2Segmenter,
     background_index,
     benchmark_prompts,
     display_names,
@@ -233,59 +232,66 @@ def mini_models():
     return {"dino": build_dino("mini-dino"), "clip": build_clip("mini-clip"), "sam": build_sam("mini-sam")}
 
 
-def stage2(mini_models, prompts, num_classes: int, refine: bool) -> Stage2Segmenter:
+def stage2(mini_models, refine: bool):
+    from components.aligner.checkpoint import InferenceSpec
     from components.aligner.model import Aligner
-    from components.models import get_spec, prototypes
+    from components.models import get_spec
+    from components.segmenter import Segmenter
 
     torch.manual_seed(0)
-    clip = mini_models["clip"]
-    spec = get_spec("mini-dino")
-    return Stage2Segmenter(
-        dino=mini_models["dino"],
-        aligner=Aligner(32, 32, kind="transformer", num_heads=4).eval(),
-        prototypes=prototypes(clip.model, clip.tokenizer, prompts.names),
-        class_map=prompts.class_map,
-        num_classes=num_classes,
-        mean=spec.mean,
-        std=spec.std,
-        short_side=56,
-        window=56,
-        stride=28,
-        sam=mini_models["sam"] if refine else None,
+    inference = InferenceSpec(
+        sam="mini-sam", templates=("a photo of a {}.",), short_side=56, window=56, stride=28,
         amg={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-             "min_area_frac": 0.0, "max_area_frac": 1.0} if refine else None,
+             "min_area_frac": 0.0, "max_area_frac": 1.0},
+    )
+    return Segmenter(
+        aligner=Aligner(32, 32, kind="transformer", num_heads=4).eval(),
+        dino=mini_models["dino"],
+        dino_spec=get_spec("mini-dino"),
+        clip=mini_models["clip"],
+        inference=inference,
+        sam=(lambda: mini_models["sam"]) if refine else None,
     )
 
 
 def test_stage2_segmenter_base_and_refined(mini_models, tmp_path):
+    from components.models import prototypes
     from components.models.dino import patch_features
     from components.models.preprocess import resize_normalize
+    from components.segmenter import VocabularySegmenter
 
     root = write_synthetic_benchmark("pv21", tmp_path, num_images=1)
     data = CanonicalDataset(root, "val")
     image = data.read_image(data.ids[0])
     prompts = benchmark_prompts(data.classes, data.meta)
-    segment = stage2(mini_models, prompts, 21, refine=True)
+    segmenter = stage2(mini_models, refine=True)
+    vocabulary = segmenter.vocabulary(data.classes, prompts)
+    clip = mini_models["clip"]
+    torch.testing.assert_close(vocabulary.prototypes, prototypes(clip.model, clip.tokenizer, prompts.names))
+    assert segmenter.vocabulary(data.classes, prompts) is vocabulary  # computed once per vocabulary
+    segment = VocabularySegmenter(segmenter, vocabulary, refine=True)
 
     pixels = torch.randn(2, 3, 56, 84)
     feats = patch_features(mini_models["dino"], pixels)
-    expected = segment.aligner(feats.reshape(2, 24, 32)).reshape(2, 4, 6, 32)
-    torch.testing.assert_close(segment.encode(pixels), expected)
+    expected = segmenter.aligner(feats.reshape(2, 24, 32)).reshape(2, 4, 6, 32)
+    torch.testing.assert_close(segmenter.encode(pixels), expected)
 
     prediction = segment(image)
     height, width = image.shape[:2]
     assert prediction.base.shape == (height, width) and prediction.base.dtype == torch.int64
     assert int(prediction.base.max()) < 21  # the 91 stuff prompts all vote for background
-    normalised = resize_normalize(torch.from_numpy(image.copy()), (height, width), segment.mean, segment.std)[0]
-    logits = predict_logits(normalised, encode_fn=segment.encode, prototypes=segment.prototypes, window=56,
+    spec = segmenter.dino_spec
+    normalised = resize_normalize(torch.from_numpy(image.copy()), (height, width), spec.mean, spec.std)[0]
+    logits = predict_logits(normalised, encode_fn=segmenter.encode, prototypes=vocabulary.prototypes, window=56,
                             stride=28, short_side=56)
     torch.testing.assert_close(prediction.base, prompts.class_map[logits.argmax(dim=0)])
-    masks = segment.masks(image)
+    masks = segmenter.masks(image)
     assert masks.dtype == torch.bool and masks.shape[1:] == (height, width)
     torch.testing.assert_close(prediction.refined, refine_with_masks(prediction.base, masks, 21))
 
-    base_only = stage2(mini_models, prompts, 21, refine=False)
-    assert base_only(image).refined is None
+    base_only = stage2(mini_models, refine=False)
+    assert VocabularySegmenter(base_only, base_only.vocabulary(data.classes, prompts), refine=False)(
+        image).refined is None
     with pytest.raises(ValueError, match="no SAM"):
         base_only.masks(image)
 

@@ -41,6 +41,7 @@ def make_project(root: Path, benchmarks: tuple[str, ...], num_images: int, overr
     finished MLflow run; returns that run's id. The working directory must be ``root``."""
     from components.config import deep_merge
     from flows import tracking
+    from flows.evaluate import inference_spec
 
     (root / "params.yaml").write_text(yaml.safe_dump(deep_merge(DEMO_PARAMS, overrides or {})))
     for name in benchmarks:
@@ -58,6 +59,7 @@ def make_project(root: Path, benchmarks: tuple[str, ...], num_images: int, overr
         templates=["a photo of a {}."],
         class_names=["thing", "stuff"],
         prototypes=F.normalize(torch.randn(2, 32), dim=-1),
+        inference=inference_spec(params),
         params=flatten(params),
         mlflow_run_id=run_id,
     )
@@ -116,21 +118,21 @@ def test_evaluate_every_benchmark_then_report(tmp_path, monkeypatch, prefect_har
 
 
 def test_evaluate_resumes_after_an_interruption(tmp_path, monkeypatch, prefect_harness, mlflow_uri):
-    from components.evaluation import benchmark
+    from components.segmenter import Segmenter
     from flows.evaluate import evaluate_flow
 
     monkeypatch.chdir(tmp_path)
     run_id = make_project(tmp_path, ("pv20",), num_images=4, overrides={"evaluate": {"overlays": 2}})
     calls: list[int] = []
-    original = benchmark.Stage2Segmenter.__call__
+    original = Segmenter.predict
 
-    def interrupted(self, image):
+    def interrupted(self, image, *args, **kwargs):
         if len(calls) == 2:
             raise RuntimeError("killed")
         calls.append(1)
-        return original(self, image)
+        return original(self, image, *args, **kwargs)
 
-    monkeypatch.setattr(benchmark.Stage2Segmenter, "__call__", interrupted)
+    monkeypatch.setattr(Segmenter, "predict", interrupted)
     with pytest.raises(RuntimeError, match="killed"):
         sequential(evaluate_flow)("pv20")
     state_file = tmp_path / "reports" / ".eval_state" / "pv20.pt"
@@ -141,7 +143,8 @@ def test_evaluate_resumes_after_an_interruption(tmp_path, monkeypatch, prefect_h
     for picture in (tmp_path / "reports" / "overlays" / "pv20").iterdir():
         picture.unlink()
 
-    monkeypatch.setattr(benchmark.Stage2Segmenter, "__call__", lambda self, image: calls.append(1) or original(self, image))
+    monkeypatch.setattr(Segmenter, "predict",
+                        lambda self, image, *a, **kw: calls.append(1) or original(self, image, *a, **kw))
     calls.clear()
     resumed = sequential(evaluate_flow)("pv20")
     # two images scored after the resume, plus the two overlay images drawn again

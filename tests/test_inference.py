@@ -256,3 +256,80 @@ def test_background_threshold() -> None:
         labels_from_logits(logits, bg_threshold=0.5)
     with pytest.raises(ValueError, match="class_map must be"):
         labels_from_logits(logits, class_map=torch.tensor([0, 1]))
+
+
+# ------------------------------------------- windows whose side is not a multiple of the patch size
+def strict_encoder(patch: int, dim: int):
+    """make_encoder, but refusing pixels whose sides are not multiples of the patch (as DINOv2 does)."""
+    encode = make_encoder(patch, dim)
+
+    def encode_fn(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-2] % patch or pixels.shape[-1] % patch:
+            raise ValueError(f"sides must be divisible by {patch}, got {tuple(pixels.shape[-2:])}")
+        return encode(pixels)
+
+    return encode_fn
+
+
+def naive_padded(image: torch.Tensor, logits_fn, window: int, stride: int, multiple: int) -> torch.Tensor:
+    """naive_sliding, each window zero-padded on the bottom and right to a multiple of `multiple`,
+    its logits upsampled to the padded size and cropped back to the window (SCLIP / mmseg style)."""
+
+    def padded_fn(crops: torch.Tensor) -> torch.Tensor:
+        h, w = crops.shape[-2:]
+        ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        out = logits_fn(F.pad(crops, (0, pw - w, 0, ph - h)))
+        return F.interpolate(out, size=(ph, pw), mode="bilinear", align_corners=False)[:, :, :h, :w]
+
+    return naive_sliding(image, padded_fn, window, stride)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "short_side", "window", "stride"),
+    [
+        (15, 20, None, 16, 8),  # short_side null: a 375x500 VOC image at window 448, scaled down
+        (20, 18, 13, 16, 8),  # a short side below the window: 500x450 at 336 -> a 373x336 window
+        (7, 9, 12, 16, 8),  # a small image, upscaled to a side that is no multiple of the patch
+        (5, 6, None, 16, 8),  # an image smaller than one window, kept at its size
+        (21, 35, None, 12, 8),  # odd sides larger than the window, window a multiple of the patch
+    ],
+)
+def test_windows_of_any_size_are_padded_to_the_patch_grid(height, width, short_side, window, stride) -> None:
+    image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(9))
+    prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(10))
+    encode_fn = strict_encoder(patch=4, dim=5)
+    got = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+                         short_side=short_side, pad_to=4)
+    assert got.shape == (3, height, width)
+    resized = image if short_side is None else resize_short_side(image, short_side)
+    small = naive_padded(resized, lambda crops: patch_logits(encode_fn(crops), prototypes), window, stride, 4)
+    want = F.interpolate(small[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_padding_changes_nothing_on_the_patch_grid() -> None:
+    image = torch.randn(3, 16, 24, generator=torch.Generator().manual_seed(11))
+    prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(12))
+    encode_fn = strict_encoder(patch=4, dim=5)
+    plain = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8, short_side=None)
+    padded = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8,
+                            short_side=None, pad_to=4)
+    assert torch.equal(plain, padded)
+
+
+def test_a_batch_of_images_equals_one_image_at_a_time() -> None:
+    from components.evaluation.inference import predict_logits_batch
+
+    generator = torch.Generator().manual_seed(13)
+    images = [torch.randn(3, h, w, generator=generator) for h, w in ((15, 20), (16, 16), (9, 30), (15, 20))]
+    prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(14))
+    batches: list[int] = []
+    encode_fn = strict_encoder(patch=4, dim=5)
+    counted = counting(encode_fn, batches)
+    got = predict_logits_batch(images, encode_fn=counted, prototypes=prototypes, window=12, stride=8,
+                               short_side=12, batch_size=8, pad_to=4)
+    for image, logits in zip(images, got, strict=True):
+        alone = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=12, stride=8,
+                               short_side=12, pad_to=4)
+        assert torch.allclose(logits, alone, atol=1e-6)
+    assert max(batches) <= 8 and len(batches) < len(images) * 2  # windows of several images share forwards

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from components.aligner.checkpoint import save_checkpoint
+from components.aligner.checkpoint import InferenceSpec, save_checkpoint
 from components.aligner.model import Aligner
 from components.config import flatten, parse_params
 from flows import tracking
@@ -130,12 +130,16 @@ def test_standard_tags(tmp_path, monkeypatch) -> None:
     assert tracking.standard_tags(params)["fmbseg.group"] == "sweep-7"
 
 
+INFERENCE = InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, window=56, stride=28,
+                          amg={"min_area_frac": 0.0, "max_area_frac": 1.0})
+
+
 def test_champion_promotion(tmp_path, mlflow_uri) -> None:
     params = parse_params({})
     model = params.tracking.registered_model
     ckpt = save_checkpoint(
         tmp_path / "aligner.pt", model=Aligner(4, 2, kind="linear"), encoder_spec="mini-dino", image_size=56,
-        text_spec="mini-clip", templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), params={},
+        text_spec="mini-clip", templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), inference=INFERENCE, params={},
         mlflow_run_id=None,
     )
     with pytest.raises(ValueError, match="no MLflow run id"):
@@ -158,7 +162,7 @@ def test_champion_promotion(tmp_path, mlflow_uri) -> None:
     assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["score"] == 40.0
     save_checkpoint(
         ckpt, model=Aligner(4, 2, kind="linear"), encoder_spec="mini-dino", image_size=56, text_spec="mini-clip",
-        templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), params={}, mlflow_run_id=runs["second"],
+        templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), inference=INFERENCE, params={}, mlflow_run_id=runs["second"],
     )
     assert tracking.checkpoint_run_id(ckpt) == runs["second"]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from components.aligner.checkpoint import load_aligner, save_checkpoint
+from components.aligner.checkpoint import InferenceSpec, load_aligner, save_checkpoint
 from components.aligner.model import Aligner
 from components.aligner.train import TrainSettings, pending_resume, train_aligner
 
@@ -143,6 +143,10 @@ def test_bad_settings_are_rejected() -> None:
         train_aligner(FeatureSamples(0), prototypes(), settings())
 
 
+MINI_INFERENCE = InferenceSpec(sam="mini-sam", templates=("a photo of a {}.",), short_side=56, window=56, stride=28,
+                               amg={"points_per_side": 4, "min_area_frac": 0.0, "max_area_frac": 1.0})
+
+
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path) -> None:
     torch.manual_seed(0)
     model = Aligner(IN_DIM, OUT_DIM, kind="transformer", num_heads=4)
@@ -150,7 +154,7 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path) -> None:
     path = save_checkpoint(
         tmp_path / "models" / "aligner.pt", model=model, encoder_spec="mini-dino", image_size=56,
         text_spec="mini-clip", templates=["a photo of a {}."], class_names=["cat", "dog", "sky"],
-        prototypes=text, params={"train.lr": 0.05, "label.templates": ["a photo of a {}."]}, mlflow_run_id="abc",
+        prototypes=text, inference=MINI_INFERENCE, params={"train.lr": 0.05, "label.templates": ["a photo of a {}."]}, mlflow_run_id="abc",
     )
     raw = torch.load(path, weights_only=True)  # plain types only
     assert raw["aligner_config"] == {"in_dim": IN_DIM, "out_dim": OUT_DIM, "kind": "transformer", "num_heads": 4}
@@ -166,6 +170,7 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path) -> None:
     assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", 56, "mini-clip")
     assert loaded.templates == ["a photo of a {}."] and loaded.run_id == "abc"
     assert loaded.params == {"train.lr": 0.05, "label.templates": ["a photo of a {}."]}
+    assert loaded.inference == MINI_INFERENCE and raw["format"] == 2
 
 
 def test_checkpoint_errors(tmp_path) -> None:
@@ -174,11 +179,18 @@ def test_checkpoint_errors(tmp_path) -> None:
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="missing"):
         load_aligner(tmp_path / "other.pt")
+    torch.save({"format": 1, "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="format-1 checkpoint .* `fmbseg train`"):
+        load_aligner(tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="size filter"):
+        InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, window=56, stride=28, amg={})
+    with pytest.raises(ValueError, match="unknown \\['grid'\\]"):
+        InferenceSpec.from_dict({**MINI_INFERENCE.to_dict(), "grid": 4})
     with pytest.raises(ValueError, match="prototypes must be"):
         save_checkpoint(
             tmp_path / "a.pt", model=Aligner(IN_DIM, OUT_DIM, kind="linear"), encoder_spec="mini-dino",
             image_size=56, text_spec="mini-clip", templates=[], class_names=["a"], prototypes=prototypes(),
-            params={}, mlflow_run_id=None,
+            inference=MINI_INFERENCE, params={}, mlflow_run_id=None,
         )
 
 

@@ -7,7 +7,12 @@ One ``torch.save`` of plain types (dicts, lists, str, numbers, tensors), so it l
 - ``encoder``: ``{"dino": spec name, "image_size": input side}`` (the frozen image encoder),
 - ``text``: ``{"clip": spec name, "templates": [...]}`` (what made the prototypes),
 - ``class_names`` [K] and ``prototypes`` [K, D] float32 (L2-normalised text features t_k),
+- ``inference``: :class:`InferenceSpec` as a dict -- the SAM of the refined prediction, the
+  templates of inference-time prototypes and the sliding-window protocol -- so the segmenter
+  (components.segmenter) rebuilds from the file alone, whatever params.yaml is next to it,
 - ``params``: the flattened params that made it; ``mlflow_run_id``: its MLflow run.
+
+Format 2 added ``inference``; a format-1 file is refused with the command that rewrites it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,10 +29,57 @@ import torch
 from components.aligner.model import Aligner
 from components.io import atomic_write_bytes
 
-__all__ = ["CHECKPOINT_FORMAT", "LoadedAligner", "save_checkpoint", "load_aligner"]
+__all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "save_checkpoint", "load_aligner"]
 
-CHECKPOINT_FORMAT = 1
-_KEYS = ("format", "model", "aligner_config", "encoder", "text", "class_names", "prototypes", "params", "mlflow_run_id")
+CHECKPOINT_FORMAT = 2
+_KEYS = ("format", "model", "aligner_config", "encoder", "text", "inference", "class_names", "prototypes", "params",
+         "mlflow_run_id")
+_AMG_AREA_KEYS = ("min_area_frac", "max_area_frac")
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """How Stage 2 runs at inference (paper §3.4, the TCL protocol of DESIGN §4).
+
+    sam: SAM registry name of the refined prediction. templates: prompt templates of the text
+    prototypes of any vocabulary ("a photo of a {}."). short_side: images are resized to this
+    short side first (None: kept as they are); window / stride: the sliding window, in pixels of
+    the resized image. amg: SamImage.automatic_masks settings plus the size filter
+    ``min_area_frac`` / ``max_area_frac`` (shares of the image area).
+    """
+
+    sam: str
+    templates: tuple[str, ...]
+    short_side: int | None
+    window: int
+    stride: int
+    amg: Mapping[str, float | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError(f"every template must contain '{{}}', got {list(self.templates)}")
+        if self.window < 1 or not 1 <= self.stride <= self.window:
+            raise ValueError(f"need window >= 1 and 1 <= stride <= window, got {self.window} / {self.stride}")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"short_side must be >= 1 or None, got {self.short_side}")
+        missing = [k for k in _AMG_AREA_KEYS if k not in self.amg]
+        if missing:
+            raise ValueError(f"amg needs the size filter {list(_AMG_AREA_KEYS)}, missing {missing}")
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain types, for the checkpoint (and JSON)."""
+        out = asdict(self)
+        out["templates"], out["amg"] = list(self.templates), dict(self.amg)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, object]) -> InferenceSpec:
+        """The inverse of :meth:`to_dict`; an unknown or missing key is an error naming the valid ones."""
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(raw) - set(names)), sorted(set(names) - set(raw))
+        if unknown or missing:
+            raise ValueError(f"inference spec keys must be {names}; unknown {unknown}, missing {missing}")
+        return cls(**{**raw, "templates": tuple(raw["templates"]), "amg": dict(raw["amg"])})  # type: ignore[arg-type]
 
 
 class LoadedAligner(NamedTuple):
@@ -38,7 +91,8 @@ class LoadedAligner(NamedTuple):
     encoder_spec: str  # DINOv2 registry name
     image_size: int  # encoder input side in pixels
     text_spec: str  # CLIP registry name
-    templates: list[str]
+    templates: list[str]  # of the training prototypes
+    inference: InferenceSpec  # SAM, inference templates, window protocol
     run_id: str | None  # MLflow run of the training
     params: dict[str, Any]  # flattened params that made it
 
@@ -53,10 +107,13 @@ def save_checkpoint(
     templates: Sequence[str],
     class_names: Sequence[str],
     prototypes: torch.Tensor,
+    inference: InferenceSpec,
     params: Mapping[str, Any],
     mlflow_run_id: str | None,
 ) -> Path:
     """Write the checkpoint atomically; return its path.
+
+    templates: those of the training prototypes; inference: what the segmenter runs with.
 
     prototypes: [K, D] float text prototypes, K = len(class_names), D = the aligner's out_dim.
     params: flat {dotted key: str | int | float | bool | None | list}.
@@ -71,6 +128,7 @@ def save_checkpoint(
         "aligner_config": dict(model.aligner_config()),
         "encoder": {"dino": encoder_spec, "image_size": int(image_size)},
         "text": {"clip": text_spec, "templates": list(templates)},
+        "inference": inference.to_dict(),
         "class_names": list(class_names),
         "prototypes": prototypes.detach().float().cpu().clone(),
         "params": dict(params),
@@ -88,6 +146,11 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
     if not path.exists():
         raise FileNotFoundError(f"no aligner checkpoint at {path}: run `fmbseg train` (or `dvc repro train`)")
     state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise ValueError(
+            f"{path} is a format-1 checkpoint (no SAM spec and window protocol, which predict needs): "
+            "rewrite it with `fmbseg train` (or `dvc repro train`)"
+        )
     missing = [k for k in _KEYS if k not in state] if isinstance(state, dict) else list(_KEYS)
     if missing:
         raise ValueError(f"{path} is not an fmbseg aligner checkpoint: missing {missing}")
@@ -105,6 +168,7 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
         image_size=int(state["encoder"]["image_size"]),
         text_spec=state["text"]["clip"],
         templates=list(state["text"]["templates"]),
+        inference=InferenceSpec.from_dict(state["inference"]),
         run_id=state["mlflow_run_id"],
         params=dict(state["params"]),
     )

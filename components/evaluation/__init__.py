@@ -7,8 +7,10 @@ from components.evaluation.inference import (
     patch_logits,
     predict_base,
     predict_logits,
+    predict_logits_batch,
     resize_short_side,
     sliding_window_logits,
+    sliding_window_logits_batch,
 )
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.refine import PAINT_ORDERS, paint_by_score, paint_masks, refine_with_masks
@@ -24,7 +26,9 @@ __all__ = [
     "patch_logits",
     "predict_base",
     "predict_logits",
+    "predict_logits_batch",
     "refine_with_masks",
     "resize_short_side",
     "sliding_window_logits",
+    "sliding_window_logits_batch",
 ]

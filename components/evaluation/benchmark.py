@@ -4,11 +4,9 @@ The pieces, in the order the evaluate stages string them together:
 
 - :func:`benchmark_prompts`: the prompts of a benchmark and the class each votes for (PV-21 adds
   the COCO-Stuff stuff classes, all mapped to background; paper §4.1).
-- :class:`Stage2Segmenter`: FMbSeg Stage 2 on one image (paper §3.4). Base: DINOv2 patch features
-  of sliding windows -> aligner -> cosine to the text prototypes -> bilinear to the image size ->
-  argmax (``components.evaluation.inference``). Refined: SAM's automatic masks of the image (one
-  encoder pass), each painted over the base map with the majority base class inside it
-  (``components.evaluation.refine``).
+- FMbSeg Stage 2 itself is ``components.segmenter.Segmenter`` (the one inference path that
+  predict and the MLflow model run too); the loop scores it fixed to a benchmark's prompts
+  (``VocabularySegmenter``).
 - :class:`Stage1Segmenter`: Stage 1's pseudo label map of one image, to score it (Table 2).
 - :func:`evaluate_batch`: a batch of image ids -> partial confusion matrices (small, plain lists),
   the ids scored, the ids that could not be read (reported, left out of the metric); overlay
@@ -22,7 +20,6 @@ The pieces, in the order the evaluate stages string them together:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -40,17 +37,10 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from components.datasets.readers import UnreadableImageError
-from components.evaluation.inference import (
-    PromptSet,
-    build_prompt_set,
-    labels_from_logits,
-    predict_logits,
-    resize_short_side,
-)
+from components.evaluation.inference import PromptSet, build_prompt_set
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.overlay import write_overlay
 from components.evaluation.paper_numbers import STAGE1_VARIANTS
-from components.evaluation.refine import refine_with_masks
 from components.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.labelling.stage1 import (
     Stage1Settings,
@@ -63,19 +53,16 @@ from components.labelling.stage1 import (
     stage1_1,
     stage1_2,
 )
-from components.models.dino import patch_features
-from components.models.preprocess import resize_normalize
-from components.models.sam import SamImage
+from components.segmenter import Prediction, size_filter
 
 __all__ = [
     "IGNORE_INDEX",
     "STATE_FORMAT",
     "Prediction",
-    "Segmenter",
+    "SegmentFn",
     "LabelledImages",
     "benchmark_prompts",
     "background_index",
-    "Stage2Segmenter",
     "STAGE1_VARIANTS",
     "Stage1Segmenter",
     "size_filter",
@@ -102,15 +89,8 @@ BACKGROUND_HANDLING: tuple[str, ...] = ("class0", "ignored", "none")
 _UNREADABLE = (UnreadableImageError, OSError, ValueError)
 
 
-class Prediction(NamedTuple):
-    """A segmenter's output for one image: [H, W] int64 class maps at the image's size."""
-
-    base: Tensor
-    refined: Tensor | None
-
-
-Segmenter = Callable[[np.ndarray], Prediction]
-"""[H, W, 3] uint8 RGB image -> :class:`Prediction`."""
+SegmentFn = Callable[[np.ndarray], Prediction]
+"""[H, W, 3] uint8 RGB image -> :class:`Prediction` (e.g. a components.segmenter.VocabularySegmenter)."""
 
 
 class LabelledImages(Protocol):
@@ -121,12 +101,7 @@ class LabelledImages(Protocol):
     def read_label(self, image_id: str) -> np.ndarray: ...
 
 
-# ------------------------------------------------------------------------------------ inference
-def _as_tensor(image: np.ndarray) -> Tensor:
-    """A tensor view of the image (copied only when numpy marks it read-only, as PIL's arrays are)."""
-    return torch.from_numpy(np.require(image, requirements="W"))
-
-
+# -------------------------------------------------------------------------------------- prompts
 def benchmark_prompts(class_lines: Sequence[str], meta: Mapping[str, Any]) -> PromptSet:
     """The prompts a benchmark is evaluated with (paper §4.1) and the class each one votes for.
 
@@ -152,131 +127,6 @@ def background_index(meta: Mapping[str, Any]) -> int | None:
     if handling not in BACKGROUND_HANDLING:
         raise ValueError(f"meta.json background must be one of {list(BACKGROUND_HANDLING)}, got {handling!r}")
     return 0 if handling == "class0" else None
-
-
-def size_filter(records: Sequence[Mapping[str, Any]], image_area: int, min_area_frac: float,
-                max_area_frac: float) -> list[Mapping[str, Any]]:
-    """Automatic-mask records whose area is within [min_area_frac, max_area_frac] of the image."""
-    low, high = min_area_frac * image_area, max_area_frac * image_area
-    return [r for r in records if low <= r["area"] <= high]
-
-
-class Stage2Segmenter:
-    """FMbSeg Stage 2 (paper §3.4) on one image: base prediction and, with `sam`, the refined one.
-
-    dino: a frozen DINOv2 (components.models.build_dino); aligner: the trained alignment module M
-    ([B, N, C] -> [B, N, D]); prototypes: [K', D] text prototypes of the prompts; class_map: [K']
-    int64 prompt -> dataset class (``build_prompt_set``); num_classes: dataset classes C.
-    mean / std: the DINOv2 pixel statistics (of pixels in [0, 1]).
-    short_side / window / stride: the evaluation protocol (TCL: 448 / 448 / 224; short_side None
-    keeps the image size); window_batch: windows per encoder forward (a memory knob: the windows of
-    an ordinary image all fit in one). bg_threshold / background_index: pixels whose best cosine is
-    below the threshold become background (None: off).
-    sam: SAM for the refined prediction (None: base only); amg: SamImage.automatic_masks settings
-    plus ``min_area_frac`` / ``max_area_frac`` (the size filter). SAM runs on the image resized to
-    the evaluation short side; its masks are resized (nearest) to the original size for painting.
-    autocast: a context manager factory for the model forwards (mixed precision on GPU).
-    """
-
-    def __init__(
-        self,
-        *,
-        dino: nn.Module,
-        aligner: nn.Module,
-        prototypes: Tensor,
-        class_map: Tensor,
-        num_classes: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        short_side: int | None,
-        window: int,
-        stride: int,
-        window_batch: int = 16,
-        bg_threshold: float | None = None,
-        background_index: int | None = None,
-        sam: Sam | None = None,
-        amg: Mapping[str, Any] | None = None,
-        autocast: Callable[[], Any] | None = None,
-    ) -> None:
-        if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
-            raise ValueError(
-                f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
-                f"{tuple(class_map.shape)}"
-            )
-        if (sam is None) != (amg is None):
-            raise ValueError("refinement needs both sam and amg (or neither, for base only)")
-        self.dino, self.aligner = dino, aligner
-        self.device = prototypes.device
-        self.prototypes, self.class_map = prototypes, class_map.to(self.device)
-        self.num_classes = num_classes
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.short_side, self.window, self.stride, self.window_batch = short_side, window, stride, window_batch
-        self.bg_threshold, self.background_index = bg_threshold, background_index
-        self.sam = sam
-        amg = dict(amg or {})
-        if sam is not None and not {"min_area_frac", "max_area_frac"} <= set(amg):
-            raise ValueError(f"amg needs min_area_frac and max_area_frac (the size filter), got keys {sorted(amg)}")
-        self.size_filter = (amg.pop("min_area_frac", None), amg.pop("max_area_frac", None))
-        self.amg = amg
-        self.autocast = autocast
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Aligned patch embeddings z = M(DINOv2(x)): [B, 3, h, w] normalised pixels (h, w ÷ 14)
-        -> [B, h/14, w/14, D] float32."""
-        with self._autocast():
-            features = patch_features(self.dino, pixels)
-            batch, rows, cols, width = features.shape
-            z = self.aligner(features.reshape(batch, rows * cols, width))
-        return z.float().reshape(batch, rows, cols, -1)
-
-    def base_logits(self, image: np.ndarray) -> Tensor:
-        """[H, W, 3] uint8 -> [K', H, W] float32 cosine logits of every prompt (sliding windows)."""
-        pixels = resize_normalize(_as_tensor(image).to(self.device), image.shape[:2], self.mean, self.std)[0]
-        return predict_logits(
-            pixels,
-            encode_fn=self.encode,
-            prototypes=self.prototypes,
-            window=self.window,
-            stride=self.stride,
-            short_side=self.short_side,
-            batch_size=self.window_batch,
-        )
-
-    @torch.no_grad()
-    def masks(self, image: np.ndarray) -> Tensor:
-        """SAM automatic masks of the image, size-filtered: [M, H, W] bool at the image's size."""
-        if self.sam is None:
-            raise ValueError("this segmenter has no SAM: it was built for base predictions only")
-        height, width = image.shape[:2]
-        small = image
-        if self.short_side is not None:
-            small = resize_short_side(_as_tensor(image), self.short_side).numpy()
-        with self._autocast():
-            records = SamImage(self.sam, small).automatic_masks(**self.amg)
-        records = size_filter(records, small.shape[0] * small.shape[1], *self.size_filter)
-        if not records:
-            return torch.zeros(0, height, width, dtype=torch.bool, device=self.device)
-        stack = torch.from_numpy(np.stack([r["segmentation"] for r in records])).to(self.device)
-        if stack.shape[1:] != (height, width):
-            stack = F.interpolate(stack[None].to(torch.uint8), size=(height, width), mode="nearest-exact")[0].bool()
-        return stack
-
-    def __call__(self, image: np.ndarray) -> Prediction:
-        """[H, W, 3] uint8 RGB -> base and (with SAM) refined [H, W] int64 class maps."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be [H, W, 3] uint8 RGB, got {image.shape} {image.dtype}")
-        base = labels_from_logits(
-            self.base_logits(image),
-            class_map=self.class_map,
-            bg_threshold=self.bg_threshold,
-            background_index=self.background_index,
-        )
-        refined = refine_with_masks(base, self.masks(image), self.num_classes) if self.sam is not None else None
-        return Prediction(base, refined)
-
-    def _autocast(self) -> Any:
-        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
 
 class Stage1Segmenter:
@@ -401,7 +251,7 @@ def evaluate_batch(
     dataset: LabelledImages,
     ids: Sequence[str],
     *,
-    segment: Segmenter,
+    segment: SegmentFn,
     num_classes: int,
     variants: Sequence[str],
     class_names: Sequence[str] = (),
@@ -450,7 +300,7 @@ def write_overlays(
     dataset: LabelledImages,
     ids: Sequence[str],
     *,
-    segment: Segmenter,
+    segment: SegmentFn,
     variants: Sequence[str],
     class_names: Sequence[str],
     overlay_dir: str | Path,

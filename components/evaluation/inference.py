@@ -3,7 +3,9 @@
 Paper §3.4 "Pixelwise Segmentation": patch logits are the cosine similarities between the aligned
 patch embeddings and the text prototypes, interpolated to the original image size, then argmax.
 The evaluation protocol follows TCL / mmseg (DESIGN.md §4): resize to short side 448, sliding
-window 448 / stride 224 with overlapping window logits averaged, no post-processing.
+window 448 / stride 224 with overlapping window logits averaged, no post-processing. A window
+whose side is no multiple of the encoder's patch (any short side below the window, or none) is
+zero-padded to the patch grid and its logits cropped back, as SCLIP's slide inference does.
 
 Nothing here knows which encoder produced the embeddings: `encode_fn` / `logits_fn` are callables.
 """
@@ -53,6 +55,82 @@ def _window_starts(size: int, window: int, stride: int) -> list[int]:
     return [max(min(i * stride, size - window), 0) for i in range(count)]
 
 
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+@torch.no_grad()
+def sliding_window_logits_batch(
+    images: Sequence[Tensor],
+    logits_fn: Callable[[Tensor], Tensor],
+    *,
+    window: int,
+    stride: int,
+    num_classes: int,
+    batch_size: int = 8,
+    pad_to: int = 1,
+) -> list[Tensor]:
+    """Sliding-window dense logits of several images, averaged where windows overlap.
+
+    images: [3, H_i, W_i] float each (sizes may differ). logits_fn: [B, 3, h, w] -> [B, K, h', w']
+    (K = num_classes; any h', w', e.g. the patch grid). Windows are window x window, placed every
+    `stride` pixels, with the last window in each direction snapped to the image border (mmseg slide
+    inference); along an axis where the image is smaller than `window`, a single window spans the
+    whole axis, so the windows of an image are min(window, H) x min(window, W). Each window is
+    zero-padded on the bottom and right to a multiple of `pad_to` (the encoder's patch size, so that
+    any image size and short side work; SCLIP's slide inference pads the same way), and windows of
+    the same padded size -- of one image or of several -- run through `logits_fn` together, in
+    chunks of `batch_size`, in the order of the images. Each window's logits are upsampled
+    bilinearly (align_corners=False) to the padded size, cropped to the window and summed into
+    their image; every pixel is divided by the number of windows that cover it. Returns one
+    [K, H_i, W_i] float32 per image, on its device. Runs without gradients.
+    """
+    if window < 1 or stride < 1 or batch_size < 1 or num_classes < 1 or pad_to < 1:
+        raise ValueError(
+            f"window, stride, batch_size, num_classes and pad_to must be >= 1, got {window}, {stride}, "
+            f"{batch_size}, {num_classes}, {pad_to}"
+        )
+    if stride > window:
+        raise ValueError(f"stride {stride} > window {window} would leave pixels that no window covers")
+    groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # padded size -> (image, y, x)
+    sums, counts, sizes = [], [], []
+    for index, image in enumerate(images):
+        if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+            raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
+        _, height, width = image.shape
+        win = (min(window, height), min(window, width))
+        sizes.append(win)
+        padded = (_round_up(win[0], pad_to), _round_up(win[1], pad_to))
+        groups.setdefault(padded, []).extend(
+            (index, y, x) for y in _window_starts(height, window, stride) for x in _window_starts(width, window, stride)
+        )
+        sums.append(torch.zeros(num_classes, height, width, dtype=torch.float32, device=image.device))
+        counts.append(torch.zeros(1, height, width, dtype=torch.float32, device=image.device))
+    for (pad_h, pad_w), boxes in groups.items():
+        for start in range(0, len(boxes), batch_size):
+            chunk = boxes[start : start + batch_size]
+            crops = []
+            for index, y, x in chunk:
+                win_h, win_w = sizes[index]
+                crop = images[index][:, y : y + win_h, x : x + win_w]
+                if (win_h, win_w) != (pad_h, pad_w):
+                    crop = F.pad(crop, (0, pad_w - win_w, 0, pad_h - win_h))
+                crops.append(crop.to(images[chunk[0][0]].device))
+            out = logits_fn(torch.stack(crops))
+            if out.dim() != 4 or tuple(out.shape[:2]) != (len(chunk), num_classes):
+                raise ValueError(
+                    f"logits_fn must return [B={len(chunk)}, K={num_classes}, h, w], got {tuple(out.shape)}"
+                )
+            out = out.float()
+            if tuple(out.shape[-2:]) != (pad_h, pad_w):
+                out = F.interpolate(out, size=(pad_h, pad_w), mode="bilinear", align_corners=False)
+            for (index, y, x), window_logits in zip(chunk, out, strict=True):
+                win_h, win_w = sizes[index]
+                sums[index][:, y : y + win_h, x : x + win_w] += window_logits[:, :win_h, :win_w].to(sums[index].device)
+                counts[index][:, y : y + win_h, x : x + win_w] += 1
+    return [total / count for total, count in zip(sums, counts, strict=True)]
+
+
 @torch.no_grad()
 def sliding_window_logits(
     image: Tensor,
@@ -62,49 +140,14 @@ def sliding_window_logits(
     stride: int,
     num_classes: int,
     batch_size: int = 8,
+    pad_to: int = 1,
 ) -> Tensor:
-    """Sliding-window dense logits of one image, averaged where windows overlap.
-
-    image: [3, H, W] float. logits_fn: [B, 3, h, w] -> [B, K, h', w'] (K = num_classes; any h', w',
-    e.g. the patch grid). Windows are window x window, placed every `stride` pixels, with the last
-    window in each direction snapped to the image border (mmseg slide inference); along an axis where
-    the image is smaller than `window`, a single window spans the whole axis, so all windows of an
-    image have the same size min(window, H) x min(window, W) and run through `logits_fn` together,
-    in chunks of `batch_size`. Each window's logits are upsampled bilinearly (align_corners=False)
-    to the window size and summed into the image; every pixel is divided by the number of windows
-    that cover it. Returns [K, H, W] float32 on the image's device. Runs without gradients.
-    """
-    if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
-        raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
-    if window < 1 or stride < 1 or batch_size < 1 or num_classes < 1:
-        raise ValueError(
-            f"window, stride, batch_size and num_classes must be >= 1, got {window}, {stride}, "
-            f"{batch_size}, {num_classes}"
-        )
-    if stride > window:
-        raise ValueError(f"stride {stride} > window {window} would leave pixels that no window covers")
-    _, height, width = image.shape
-    win_h, win_w = min(window, height), min(window, width)
-    boxes = [
-        (y, x) for y in _window_starts(height, window, stride) for x in _window_starts(width, window, stride)
-    ]
-    logits_sum = torch.zeros(num_classes, height, width, dtype=torch.float32, device=image.device)
-    count = torch.zeros(1, height, width, dtype=torch.float32, device=image.device)
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start : start + batch_size]
-        crops = torch.stack([image[:, y : y + win_h, x : x + win_w] for y, x in chunk])
-        out = logits_fn(crops)
-        if out.dim() != 4 or tuple(out.shape[:2]) != (len(chunk), num_classes):
-            raise ValueError(
-                f"logits_fn must return [B={len(chunk)}, K={num_classes}, h, w], got {tuple(out.shape)}"
-            )
-        out = out.float()
-        if tuple(out.shape[-2:]) != (win_h, win_w):
-            out = F.interpolate(out, size=(win_h, win_w), mode="bilinear", align_corners=False)
-        for (y, x), window_logits in zip(chunk, out, strict=True):
-            logits_sum[:, y : y + win_h, x : x + win_w] += window_logits
-            count[:, y : y + win_h, x : x + win_w] += 1
-    return logits_sum / count
+    """Sliding-window dense logits of one image: [3, H, W] float -> [K, H, W] float32
+    (:func:`sliding_window_logits_batch` of that one image; see it for the arguments)."""
+    return sliding_window_logits_batch(
+        [image], logits_fn, window=window, stride=stride, num_classes=num_classes, batch_size=batch_size,
+        pad_to=pad_to,
+    )[0]
 
 
 def patch_logits(z: Tensor, prototypes: Tensor) -> Tensor:
@@ -122,6 +165,49 @@ def patch_logits(z: Tensor, prototypes: Tensor) -> Tensor:
     return torch.einsum("bhwd,kd->bkhw", z, t)
 
 
+def predict_logits_batch(
+    images: Sequence[Tensor],
+    *,
+    encode_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    window: int,
+    stride: int,
+    short_side: int | None,
+    batch_size: int = 8,
+    pad_to: int = 1,
+) -> list[Tensor]:
+    """FMbSeg Stage 2 (base) logits of several images, each at its original size.
+
+    images: [3, H_i, W_i] float each, normalised as `encode_fn` expects. encode_fn: pixels
+    [B, 3, h, w] -> patch embeddings [B, h/p, w/p, D] already in text space (e.g. DINOv2 + aligner).
+    prototypes: [K, D] text prototypes. Each image is resized to `short_side` (None: kept as is),
+    cut into sliding windows padded to a multiple of `pad_to` (`sliding_window_logits_batch`, the
+    windows of all images batched together), each window scored by `patch_logits`, and the
+    averaged logits are resized bilinearly (align_corners=False) back to H_i x W_i. Returns one
+    [K, H_i, W_i] float32 of cosine similarities per image.
+    """
+    for image in images:
+        if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
+            raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
+    resized = [resize_short_side(image, short_side) if short_side is not None else image for image in images]
+    logits = sliding_window_logits_batch(
+        resized,
+        lambda crops: patch_logits(encode_fn(crops), prototypes),
+        window=window,
+        stride=stride,
+        num_classes=prototypes.shape[0],
+        batch_size=batch_size,
+        pad_to=pad_to,
+    )
+    out = []
+    for image, image_logits in zip(images, logits, strict=True):
+        size = tuple(image.shape[-2:])
+        if tuple(image_logits.shape[-2:]) != size:
+            image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(image_logits)
+    return out
+
+
 def predict_logits(
     image: Tensor,
     *,
@@ -131,31 +217,14 @@ def predict_logits(
     stride: int,
     short_side: int | None,
     batch_size: int = 8,
+    pad_to: int = 1,
 ) -> Tensor:
-    """FMbSeg Stage 2 (base) logits at the original image size.
-
-    image: [3, H, W] float, normalised as `encode_fn` expects. encode_fn: pixels [B, 3, h, w] ->
-    patch embeddings [B, h/p, w/p, D] already in text space (e.g. DINOv2 + aligner). prototypes:
-    [K, D] text prototypes. The image is resized to `short_side` (None: kept as is), cut into sliding
-    windows (`sliding_window_logits`), each window scored by `patch_logits`, and the averaged logits
-    are resized bilinearly (align_corners=False) back to H x W. Returns [K, H, W] float32 cosine
-    similarities.
-    """
-    if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
-        raise ValueError(f"image must be [3, H, W] float, got shape {tuple(image.shape)} {image.dtype}")
-    height, width = image.shape[-2:]
-    resized = resize_short_side(image, short_side) if short_side is not None else image
-    logits = sliding_window_logits(
-        resized,
-        lambda crops: patch_logits(encode_fn(crops), prototypes),
-        window=window,
-        stride=stride,
-        num_classes=prototypes.shape[0],
-        batch_size=batch_size,
-    )
-    if tuple(logits.shape[-2:]) != (height, width):
-        logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    return logits
+    """FMbSeg Stage 2 (base) logits at the original image size: [3, H, W] float -> [K, H, W]
+    float32 cosine similarities (:func:`predict_logits_batch` of that one image)."""
+    return predict_logits_batch(
+        [image], encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+        short_side=short_side, batch_size=batch_size, pad_to=pad_to,
+    )[0]
 
 
 def labels_from_logits(
@@ -203,6 +272,7 @@ def predict_base(
     stride: int,
     short_side: int | None,
     batch_size: int = 8,
+    pad_to: int = 1,
     class_map: Tensor | None = None,
     bg_threshold: float | None = None,
     background_index: int | None = None,
@@ -219,6 +289,7 @@ def predict_base(
         stride=stride,
         short_side=short_side,
         batch_size=batch_size,
+        pad_to=pad_to,
     )
     return labels_from_logits(
         logits, class_map=class_map, bg_threshold=bg_threshold, background_index=background_index

@@ -56,7 +56,7 @@ def _check_label(name: str, label: np.ndarray, shape: tuple[int, int]) -> None:
 
 def overlay_picture(
     image: np.ndarray,
-    ground_truth: np.ndarray,
+    ground_truth: np.ndarray | None,
     predictions: Mapping[str, np.ndarray],
     class_names: Sequence[str],
     *,
@@ -65,17 +65,19 @@ def overlay_picture(
 ) -> Image.Image:
     """One RGB picture: image | ground truth | each prediction, titled, and a legend underneath.
 
-    image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore); predictions: title ->
-    [H, W] uint8 class map (e.g. {"base": ..., "refined": ...}); class_names: one name per class
-    index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour).
+    image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore), or None for no ground
+    truth panel (new images); predictions: title -> [H, W] uint8 class map (e.g. {"base": ...,
+    "refined": ...}); class_names: one name per class index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
     shape = image.shape[:2]
-    _check_label("ground_truth", ground_truth, shape)
+    if ground_truth is not None:
+        _check_label("ground_truth", ground_truth, shape)
     for title, pred in predictions.items():
         _check_label(f"prediction {title!r}", pred, shape)
-    present = np.unique(np.concatenate([ground_truth.ravel(), *(p.ravel() for p in predictions.values())]))
+    labels = dict(predictions) if ground_truth is None else {"ground truth": ground_truth, **predictions}
+    present = np.unique(np.concatenate([p.ravel() for p in labels.values()]))
     present = present[present != IGNORE_INDEX]
     if present.size and int(present.max()) >= len(class_names):
         raise ValueError(f"class index {int(present.max())} has no name ({len(class_names)} class names)")
@@ -83,7 +85,7 @@ def overlay_picture(
     height = panel_height
     width = max(1, round(shape[1] * height / shape[0]))
     panels = [("image", Image.fromarray(image).resize((width, height), Image.BILINEAR))]
-    for title, label in [("ground truth", ground_truth), *predictions.items()]:
+    for title, label in labels.items():
         small = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
         small_image = np.asarray(panels[0][1])
         panels.append((title, Image.fromarray(_blend(small_image, small, alpha))))

@@ -1,0 +1,358 @@
+"""Segmenting folders of new images into files (what ``fmbseg predict`` writes), resumably.
+
+Layout of an output folder DIR, for images listed from SOURCEs (:func:`list_sources`), each kept at
+its path relative to its SOURCE folder:
+
+- ``DIR/<relative path without extension>.png``: the label map at the image's original size
+  (EXIF orientation applied), class index into ``DIR/classes.txt``, 255 = no class; a 16-bit PNG
+  (65535 = no class) when the vocabulary has more than 255 classes;
+- ``DIR/<relative path without extension>_overlay.jpg`` (with overlays): the image | the prediction, with a legend;
+- ``DIR/classes.txt``: the vocabulary, one class per line (synonyms kept);
+- ``DIR/predictions.jsonl``: one line per image, in listing order: source path, sha256 of the
+  file, size, and each present class with its pixel share, score and mask as COCO RLE;
+- ``DIR/skipped.csv`` (``path,reason``): every input that could not be read (never fatal);
+- ``DIR/.predict_settings.json``: the key of the settings (model hash, vocabulary, variant,
+  protocol) the records were made with.
+
+Resuming: images go through the model in batches fixed by their position in the listing, and the
+records of a batch are appended to ``predictions.jsonl`` in one write once its label maps (written
+atomically) are in place. A rerun with the same settings key skips every image whose record has
+the file's current sha256 (and whose outputs exist), so an interrupted run continues where it
+stopped and ends with the same bytes as an uninterrupted one; a torn last line is dropped. Another
+key starts the folder's records over. At the end the records are rewritten, atomically, in listing
+order.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from components.datasets.readers import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image_rgb
+from components.evaluation.overlay import overlay_picture
+from components.io import atomic_write_bytes, atomic_write_text, bytes_sha256, encode_label_png
+from components.segmenter import Segmenter, SegmentResult
+
+__all__ = [
+    "CLASSES_FILE",
+    "PREDICTIONS_FILE",
+    "SKIPPED_FILE",
+    "SETTINGS_FILE",
+    "Source",
+    "PredictSummary",
+    "list_sources",
+    "encode_label_map",
+    "decode_label_map",
+    "mask_rle",
+    "settings_key",
+    "predict_images",
+]
+
+CLASSES_FILE = "classes.txt"
+PREDICTIONS_FILE = "predictions.jsonl"
+SKIPPED_FILE = "skipped.csv"
+SETTINGS_FILE = ".predict_settings.json"
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file and where its outputs go: ``relative`` is its path under its SOURCE folder
+    (a file given by itself: its name)."""
+
+    path: Path
+    relative: PurePosixPath
+
+    @property
+    def stem(self) -> str:
+        """The output name without extension: ``relative`` with its suffix dropped."""
+        return str(self.relative.with_suffix(""))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The leading folders of a glob pattern that hold no wildcard."""
+    parts = []
+    for part in Path(pattern).parts:
+        if _GLOB_CHARS & set(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _under(path: Path, base: Path) -> PurePosixPath:
+    return PurePosixPath(path.relative_to(base).as_posix())
+
+
+def list_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
+    """The image files of SOURCEs: files as given, folders recursively (image extensions, hidden
+    entries skipped), globs (``**`` recursive) matching files or folders.
+
+    Each path keeps its position: sources in the order given, folders and globs sorted. A file met
+    twice is listed once (first place). Raises FileNotFoundError for a source that does not exist
+    or a glob that matches nothing, ValueError when two images would write the same outputs
+    (``a.jpg`` and ``a.png`` in one folder) or no image is found.
+    """
+    found: list[Source] = []
+    for source in sources:
+        text = os.fspath(source)
+        if _GLOB_CHARS & set(text):
+            base = _glob_base(text)
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {text!r}")
+            for match in matches:
+                if match.is_dir():
+                    found.extend(Source(p, _under(p, base)) for p in list_images(match))
+                elif match.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(Source(match, _under(match, base)))
+        else:
+            path = Path(text)
+            if path.is_dir():
+                found.extend(Source(p, _under(p, path)) for p in list_images(path))
+            elif path.is_file():
+                found.append(Source(path, PurePosixPath(path.name)))
+            else:
+                raise FileNotFoundError(f"no such file or folder: {text}")
+    unique: list[Source] = []
+    seen_files: set[Path] = set()
+    owners: dict[str, Source] = {}
+    clashes = []
+    for item in found:
+        resolved = item.path.resolve()
+        if resolved in seen_files:
+            continue
+        seen_files.add(resolved)
+        if item.stem in owners:
+            clashes.append(f"{owners[item.stem].path} and {item.path} -> {item.stem}.png")
+            continue
+        owners[item.stem] = item
+        unique.append(item)
+    if clashes:
+        raise ValueError("two images would write the same outputs: " + "; ".join(clashes[:5]))
+    if not unique:
+        raise ValueError(f"no images in {[os.fspath(s) for s in sources]} (extensions: {sorted(IMAGE_EXTENSIONS)})")
+    return unique
+
+
+def encode_label_map(label: np.ndarray) -> bytes:
+    """PNG of a label map: [H, W] uint8 (8-bit grayscale) or uint16 (16-bit grayscale)."""
+    if label.ndim == 2 and label.dtype == np.uint16:
+        buf = io.BytesIO()
+        Image.fromarray(label, mode="I;16").save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    return encode_label_png(label)
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """The inverse of :func:`encode_label_map`: [H, W] uint8 or uint16."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I;16", "I"):
+            return np.asarray(im).astype(np.uint16)
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"a label PNG must be single-channel, got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def mask_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO RLE of a [H, W] bool mask (pycocotools): {"size": [H, W], "counts": str}."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """sha256 of the (JSON-serialisable) settings that change the outputs."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _display(line: str) -> str:
+    return line.split(",")[0].strip()
+
+
+def _record(source: Source, sha256: str, result: SegmentResult, classes: Sequence[str]) -> dict[str, Any]:
+    height, width = result.label_map.shape
+    present = []
+    for k in result.present:
+        present.append({
+            "index": k,
+            "name": _display(classes[k]),
+            "share": round(float(result.shares[k]), 6),
+            "score": round(float(result.scores[k]), 6),
+            "rle": mask_rle(result.label_map == k),
+        })
+    return {"source": source.path.as_posix(), "output": f"{source.stem}.png", "sha256": sha256,
+            "width": width, "height": height, "classes": present}
+
+
+def _overlay_jpeg(image: np.ndarray, label: np.ndarray, classes: Sequence[str]) -> bytes:
+    picture = overlay_picture(image, None, {"prediction": label}, [_display(c) for c in classes])
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class PredictSummary(NamedTuple):
+    """What a run did: images listed, segmented now, found done (resumed), skipped (unreadable)."""
+
+    images: int
+    segmented: int
+    resumed: int
+    skipped: int
+
+
+@dataclass
+class _Item:
+    source: Source
+    sha256: str
+    image: np.ndarray | None
+    error: str | None
+
+
+def _load(source: Source) -> _Item:
+    """Hash the file and decode it (the decode only matters when the image is not done)."""
+    try:
+        data = source.path.read_bytes()
+    except OSError as err:
+        return _Item(source, "", None, f"{type(err).__name__}: {err}")
+    sha = bytes_sha256(data)
+    try:
+        return _Item(source, sha, read_image_rgb(source.path), None)
+    except UnreadableImageError as err:
+        return _Item(source, sha, None, err.reason)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a predictions.jsonl (a torn last line, from a kill mid-write, dropped)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+
+
+def _skipped_csv(rows: Sequence[tuple[str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def predict_images(
+    segmenter: Segmenter,
+    sources: Sequence[Source],
+    classes: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    key: str,
+    refine: bool = False,
+    overlays: bool = False,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    on_batch: Callable[[int], None] | None = None,
+) -> PredictSummary:
+    """Segment `sources` with `classes` into `out_dir` (the layout of this module's docstring).
+
+    key: :func:`settings_key` of everything that changes the outputs (model, classes, refine,
+    protocol, dtype); records made under another key are discarded. Images are read and decoded
+    by `num_workers` threads ahead of the model, and their outputs written by one more thread
+    while the next batch runs. on_batch(n): called after each batch's outputs are in place with
+    the number of images it handled (progress). Returns a :class:`PredictSummary`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    classes = list(classes)
+    if overlays and len(classes) > 255:
+        raise ValueError(f"overlays colour at most 255 classes, the vocabulary has {len(classes)}")
+    segmenter.vocabulary(classes)  # a bad vocabulary fails before any file is touched
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path, settings_path = out / PREDICTIONS_FILE, out / SETTINGS_FILE
+    previous_key = json.loads(settings_path.read_text())["key"] if settings_path.exists() else None
+    if previous_key != key:
+        records_path.unlink(missing_ok=True)
+        atomic_write_text(settings_path, json.dumps({"key": key}) + "\n")
+    atomic_write_text(out / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
+    done = {r["output"]: r for r in _read_records(records_path)}
+
+    def is_done(item: _Item) -> bool:
+        record = done.get(f"{item.source.stem}.png")
+        return (record is not None and record["sha256"] == item.sha256 and (out / record["output"]).exists()
+                and (not overlays or (out / f"{item.source.stem}_overlay.jpg").exists()))
+
+    def write(batch: list[_Item], results: list[SegmentResult]) -> int:
+        lines = []
+        for item, result in zip(batch, results, strict=True):
+            assert item.image is not None
+            atomic_write_bytes(out / f"{item.source.stem}.png", encode_label_map(result.label_map))
+            if overlays:
+                atomic_write_bytes(out / f"{item.source.stem}_overlay.jpg",
+                                   _overlay_jpeg(item.image, result.label_map, classes))
+            lines.append(json.dumps(_record(item.source, item.sha256, result, classes), separators=(",", ":")))
+        if lines:
+            with open(records_path, "ab") as f:  # the batch's records in one write
+                f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        return len(batch)
+
+    skipped: list[tuple[str, str]] = []
+    segmented = resumed = 0
+    def finish(pending: tuple[Future[int], int] | None) -> None:
+        if pending is not None:
+            pending[0].result()
+            if on_batch is not None:
+                on_batch(pending[1])
+
+    with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as readers, ThreadPoolExecutor(max_workers=1) as writer:
+        pending: tuple[Future[int], int] | None = None
+        for batch_items in _batches(readers, sources, batch_size, ahead=2):
+            todo = []
+            for item in batch_items:
+                if item.error is not None:
+                    skipped.append((item.source.path.as_posix(), item.error))
+                elif is_done(item):
+                    resumed += 1
+                else:
+                    todo.append(item)
+            results = segmenter.segment_batch([i.image for i in todo], classes, refine=refine) if todo else []
+            finish(pending)  # the previous batch's files, written while this batch ran
+            pending = (writer.submit(write, todo, results), len(batch_items))
+            segmented += len(todo)
+        finish(pending)
+
+    atomic_write_text(out / SKIPPED_FILE, _skipped_csv(skipped))
+    records = {r["output"]: r for r in _read_records(records_path)}  # the last record of an image wins
+    ordered = [records[f"{s.stem}.png"] for s in sources if f"{s.stem}.png" in records]
+    atomic_write_text(records_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in ordered))
+    return PredictSummary(images=len(sources), segmented=segmented, resumed=resumed, skipped=len(skipped))
+
+
+def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int) -> Iterator[list[_Item]]:
+    """Batches of loaded items in listing order (batch i = sources[i*size:(i+1)*size]), `ahead`
+    batches loading in `pool` while the caller works."""
+    chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
+    queue: list[list[Future[_Item]]] = []
+    for chunk in chunks[:ahead]:
+        queue.append([pool.submit(_load, s) for s in chunk])
+    for index in range(len(chunks)):
+        futures = queue.pop(0)
+        if index + ahead < len(chunks):
+            queue.append([pool.submit(_load, s) for s in chunks[index + ahead]])
+        yield [f.result() for f in futures]

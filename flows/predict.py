@@ -1,0 +1,159 @@
+"""`fmbseg predict`: segment new images with a trained model, for any class names (the `predict` flow).
+
+The model is a checkpoint path, ``runs:/<run_id>`` or ``models:/<name>@<alias>`` (resolved by
+``tracking.resolve_model_uri``; default: the registered champion when the store has one, else
+``${paths.models}/aligner.pt``). The checkpoint describes itself (DINOv2, CLIP, SAM, window
+protocol), so a model of any profile runs from any project; params.yaml supplies only the device,
+dtype and weights folder. What lands in the output folder, and how a rerun resumes, is
+``components.predictions``. Everything a user can get wrong (sources, classes, model) is checked
+before any model loads; the command prints one line and exits 2 for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.config import Params
+from flows.common import PARAMS_FILE, Progress, stage_params
+
+__all__ = ["class_lines", "prepare", "segment_images", "predict_flow", "register"]
+
+READ_WORKERS = 2  # decoding threads ahead of the model
+
+
+def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
+    """The vocabulary: ``--classes "sky,grass,car"`` (one class per comma) or ``--vocabulary`` (a
+    shipped class list's name or a class file, one class per line, comma-separated synonyms)."""
+    from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+
+    if (classes is None) == (vocabulary is None):
+        raise ValueError("give the class names with exactly one of --classes and --vocabulary")
+    if classes is not None:
+        lines = [c.strip() for c in classes.split(",")]
+        if not any(lines) or not all(lines):
+            raise ValueError(f"--classes {classes!r} holds an empty class name")
+        return lines
+    assert vocabulary is not None
+    if vocabulary in CLASS_FILES:
+        return read_class_file(class_file_path(vocabulary))
+    if Path(vocabulary).is_file():
+        lines = read_class_file(vocabulary)
+        if not lines:
+            raise ValueError(f"vocabulary file {vocabulary} holds no class")
+        return lines
+    raise FileNotFoundError(
+        f"--vocabulary {vocabulary!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor a file"
+    )
+
+
+def prepare(params: Params, sources: list[str], out: str, *, classes: str | None, vocabulary: str | None,
+            model: str | None, refine: bool, overlays: bool, batch_size: int) -> dict[str, Any]:
+    """Check every user input and resolve it, loading no foundation model: the job of the task
+    (plain types). Raises FileNotFoundError / ValueError with a message for the user."""
+    from components.aligner.checkpoint import load_aligner
+    from components.io import file_sha256
+    from components.models import resolve_device
+    from components.predictions import list_sources, settings_key
+    from flows.tracking import resolve_model_uri
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    lines = class_lines(classes, vocabulary)
+    if overlays and len(lines) > 255:
+        raise ValueError(f"--overlays colours at most 255 classes; the vocabulary has {len(lines)}")
+    listed = list_sources(sources)
+    checkpoint = resolve_model_uri(model, params)
+    loaded = load_aligner(checkpoint)  # a checkpoint of another format is refused here, with the fix
+    device = resolve_device(params.models.device)
+    dtype = params.models.dtype if device.type == "cuda" else "fp32"  # the CPU always runs fp32
+    model_sha = file_sha256(checkpoint)
+    key = settings_key({"model": model_sha, "classes": lines, "refine": refine,
+                        "inference": loaded.inference.to_dict(), "dtype": dtype})
+    return {
+        "checkpoint": str(checkpoint), "model_sha256": model_sha, "classes": lines,
+        "sources": [[s.path.as_posix(), s.relative.as_posix()] for s in listed], "out": out, "key": key,
+        "refine": refine, "overlays": overlays, "batch_size": batch_size, "device": str(device), "dtype": dtype,
+        "weights_dir": params.models.weights_dir,
+    }
+
+
+@task(name="segment-images", cache_policy=NO_CACHE)
+def segment_images(job: dict[str, Any]) -> dict[str, int]:
+    """Build the segmenter from the checkpoint and segment the job's images into its folder."""
+    from pathlib import PurePosixPath
+
+    from components.predictions import Source, predict_images
+    from components.segmenter import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(job["checkpoint"], device=job["device"], dtype=job["dtype"],
+                                          weights_dir=job["weights_dir"])
+    if job["refine"]:
+        segmenter.load_sam()  # absent SAM weights fail now, not after the first batch
+    sources = [Source(Path(path), PurePosixPath(rel)) for path, rel in job["sources"]]
+    with Progress(len(sources), desc="predict", key="predict", unit="img") as bar:
+        summary = predict_images(
+            segmenter, sources, job["classes"], job["out"], key=job["key"], refine=job["refine"],
+            overlays=job["overlays"], batch_size=job["batch_size"], num_workers=READ_WORKERS, on_batch=bar.update,
+        )
+    return summary._asdict()
+
+
+@flow(name="predict")
+def predict_flow(
+    sources: list[str],
+    out: str,
+    classes: str | None = None,
+    vocabulary: str | None = None,
+    model: str | None = None,
+    refine: bool = False,
+    overlays: bool = False,
+    batch_size: int = 8,
+    params_path: str = PARAMS_FILE,
+) -> dict[str, Any]:
+    """Segment the images of `sources` into `out` (resumable); returns what was done."""
+    params = stage_params(params_path)
+    job = prepare(params, sources, out, classes=classes, vocabulary=vocabulary, model=model, refine=refine,
+                  overlays=overlays, batch_size=batch_size)
+    log = get_run_logger()
+    log.info("model %s (sha256 %s), %d classes, %d images -> %s", job["checkpoint"], job["model_sha256"][:12],
+             len(job["classes"]), len(job["sources"]), out)
+    summary = segment_images(job)
+    if summary["skipped"]:
+        log.warning("%d unreadable image(s) skipped: listed in %s", summary["skipped"], Path(out) / "skipped.csv")
+    return {**summary, "model": job["checkpoint"], "out": out}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("predict")
+    def predict_cmd(
+        sources: list[str] = typer.Argument(..., help="image files, folders (recursive) or globs"),
+        out: Path = typer.Option(..., "--out", help="output folder"),
+        classes: str = typer.Option(None, "--classes", help='class names, comma-separated: "sky,grass,car"'),
+        vocabulary: str = typer.Option(None, "--vocabulary",
+                                       help="a shipped class list (e.g. cocostuff171) or a class file, one class "
+                                            "per line, comma-separated synonyms"),
+        model: str = typer.Option(None, "--model",
+                                  help="checkpoint path, runs:/<run_id> or models:/<name>@<alias> (default: the "
+                                       "registered champion, else ${paths.models}/aligner.pt)"),
+        refine: bool = typer.Option(False, "--refine", help="SAM-refined label maps"),
+        overlays: bool = typer.Option(False, "--overlays", help="also write <name>_overlay.jpg with a legend"),
+        batch_size: int = typer.Option(8, "--batch-size", help="images per model batch"),
+        params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (device, dtype, weights folder)"),
+    ) -> None:
+        """Segment new images with a trained model, for any class names (resumable)."""
+        import json
+
+        try:
+            settings = stage_params(params)
+            prepare(settings, sources, str(out), classes=classes, vocabulary=vocabulary, model=model, refine=refine,
+                    overlays=overlays, batch_size=batch_size)
+        except (FileNotFoundError, ValueError) as err:
+            typer.echo(f"fmbseg predict: {err}", err=True)
+            raise typer.Exit(2) from None
+        result = predict_flow(sources, str(out), classes, vocabulary, model, refine, overlays, batch_size, str(params))
+        typer.echo(json.dumps(result, indent=2))
