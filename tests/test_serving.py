@@ -19,12 +19,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from mini_checkpoint import write_mini_checkpoint
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from components.aligner.checkpoint import save_checkpoint
-from components.aligner.model import Aligner
 from components.config import parse_params
 from components.segmenter import Segmenter
 from flows import serving, tracking
@@ -45,13 +43,8 @@ def picture(height: int, width: int, seed: int) -> np.ndarray:
 
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
-    """A demo-profile aligner checkpoint (miniature DINOv2 / CLIP; seeded random aligner)."""
-    torch.manual_seed(0)
-    return save_checkpoint(
-        tmp_path / "aligner.pt", model=Aligner(32, 32, kind="transformer", num_heads=4), encoder_spec="mini-dino",
-        image_size=112, text_spec="mini-clip", templates=["a photo of a {}."], class_names=["sky", "tree"],
-        prototypes=torch.nn.functional.normalize(torch.randn(2, 32), dim=-1), params={}, mlflow_run_id=None,
-    )
+    """A demo-profile aligner checkpoint (miniature DINOv2 / CLIP / SAM; seeded random aligner)."""
+    return write_mini_checkpoint(tmp_path / "aligner.pt", class_names=("sky", "tree"))
 
 
 def logged_run(checkpoint: Path) -> tuple[str, str]:
