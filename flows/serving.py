@@ -17,7 +17,8 @@ The frame in: one row per image, columns
 The frame out, one row per input row: ``label_map``, a base64-encoded grayscale PNG at the image's
 size holding each pixel's index into that row's classes (255 = none), and ``present``, the names of
 the classes in it (as written in ``classes``). At most 255 classes per row. A row that cannot be
-read fails the whole call with an error that names the row (0-based).
+read fails the whole call with an error that names the row (0-based). The one parameter,
+``refine`` (default false), asks for the SAM-refined maps instead of the base ones.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types.schema import Array, ColSpec, DataType, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from packaging.requirements import Requirement
 from PIL import Image, UnidentifiedImageError
 
@@ -65,6 +66,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, "image"), ColSpec(DataType.string, "classes")]),
     outputs=Schema([ColSpec(DataType.string, "label_map"), ColSpec(Array(DataType.string), "present")]),
+    params=ParamSchema([ParamSpec("refine", DataType.boolean, False)]),
 )
 
 
@@ -137,7 +139,9 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        """Frame ``image``, ``classes`` -> frame ``label_map``, ``present`` (see the module doc)."""
+        """Frame ``image``, ``classes`` -> frame ``label_map``, ``present`` (see the module doc);
+        ``params={"refine": True}`` returns the SAM-refined maps."""
+        refine = bool((params or {}).get("refine", False))
         rows = []
         for row, (image_text, classes_text) in enumerate(zip(model_input["image"], model_input["classes"], strict=True)):
             try:
@@ -150,7 +154,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             groups.setdefault(tuple(classes), []).append(row)
         out: list[dict[str, Any]] = [{} for _ in rows]
         for classes, members in groups.items():
-            results = self._segmenter.segment_batch([rows[r][0] for r in members], list(classes))
+            results = self._segmenter.segment_batch([rows[r][0] for r in members], list(classes), refine=refine)
             for row, result in zip(members, results, strict=True):
                 out[row] = {"label_map": encode_label_map(result.label_map),
                             "present": [classes[k] for k in result.present]}

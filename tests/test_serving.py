@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -83,7 +84,7 @@ def test_image_and_label_map_codecs() -> None:
     assert np.array_equal(serving.decode_label_map(serving.encode_label_map(label)), label)
 
 
-def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, mlflow_uri) -> None:
+def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, mlflow_uri, tmp_path) -> None:
     first_run, first = logged_run(checkpoint)
     second_run, second = logged_run(checkpoint)
     assert (first, second) == ("1", "2")
@@ -94,6 +95,14 @@ def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, 
     # the champion alias moves among the registered versions
     assert tracking.promote_champion(MODEL, first_run, tracking_uri=mlflow_uri) == "1"
     assert client.get_model_version_by_alias(MODEL, tracking.CHAMPION_ALIAS).run_id == first_run
+
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path / "v1")))
+    assert (files / "artifacts" / "aligner.pt").read_bytes() == checkpoint.read_bytes()
+    assert (files / "code" / "components" / "segmenter.py").exists() and (files / "code" / "flows").is_dir()
+    requirements = (files / "requirements.txt").read_text().split()
+    assert f"torch=={metadata.version('torch')}" in requirements and "fmbseg" not in " ".join(requirements)
+    assert json.loads((files / "serving_input_example.json").read_text())["dataframe_split"]["columns"] == [
+        "image", "classes"]
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}/latest")
     inputs = model.metadata.get_input_schema().input_names()
@@ -119,6 +128,10 @@ def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, 
         assert np.array_equal(label_map, expected.label_map), f"row {row}"
         found = sorted(int(k) for k in np.unique(label_map) if k != serving.NONE_INDEX)
         assert list(out["present"][row]) == [classes[k] for k in found], f"row {row}"
+
+    refined = model.predict(frame.iloc[:1], params={"refine": True})
+    expected = segmenter.segment(images[0], ["sky", "tree", "road"], refine=True)
+    assert np.array_equal(serving.decode_label_map(refined["label_map"][0]), expected.label_map)
 
     bad = pd.DataFrame({"image": [frame["image"][0], "bm90IGFuIGltYWdl"], "classes": ["sky", "sky"]})
     with pytest.raises(MlflowException, match="row 1: 'image' is not a readable PNG or JPEG"):
