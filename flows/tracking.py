@@ -55,6 +55,7 @@ __all__ = [
     "attach_metrics",
     "checkpoint_run_id",
     "run_scores",
+    "champion_run_id",
     "champion_scores",
     "promote_champion",
     "model_runs",
@@ -293,8 +294,6 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
     tracking URI and active run): a logged model of the run's experiment, its files, the run's
     output link, then the registered version whose source is ``models:/<model id>``.
     """
-    import tempfile
-
     from mlflow import pyfunc
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
@@ -373,15 +372,20 @@ def run_scores(run_id: str, benchmarks: Sequence[str], metric: str, *, tracking_
     return {"run_id": run_id, "score": sum(values.values()) / len(values), "metrics": values}
 
 
+def champion_run_id(registered_model: str, *, tracking_uri: str) -> str | None:
+    """The run behind the registered model's ``champion`` alias (None: no champion)."""
+    try:
+        return MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS).run_id
+    except MlflowException:
+        return None
+
+
 def champion_scores(
     registered_model: str, benchmarks: Sequence[str], metric: str, *, tracking_uri: str
 ) -> dict[str, Any] | None:
     """:func:`run_scores` of the run behind the registered model's ``champion`` alias (None: no champion)."""
-    try:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
-    except MlflowException:
-        return None
-    return run_scores(version.run_id, benchmarks, metric, tracking_uri=tracking_uri)
+    run_id = champion_run_id(registered_model, tracking_uri=tracking_uri)
+    return None if run_id is None else run_scores(run_id, benchmarks, metric, tracking_uri=tracking_uri)
 
 
 def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -> str:
@@ -472,10 +476,7 @@ def _champion_run(params: Params) -> str | None:
     uri = tracking_uri(params)
     if not _store_exists(uri):
         return None
-    try:
-        return MlflowClient(uri).get_model_version_by_alias(params.tracking.registered_model, CHAMPION_ALIAS).run_id
-    except MlflowException:
-        return None
+    return champion_run_id(params.tracking.registered_model, tracking_uri=uri)
 
 
 def _registered_run(params: Params, uri: str) -> str:

@@ -147,6 +147,22 @@ def test_promoting_a_run_without_a_registered_model_is_an_error(mlflow_uri) -> N
         tracking.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
 
 
+def test_the_demo_names_its_first_model_champion(tmp_path, mlflow_uri) -> None:
+    from flows.pipeline import demo_champion
+
+    workspace = tmp_path / "ws"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    first_run, _ = logged_run(write_mini_checkpoint(workspace / "models" / "aligner.pt"))
+    write_mini_checkpoint(workspace / "models" / "aligner.pt", run_id=first_run)
+    assert demo_champion(workspace) == f"models:/{MODEL}@champion"
+    assert tracking.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
+    second_run, _ = logged_run(workspace / "models" / "aligner.pt")
+    write_mini_checkpoint(workspace / "models" / "aligner.pt", run_id=second_run)
+    demo_champion(workspace)  # a champion exists: the nightly, not the demo, moves it
+    assert tracking.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
