@@ -1,8 +1,9 @@
 """The trained model as an MLflow pyfunc model (DESIGN §6b): the segmenter behind a DataFrame API.
 
-Every train run logs :class:`SegmenterModel` with the aligner checkpoint as its one artifact
-(``tracking.log_model``); ``mlflow.pyfunc.load_model("models:/fmbseg-aligner@champion")`` and
-``mlflow models serve`` rebuild the segmenter from that checkpoint alone. Its DINOv2 and CLIP weights
+Every train run logs :class:`SegmenterModel` (``tracking.log_model``) with the aligner checkpoint
+as its one artifact and the project's code and pinned requirements beside it;
+``mlflow.pyfunc.load_model("models:/fmbseg-aligner@champion")`` and ``mlflow models serve`` rebuild
+the segmenter from that checkpoint alone. The DINOv2, CLIP (and, for refined maps, SAM) weights
 resolve through the project's weights registry when the model loads ($FMBSEG_WEIGHTS_DIR, the hub
 cache; miniatures are seeded), so the model never carries them.
 
@@ -16,7 +17,7 @@ The frame in: one row per image, columns
 
 The frame out, one row per input row: ``label_map``, a base64-encoded grayscale PNG at the image's
 size holding each pixel's index into that row's classes (255 = none), and ``present``, the names of
-the classes in it (as written in ``classes``). At most 255 classes per row. A row that cannot be
+the classes in it (as :func:`parse_classes` reads them). At most 255 classes per row. A row that cannot be
 read fails the whole call with an error that names the row (0-based). The one parameter,
 ``refine`` (default false), asks for the SAM-refined maps instead of the base ones.
 """
@@ -38,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from packaging.requirements import Requirement
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components.io import decode_label_png, encode_label_png
 
@@ -102,7 +103,8 @@ def encode_image(image: np.ndarray | Image.Image, format: str = "PNG") -> str:
 
 
 def decode_image(text: str) -> np.ndarray:
-    """The ``image`` column's base64 PNG or JPEG -> [H, W, 3] uint8 RGB."""
+    """The ``image`` column's base64 PNG or JPEG -> [H, W, 3] uint8 RGB, EXIF orientation applied
+    (as the label map's size then matches the picture a viewer shows)."""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -111,8 +113,8 @@ def decode_image(text: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as picture:
             if picture.format not in IMAGE_FORMATS:
                 raise ValueError(f"'image' is a {picture.format} file; send PNG or JPEG bytes")
-            return np.asarray(picture.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            return np.array(ImageOps.exif_transpose(picture).convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
         raise ValueError(f"'image' is not a readable PNG or JPEG file ({e})") from None
 
 
@@ -143,7 +145,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         ``params={"refine": True}`` returns the SAM-refined maps."""
         refine = bool((params or {}).get("refine", False))
         rows = []
-        for row, (image_text, classes_text) in enumerate(zip(model_input["image"], model_input["classes"], strict=True)):
+        columns = zip(model_input["image"], model_input["classes"], strict=True)
+        for row, (image_text, classes_text) in enumerate(columns):
             try:
                 rows.append((decode_image(image_text), parse_classes(classes_text)))
             except (ValueError, TypeError) as e:
@@ -154,7 +157,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
             groups.setdefault(tuple(classes), []).append(row)
         out: list[dict[str, Any]] = [{} for _ in rows]
         for classes, members in groups.items():
-            results = self._segmenter.segment_batch([rows[r][0] for r in members], list(classes), refine=refine)
+            images = [rows[r][0] for r in members]
+            results = self._segmenter.segment_batch(images, list(classes), refine=refine)
             for row, result in zip(members, results, strict=True):
                 out[row] = {"label_map": encode_label_map(result.label_map),
                             "present": [classes[k] for k in result.present]}
@@ -172,8 +176,13 @@ def input_example() -> pd.DataFrame:
 def pip_requirements() -> list[str]:
     """The project's runtime dependencies pinned to the installed versions (no pip resolution);
     with :func:`code_paths`, what a fresh environment needs to serve the model."""
+    try:
+        requires = metadata.requires("fmbseg") or []
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("the fmbseg package is not installed (pip install -e .): its dependencies are the "
+                           "logged model's requirements") from None
     pinned = []
-    for line in metadata.requires("fmbseg") or []:
+    for line in requires:
         requirement = Requirement(line)
         if requirement.marker is not None and "extra" in str(requirement.marker):
             continue  # optional extras (dev, ray) are not needed to serve

@@ -72,6 +72,11 @@ def test_image_and_label_map_codecs() -> None:
     assert np.array_equal(serving.decode_image(serving.encode_image(image)), image)
     jpeg = serving.decode_image(serving.encode_image(image, format="JPEG"))
     assert jpeg.shape == (20, 30, 3) and jpeg.dtype == np.uint8
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned 90 degrees
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", exif=exif)
+    assert serving.decode_image(base64.b64encode(buf.getvalue()).decode()).shape == (30, 20, 3)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="GIF")
     with pytest.raises(ValueError, match="GIF"):
