@@ -304,21 +304,25 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
     run = mlflow.get_run(run_id)
     logged = mlflow.create_logged_model(run.info.experiment_id, name=PYFUNC_MODEL_NAME, source_run_id=run_id,
                                         model_type="fmbseg-segmenter")
-    with tempfile.TemporaryDirectory(prefix="fmbseg-model-") as staging:
-        local = Path(staging) / "model"
-        mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
-                             model_id=logged.model_id)
-        pyfunc.save_model(
-            local,
-            mlflow_model=mlflow_model,
-            python_model=Path(serving.__file__).with_name("serving_model.py"),
-            artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
-            code_paths=serving.code_paths(Path(staging) / "code"),
-            signature=serving.SIGNATURE,
-            input_example=serving.input_example(),
-            pip_requirements=serving.pip_requirements(),
-        )
-        mlflow.log_model_artifacts(logged.model_id, str(local))
+    try:
+        with tempfile.TemporaryDirectory(prefix="fmbseg-model-") as staging:
+            local = Path(staging) / "model"
+            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                 model_uuid=logged.model_id, model_id=logged.model_id)
+            pyfunc.save_model(
+                local,
+                mlflow_model=mlflow_model,
+                python_model=Path(serving.__file__).with_name("serving_model.py"),
+                artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
+                code_paths=serving.code_paths(Path(staging) / "code"),
+                signature=serving.SIGNATURE,
+                input_example=serving.input_example(),
+                pip_requirements=serving.pip_requirements(),
+            )
+            mlflow.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
     mlflow.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     name = params.tracking.registered_model
