@@ -20,7 +20,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from components.config import deep_merge, parse_params
+from components.config import deep_merge, load_params, parse_params
 
 __all__ = [
     "PROJECT_ROOT",
@@ -30,6 +30,7 @@ __all__ = [
     "stage_env",
     "pipeline_flow",
     "prepare_workspace",
+    "demo_champion",
     "register",
 ]
 
@@ -151,6 +152,20 @@ def _api(api_url: str) -> Iterator[None]:
             APILogHandler().flush()
 
 
+def demo_champion(workspace: Path) -> str:
+    """Name the workspace's trained model the ``champion`` when its store has none (what a first
+    night does), so that ``models:/<registered model>@champion`` serves it; return that URI."""
+    from flows import tracking
+
+    params = load_params(workspace / "params.yaml")
+    uri = tracking.tracking_uri(params, workspace)
+    name = params.tracking.registered_model
+    if tracking.champion_run_id(name, tracking_uri=uri) is None:
+        run_id = tracking.checkpoint_run_id(workspace / params.paths.models / "aligner.pt")
+        tracking.promote_champion(name, run_id, tracking_uri=uri)
+    return f"models:/{name}@{tracking.CHAMPION_ALIAS}"
+
+
 def _demo(workspace: Path) -> None:
     from flows.server import prefect_server
 
@@ -168,6 +183,9 @@ def _demo(workspace: Path) -> None:
           "show the machinery, not the method.")
     print("[demo] browse the runs: .venv/bin/mlflow ui --host 127.0.0.1 --backend-store-uri "
           f"sqlite:///{workspace / 'mlflow.db'} --default-artifact-root {workspace / 'mlartifacts'}")
+    print(f"[demo] serve the model (README: The model in MLflow): source .venv/bin/activate && MLFLOW_TRACKING_URI="
+          f"{os.environ['MLFLOW_TRACKING_URI']} mlflow models serve -m {demo_champion(workspace)} --env-manager local "
+          "--host 127.0.0.1 --port 5001")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,12 +1,14 @@
-"""MLflow tracking: the only module of the project that imports mlflow.
+"""MLflow tracking: the only module of the project that writes to MLflow.
 
 One run per trained model (DESIGN §6). The train flow opens it with :func:`start_run`, logs the loss
 per step through a :class:`StepLogger` (buffered: one SQLite write per step would cost more than
-the step on a GPU), an epoch summary per epoch (:func:`log_epoch`) and the checkpoint
-(:func:`log_checkpoint`); the checkpoint carries the run id, and the evaluate stages attach their
-metrics and tables to the same run with :func:`attach_metrics`. The nightly job compares a new
-model with the registered ``champion`` and promotes it (:func:`run_scores`, :func:`champion_scores`,
-:func:`promote_champion`).
+the step on a GPU), an epoch summary per epoch (:func:`log_epoch`), the checkpoint
+(:func:`log_checkpoint`) and the model as an MLflow pyfunc model registered as a new version of
+``tracking.registered_model`` (:func:`log_model`; the model class is ``flows/serving.py``'s); the
+checkpoint carries the run id, and the evaluate stages attach their metrics and tables to the same
+run with :func:`attach_metrics`. The nightly job compares a new model with the registered
+``champion`` and moves the alias to the new model's version (:func:`run_scores`,
+:func:`champion_scores`, :func:`promote_champion`).
 
 Where runs go (:func:`tracking_uri`): ``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else
 ``sqlite:///<project root>/mlflow.db`` with artifacts in ``<project root>/mlartifacts``. A
@@ -49,9 +51,11 @@ __all__ = [
     "StepLogger",
     "log_epoch",
     "log_checkpoint",
+    "log_model",
     "attach_metrics",
     "checkpoint_run_id",
     "run_scores",
+    "champion_run_id",
     "champion_scores",
     "promote_champion",
     "model_runs",
@@ -66,6 +70,7 @@ CHAMPION_ALIAS = "champion"
 STAGE_TAG = "fmbseg.stage"  # "train" on the one run of each trained model
 RESUME_CHANGES_TAG = "fmbseg.params_changed_on_resume"
 CHECKPOINT_ARTIFACT_DIR = "model"
+PYFUNC_MODEL_NAME = "segmenter"  # the logged pyfunc model of a train run
 
 
 def project_root(cwd: str | os.PathLike[str] | None = None) -> Path:
@@ -280,6 +285,56 @@ def log_checkpoint(params: Params, run_id: str, path: str | os.PathLike[str]) ->
     _client(params).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
 
 
+def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -> str:
+    """Log the checkpoint as the run's pyfunc model (``flows.serving.SegmenterModel`` with its
+    signature, input example, the project's code and pinned requirements) and register it as a new
+    version of ``tracking.registered_model``; return the version.
+
+    Written with the store's client (MLflow's ``log_model`` would go through the process-wide
+    tracking URI and active run): a logged model of the run's experiment, its files, the run's
+    output link, then the registered version whose source is ``models:/<model id>``.
+    """
+    from mlflow import pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from flows import serving
+
+    mlflow = _client(params)
+    run = mlflow.get_run(run_id)
+    logged = mlflow.create_logged_model(run.info.experiment_id, name=PYFUNC_MODEL_NAME, source_run_id=run_id,
+                                        model_type="fmbseg-segmenter")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fmbseg-model-") as staging:
+            local = Path(staging) / "model"
+            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                 model_uuid=logged.model_id, model_id=logged.model_id)
+            pyfunc.save_model(
+                local,
+                mlflow_model=mlflow_model,
+                python_model=Path(serving.__file__).with_name("serving_model.py"),
+                artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
+                code_paths=serving.code_paths(Path(staging) / "code"),
+                signature=serving.SIGNATURE,
+                input_example=serving.input_example(),
+                pip_requirements=serving.pip_requirements(),
+            )
+            mlflow.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    name = params.tracking.registered_model
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException:
+        mlflow.create_registered_model(name)
+    version = mlflow.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
+                                          model_id=logged.model_id)
+    return str(version.version)
+
+
 def attach_metrics(
     run_id: str,
     metrics: Mapping[str, float],
@@ -321,29 +376,33 @@ def run_scores(run_id: str, benchmarks: Sequence[str], metric: str, *, tracking_
     return {"run_id": run_id, "score": sum(values.values()) / len(values), "metrics": values}
 
 
+def champion_run_id(registered_model: str, *, tracking_uri: str) -> str | None:
+    """The run behind the registered model's ``champion`` alias (None: no champion)."""
+    try:
+        return MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS).run_id
+    except MlflowException:
+        return None
+
+
 def champion_scores(
     registered_model: str, benchmarks: Sequence[str], metric: str, *, tracking_uri: str
 ) -> dict[str, Any] | None:
     """:func:`run_scores` of the run behind the registered model's ``champion`` alias (None: no champion)."""
-    try:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
-    except MlflowException:
-        return None
-    return run_scores(version.run_id, benchmarks, metric, tracking_uri=tracking_uri)
+    run_id = champion_run_id(registered_model, tracking_uri=tracking_uri)
+    return None if run_id is None else run_scores(run_id, benchmarks, metric, tracking_uri=tracking_uri)
 
 
 def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -> str:
-    """Register the run's checkpoint artifact as a new version of ``registered_model`` and point the
-    ``champion`` alias at it; return the version."""
+    """Point the ``champion`` alias of ``registered_model`` at the version the run registered
+    (:func:`log_model`; its newest, should it have several); return the version."""
     mlflow = MlflowClient(tracking_uri)
-    try:
-        mlflow.get_registered_model(registered_model)
-    except MlflowException:
-        mlflow.create_registered_model(registered_model)
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT_DIR}"
-    version = mlflow.create_model_version(registered_model, source, run_id=run_id).version
-    mlflow.set_registered_model_alias(registered_model, CHAMPION_ALIAS, str(version))
-    return str(version)
+    versions = mlflow.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'")
+    if not versions:
+        raise LookupError(f"run {run_id} registered no version of {registered_model!r}: only a model "
+                          "logged by `fmbseg train` (tracking.log_model) can become the champion")
+    version = str(max(int(v.version) for v in versions))
+    mlflow.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+    return version
 
 
 # ------------------------------------------------------------------------------- comparing runs
@@ -421,10 +480,7 @@ def _champion_run(params: Params) -> str | None:
     uri = tracking_uri(params)
     if not _store_exists(uri):
         return None
-    try:
-        return MlflowClient(uri).get_model_version_by_alias(params.tracking.registered_model, CHAMPION_ALIAS).run_id
-    except MlflowException:
-        return None
+    return champion_run_id(params.tracking.registered_model, tracking_uri=uri)
 
 
 def _registered_run(params: Params, uri: str) -> str:

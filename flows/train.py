@@ -4,8 +4,10 @@ The flow computes the text prototypes of Stage 1's vocabulary with the frozen CL
 opens one MLflow run for the model (reopening the interrupted run when training resumes), trains the
 aligner on the training index -- features from the cache, or from DINOv2 on the fly when
 ``features.cache`` is false -- logging the loss per step and a summary per epoch, then writes the
-self-describing checkpoint ``${paths.models}/aligner.pt`` with the run id in it and logs it as the
-run's artifact. ``${paths.models}/train_state.pt`` holds the end-of-epoch state while training runs.
+self-describing checkpoint ``${paths.models}/aligner.pt`` with the run id in it, logs it as the
+run's artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered as a new
+version of ``tracking.registered_model``. ``${paths.models}/train_state.pt`` holds the end-of-epoch
+state while training runs.
 """
 
 from __future__ import annotations
@@ -199,7 +201,8 @@ def _run_name(params: Params) -> str:
 
 @flow(name="train", log_prints=True)
 def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Train the aligner into ``${paths.models}/aligner.pt`` with one MLflow run; returns a summary."""
+    """Train the aligner into ``${paths.models}/aligner.pt`` with one MLflow run that logs and
+    registers it as a pyfunc model; returns a summary."""
     from components.aligner.train import pending_resume
     from components.labelling.store import PseudoLabels
 
@@ -216,9 +219,11 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     with tracking.start_run(params, run_name=_run_name(params), tags=tags, resume_run_id=run_to_resume) as run_id:
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
+        version = tracking.log_model(params, run_id, result["checkpoint"])
     state_path(params).unlink(missing_ok=True)
     last = result["epochs"][-1]
     summary = {"checkpoint": result["checkpoint"], "mlflow_run_id": run_id, "steps": result["steps"],
+               "model_version": f"{params.tracking.registered_model}/{version}",
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
     print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))

@@ -111,6 +111,8 @@ def test_a_failed_night_leaves_the_champion_and_the_data_untouched(tmp_path, pre
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("fmbseg")).info.run_id
     client.log_metric(run, "pv21/mIoU_base", 50.0)
+    client.create_registered_model("fmbseg-aligner")
+    client.create_model_version("fmbseg-aligner", f"{client.get_run(run).info.artifact_uri}/model", run_id=run)
     version = tracking.promote_champion("fmbseg-aligner", run, tracking_uri=uri)
 
     # tonight: new images arrive, and labelling breaks (a vocabulary that does not exist)

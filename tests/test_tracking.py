@@ -136,6 +136,7 @@ INFERENCE = InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, wind
 
 def test_champion_promotion(tmp_path, mlflow_uri) -> None:
     params = parse_params({})
+    model = params.tracking.registered_model
     ckpt = save_checkpoint(
         tmp_path / "aligner.pt", model=Aligner(4, 2, kind="linear"), encoder_spec="mini-dino", image_size=56,
         text_spec="mini-clip", templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), inference=INFERENCE, params={},
@@ -146,19 +147,19 @@ def test_champion_promotion(tmp_path, mlflow_uri) -> None:
     runs = {}
     for name, score in (("first", 30.0), ("second", 40.0)):
         with tracking.start_run(params, run_name=name, tags={}) as run_id:
-            tracking.log_checkpoint(params, run_id, ckpt)
+            tracking.log_model(params, run_id, ckpt)  # registers versions 1 and 2
         tracking.attach_metrics(run_id, {"pv21/mIoU_base": score, "cs171/mIoU_base": score + 2},
                                 params=params)
         runs[name] = run_id
-    assert tracking.champion_scores("m", ["pv21"], "mIoU_base", tracking_uri=mlflow_uri) is None
+    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri) is None
     scores = tracking.run_scores(runs["first"], ["pv21", "cs171"], "mIoU_base", tracking_uri=mlflow_uri)
     assert scores == {"run_id": runs["first"], "score": 31.0, "metrics": {"pv21": 30.0, "cs171": 32.0}}
     with pytest.raises(KeyError, match="ade20k/mIoU_base"):
         tracking.run_scores(runs["first"], ["ade20k"], "mIoU_base", tracking_uri=mlflow_uri)
-    assert tracking.promote_champion("m", runs["first"], tracking_uri=mlflow_uri) == "1"
-    assert tracking.champion_scores("m", ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["run_id"] == runs["first"]
-    assert tracking.promote_champion("m", runs["second"], tracking_uri=mlflow_uri) == "2"
-    assert tracking.champion_scores("m", ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["score"] == 40.0
+    assert tracking.promote_champion(model, runs["first"], tracking_uri=mlflow_uri) == "1"
+    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["run_id"] == runs["first"]
+    assert tracking.promote_champion(model, runs["second"], tracking_uri=mlflow_uri) == "2"
+    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["score"] == 40.0
     save_checkpoint(
         ckpt, model=Aligner(4, 2, kind="linear"), encoder_spec="mini-dino", image_size=56, text_spec="mini-clip",
         templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), inference=INFERENCE, params={}, mlflow_run_id=runs["second"],

@@ -147,6 +147,9 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     assert sorted(m.step for m in history) == list(range(2 * steps_per_epoch))
     assert sorted(m.step for m in client.get_metric_history(loaded.run_id, "epoch/loss")) == [0, 1]
     assert [a.path for a in client.list_artifacts(loaded.run_id, "model")] == ["model/aligner.pt"]
+    version = client.get_model_version(params.tracking.registered_model, "1")  # the run's pyfunc model
+    assert version.run_id == loaded.run_id
+    assert mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}/1").metadata.run_id == loaded.run_id
 
 
 class Interrupt(Exception):
@@ -180,5 +183,7 @@ def test_interrupted_training_resumes_into_the_same_run(project, prefect_harness
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and load_aligner("models/aligner.pt").run_id == run.info.run_id
     assert len(tracking.model_runs(load_params("params.yaml"))) == 1  # one run per model, resumed
+    [version] = client.search_model_versions("name = 'fmbseg-aligner'")  # registered once, when it finished
+    assert version.run_id == run.info.run_id and summary["model_version"] == "fmbseg-aligner/1"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert steps == list(range(3 * 3))  # every step logged exactly once across the two attempts
