@@ -285,6 +285,23 @@ def log_checkpoint(params: Params, run_id: str, path: str | os.PathLike[str]) ->
     _client(params).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
 
 
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for a block, then restored together with
+    ``$MLFLOW_TRACKING_URI`` (which MLflow's own restore of an unset URI would delete)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -> str:
     """Log the checkpoint as the run's pyfunc model (``flows.serving.SegmenterModel`` with its
     signature, input example, the project's code and pinned requirements) and register it as a new
@@ -330,8 +347,12 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
         mlflow.get_registered_model(name)
     except MlflowException:
         mlflow.create_registered_model(name)
-    version = mlflow.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
-                                          model_id=logged.model_id)
+    # MLflow's registry resolves a ``models:/<model id>`` source through the process-wide tracking
+    # URI, whose default (the working directory's mlflow.db) is not this store inside a DVC
+    # queued-experiment copy: point it at the store for this one call.
+    with _process_tracking_uri(mlflow.tracking_uri):
+        version = mlflow.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
+                                              model_id=logged.model_id)
     return str(version.version)
 
 

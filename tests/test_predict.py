@@ -199,6 +199,7 @@ def test_model_uris_resolve_to_the_logged_checkpoint(tmp_path, monkeypatch, mlfl
     with tracking.start_run(params, run_name="train", tags={}) as run_id:
         model = write_mini_checkpoint(tmp_path / "aligner.pt", run_id=run_id)
         tracking.log_checkpoint(params, run_id, model)
+        tracking.log_model(params, run_id, model)  # registers version 1, as `fmbseg train` does
     by_run = tracking.resolve_model_uri(f"runs:/{run_id}", params, dst_dir=tmp_path / "a")
     assert by_run.read_bytes() == model.read_bytes()
     tracking.promote_champion(params.tracking.registered_model, run_id, tracking_uri=mlflow_uri)
