@@ -7,8 +7,12 @@ torch, transformers and mlflow, and `fmbseg --help` is instant.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import click
@@ -40,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class _LazyGroup(TyperGroup):
     """A click group whose commands are built from their module on first use."""
 
+    _set_items: list[str] = []
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
@@ -51,26 +57,147 @@ class _LazyGroup(TyperGroup):
         sub.callback()(lambda: None)  # always a group, so one-command modules resolve the same way
         module.register(sub)
         group = typer.main.get_group(sub)
-        return group.get_command(ctx, cmd_name)
+        command = group.get_command(ctx, cmd_name)
+        return _checked_settings(command, self._set_items) if command is not None else None
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # `-S KEY=VALUE` after the command name belongs to the stage command (see _checked_settings)
+        try:
+            head = next(i for i, a in enumerate(args) if not a.startswith("-"))
+        except StopIteration:
+            head = len(args)
+        try:
+            rest, self._set_items = split_set_args(args[head + 1 :])
+        except ValueError as err:
+            raise _fail(str(err)) from None
+        return super().parse_args(ctx, args[: head + 1] + rest)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
 
 
+_SET_FLAGS = ("-S", "--set")
+
+
+def split_set_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """``(args without the -S items, the KEY=VALUE items)``: ``-S k=v``, ``--set k=v``,
+    ``--set=k=v`` and ``-Sk=v`` after the command name."""
+    rest: list[str] = []
+    items: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(it)
+            break
+        if arg in _SET_FLAGS:
+            value = next(it, None)
+            if value is None:
+                raise ValueError(f"{arg} needs KEY=VALUE, e.g. -S train.lr=0.05")
+            items.append(value)
+        elif arg.startswith("--set="):
+            items.append(arg[len("--set="):])
+        elif arg.startswith("-S") and len(arg) > 2:
+            items.append(arg[2:])
+        else:
+            rest.append(arg)
+    return rest, items
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``-S key=value`` items as dotted overrides; values are YAML (``-S train.lr=0.05``,
+    ``-S 'label.templates=["a photo of a {}."]'``), the syntax of ``dvc exp run -S``."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"-S {item!r}: expected KEY=VALUE with a dotted key, e.g. -S train.lr=0.05")
+        try:
+            overrides[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"-S {item!r}: the value is not valid YAML ({err})") from None
+    return overrides
+
+
+def _fail(message: str) -> typer.Exit:
+    """A user error: one line on stderr, exit status 2 (raise what this returns)."""
+    typer.echo(f"fmbseg: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _checked_settings(command: Any, items: list[str]) -> Any:
+    """A stage command (one with a ``--params`` option) reads and validates its settings before
+    anything expensive starts (the models, a Prefect server): a bad params.yaml, vocabulary or ``-S``
+    override is one message on stderr and exit status 2, never a traceback. With ``-S KEY=VALUE``
+    the run reads params.yaml with those overrides, written to a temporary settings file next to it
+    for the run's duration; params.yaml itself is not changed."""
+    if not any(p.name == "params" for p in command.params):
+        if items:
+            raise _fail(f"-S applies to the stage commands that read params.yaml (label, train, ...), not to {command.name}")
+        return command
+    run = command.callback
+
+    @functools.wraps(run)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        import yaml
+
+        from components.config import ConfigError, apply_overrides, load_params
+
+        path = Path(kwargs["params"])
+        try:
+            settings = parse_set(items)
+            load_params(path, settings)
+        except (ConfigError, ValueError) as err:
+            raise _fail(str(err)) from None
+        if not settings:
+            return run(*args, **kwargs)
+        raw = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, settings)
+        fd, merged = tempfile.mkstemp(prefix=f".{path.stem}-set-", suffix=".yaml", dir=path.resolve().parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(raw, f, sort_keys=False)
+            return run(*args, **{**kwargs, "params": Path(merged)})
+        finally:
+            Path(merged).unlink(missing_ok=True)
+
+    command.callback = checked
+    return command
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("fmbseg")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        click.echo(f"fmbseg {version}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     name="fmbseg",
     cls=_LazyGroup,
-    help="Annotation-free open-vocabulary semantic segmentation from CLIP, SAM and DINOv2.",
+    help="Annotation-free open-vocabulary semantic segmentation from CLIP, SAM and DINOv2.\n\n"
+    "Every stage command takes --params FILE and -S KEY=VALUE (repeatable) to override a setting for "
+    "one run, as `dvc exp run -S` does: `fmbseg train -S train.lr=0.05`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
 @app.callback()
-def _main(ctx: typer.Context) -> None:
+def _main(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed fmbseg version and exit."),
+) -> None:
     """Annotation-free open-vocabulary semantic segmentation from CLIP, SAM and DINOv2."""
     parent = os.environ.get("FMBSEG_PARENT_FLOW_RUN")
     if parent:  # a stage started by the pipeline/nightly flow: its flow run carries the parent's id

@@ -99,7 +99,7 @@ def make_task_runner(orch: OrchestrationConfig) -> Any:
             from prefect_dask import DaskTaskRunner
         except ImportError as err:
             raise RuntimeError(
-                "orchestration.task_runner 'dask' needs prefect-dask: pip install prefect-dask"
+                "orchestration.task_runner 'dask' needs prefect-dask: pip install -e '.[dask]'"
             ) from err
 
         if orch.dask_address:

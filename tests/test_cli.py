@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -55,3 +56,58 @@ def test_commands_load_only_their_own_module():
     assert help_out.stdout.strip().endswith("[]")
     sync_out = subprocess.run([sys.executable, "-c", code, "sync", "--help"], capture_output=True, text=True, check=True)
     assert sync_out.stdout.strip().endswith("['prefect']")
+
+
+def test_version_and_short_help():
+    from importlib import metadata
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fmbseg {metadata.version('fmbseg')}"
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    assert "--params" in runner.invoke(app, ["train", "-h"]).output
+
+
+def test_set_items_are_split_from_the_command_args():
+    from flows.cli import parse_set, split_set_args
+
+    rest, items = split_set_args(["--params", "p.yaml", "-S", "train.lr=0.05", "--set=a.b=[1, 2]", "-Sx.y=z"])
+    assert rest == ["--params", "p.yaml"] and items == ["train.lr=0.05", "a.b=[1, 2]", "x.y=z"]
+    assert parse_set(items) == {"train.lr": 0.05, "a.b": [1, 2], "x.y": "z"}
+    for bad in (["train.lr"], ["=1"], ["a..b=1"], ["a=[1"]):
+        with pytest.raises(ValueError, match="-S"):
+            parse_set(bad)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-S", "train.lr=abc"], "train.lr"),
+    (["-S", "nosuch.key=1"], "unknown key 'nosuch'"),
+    (["-S", "train.lr"], "expected KEY=VALUE"),
+    (["--params", "missing.yaml"], "missing.yaml does not exist"),
+])
+def test_a_bad_setting_is_one_message_and_exit_2_before_any_start_up(args, message, repo_root, monkeypatch):
+    import flows.train
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(flows.train, "train_flow", lambda *a: pytest.fail("the stage started"))
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_set_overrides_reach_the_stage_and_leave_params_yaml_alone(tmp_path, repo_root, monkeypatch):
+    import flows.train
+    from components.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_bytes((repo_root / "params.yaml").read_bytes())
+    seen = {}
+
+    def fake_flow(path):
+        seen["lr"], seen["path"] = load_params(path).train.lr, path
+
+    monkeypatch.setattr(flows.train, "train_flow", fake_flow)
+    result = runner.invoke(app, ["train", "--params", str(params), "-S", "train.lr=0.125"])
+    assert result.exit_code == 0, result.output
+    assert seen["lr"] == 0.125 and seen["path"] != str(params) and not Path(seen["path"]).exists()
+    assert params.read_bytes() == (repo_root / "params.yaml").read_bytes()
+    assert runner.invoke(app, ["weights", "status", "-S", "a.b=1"]).exit_code == 2
