@@ -73,6 +73,10 @@ CHECKPOINT_ARTIFACT_DIR = "model"
 PYFUNC_MODEL_NAME = "segmenter"  # the logged pyfunc model of a train run
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI overview)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def project_root(cwd: str | os.PathLike[str] | None = None) -> Path:
     """The project whose MLflow store runs belong to: the working directory, except inside a DVC
     queued-experiment copy ``<root>/.dvc/tmp/exps/<tmp>/...``, where it is ``<root>``."""
@@ -115,10 +119,12 @@ def _experiment_id(mlflow: MlflowClient, name: str) -> str:
     ``mlartifacts/`` next to the database (MLflow's default would be the working directory)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     db = _sqlite_path(mlflow.tracking_uri)
     location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _git_commit(cwd: Path) -> str:

@@ -54,6 +54,8 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    # the UI opens the experiment on its runs, not on MLflow 3's GenAI overview
+    assert client.get_experiment(run.info.experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert run.data.params["train.lr"] == "0.2"
     assert len(run.data.params) == len(flatten(params))
     assert run.data.tags["git.commit"] == "abc"
