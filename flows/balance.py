@@ -25,7 +25,7 @@ def train_index_path(pseudo_dir: str | Path) -> Path:
     return Path(pseudo_dir) / TRAIN_INDEX
 
 
-@flow(name="balance", log_prints=True)
+@flow(name="balance", flow_run_name="balance", log_prints=True)
 def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """Write ``${paths.pseudo}/train_index.parquet``; returns counts per variant."""
     import pyarrow as pa

@@ -45,7 +45,7 @@ def convert(dataset: str, raw_dirs: dict[str, str], out_dir: str, expect_count: 
                                  out_dir=Path(out_dir), expect_count=expect_count, progress=True))
 
 
-@flow(name="download")
+@flow(name="download", flow_run_name="download-{dataset}")
 def download_flow(dataset: str, params_path: str = "params.yaml") -> str:
     """Fetch and convert ``dataset``; returns its canonical root."""
     from components.datasets.registry import get_benchmark

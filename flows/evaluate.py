@@ -311,7 +311,7 @@ def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files
     return True
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="evaluate-{dataset}")
 def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
     """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
     from components.aligner.checkpoint import load_aligner
@@ -392,7 +392,7 @@ def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[
     }
 
 
-@flow(name="evaluate-stage1")
+@flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}-{variant}")
 def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.yaml") -> dict[str, float]:
     """Stage 1's pseudo labels of a benchmark against its ground truth; returns the metrics."""
     from components.evaluation.benchmark import display_names, state_key, summarize, write_summary

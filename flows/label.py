@@ -420,7 +420,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-@flow(name="label", log_prints=True)
+@flow(name="label", flow_run_name="label", log_prints=True)
 def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """FMbSeg Stage 1 over the image folder: pseudo labels under ``${paths.pseudo}/stage1``."""
     from components.labelling.detect import class_index_map

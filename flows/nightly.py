@@ -34,7 +34,12 @@ def sync_images(source: str, dest: str) -> int:
     return len(copied)
 
 
-@flow(name="sync")
+def _nightly_run_name() -> str:
+    """``nightly-<UTC date>``: one night, one readable name in the Prefect UI."""
+    return f"nightly-{datetime.now(timezone.utc):%Y-%m-%d}"
+
+
+@flow(name="sync", flow_run_name="sync")
 def sync_flow(params_path: str = "params.yaml") -> int:
     """The `sync` DVC stage: new images from nightly.source_dir into paths.incoming."""
     params = load_params(params_path)
@@ -116,7 +121,7 @@ def restore(project_dir: str, lock_text: str | None) -> None:
                    check=False, capture_output=True, text=True)
 
 
-@flow(name="nightly")
+@flow(name="nightly", flow_run_name=_nightly_run_name)
 def nightly_flow(project_dir: str = ".") -> dict:
     """Relabel new images, retrain, evaluate, promote if better, push. Returns a summary."""
     logger = get_run_logger()

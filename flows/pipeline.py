@@ -82,7 +82,7 @@ def pipeline_flow(project_dir: str = ".", targets: tuple[str, ...] = (), force: 
     """Run `dvc repro [targets]` in ``project_dir``, each stage reporting to this flow's server."""
     from prefect import flow, get_run_logger, runtime
 
-    @flow(name="pipeline", log_prints=True)
+    @flow(name="pipeline", flow_run_name="pipeline", log_prints=True)
     def _pipeline(project_dir: str, targets: tuple[str, ...], force: bool) -> str:
         logger = get_run_logger()
         env = stage_env({PARENT_ENV: str(runtime.flow_run.id)})

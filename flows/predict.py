@@ -103,7 +103,7 @@ def segment_images(job: dict[str, Any]) -> dict[str, int]:
     return summary._asdict()
 
 
-@flow(name="predict")
+@flow(name="predict", flow_run_name="predict")
 def predict_flow(
     sources: list[str],
     out: str,

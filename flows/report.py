@@ -46,7 +46,7 @@ def read_stage1_metrics(params: Params) -> dict[tuple[str, str], dict[str, float
     return out
 
 
-@flow(name="report")
+@flow(name="report", flow_run_name="report")
 def report_flow(params_path: str = "params.yaml", model_path: str | None = None) -> str:
     """The report stage; returns the markdown."""
     from components.evaluation.report import (

@@ -199,7 +199,7 @@ def _run_name(params: Params) -> str:
     return os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", flow_run_name="train", log_prints=True)
 def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """Train the aligner into ``${paths.models}/aligner.pt`` with one MLflow run that logs and
     registers it as a pyfunc model; returns a summary."""

@@ -115,6 +115,11 @@ def test_evaluate_every_benchmark_then_report(tmp_path, monkeypatch, prefect_har
     assert [r["benchmark"] for r in report_csv] == list(ALL_BENCHMARKS)
     assert report_csv[4]["paper_base"] == ""  # COCO-Object: not in the paper
     assert artifacts(client, run_id, "report") == ["report.csv", "report.md"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # each flow run is named after what it did
+        names = {r.name for r in prefect.read_flow_runs()}
+    assert {f"evaluate-{name}" for name in ALL_BENCHMARKS} | {"report"} <= names
 
 
 def test_evaluate_resumes_after_an_interruption(tmp_path, monkeypatch, prefect_harness, mlflow_uri):

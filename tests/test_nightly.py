@@ -126,3 +126,33 @@ def test_a_failed_night_leaves_the_champion_and_the_data_untouched(tmp_path, pre
     assert (ws / "dvc.lock").read_text() == lock_before
     assert not list((ws / "data" / "incoming").iterdir()), "the night's synced images must be rolled back"
     assert str(client.get_model_version_by_alias("fmbseg-aligner", "champion").version) == version
+
+
+def test_prefect_yaml_declares_the_same_nightly_deployment(prefect_harness):
+    """`prefect deploy --name nightly` from the project root builds the deployment `fmbseg schedule`
+    makes: the nightly flow, 02:00 UTC, on the fmbseg process pool, run in this project."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="fmbseg", type="process"))
+        except ObjectAlreadyExists:
+            pass
+    env = stage_env({"PREFECT_API_URL": os.environ["PREFECT_API_URL"], "PWD": str(PROJECT_ROOT)})
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy", "--name", "nightly"],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("nightly/nightly")
+        try:
+            assert deployment.entrypoint == "flows/nightly.py:nightly_flow"
+            assert deployment.work_pool_name == "fmbseg"
+            assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [("0 2 * * *", "UTC")]
+            step = deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+            assert Path(step["directory"]) == PROJECT_ROOT
+        finally:
+            client.delete_deployment(deployment.id)
