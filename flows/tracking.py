@@ -73,6 +73,8 @@ CHECKPOINT_ARTIFACT_DIR = "model"
 PYFUNC_MODEL_NAME = "segmenter"  # the logged pyfunc model of a train run
 
 
+# per-benchmark quantities that count images: run tags, not metrics (attach_metrics)
+COUNT_METRICS = frozenset({"images", "skipped"})
 # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI overview)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
@@ -372,11 +374,35 @@ def attach_metrics(
 ) -> None:
     """Metrics (``{"<dataset>/mIoU_base": 41.2, ...}``, at step 0) and files (per-class tables,
     overlays, under ``artifact_path``) of a later stage, attached to the training run ``run_id``
-    (a finished run accepts them)."""
+    (a finished run accepts them). Counts (``<dataset>/images``, ``<dataset>/skipped``) are no
+    scores: they become tags of the run, not metrics.
+
+    Once every benchmark of ``evaluate.benchmarks`` has its ``mIoU_<variant>`` on the run, the mean
+    over them is logged too (``mean/mIoU_base``, ``mean/mIoU_refined``), the one number the UI can
+    sort ablations by."""
     mlflow = _client(params)
-    _log_metrics(mlflow, run_id, _metrics(metrics, 0))
+    scores = {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in COUNT_METRICS}
+    counts = {k: str(int(v)) for k, v in metrics.items() if k not in scores}
+    _log_metrics(mlflow, run_id, _metrics(scores, 0))
+    for key, value in counts.items():
+        mlflow.set_tag(run_id, key, value)
     for path in artifacts:
         mlflow.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    if scores:
+        logged = mlflow.get_run(run_id).data.metrics
+        means = benchmark_means(logged, params.evaluate.benchmarks)
+        if means:
+            _log_metrics(mlflow, run_id, _metrics(means, 0))
+
+
+def benchmark_means(logged: Mapping[str, float], benchmarks: Sequence[str]) -> dict[str, float]:
+    """``{"mean/mIoU_<variant>": mean over benchmarks}`` for each variant every benchmark has."""
+    means = {}
+    for variant in ("base", "refined"):
+        values = [logged.get(f"{b}/mIoU_{variant}") for b in benchmarks]
+        if benchmarks and all(v is not None for v in values):
+            means[f"mean/mIoU_{variant}"] = round(sum(values) / len(values), 2)
+    return means
 
 
 # ------------------------------------------------------------------------- champion (the nightly)
