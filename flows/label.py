@@ -596,8 +596,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable).
 
-        With --images DIR --classes/--vocabulary --out DIR2: label any folder with any class names
-        (params.yaml untouched) and export PNG label maps and COCO JSON into DIR2.
+        With --images DIR --out DIR2: any folder, any class names; PNG + COCO export in DIR2.
         """
         own = {"--classes": classes, "--vocabulary": vocabulary, "--out": out, "--variant": variant,
                "--profile": profile}
