@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("download", "Download (or locate) a dataset's sources, verify them and convert them."),
     "sync": ("nightly", "Copy new images from nightly.source_dir into paths.incoming (the sync stage)."),
     "label": ("label", "Stage 1: pseudo labels from CLIP + SAM for every image (resumable)."),
+    "export": ("export", "A Stage 1 store as PNG label maps and a COCO JSON file per variant."),
     "show": ("label", "Write a picture of one image's Stage 1.1 and Stage 1.2 labels."),
     "balance": ("balance", "The training index: every Stage 1.1 map + a seeded share of Stage 1.2 maps."),
     "features": ("features", "Cache frozen DINOv2 patch features for the training images."),

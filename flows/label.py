@@ -59,6 +59,7 @@ __all__ = [
     "label_flow",
     "run_label",
     "show_image",
+    "own_folder_settings",
     "register",
 ]
 
@@ -524,11 +525,105 @@ def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = 
     return path
 
 
+OWN_FOLDER_PARAMS = "label_params.yaml"
+PROFILES = ("demo", "paper")
+
+
+def own_folder_settings(images: str, out: str, *, classes: str | None, vocabulary: str | None,
+                        profile: str | None, params_path: str | None) -> Path:
+    """Check the options of ``fmbseg label --images`` and write the run's settings file
+    ``<out>/label_params.yaml``: the base settings (``--params``, ./params.yaml, or the project's own
+    profile: ``paper`` = its params.yaml, ``demo`` = that with configs/demo.yaml on top) with the image
+    folder, the class list (``<out>/classes.txt``) and the store (``<out>/stage1``) set, and
+    presence by CLIP. Loads no model. Raises FileNotFoundError / ValueError with a message for the user.
+    """
+    import yaml
+
+    from components.config import deep_merge, parse_params
+    from components.io import atomic_write_text
+    from components.labelling.export import MAX_CLASSES
+    from flows.pipeline import PROJECT_ROOT
+    from flows.predict import class_lines
+
+    folder, dest = Path(images).resolve(), Path(out).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {images} is not a folder")
+    if not list_images(folder):
+        raise ValueError(f"--images {images} holds no image")
+    if dest == folder or dest.is_relative_to(folder) or folder.is_relative_to(dest):
+        raise ValueError(f"--out {out} and --images {images} must not contain each other (the export would be "
+                         "labelled as images on the next run)")
+    lines = class_lines(classes, vocabulary)
+    if len(lines) > MAX_CLASSES:
+        raise ValueError(f"Stage 1 label maps are uint8 (255 = none): at most {MAX_CLASSES} classes, got {len(lines)}")
+    if profile is not None and params_path is not None:
+        raise ValueError("give at most one of --profile and --params")
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; supported: {', '.join(PROFILES)}")
+    base = Path(params_path or PARAMS_FILE) if profile is None else PROJECT_ROOT / PARAMS_FILE
+    if not base.is_file():
+        raise FileNotFoundError(f"settings file {base} does not exist: pass --params FILE or --profile demo|paper")
+    raw = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+    if profile == "demo":
+        raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
+    raw = deep_merge(raw, {
+        # the label flow also labels paths.incoming when that folder exists: point it at one that never does
+        "paths": {"images": folder.as_posix(), "pseudo": dest.as_posix(),
+                  "incoming": (dest / STAGE_DIR / "no-incoming").as_posix()},
+        "label": {"vocabulary": (dest / "classes.txt").as_posix(), "presence": "clip", "ground_truth_dir": None},
+    })
+    parse_params(raw, f"{base} with the --images options")
+    atomic_write_text(dest / "classes.txt", "".join(f"{line}\n" for line in lines))
+    settings = dest / OWN_FOLDER_PARAMS
+    atomic_write_text(settings, yaml.safe_dump(raw, sort_keys=False))
+    return settings
+
+
 def register(app: typer.Typer) -> None:
     @app.command("label")
-    def label_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
-        """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable)."""
-        run_label(str(params))
+    def label_cmd(
+        params: Path = typer.Option(None, help="settings file (default: params.yaml)"),
+        images: Path = typer.Option(None, "--images", help="label this folder (recursive) instead of paths.images"),
+        classes: str = typer.Option(None, "--classes", help='with --images: class names, comma-separated: "sky,grass,car"'),
+        vocabulary: str = typer.Option(None, "--vocabulary",
+                                       help="with --images: a shipped class list (e.g. cocostuff171) or a class file, "
+                                            "one class per line, comma-separated synonyms"),
+        out: Path = typer.Option(None, "--out", help="with --images: output folder (Stage 1 store + export)"),
+        variant: str = typer.Option(None, "--variant", help="with --images: the maps to export: stage1_1, stage1_2 "
+                                                             "or both (default)"),
+        profile: str = typer.Option(None, "--profile", help="with --images: the project's settings of this profile "
+                                                             "(demo | paper) instead of --params"),
+    ) -> None:
+        """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable).
+
+        With --images DIR --out DIR2: any folder, any class names; PNG + COCO export in DIR2.
+        """
+        own = {"--classes": classes, "--vocabulary": vocabulary, "--out": out, "--variant": variant,
+               "--profile": profile}
+        if images is None:
+            given = [name for name, value in own.items() if value is not None]
+            if given:
+                typer.echo(f"fmbseg label: {', '.join(given)} go with --images DIR", err=True)
+                raise typer.Exit(2)
+            run_label(str(params or PARAMS_FILE))
+            return
+        import json
+
+        from components.labelling.export import check_variants
+        from flows.export import export_flow
+
+        variant = variant or "both"
+        try:
+            if out is None:
+                raise ValueError("--images needs --out DIR (where the labels go)")
+            check_variants([variant])
+            settings = own_folder_settings(str(images), str(out), classes=classes, vocabulary=vocabulary,
+                                           profile=profile, params_path=str(params) if params else None)
+        except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+            typer.echo(f"fmbseg label: {err}", err=True)
+            raise typer.Exit(2) from None
+        run_label(settings.as_posix())
+        typer.echo(json.dumps(export_flow((Path(out).resolve() / STAGE_DIR).as_posix(), str(out), variant), indent=2))
 
     @app.command("show")
     def show_cmd(
