@@ -148,7 +148,14 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
         from components.config import ConfigError, apply_overrides, load_params
 
-        path = Path(kwargs["params"])
+        own = kwargs.get("images") is not None or kwargs.get("store") is not None
+        if own or (kwargs["params"] is None and not Path("params.yaml").exists()):
+            # a command with settings of its own making (`fmbseg label --images DIR`, `fmbseg export
+            # --store DIR`) checks its options itself, before any start-up
+            if items:
+                raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
+            return run(*args, **kwargs)
+        path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
         try:
             settings = parse_set(items)
             load_params(path, settings)
