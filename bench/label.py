@@ -215,7 +215,7 @@ def main() -> None:
     device = resolve_device(args.device or params.models.device)
     dtype = "fp32" if device.type == "cpu" else (args.dtype or params.models.dtype)
     names = params.models.selected
-    random = {n: not get_spec(n).miniature and not all(s.present for s in weights_status([n]))
+    random = {n: not get_spec(n).miniature and not all(s.present for s in weights_status([get_spec(n)]))
               for n in (names.clip, names.sam)}
     start = time.perf_counter()
     clip = build_clip(names.clip, device=device, random_weights=random[names.clip])

@@ -142,7 +142,7 @@ def main() -> None:
     )
     with torch.inference_mode():
         for name, make in cases:
-            random = not get_spec(name).miniature and not all(s.present for s in weights_status([name]))
+            random = not get_spec(name).miniature and not all(s.present for s in weights_status([get_spec(name)]))
             start = time.perf_counter()
             what, step = make(name, random)
             build = time.perf_counter() - start

@@ -84,7 +84,7 @@ def build(params: Params, device: torch.device, dtype: str) -> tuple[Segmenter, 
     """The segmenter (random weights where a real spec's files are absent), its timer, and the
     names of the specs that run with random weights."""
     names = params.models.selected
-    random = {n: not get_spec(n).miniature and not all(s.present for s in weights_status([n]))
+    random = {n: not get_spec(n).miniature and not all(s.present for s in weights_status([get_spec(n)]))
               for n in (names.clip, names.sam, names.dino)}
     clip = build_clip(names.clip, device=device, random_weights=random[names.clip])
     dino = build_dino(names.dino, device=device, random_weights=random[names.dino])

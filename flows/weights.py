@@ -21,6 +21,16 @@ def profile_specs(params_path: Path, profile: str | None) -> tuple[str, list[str
     return name, [chosen.clip, chosen.sam, chosen.dino], params.models.weights_dir
 
 
+def _specs(names: list[str]) -> list:
+    """The registry specs of ``names`` (an unknown name is a usage error that lists the known ones)."""
+    from components.models.registry import get_spec
+
+    try:
+        return [get_spec(n) for n in names]
+    except KeyError as err:
+        raise typer.BadParameter(str(err.args[0] if err.args else err)) from None
+
+
 def _human(size: int | None) -> str:
     if size is None:
         return "?"
@@ -47,7 +57,7 @@ def register(app: typer.Typer) -> None:
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs
-        rows = weights_status(specs, weights_dir=weights_dir)
+        rows = weights_status(_specs(specs), weights_dir=weights_dir)
         typer.echo(f"profile {label}: {', '.join(specs)}")
         if not rows:
             typer.echo("  no weight files needed (miniature models are built with seeded random weights)")
@@ -66,6 +76,6 @@ def register(app: typer.Typer) -> None:
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs
-        rows = fetch_weights(specs, weights_dir=weights_dir, progress=True)
+        rows = fetch_weights(_specs(specs), weights_dir=weights_dir, progress=True)
         for row in rows:
             typer.echo(f"  {'present' if row.present else 'MISSING':8} {row.spec:22} {row.file:36} {row.path}")

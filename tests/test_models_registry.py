@@ -153,14 +153,14 @@ def test_real_spec_without_weights_raises_with_fetch_command(empty_weights, name
         assert (
             spec.weights[0].hub_repo in message and str(empty_weights.parent / "hf_home" / "hub") in message
         )
-    rows = weights_status([name])
+    rows = weights_status([get_spec(name)])
     assert [r.file for r in rows] == [f.name for f in spec.weights]
     assert not any(r.present for r in rows)
     assert [r.size for r in rows] == [f.size for f in spec.weights]
 
 
 def test_miniatures_need_no_files(empty_weights):
-    assert weights_status(["mini-clip", "mini-sam", "mini-dino"]) == []
+    assert weights_status([get_spec(n) for n in ("mini-clip", "mini-sam", "mini-dino")]) == []
 
 
 def test_present_sam_checkpoint_resolves_and_loads(empty_weights):
@@ -172,7 +172,7 @@ def test_present_sam_checkpoint_resolves_and_loads(empty_weights):
         "mask_decoder.iou_token.weight": torch.randn(1, 8),
     }
     torch.save(state, path)
-    (row,) = weights_status(["vit_b"])
+    (row,) = weights_status([get_spec("vit_b")])
     assert row.present and row.path == path and row.size == path.stat().st_size and row.spec == "vit_b"
     assert resolve_weight("vit_b", spec.weights[0]) == path
     loaded = load_state_dict(path)
@@ -186,8 +186,8 @@ def test_weights_dir_argument_overrides_environment(empty_weights, tmp_path):
     other = tmp_path / "other"
     (other / "sam").mkdir(parents=True)
     torch.save({"w": torch.zeros(2)}, other / "sam" / "sam_vit_h_4b8939.pth")
-    assert not weights_status(["vit_h"])[0].present
-    assert weights_status(["vit_h"], weights_dir=other)[0].present
+    assert not weights_status([get_spec("vit_h")])[0].present
+    assert weights_status([get_spec("vit_h")], weights_dir=other)[0].present
     with pytest.raises(MissingWeightsError):
         build_sam("vit_h")
 
@@ -223,7 +223,7 @@ def test_dinov2_loads_from_hub_cache(empty_weights, tmp_path):
     files, state = _tiny_dinov2_files(hidden_size=768)  # fits the dinov2_vitb14 spec (C = 768, p = 14)
     snapshot = _fake_hub_snapshot(tmp_path / "hf_home" / "hub", "facebook/dinov2-base", files)
     save_file(state, str(snapshot / "model.safetensors"))
-    rows = weights_status(["dinov2_vitb14"])
+    rows = weights_status([get_spec("dinov2_vitb14")])
     assert all(r.present for r in rows) and rows[1].path == snapshot / "model.safetensors"
     model = build_dino("dinov2_vitb14")
     assert type(model) is Dinov2Model and not model.training

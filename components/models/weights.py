@@ -13,7 +13,7 @@ for, in this order, in
 A missing file raises :class:`MissingWeightsError` naming the file, every path looked in and the
 command that fetches it; a real spec never falls back to random weights. Miniature specs need no
 files. Checkpoints load with ``torch.load(..., map_location="cpu", weights_only=True)`` or
-safetensors.
+safetensors. This module takes specs, never names: the registry imports it, never the reverse.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,20 +186,18 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def weights_status(
-    names: list[str], *, weights_dir: str | os.PathLike[str] | None = None
+    specs: Iterable[ModelSpec], *, weights_dir: str | os.PathLike[str] | None = None
 ) -> list[WeightStatus]:
-    """One row per weight file of each named spec (miniature specs have none)."""
-    from components.models.registry import get_spec  # the registry imports this module
-
+    """One row per weight file of each spec (miniature specs have none)."""
     rows = []
-    for spec_name in names:
-        for file in get_spec(spec_name).weights:
+    for spec in specs:
+        for file in spec.weights:
             found = find_weight(file, weights_dir)
             if found is not None:
-                rows.append(WeightStatus(spec_name, file.name, found, True, found.stat().st_size))
+                rows.append(WeightStatus(spec.name, file.name, found, True, found.stat().st_size))
             else:
                 path = default_weights_dir(weights_dir) / file.local_dir / file.name
-                rows.append(WeightStatus(spec_name, file.name, path, False, file.size))
+                rows.append(WeightStatus(spec.name, file.name, path, False, file.size))
     return rows
 
 
@@ -272,7 +270,7 @@ _FETCHERS = {"clip": _fetch_clip, "sam": _fetch_sam, "dino": _fetch_dino}
 
 
 def fetch_weights(
-    names: list[str], *, weights_dir: str | os.PathLike[str] | None = None, progress: bool = True
+    specs: Iterable[ModelSpec], *, weights_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> list[WeightStatus]:
     """Download the weight files of the named specs that are not on disk yet; returns their status.
 
@@ -280,13 +278,11 @@ def fetch_weights(
     published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2:
     ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
     """
-    from components.models.registry import get_spec  # the registry imports this module
-
-    for spec_name in names:
-        spec = get_spec(spec_name)
+    specs = list(specs)
+    for spec in specs:
         missing = [f for f in spec.weights if find_weight(f, weights_dir) is None]
         if not missing:
             continue
         with _hub_progress(progress):
             _FETCHERS[spec.family](spec, missing, default_weights_dir(weights_dir), progress)
-    return weights_status(names, weights_dir=weights_dir)
+    return weights_status(specs, weights_dir=weights_dir)
