@@ -33,8 +33,11 @@ test-fast: install
 demo: install
 	$(VENV)/bin/fmbseg demo
 
+# the MLflow store of a project folder: `make ui` (this one), `make ui STORE=demo` (the demo's)
+STORE ?= .
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
+	    --default-artifact-root $(abspath $(STORE))/mlartifacts --host 127.0.0.1 --port 5000
 
 lint: install
 	$(VENV)/bin/ruff check components flows tests bench
