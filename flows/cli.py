@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 # command -> (module under flows/, one-line help shown by `fmbseg --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("download", "Download (or locate) a dataset's sources, verify them and convert them."),
-    "sync": ("nightly", "Copy new images from nightly.source_dir into paths.incoming (the sync stage)."),
+    "sync": ("sync", "Copy new images from nightly.source_dir into paths.incoming (the sync stage)."),
     "label": ("label", "Stage 1: pseudo labels from CLIP + SAM for every image (resumable)."),
     "export": ("export", "A Stage 1 store as PNG label maps and a COCO JSON file per variant."),
     "show": ("label", "Write a picture of one image's Stage 1.1 and Stage 1.2 labels."),

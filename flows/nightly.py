@@ -1,4 +1,4 @@
-"""Nightly relabel-and-retrain, and the `sync` stage that feeds it.
+"""Nightly relabel-and-retrain (the `sync` stage that feeds it is flows/sync.py).
 
 `nightly` runs `dvc exp run` (the `sync` stage copies new images from ``nightly.source_dir`` into
 ``paths.incoming``; Stage 1 labels only those, the aligner retrains, every benchmark is
@@ -19,38 +19,14 @@ import typer
 from prefect import flow, get_run_logger, runtime, task
 
 from components.config import load_params
-from components.datasets.sync import sync_new_images
 from flows.pipeline import PARENT_ENV, dvc_command, run_logged, stage_env
 
-__all__ = ["sync_flow", "nightly_flow", "schedule_nightly", "register"]
-
-
-# ------------------------------------------------------------------------------------ the sync stage
-@task(retries=3, retry_delay_seconds=[5, 30, 120])
-def sync_images(source: str, dest: str) -> int:
-    """Copy new images from ``source`` into ``dest`` (retried: network shares hiccup)."""
-    copied = sync_new_images(Path(source), Path(dest))
-    get_run_logger().info("synced %d new images from %s into %s", len(copied), source, dest)
-    return len(copied)
+__all__ = ["nightly_flow", "schedule_nightly", "register"]
 
 
 def _nightly_run_name() -> str:
     """``nightly-<UTC date>``: one night, one readable name in the Prefect UI."""
     return f"nightly-{datetime.now(timezone.utc):%Y-%m-%d}"
-
-
-@flow(name="sync", flow_run_name="sync")
-def sync_flow(params_path: str = "params.yaml") -> int:
-    """The `sync` DVC stage: new images from nightly.source_dir into paths.incoming."""
-    params = load_params(params_path)
-    dest = Path(params.paths.incoming)
-    dest.mkdir(parents=True, exist_ok=True)
-    if not params.nightly.source_dir:
-        get_run_logger().info("nightly.source_dir is not set: nothing to sync into %s", dest)
-        return 0
-    if not Path(params.nightly.source_dir).is_dir():  # a setting to fix, not an I/O hiccup to retry
-        raise FileNotFoundError(f"nightly.source_dir {params.nightly.source_dir} is not a folder")
-    return sync_images(params.nightly.source_dir, str(dest))
 
 
 # --------------------------------------------------------------------------------------- nightly
@@ -180,11 +156,6 @@ def schedule_nightly(project_dir: Path, cron: str, pool: str, name: str = "night
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("sync")
-    def sync_cmd(params: Path = typer.Option(Path("params.yaml"), help="settings file")) -> None:
-        """Copy new images from nightly.source_dir into paths.incoming (the `sync` stage)."""
-        sync_flow(str(params))
-
     @app.command("nightly")
     def nightly_cmd(project_dir: Path = typer.Option(Path("."), help="the project to run in")) -> None:
         """Run the nightly relabel-and-retrain job once, now."""
