@@ -36,6 +36,7 @@ from segment_anything.modeling import (
 )
 from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
 
+from components.models.sam_attention import use_sdpa_attention
 from components.models.weights import WeightFile, load_state_dict, resolve_weight
 
 __all__ = [
@@ -354,7 +355,8 @@ def build_sam(
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
 ) -> Sam:
-    """A frozen segment_anything ``Sam``.
+    """A frozen segment_anything ``Sam`` whose image-encoder attention runs through
+    ``F.scaled_dot_product_attention`` (components/models/sam_attention.py; same outputs).
 
     ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only.
     """
@@ -371,6 +373,7 @@ def build_sam(
             _warn_random(spec)
         else:
             sam.load_state_dict(state, strict=True)
+    use_sdpa_attention(sam.image_encoder)  # the same attention through PyTorch's fused kernels
     return _frozen(sam, device)
 
 
