@@ -132,10 +132,18 @@ def prepare_workspace(dest: Path, overlay: Path | None = None, overrides: dict |
     if not (dest / ".dvc").exists():
         subprocess.run([dvc_command(), "init", "-q"], cwd=dest, check=True, env=stage_env())
         subprocess.run([dvc_command(), "config", "core.autostage", "true"], cwd=dest, check=True, env=stage_env())
-    _git(["add", "-A"], dest)
-    if _git(["status", "--porcelain"], dest).stdout.strip():
-        _git(["commit", "-q", "-m", "fmbseg workspace: pipeline, settings and code"], dest)
+    commit_workspace(dest, "fmbseg workspace: pipeline, settings and code")
     return dest
+
+
+def commit_workspace(dest: Path, message: str) -> bool:
+    """Commit everything git tracks or may track in the workspace (dvc.lock, git-tracked metrics,
+    the .gitignore files DVC writes); False when there was nothing to commit."""
+    _git(["add", "-A"], dest)
+    if not _git(["status", "--porcelain"], dest).stdout.strip():
+        return False
+    _git(["commit", "-q", "-m", message], dest)
+    return True
 
 
 @contextlib.contextmanager
@@ -176,6 +184,9 @@ def _demo(workspace: Path) -> None:
     with prefect_server(home=workspace / ".prefect", log=workspace / ".prefect" / "server.log") as api_url, _api(api_url):
         print(f"[demo] Prefect server {api_url}; running `dvc repro` in {workspace}")
         pipeline_flow(str(workspace))
+    # the run's dvc.lock and metrics become the baseline commit: `dvc exp show` lists its metrics
+    # (not `!`) and a later `dvc exp run -S ...` in the workspace compares against them
+    commit_workspace(workspace, "fmbseg demo: dvc repro results (dvc.lock, metrics)")
     report = workspace / "reports" / "report.md"
     if report.exists():
         print(report.read_text())
