@@ -178,6 +178,35 @@ def standard_tags(params: Params, input_paths: Iterable[str | os.PathLike[str]] 
     return tags
 
 
+def changed_settings(params: Params, baseline_rev: str | None = None, cwd: str | os.PathLike[str] | None = None
+                     ) -> dict[str, Any]:
+    """The settings that differ from params.yaml at git revision ``baseline_rev`` (default
+    ``$DVC_EXP_BASELINE_REV``, which `dvc exp run` sets), as dotted keys with this run's values;
+    {} when there is no baseline or it cannot be read."""
+    from components.config import parse_params
+
+    rev = baseline_rev or os.environ.get("DVC_EXP_BASELINE_REV")
+    if not rev:
+        return {}
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:params.yaml"], cwd=cwd, check=True,
+                              capture_output=True, text=True).stdout
+        baseline = flatten(parse_params(yaml.safe_load(text)))
+    except (OSError, subprocess.CalledProcessError, ValueError, yaml.YAMLError):
+        return {}
+    ours = flatten(params)
+    return {k: v for k, v in ours.items() if baseline.get(k) != v}
+
+
+def run_name_of(changed: Mapping[str, Any], fallback: str, limit: int = 120) -> str:
+    """A run named after what differs from its baseline (``aligner.kind=linear train.lr=0.1``),
+    else ``fallback``; long names are cut at ``limit`` characters."""
+    if not changed:
+        return fallback
+    name = " ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     if len(text) > MAX_PARAM_VAL_LENGTH:

@@ -195,8 +195,11 @@ def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
 
 
 def _run_name(params: Params) -> str:
+    """Under `dvc exp run`: the settings that differ from the baseline commit (``aligner.kind=linear``),
+    so the runs of an ablation grid read as their axes; else the experiment's name or the model."""
     a, t = params.aligner, params.train
-    return os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
+    fallback = os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
+    return tracking.run_name_of(tracking.changed_settings(params), fallback)
 
 
 @flow(name="train", flow_run_name="train", log_prints=True)

@@ -171,6 +171,7 @@ def test_queued_ablation_grid_lands_in_the_project_store(ws, first_run):
     for run in new:
         assert "pv21/mIoU_base" in run.data.metrics
     assert len({r.data.tags.get("fmbseg.group") for r in new}) == 1  # one grid, one group in the UI
+    assert sorted(r.info.run_name for r in new) == ["aligner.kind=linear", "aligner.kind=mlp"]  # its axes
 
     from typer.testing import CliRunner
 

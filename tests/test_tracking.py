@@ -187,3 +187,25 @@ def test_model_runs_lists_trained_models_newest_first(mlflow_uri) -> None:
     assert runs["tags.mlflow.runName"].tolist() == ["lr0.2", "lr0.1"]
     assert len(tracking.model_runs(params, max_results=1)) == 1
     assert tracking.model_runs(params, experiment="nope").empty
+
+
+def test_runs_are_named_after_the_settings_that_differ_from_the_baseline(tmp_path) -> None:
+    import subprocess
+
+    import yaml
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.05}}))
+    git("add", "params.yaml")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline")
+    rev = git("rev-parse", "HEAD").strip()
+    params = parse_params({"train": {"lr": 0.05}, "aligner": {"kind": "linear"}})
+    changed = tracking.changed_settings(params, rev, cwd=tmp_path)
+    assert changed == {"aligner.kind": "linear"}
+    assert tracking.run_name_of(changed, "fallback") == "aligner.kind=linear"
+    assert tracking.run_name_of({}, "fallback") == "fallback"
+    assert tracking.changed_settings(params, "nosuchrev", cwd=tmp_path) == {}
+    assert len(tracking.run_name_of({f"k{i}": "v" * 20 for i in range(20)}, "f")) == 120
