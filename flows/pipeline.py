@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,17 +57,24 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# the start of a line Prefect's console handler wrote: "12:00:00.000 | INFO    | "
+_PREFECT_RECORD = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3} \| [A-Z]+ *\| ")
+
+
 def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: object | None = None) -> str:
     """Run ``cmd``, streaming its output line by line to ``log`` (a logger) or stdout.
 
-    Returns the whole output; raises CalledProcessError with the output's tail on failure.
+    A line that is already a Prefect log record of a stage's own flow run (``12:00:00.000 | INFO |
+    Flow run 'label' - ...``: the stage sent it to the server itself) goes to stdout as it is, not
+    through ``log`` again, which would show it twice and with two prefixes. Returns the whole
+    output; raises CalledProcessError with the output's tail on failure.
     """
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        if log is not None:
+        if log is not None and not _PREFECT_RECORD.match(line):
             log.info(line.rstrip())  # type: ignore[attr-defined]
         else:
             sys.stdout.write(line)

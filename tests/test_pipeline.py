@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,26 @@ def test_queued_ablation_grid_lands_in_the_project_store(ws, first_run):
                                 env={"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"})
     assert result.exit_code == 0, result.output
     assert "linear" in result.output and "mlp" in result.output
+
+
+def test_stage_log_records_are_not_relayed_a_second_time(tmp_path, capsys):
+    import logging
+
+    class Recorder(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    log = logging.getLogger("fmbseg-test-relay")
+    recorder = Recorder()
+    log.addHandler(recorder)
+    log.setLevel(logging.INFO)
+    script = ("print(\"Running stage 'label':\"); "
+              "print(\"12:00:01.250 | INFO    | Flow run 'label' - 3 images\")")
+    out = run_logged([sys.executable, "-c", script], tmp_path, dict(os.environ), log)
+    assert recorder.lines == ["Running stage 'label':"]  # dvc's own line, once, through the logger
+    assert "12:00:01.250 | INFO    | Flow run 'label' - 3 images" in capsys.readouterr().out
+    assert out.count("3 images") == 1
