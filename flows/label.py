@@ -4,9 +4,10 @@ The flow lists and hashes the images (``paths.images`` and, when present, ``path
 plans shards against the completion records already on disk (components/labelling/plan.py: only
 new or changed images, or all of them after a settings change), maps ``label_shard`` over the
 pending shards on the configured task runner, then merges the finished shards and writes the
-summary. Inside a shard every image goes through four nested tasks on the shard's worker -- CLIP
-tiling, detection, Stage 1.1, Stage 1.2 -- so tensors never leave the worker; the shard task
-itself takes and returns plain records. Images are decoded on ``label.num_workers`` threads
+summary. Inside a shard every image goes through four steps on the shard's worker -- CLIP
+tiling, detection, Stage 1.1, Stage 1.2 -- as plain calls, not tasks, so a shard costs one task
+run whatever its size and tensors never leave the worker; each step's seconds are summed into the
+shard's timings (the summary's seconds per image). The shard task takes and returns plain records. Images are decoded on ``label.num_workers`` threads
 while the models run (decoding only; resizing with torch stays on the model thread).
 """
 
@@ -190,62 +191,51 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
-class Step(NamedTuple):
-    """A nested task's output and the seconds it spent, by summary key."""
-
-    value: Any
-    seconds: dict[str, float]
-
-
-@task(name="clip-tiling", cache_policy=NO_CACHE)
-def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str) -> Step:
+# The four steps of one image are plain functions, not tasks: a task run per step per image would
+# cost more than the labelling math (about 12 ms each) and fill the server with ~4 rows per image.
+# Each adds its seconds to the shard's timings under its summary key, so the steps stay visible in
+# the label summary ("seconds/image clip", "sam_encoder", "prompts", "amg", "labelling", "io").
+def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str,
+                seconds: dict[str, float]) -> Any:
     """CLIP: one vision pass over the image's G² crops -> crop embeddings and the dense map."""
     from components.labelling.stage1 import clip_features
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with timed(seconds, "clip"), autocast_context(device, dtype):
-        features = clip_features(
+        return clip_features(
             model, clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
         )
-    return Step(features, seconds)
 
 
-@task(name="detection", cache_policy=NO_CACHE)
-def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None) -> Step:
+def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None,
+              seconds: dict[str, float]) -> Any:
     """Object presence: crop votes with threshold T, or the image-level labels."""
     from components.labelling.stage1 import presence
 
-    seconds: dict[str, float] = {}
     with timed(seconds, "labelling"):
-        found = presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
-    return Step(found, seconds)
+        return presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
 
 
-@task(name="stage1.1", cache_policy=NO_CACHE)
 def stage1_1_step(sam: Any, sam_image: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str) -> Step:
+                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
     """SAM's image embedding (one encoder pass) and the Stage 1.1 masks from CLIP's point prompts."""
     from components.labelling.stage1 import embed_sam, stage1_1
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with autocast_context(device, dtype):
         with timed(seconds, "sam_encoder"):
             embedded = embed_sam(sam, sam_image)
         with timed(seconds, "prompts"):
             result = stage1_1(embedded, patches, prototypes, found, top_k_points=settings.top_k_points)
-    return Step((embedded, result), seconds)
+    return embedded, result
 
 
-@task(name="stage1.2", cache_policy=NO_CACHE)
 def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str) -> Step:
+                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
     """Stage 1.2: SAM's automatic masks (or the kept ones) labelled by their mean CLIP feature."""
     from components.labelling.stage1 import automatic_masks, decode_masks, stage1_2
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with autocast_context(device, dtype):
         if kept_masks is None:
             with timed(seconds, "amg"):
@@ -255,7 +245,7 @@ def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any,
                 decode_masks(kept_masks, settings.sam_size), patches, prototypes, found,
                 min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
             )
-    return Step((kept_masks, result), seconds)
+    return kept_masks, result
 
 
 def prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
@@ -368,18 +358,12 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
                 std=bundle.spec.std, sam_size=settings.sam_size,
             )
         classes = loaded.image_classes
-        steps = [clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype)]
-        features = steps[-1].value
-        steps.append(detection(features.cls, prototypes, settings.min_crops, classes))
-        found: Presence = steps[-1].value
-        steps.append(stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings, device, dtype))
-        embedded, s11 = steps[-1].value
-        steps.append(stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
-                                   settings, device, dtype))
-        amg_masks, s12 = steps[-1].value
-        for step in steps:
-            for key, value in step.seconds.items():
-                timings[key] = timings.get(key, 0.0) + value
+        features = clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype, timings)
+        found: Presence = detection(features.cls, prototypes, settings.min_crops, classes, timings)
+        embedded, s11 = stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings,
+                                      device, dtype, timings)
+        amg_masks, s12 = stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
+                                       settings, device, dtype, timings)
         with timed(timings, "io"):
             result = stage1_result(found, s11, s12, amg_masks, label_size=settings.label_size)
             image_entry = ImageEntry(entry["image_id"], entry["path"], entry["sha256"])
