@@ -22,7 +22,15 @@ from prefect.futures import as_completed
 from components.config import Params
 from components.features.cache import CacheImage, ShardPlan
 from flows.balance import train_index_path
-from flows.common import PARAMS_FILE, Progress, cached_dino, make_task_runner, stage_params, table_artifact
+from flows.common import (
+    PARAMS_FILE,
+    Progress,
+    cached_dino,
+    make_task_runner,
+    shard_resources,
+    stage_params,
+    table_artifact,
+)
 
 __all__ = ["features_root", "list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 
@@ -94,7 +102,8 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     reports: list[dict[str, Any]] = []
     failures: list[str] = []
     with Progress(total=todo, desc="features", key="features-progress") as progress:
-        futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
+        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
+            futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
         for future in as_completed(list(futures)):
             shard = futures[future]
             try:

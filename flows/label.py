@@ -38,6 +38,7 @@ from flows.common import (
     cached_clip,
     cached_sam,
     make_task_runner,
+    shard_resources,
     stage_params,
     table_artifact,
     timed,
@@ -452,7 +453,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     reports: list[dict[str, Any]] = []
     failures: list[str] = []
     with Progress(total=todo, desc="label", key="label-progress") as progress:
-        futures = {label_shard.submit(context, job): job for job in jobs}
+        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
+            futures = {label_shard.submit(context, job): job for job in jobs}
         for future in as_completed(list(futures)):
             job = futures[future]
             try:
