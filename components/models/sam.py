@@ -37,7 +37,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-__all__ = ["PointMask", "SamImage", "OUTPUT_MODES"]
+__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES"]
 
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -47,6 +47,14 @@ class PointMask(NamedTuple):
 
     mask: np.ndarray
     score: float
+
+
+class PointMasks(NamedTuple):
+    """masks: [C, H, W] bool (CPU) at the image's size, one per prompt set; scores: [C] float32,
+    SAM's predicted IoU of each."""
+
+    masks: torch.Tensor
+    scores: torch.Tensor
 
 
 @torch.no_grad()
@@ -192,7 +200,6 @@ class SamImage:
         """(H, W) of the image."""
         return self.image.shape[0], self.image.shape[1]
 
-    @torch.no_grad()
     def masks_from_points(self, points: np.ndarray | torch.Tensor) -> PointMask:
         """Stage 1.1: foreground point prompts -> SAM's highest-predicted-IoU mask of 3 (multimask).
 
@@ -203,14 +210,33 @@ class SamImage:
         )
         if coords.ndim != 2 or coords.shape[0] < 1 or coords.shape[1] != 2:
             raise ValueError(f"points must be [P, 2] xy with P >= 1, got shape {coords.shape}")
-        coords = self.predictor.transform.apply_coords(coords, self.size)
-        low_res, iou_preds = _decode(self.predictor, coords[None])
-        best = int(iou_preds[0].argmax())
-        logits = self.predictor.model.postprocess_masks(
-            low_res[:, best : best + 1], self.predictor.input_size, self.size
+        result = self.masks_from_point_sets(coords[None])
+        return PointMask(result.masks[0].numpy(), float(result.scores[0]))
+
+    @torch.no_grad()
+    def masks_from_point_sets(self, points: np.ndarray | torch.Tensor) -> PointMasks:
+        """Stage 1.1 for all classes at once: C sets of P foreground point prompts -> for each set
+        SAM's highest-predicted-IoU mask of 3 (multimask), in one prompt-decoder call.
+
+        points: [C, P, 2] float xy in the image's pixel coordinates (C >= 0, P >= 1). The masks
+        leave the device in one copy, not one per set.
+        """
+        coords = np.asarray(
+            points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64
         )
-        mask = (logits[0, 0] > self.predictor.model.mask_threshold).cpu().numpy()
-        return PointMask(mask, float(iou_preds[0, best]))
+        if coords.ndim != 3 or coords.shape[1] < 1 or coords.shape[2] != 2:
+            raise ValueError(f"points must be [C, P, 2] xy with P >= 1, got shape {coords.shape}")
+        if coords.shape[0] == 0:
+            return PointMasks(torch.zeros(0, *self.size, dtype=torch.bool), torch.zeros(0, dtype=torch.float32))
+        coords = self.predictor.transform.apply_coords(coords, self.size)
+        low_res, iou_preds = _decode(self.predictor, coords)
+        best = iou_preds.argmax(dim=1)
+        sets = torch.arange(best.shape[0], device=best.device)
+        logits = self.predictor.model.postprocess_masks(
+            low_res[sets, best][:, None], self.predictor.input_size, self.size
+        )
+        masks = logits[:, 0] > self.predictor.model.mask_threshold
+        return PointMasks(masks.cpu(), iou_preds[sets, best].float().cpu())
 
     def automatic_masks(
         self,
