@@ -42,10 +42,14 @@ def features_root(params: Params) -> Path:
 
 @task(name="hash-images", cache_policy=NO_CACHE)
 def list_cache_images(train_index: str, num_workers: int) -> list[CacheImage]:
-    """The distinct images of the training index, sorted by id, with their sha256."""
+    """The distinct images of the training index, sorted by id, with their sha256 (from the
+    project's hash cache where a file's size and mtime are unchanged)."""
     from components.features.cache import unique_images
+    from components.hashcache import HashCache
 
-    return unique_images(pd.read_parquet(train_index, columns=["image_id", "image_path"]), ".", num_workers=num_workers)
+    with HashCache() as hashes:
+        return unique_images(pd.read_parquet(train_index, columns=["image_id", "image_path"]), ".",
+                             num_workers=num_workers, sha256=hashes.sha256)
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, task_run_name="features-shard-{shard.shard_id}")

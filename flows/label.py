@@ -31,7 +31,7 @@ from prefect.futures import as_completed
 from components.config import ConfigError, LabelConfig, Params
 from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-from components.io import atomic_write_bytes, atomic_write_json, file_sha256
+from components.io import atomic_write_bytes, atomic_write_json
 from flows.common import (
     PARAMS_FILE,
     Progress,
@@ -146,17 +146,22 @@ def image_folders(params: Params) -> list[str]:
 @task(name="list-images", cache_policy=NO_CACHE)
 def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
-    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken."""
+    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken.
+    Digests come from the project's hash cache where a file's size and mtime are unchanged."""
+    from components.hashcache import HashCache
+
     files = [(folder, path) for folder in folders for path in list_images(folder)]
 
-    def digest(path: Path) -> str | OSError:
-        try:
-            return file_sha256(path)
-        except OSError as err:
-            return err
+    with HashCache() as hashes:  # an unchanged file is not reread (.fmbseg/hashes.sqlite)
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        digests = list(pool.map(digest, [path for _, path in files]))
+        def digest(path: Path) -> str | OSError:
+            try:
+                return hashes.sha256(path)
+            except OSError as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            digests = list(pool.map(digest, [path for _, path in files]))
     entries: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
     seen: dict[str, str] = {}
