@@ -98,20 +98,20 @@ def test_automatic_masks_equal_stock_generator(sam, image, output_mode):
     _records_equal(ours, stock)
 
 
-def test_automatic_masks_upsample_only_iou_survivors(sam, image):
+def test_automatic_masks_upsample_only_iou_survivors(sam, image, monkeypatch):
+    import components.models.sam as sam_module
+
     embedded = SamImage(sam, image)
     upsampled = []
-    real = sam.postprocess_masks
+    real = sam_module._postprocess_masks
 
-    def counting(masks, input_size, original_size):
+    def counting(model, masks, input_size, original_size):
         upsampled.append(masks.shape[0] * masks.shape[1])
-        return real(masks, input_size, original_size)
+        return real(model, masks, input_size, original_size)
 
-    sam.postprocess_masks = counting
-    try:
-        records = embedded.automatic_masks(**AMG)
-    finally:
-        del sam.postprocess_masks
+    monkeypatch.setattr(sam_module, "_postprocess_masks", counting)
+    records = embedded.automatic_masks(**AMG)
+    monkeypatch.undo()
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     grid = (np.arange(8) + 0.5) / 8

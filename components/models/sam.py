@@ -9,7 +9,8 @@ segment_anything's own ``SamAutomaticMaskGenerator``, subclassed in two places:
   nothing (crops, ``crop_n_layers > 0``, would need new embeddings and are refused);
 - its batch step filters candidates by predicted IoU *before* upsampling the low-resolution mask
   logits to the image size (the stock step upsamples every candidate first). The filter reads only
-  the IoU prediction, so the records are identical to the stock generator's;
+  the IoU prediction, so the records are identical to the stock generator's; where the image
+  already has SAM's input size the upsampling skips the stock final same-size resize (exact);
 - its crop step keeps the candidates as binary masks through duplicate removal (box NMS, which
   reads only boxes and IoU predictions) and run-length encodes the survivors alone; the stock step
   encodes every candidate, which was most of the generator's time on noisy masks.
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
@@ -77,6 +79,20 @@ def _decode(predictor: SamPredictor, coords: np.ndarray) -> tuple[torch.Tensor, 
     )
 
 
+def _postprocess_masks(
+    model: Sam, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+) -> torch.Tensor:
+    """``Sam.postprocess_masks`` ([B, C, 4·h, 4·w] logits -> [B, C, H, W]: upsample to the encoder
+    frame, crop the padding, resize to the original size), without the last resize where the crop
+    already has the original size: a bilinear resize to the same size returns its input exactly,
+    and costs a full pass over every candidate mask."""
+    if tuple(input_size) != tuple(original_size):
+        return model.postprocess_masks(masks, input_size, original_size)
+    side = model.image_encoder.img_size
+    masks = F.interpolate(masks, (side, side), mode="bilinear", align_corners=False)
+    return masks[..., : input_size[0], : input_size[1]]
+
+
 class _EmbeddedPredictor(SamPredictor):
     """The generator's predictor: shares the features of an already-set predictor. ``set_image``
     accepts only that image (no encoder pass); ``reset_image`` keeps the embedding."""
@@ -126,8 +142,8 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
         )
         if self.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
-        data["masks"] = model.postprocess_masks(
-            data["masks"][:, None], self.predictor.input_size, self.predictor.original_size
+        data["masks"] = _postprocess_masks(
+            model, data["masks"][:, None], self.predictor.input_size, self.predictor.original_size
         )[:, 0]
 
         data["stability_score"] = calculate_stability_score(
@@ -232,9 +248,8 @@ class SamImage:
         low_res, iou_preds = _decode(self.predictor, coords)
         best = iou_preds.argmax(dim=1)
         sets = torch.arange(best.shape[0], device=best.device)
-        logits = self.predictor.model.postprocess_masks(
-            low_res[sets, best][:, None], self.predictor.input_size, self.size
-        )
+        logits = _postprocess_masks(self.predictor.model, low_res[sets, best][:, None], self.predictor.input_size,
+                                    self.size)
         masks = logits[:, 0] > self.predictor.model.mask_threshold
         return PointMasks(masks.cpu(), iou_preds[sets, best].float().cpu())
 
