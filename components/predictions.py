@@ -43,7 +43,7 @@ from pycocotools import mask as mask_utils
 
 from components.datasets.readers import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image_rgb
 from components.evaluation.overlay import overlay_picture
-from components.io import atomic_write_bytes, atomic_write_text, bytes_sha256, encode_label_png
+from components.io import atomic_write_bytes, atomic_write_text, encode_label_png, file_sha256
 from components.segmenter import Segmenter, SegmentResult
 
 __all__ = [
@@ -221,13 +221,12 @@ class _Item:
     error: str | None
 
 
-def _load(source: Source) -> _Item:
+def _load(source: Source, sha256: Callable[[Path], str]) -> _Item:
     """Hash the file and decode it (the decode only matters when the image is not done)."""
     try:
-        data = source.path.read_bytes()
+        sha = sha256(source.path)
     except OSError as err:
         return _Item(source, "", None, f"{type(err).__name__}: {err}")
-    sha = bytes_sha256(data)
     try:
         return _Item(source, sha, read_image_rgb(source.path), None)
     except UnreadableImageError as err:
@@ -266,6 +265,7 @@ def predict_images(
     batch_size: int = 8,
     num_workers: int = 2,
     on_batch: Callable[[int], None] | None = None,
+    sha256: Callable[[Path], str] = file_sha256,
 ) -> PredictSummary:
     """Segment `sources` with `classes` into `out_dir` (the layout of this module's docstring).
 
@@ -273,7 +273,9 @@ def predict_images(
     protocol, dtype); records made under another key are discarded. Images are read and decoded
     by `num_workers` threads ahead of the model, and their outputs written by one more thread
     while the next batch runs. on_batch(n): called after each batch's outputs are in place with
-    the number of images it handled (progress). Returns a :class:`PredictSummary`.
+    the number of images it handled (progress). sha256(path): the file's hex digest (a
+    :class:`~components.hashcache.HashCache`'s skips rereading unchanged files). Returns a
+    :class:`PredictSummary`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -322,7 +324,7 @@ def predict_images(
 
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as readers, ThreadPoolExecutor(max_workers=1) as writer:
         pending: tuple[Future[int], int] | None = None
-        for batch_items in _batches(readers, sources, batch_size, ahead=2):
+        for batch_items in _batches(readers, sources, batch_size, ahead=2, sha256=sha256):
             todo = []
             for item in batch_items:
                 if item.error is not None:
@@ -344,15 +346,16 @@ def predict_images(
     return PredictSummary(images=len(sources), segmented=segmented, resumed=resumed, skipped=len(skipped))
 
 
-def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int) -> Iterator[list[_Item]]:
+def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int,
+             sha256: Callable[[Path], str]) -> Iterator[list[_Item]]:
     """Batches of loaded items in listing order (batch i = sources[i*size:(i+1)*size]), `ahead`
     batches loading in `pool` while the caller works."""
     chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
     queue: list[list[Future[_Item]]] = []
     for chunk in chunks[:ahead]:
-        queue.append([pool.submit(_load, s) for s in chunk])
+        queue.append([pool.submit(_load, s, sha256) for s in chunk])
     for index in range(len(chunks)):
         futures = queue.pop(0)
         if index + ahead < len(chunks):
-            queue.append([pool.submit(_load, s) for s in chunks[index + ahead]])
+            queue.append([pool.submit(_load, s, sha256) for s in chunks[index + ahead]])
         yield [f.result() for f in futures]

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import typer
 from prefect import flow, get_run_logger, task
 
-from components.config import Params
+from components.config import OrchestrationConfig, Params
 from components.io import bytes_sha256, file_sha256
 from flows.common import (
     Progress,
@@ -38,6 +38,7 @@ from flows.common import (
     cached_dino,
     cached_sam,
     project_path,
+    shard_resources,
     stage_params,
     table_artifact,
 )
@@ -239,6 +240,7 @@ def _score(
     variants: tuple[str, ...],
     batch_size: int,
     label: str,
+    orchestration: OrchestrationConfig,
     overlay_ids: Sequence[str] = (),
     overlay_dir: Path | None = None,
 ) -> Any:
@@ -255,11 +257,12 @@ def _score(
     wanted = set(overlay_ids)
     with Progress(len(ids), desc=f"evaluate {label}", key=_artifact_key("evaluate", label)) as bar:
         bar.update(len(ids) - len(todo))
-        futures = [
-            evaluate_images.submit(job, batch, [i for i in batch if i in wanted],
-                                   str(overlay_dir) if overlay_dir else None)
-            for batch in _chunks(todo, batch_size)
-        ]
+        with shard_resources(orchestration):  # on Ray: gpus_per_task GPUs per batch task
+            futures = [
+                evaluate_images.submit(job, batch, [i for i in batch if i in wanted],
+                                       str(overlay_dir) if overlay_dir else None)
+                for batch in _chunks(todo, batch_size)
+            ]
         for future in futures:
             result = future.result()
             state.add(result)
@@ -346,6 +349,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
         variants=REFINED_VARIANTS if ev.refine else BASE_VARIANTS,
         batch_size=ev.batch_size,
         label=dataset,
+        orchestration=params.orchestration,
         overlay_ids=overlay_ids,
         overlay_dir=overlay_dir,
     )
@@ -415,6 +419,7 @@ def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.
         variants=BASE_VARIANTS,
         batch_size=params.evaluate.batch_size,
         label=f"stage1 {name}",
+        orchestration=params.orchestration,
     )
     summary = summarize(state, display_names(data.classes), unlabelled_column=True)
     # Stage 1 has one prediction per variant: plain names ("mIoU", "IoU") instead of "_base".

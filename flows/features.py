@@ -22,7 +22,15 @@ from prefect.futures import as_completed
 from components.config import Params
 from components.features.cache import CacheImage, ShardPlan
 from flows.balance import train_index_path
-from flows.common import PARAMS_FILE, Progress, cached_dino, make_task_runner, stage_params, table_artifact
+from flows.common import (
+    PARAMS_FILE,
+    Progress,
+    cached_dino,
+    make_task_runner,
+    shard_resources,
+    stage_params,
+    table_artifact,
+)
 
 __all__ = ["features_root", "list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 
@@ -34,10 +42,14 @@ def features_root(params: Params) -> Path:
 
 @task(name="hash-images", cache_policy=NO_CACHE)
 def list_cache_images(train_index: str, num_workers: int) -> list[CacheImage]:
-    """The distinct images of the training index, sorted by id, with their sha256."""
+    """The distinct images of the training index, sorted by id, with their sha256 (from the
+    project's hash cache where a file's size and mtime are unchanged)."""
     from components.features.cache import unique_images
+    from components.hashcache import HashCache
 
-    return unique_images(pd.read_parquet(train_index, columns=["image_id", "image_path"]), ".", num_workers=num_workers)
+    with HashCache() as hashes:
+        return unique_images(pd.read_parquet(train_index, columns=["image_id", "image_path"]), ".",
+                             num_workers=num_workers, sha256=hashes.sha256)
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, task_run_name="features-shard-{shard.shard_id}")
@@ -94,7 +106,8 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     reports: list[dict[str, Any]] = []
     failures: list[str] = []
     with Progress(total=todo, desc="features", key="features-progress") as progress:
-        futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
+        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
+            futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
         for future in as_completed(list(futures)):
             shard = futures[future]
             try:

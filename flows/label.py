@@ -4,9 +4,10 @@ The flow lists and hashes the images (``paths.images`` and, when present, ``path
 plans shards against the completion records already on disk (components/labelling/plan.py: only
 new or changed images, or all of them after a settings change), maps ``label_shard`` over the
 pending shards on the configured task runner, then merges the finished shards and writes the
-summary. Inside a shard every image goes through four nested tasks on the shard's worker -- CLIP
-tiling, detection, Stage 1.1, Stage 1.2 -- so tensors never leave the worker; the shard task
-itself takes and returns plain records. Images are decoded on ``label.num_workers`` threads
+summary. Inside a shard every image goes through four steps on the shard's worker -- CLIP
+tiling, detection, Stage 1.1, Stage 1.2 -- as plain calls, not tasks, so a shard costs one task
+run whatever its size and tensors never leave the worker; each step's seconds are summed into the
+shard's timings (the summary's seconds per image). The shard task takes and returns plain records. Images are decoded on ``label.num_workers`` threads
 while the models run (decoding only; resizing with torch stays on the model thread).
 """
 
@@ -30,13 +31,14 @@ from prefect.futures import as_completed
 from components.config import ConfigError, LabelConfig, Params
 from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-from components.io import atomic_write_bytes, atomic_write_json, file_sha256
+from components.io import atomic_write_bytes, atomic_write_json
 from flows.common import (
     PARAMS_FILE,
     Progress,
     cached_clip,
     cached_sam,
     make_task_runner,
+    shard_resources,
     stage_params,
     table_artifact,
     timed,
@@ -145,17 +147,22 @@ def image_folders(params: Params) -> list[str]:
 @task(name="list-images", cache_policy=NO_CACHE)
 def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
-    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken."""
+    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken.
+    Digests come from the project's hash cache where a file's size and mtime are unchanged."""
+    from components.hashcache import HashCache
+
     files = [(folder, path) for folder in folders for path in list_images(folder)]
 
-    def digest(path: Path) -> str | OSError:
-        try:
-            return file_sha256(path)
-        except OSError as err:
-            return err
+    with HashCache() as hashes:  # an unchanged file is not reread (.fmbseg/hashes.sqlite)
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        digests = list(pool.map(digest, [path for _, path in files]))
+        def digest(path: Path) -> str | OSError:
+            try:
+                return hashes.sha256(path)
+            except OSError as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            digests = list(pool.map(digest, [path for _, path in files]))
     entries: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
     seen: dict[str, str] = {}
@@ -191,62 +198,51 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
-class Step(NamedTuple):
-    """A nested task's output and the seconds it spent, by summary key."""
-
-    value: Any
-    seconds: dict[str, float]
-
-
-@task(name="clip-tiling", cache_policy=NO_CACHE)
-def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str) -> Step:
+# The four steps of one image are plain functions, not tasks: a task run per step per image would
+# cost more than the labelling math (about 12 ms each) and fill the server with ~4 rows per image.
+# Each adds its seconds to the shard's timings under its summary key, so the steps stay visible in
+# the label summary ("seconds/image clip", "sam_encoder", "prompts", "amg", "labelling", "io").
+def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str,
+                seconds: dict[str, float]) -> Any:
     """CLIP: one vision pass over the image's G² crops -> crop embeddings and the dense map."""
     from components.labelling.stage1 import clip_features
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with timed(seconds, "clip"), autocast_context(device, dtype):
-        features = clip_features(
+        return clip_features(
             model, clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
         )
-    return Step(features, seconds)
 
 
-@task(name="detection", cache_policy=NO_CACHE)
-def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None) -> Step:
+def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None,
+              seconds: dict[str, float]) -> Any:
     """Object presence: crop votes with threshold T, or the image-level labels."""
     from components.labelling.stage1 import presence
 
-    seconds: dict[str, float] = {}
     with timed(seconds, "labelling"):
-        found = presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
-    return Step(found, seconds)
+        return presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
 
 
-@task(name="stage1.1", cache_policy=NO_CACHE)
 def stage1_1_step(sam: Any, sam_image: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str) -> Step:
+                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
     """SAM's image embedding (one encoder pass) and the Stage 1.1 masks from CLIP's point prompts."""
     from components.labelling.stage1 import embed_sam, stage1_1
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with autocast_context(device, dtype):
         with timed(seconds, "sam_encoder"):
             embedded = embed_sam(sam, sam_image)
         with timed(seconds, "prompts"):
             result = stage1_1(embedded, patches, prototypes, found, top_k_points=settings.top_k_points)
-    return Step((embedded, result), seconds)
+    return embedded, result
 
 
-@task(name="stage1.2", cache_policy=NO_CACHE)
 def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str) -> Step:
+                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
     """Stage 1.2: SAM's automatic masks (or the kept ones) labelled by their mean CLIP feature."""
     from components.labelling.stage1 import automatic_masks, decode_masks, stage1_2
     from components.models.registry import autocast_context
 
-    seconds: dict[str, float] = {}
     with autocast_context(device, dtype):
         if kept_masks is None:
             with timed(seconds, "amg"):
@@ -256,7 +252,7 @@ def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any,
                 decode_masks(kept_masks, settings.sam_size), patches, prototypes, found,
                 min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
             )
-    return Step((kept_masks, result), seconds)
+    return kept_masks, result
 
 
 def prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
@@ -369,18 +365,12 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
                 std=bundle.spec.std, sam_size=settings.sam_size,
             )
         classes = loaded.image_classes
-        steps = [clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype)]
-        features = steps[-1].value
-        steps.append(detection(features.cls, prototypes, settings.min_crops, classes))
-        found: Presence = steps[-1].value
-        steps.append(stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings, device, dtype))
-        embedded, s11 = steps[-1].value
-        steps.append(stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
-                                   settings, device, dtype))
-        amg_masks, s12 = steps[-1].value
-        for step in steps:
-            for key, value in step.seconds.items():
-                timings[key] = timings.get(key, 0.0) + value
+        features = clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype, timings)
+        found: Presence = detection(features.cls, prototypes, settings.min_crops, classes, timings)
+        embedded, s11 = stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings,
+                                      device, dtype, timings)
+        amg_masks, s12 = stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
+                                       settings, device, dtype, timings)
         with timed(timings, "io"):
             result = stage1_result(found, s11, s12, amg_masks, label_size=settings.label_size)
             image_entry = ImageEntry(entry["image_id"], entry["path"], entry["sha256"])
@@ -469,7 +459,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     reports: list[dict[str, Any]] = []
     failures: list[str] = []
     with Progress(total=todo, desc="label", key="label-progress") as progress:
-        futures = {label_shard.submit(context, job): job for job in jobs}
+        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
+            futures = {label_shard.submit(context, job): job for job in jobs}
         for future in as_completed(list(futures)):
             job = futures[future]
             try:

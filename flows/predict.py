@@ -87,6 +87,7 @@ def segment_images(job: dict[str, Any]) -> dict[str, int]:
     """Build the segmenter from the checkpoint and segment the job's images into its folder."""
     from pathlib import PurePosixPath
 
+    from components.hashcache import HashCache
     from components.predictions import Source, predict_images
     from components.segmenter import Segmenter
 
@@ -95,10 +96,11 @@ def segment_images(job: dict[str, Any]) -> dict[str, int]:
     if job["refine"]:
         segmenter.load_sam()  # absent SAM weights fail now, not after the first batch
     sources = [Source(Path(path), PurePosixPath(rel)) for path, rel in job["sources"]]
-    with Progress(len(sources), desc="predict", key="predict", unit="img") as bar:
+    with Progress(len(sources), desc="predict", key="predict", unit="img") as bar, HashCache() as hashes:
         summary = predict_images(
             segmenter, sources, job["classes"], job["out"], key=job["key"], refine=job["refine"],
             overlays=job["overlays"], batch_size=job["batch_size"], num_workers=READ_WORKERS, on_batch=bar.update,
+            sha256=hashes.sha256,
         )
     return summary._asdict()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,27 @@ def _outputs(root: Path) -> dict[str, bytes]:
     return files
 
 
+def _task_runs() -> int:
+    """Task runs the Prefect server holds (its REST endpoint ``POST /task_runs/count``)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return int(client.request("POST", "/task_runs/count", json={}).json())
+
+
 def test_label_end_to_end_files_schemas_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      prefect_harness: None) -> None:
     project = _make_project(tmp_path / "p")
     monkeypatch.chdir(project)
+    before = _task_runs()
     summary = run_label("params.yaml")
+    # one task run per shard plus the listing, whatever the shard size: the server records task runs
+    # from events, so wait until the 4 shards' runs are in, then check nothing more came
+    deadline = time.monotonic() + 30
+    while _task_runs() - before < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert _task_runs() - before == 5
     out = project / "pseudo" / "stage1"
     good = {"img_00000", "img_00001", "img_00002", "img_00003", "cmyk", "gray", "rgba", "deep16", "rotated"}
     assert summary["images_labelled"] == len(good) and summary["images_skipped"] == len(BAD)

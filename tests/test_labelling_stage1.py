@@ -22,7 +22,7 @@ from components.labelling.stage1 import (
 )
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.registry import build_clip, build_sam
-from components.models.sam import PointMask
+from components.models.sam import PointMask, PointMasks
 
 
 class PlantedSam:
@@ -34,9 +34,13 @@ class PlantedSam:
         self._left, self._right = left, right
         self.prompts: list[np.ndarray] = []
 
-    def masks_from_points(self, points: torch.Tensor) -> PointMask:
-        self.prompts.append(points.numpy())
-        return self._left if float(points[0, 0]) < self.size[1] / 2 else self._right
+    def masks_from_point_sets(self, points: torch.Tensor) -> PointMasks:
+        chosen = []
+        for prompt_set in points:
+            self.prompts.append(prompt_set.numpy())
+            chosen.append(self._left if float(prompt_set[0, 0]) < self.size[1] / 2 else self._right)
+        masks = torch.as_tensor(np.stack([c.mask for c in chosen])) if chosen else torch.zeros(0, *self.size).bool()
+        return PointMasks(masks, torch.tensor([c.score for c in chosen], dtype=torch.float32))
 
 
 def _box(size: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:

@@ -73,6 +73,23 @@ def test_masks_from_points_shape_and_stock_choice(sam, image):
     assert result.score == pytest.approx(float(scores[best]), abs=1e-6)
 
 
+def test_batched_point_sets_equal_one_decoder_call_per_set(sam, image):
+    """Stage 1.1's batched call (5 classes x 5 points) gives the stock per-set masks and scores."""
+    points = np.random.default_rng(1).uniform([0, 0], [127, 95], size=(5, 5, 2))
+    batched = SamImage(sam, image).masks_from_point_sets(torch.as_tensor(points, dtype=torch.float32))
+    assert batched.masks.shape == (5, 96, 128) and batched.masks.dtype == torch.bool
+    assert batched.scores.shape == (5,) and batched.scores.dtype == torch.float32
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    for c, prompt_set in enumerate(torch.as_tensor(points, dtype=torch.float32).double().numpy()):
+        masks, scores, _ = predictor.predict(point_coords=prompt_set, point_labels=np.ones(5), multimask_output=True)
+        best = int(np.argmax(scores))
+        np.testing.assert_array_equal(batched.masks[c].numpy(), masks[best])
+        assert float(batched.scores[c]) == pytest.approx(float(scores[best]), abs=1e-6)
+    empty = SamImage(sam, image).masks_from_point_sets(np.zeros((0, 5, 2)))
+    assert empty.masks.shape == (0, 96, 128) and empty.scores.shape == (0,)
+
+
 @pytest.mark.parametrize("output_mode", ["binary_mask", "coco_rle", "uncompressed_rle"])
 def test_automatic_masks_equal_stock_generator(sam, image, output_mode):
     ours = SamImage(sam, image).automatic_masks(**AMG, output_mode=output_mode)
@@ -81,20 +98,20 @@ def test_automatic_masks_equal_stock_generator(sam, image, output_mode):
     _records_equal(ours, stock)
 
 
-def test_automatic_masks_upsample_only_iou_survivors(sam, image):
+def test_automatic_masks_upsample_only_iou_survivors(sam, image, monkeypatch):
+    import components.models.sam as sam_module
+
     embedded = SamImage(sam, image)
     upsampled = []
-    real = sam.postprocess_masks
+    real = sam_module._postprocess_masks
 
-    def counting(masks, input_size, original_size):
+    def counting(model, masks, input_size, original_size):
         upsampled.append(masks.shape[0] * masks.shape[1])
-        return real(masks, input_size, original_size)
+        return real(model, masks, input_size, original_size)
 
-    sam.postprocess_masks = counting
-    try:
-        records = embedded.automatic_masks(**AMG)
-    finally:
-        del sam.postprocess_masks
+    monkeypatch.setattr(sam_module, "_postprocess_masks", counting)
+    records = embedded.automatic_masks(**AMG)
+    monkeypatch.undo()
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     grid = (np.arange(8) + 0.5) / 8

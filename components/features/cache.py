@@ -108,11 +108,13 @@ def settings_hash(dino: str, image_size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def unique_images(samples: pd.DataFrame, project_root: str | os.PathLike[str], *, num_workers: int) -> list[CacheImage]:
+def unique_images(samples: pd.DataFrame, project_root: str | os.PathLike[str], *, num_workers: int,
+                  sha256: Callable[[Path], str] = file_sha256) -> list[CacheImage]:
     """The distinct images of a train index, sorted by id, with the sha256 of each file.
 
     samples: train index rows with columns image_id and image_path (relative to ``project_root``).
-    Hashing runs in ``num_workers`` threads (it reads every file once).
+    Hashing runs in ``num_workers`` threads with ``sha256`` (``file_sha256`` reads every file once;
+    a :class:`~components.hashcache.HashCache`'s skips unchanged files).
     """
     missing = [c for c in ("image_id", "image_path") if c not in samples.columns]
     if missing:
@@ -128,7 +130,7 @@ def unique_images(samples: pd.DataFrame, project_root: str | os.PathLike[str], *
         if not (root / p).is_file():
             raise FileNotFoundError(f"{root / p} (in the train index) does not exist")
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as pool:
-        hashes = list(pool.map(lambda p: file_sha256(root / p), paths))
+        hashes = list(pool.map(lambda p: sha256(root / p), paths))
     return [CacheImage(i, p, h) for i, p, h in zip(pairs["image_id"], paths, hashes, strict=True)]
 
 

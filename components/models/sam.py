@@ -9,7 +9,8 @@ segment_anything's own ``SamAutomaticMaskGenerator``, subclassed in two places:
   nothing (crops, ``crop_n_layers > 0``, would need new embeddings and are refused);
 - its batch step filters candidates by predicted IoU *before* upsampling the low-resolution mask
   logits to the image size (the stock step upsamples every candidate first). The filter reads only
-  the IoU prediction, so the records are identical to the stock generator's;
+  the IoU prediction, so the records are identical to the stock generator's; where the image
+  already has SAM's input size the upsampling skips the stock final same-size resize (exact);
 - its crop step keeps the candidates as binary masks through duplicate removal (box NMS, which
   reads only boxes and IoU predictions) and run-length encodes the survivors alone; the stock step
   encodes every candidate, which was most of the generator's time on noisy masks.
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
@@ -37,7 +39,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-__all__ = ["PointMask", "SamImage", "OUTPUT_MODES"]
+__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES"]
 
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -47,6 +49,14 @@ class PointMask(NamedTuple):
 
     mask: np.ndarray
     score: float
+
+
+class PointMasks(NamedTuple):
+    """masks: [C, H, W] bool (CPU) at the image's size, one per prompt set; scores: [C] float32,
+    SAM's predicted IoU of each."""
+
+    masks: torch.Tensor
+    scores: torch.Tensor
 
 
 @torch.no_grad()
@@ -67,6 +77,20 @@ def _decode(predictor: SamPredictor, coords: np.ndarray) -> tuple[torch.Tensor, 
         dense_prompt_embeddings=dense,
         multimask_output=True,
     )
+
+
+def _postprocess_masks(
+    model: Sam, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+) -> torch.Tensor:
+    """``Sam.postprocess_masks`` ([B, C, 4·h, 4·w] logits -> [B, C, H, W]: upsample to the encoder
+    frame, crop the padding, resize to the original size), without the last resize where the crop
+    already has the original size: a bilinear resize to the same size returns its input exactly,
+    and costs a full pass over every candidate mask."""
+    if tuple(input_size) != tuple(original_size):
+        return model.postprocess_masks(masks, input_size, original_size)
+    side = model.image_encoder.img_size
+    masks = F.interpolate(masks, (side, side), mode="bilinear", align_corners=False)
+    return masks[..., : input_size[0], : input_size[1]]
 
 
 class _EmbeddedPredictor(SamPredictor):
@@ -118,8 +142,8 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
         )
         if self.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
-        data["masks"] = model.postprocess_masks(
-            data["masks"][:, None], self.predictor.input_size, self.predictor.original_size
+        data["masks"] = _postprocess_masks(
+            model, data["masks"][:, None], self.predictor.input_size, self.predictor.original_size
         )[:, 0]
 
         data["stability_score"] = calculate_stability_score(
@@ -192,7 +216,6 @@ class SamImage:
         """(H, W) of the image."""
         return self.image.shape[0], self.image.shape[1]
 
-    @torch.no_grad()
     def masks_from_points(self, points: np.ndarray | torch.Tensor) -> PointMask:
         """Stage 1.1: foreground point prompts -> SAM's highest-predicted-IoU mask of 3 (multimask).
 
@@ -203,14 +226,32 @@ class SamImage:
         )
         if coords.ndim != 2 or coords.shape[0] < 1 or coords.shape[1] != 2:
             raise ValueError(f"points must be [P, 2] xy with P >= 1, got shape {coords.shape}")
-        coords = self.predictor.transform.apply_coords(coords, self.size)
-        low_res, iou_preds = _decode(self.predictor, coords[None])
-        best = int(iou_preds[0].argmax())
-        logits = self.predictor.model.postprocess_masks(
-            low_res[:, best : best + 1], self.predictor.input_size, self.size
+        result = self.masks_from_point_sets(coords[None])
+        return PointMask(result.masks[0].numpy(), float(result.scores[0]))
+
+    @torch.no_grad()
+    def masks_from_point_sets(self, points: np.ndarray | torch.Tensor) -> PointMasks:
+        """Stage 1.1 for all classes at once: C sets of P foreground point prompts -> for each set
+        SAM's highest-predicted-IoU mask of 3 (multimask), in one prompt-decoder call.
+
+        points: [C, P, 2] float xy in the image's pixel coordinates (C >= 0, P >= 1). The masks
+        leave the device in one copy, not one per set.
+        """
+        coords = np.asarray(
+            points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64
         )
-        mask = (logits[0, 0] > self.predictor.model.mask_threshold).cpu().numpy()
-        return PointMask(mask, float(iou_preds[0, best]))
+        if coords.ndim != 3 or coords.shape[1] < 1 or coords.shape[2] != 2:
+            raise ValueError(f"points must be [C, P, 2] xy with P >= 1, got shape {coords.shape}")
+        if coords.shape[0] == 0:
+            return PointMasks(torch.zeros(0, *self.size, dtype=torch.bool), torch.zeros(0, dtype=torch.float32))
+        coords = self.predictor.transform.apply_coords(coords, self.size)
+        low_res, iou_preds = _decode(self.predictor, coords)
+        best = iou_preds.argmax(dim=1)
+        sets = torch.arange(best.shape[0], device=best.device)
+        logits = _postprocess_masks(self.predictor.model, low_res[sets, best][:, None], self.predictor.input_size,
+                                    self.size)
+        masks = logits[:, 0] > self.predictor.model.mask_threshold
+        return PointMasks(masks.cpu(), iou_preds[sets, best].float().cpu())
 
     def automatic_masks(
         self,
