@@ -206,8 +206,10 @@ def test_benchmark_prompts_follow_meta(pv20, tmp_path):
     pv21 = CanonicalDataset(root, "val")
     prompts = benchmark_prompts(pv21.classes, pv21.meta)
     stuff = pv21.meta["extra_background_classes"]
-    assert prompts.names == pv21.classes + stuff and len(stuff) == 91
-    assert prompts.class_map.tolist() == list(range(21)) + [0] * 91
+    assert len(stuff) == 91  # "table" names a VOC class and goes; "plant-other, plant" keeps "plant-other"
+    assert prompts.names[:21] == pv21.classes and len(prompts.names) == 21 + 90
+    assert "table" not in prompts.names[21:] and "plant-other" in prompts.names[21:]
+    assert prompts.class_map.tolist() == list(range(21)) + [0] * 90
     assert background_index(pv21.meta) == 0
     plain = benchmark_prompts(pv20.classes, pv20.meta)
     assert plain.names == pv20.classes and plain.class_map.tolist() == list(range(20))
@@ -279,7 +281,7 @@ def test_stage2_segmenter_base_and_refined(mini_models, tmp_path):
     prediction = segment(image)
     height, width = image.shape[:2]
     assert prediction.base.shape == (height, width) and prediction.base.dtype == torch.int64
-    assert int(prediction.base.max()) < 21  # the 91 stuff prompts all vote for background
+    assert int(prediction.base.max()) < 21  # the stuff prompts all vote for background
     spec = segmenter.dino_spec
     normalised = resize_normalize(torch.from_numpy(image.copy()), (height, width), spec.mean, spec.std)[0]
     logits = predict_logits(normalised, encode_fn=segmenter.encode, prototypes=vocabulary.prototypes, window=56,

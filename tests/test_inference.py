@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from components.datasets.registry import class_file_path, read_class_file
 from components.evaluation.inference import (
     build_prompt_set,
     labels_from_logits,
@@ -239,9 +240,38 @@ def test_build_prompt_set_errors_and_no_extra() -> None:
     plain = build_prompt_set(["a", "b"], None, background_index=0)
     assert plain.names == ["a", "b"] and plain.class_map.tolist() == [0, 1]
     with pytest.raises(ValueError, match="more than once"):
-        build_prompt_set(["background", "sky"], ["sky"], background_index=0)
+        build_prompt_set(["background", "sky", "sky"], None, background_index=0)
     with pytest.raises(ValueError, match="outside"):
         build_prompt_set(["a", "b"], ["c"], background_index=2)
+
+
+def test_background_prompts_never_name_a_foreground_class() -> None:
+    # Per synonym, case and spaces aside: a background line loses the synonyms a class already
+    # has, and a line left with none is dropped, so no prompt serves a class and background at once.
+    prompts = build_prompt_set(
+        ["background", "table, dining table", "plant, potted plant"],
+        ["sky", "Table", "plant-other, plant", " dining table , desk"],
+        background_index=0,
+    )
+    assert prompts.names == ["background", "table, dining table", "plant, potted plant", "sky", "plant-other",
+                             "desk"]
+    assert prompts.class_map.tolist() == [0, 1, 2, 0, 0, 0]
+
+
+def test_pv21_shipped_background_prompts_are_disjoint_from_its_classes() -> None:
+    voc21 = read_class_file(class_file_path("voc21"))
+    stuff = read_class_file(class_file_path("cocostuff_stuff"))
+    prompts = build_prompt_set(voc21, stuff, background_index=0)
+
+    def synonyms(lines):
+        return {s.strip().lower() for line in lines for s in line.split(",")}
+
+    background = prompts.names[len(voc21):]
+    assert prompts.names[:len(voc21)] == voc21
+    assert not synonyms(background) & synonyms(voc21)
+    assert "table" not in background and "plant-other" in background  # "plant-other, plant" keeps its own name
+    assert synonyms(background) == synonyms(stuff) - {"table", "plant"}
+    assert prompts.class_map.tolist() == list(range(21)) + [0] * len(background)
 
 
 def test_background_threshold() -> None:

@@ -386,6 +386,11 @@ class PromptSet(NamedTuple):
     """[K'] int64: prompt index -> dataset class index."""
 
 
+def _synonyms(line: str) -> list[str]:
+    """A class line's comma-separated synonyms, stripped ("plant-other, plant" -> both)."""
+    return [s.strip() for s in line.split(",") if s.strip()]
+
+
 def build_prompt_set(
     class_names: Sequence[str], extra_background: Sequence[str] | None, background_index: int
 ) -> PromptSet:
@@ -393,13 +398,22 @@ def build_prompt_set(
 
     For PV-21 (paper §4.1): class_names = the 21 classes with "background" at `background_index`,
     extra_background = the COCO-Stuff stuff classes; every stuff prompt maps to `background_index`.
-    Returns names = class_names + extra_background and class_map = [0, ..., C-1, b, ..., b].
-    A name that appears twice raises ValueError (its prompts would tie).
+    A synonym that names a dataset class is never a background prompt (compared per synonym, case
+    aside): a background line loses those synonyms ("plant-other, plant" -> "plant-other", since
+    VOC has "plant, potted plant") and a line left with none is dropped ("table"), else the same
+    text prompt would vote for the class and for background at once.
+    Returns names = class_names + the remaining background lines and class_map = [0, ..., C-1, b,
+    ..., b]. A name that appears twice raises ValueError (its prompts would tie).
     """
     class_names = list(class_names)
-    extra = list(extra_background) if extra_background is not None else []
     if not 0 <= background_index < len(class_names):
         raise ValueError(f"background_index {background_index} outside [0, {len(class_names)})")
+    taken = {s.lower() for line in class_names for s in _synonyms(line)}
+    extra = []
+    for line in extra_background if extra_background is not None else []:
+        kept = [s for s in _synonyms(line) if s.lower() not in taken]
+        if kept:
+            extra.append(", ".join(kept))
     names = class_names + extra
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
