@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -184,8 +192,10 @@ class TrainConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------- evaluate
-class EvaluateConfig(_Section):
-    benchmarks: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+class EvaluateSettings(_Section):
+    """The settings of one benchmark's evaluation: ``evaluate`` itself, or evaluate merged with
+    ``evaluate.overrides.<benchmark>`` (:meth:`EvaluateConfig.for_benchmark`)."""
+
     split: str = "val"
     short_side: int | None = Field(448, ge=14)
     window: int = Field(448, ge=14)
@@ -197,6 +207,51 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(8, ge=1)
     limit: int | None = Field(None, ge=1)
     overlays: int = Field(4, ge=0)
+
+
+class EvaluateConfig(EvaluateSettings):
+    """``evaluate``: the benchmarks, their shared settings, and ``overrides``: benchmark -> the
+    settings it changes (``{cityscapes: {short_side: 560}, pv21: {bg_threshold: 0.3}}``; only the
+    keys given there change, ``amg`` key by key)."""
+
+    benchmarks: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+    overrides: dict[str, EvaluateSettings] = Field(default_factory=dict)
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_benchmarks(cls, value: dict[str, EvaluateSettings]) -> dict[str, EvaluateSettings]:
+        from components.datasets.registry import BENCHMARKS
+
+        labelled = [name for name, spec in BENCHMARKS.items() if spec.labelled]
+        unknown = sorted(set(value) - set(labelled))
+        if unknown:
+            raise ValueError(f"unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(labelled)}")
+        return value
+
+    @field_serializer("overrides")
+    def _only_what_is_set(self, value: dict[str, EvaluateSettings]) -> dict[str, Any]:
+        # what the user wrote, not every default of the override (flatten -> MLflow params)
+        return {name: s.model_dump(mode="json", exclude_unset=True) for name, s in value.items()}
+
+    @model_validator(mode="after")
+    def _bg_threshold_needs_background(self) -> EvaluateConfig:
+        from components.datasets.registry import BENCHMARKS
+
+        names = [n for n in dict.fromkeys([*self.benchmarks, *self.overrides]) if n in BENCHMARKS]
+        without = [n for n in names if self.for_benchmark(n).bg_threshold is not None
+                   and BENCHMARKS[n].background != "class0"]
+        if without:
+            raise ValueError(f"bg_threshold is set for {', '.join(without)}: no background class to assign "
+                             "there; set it per benchmark (evaluate.overrides: {pv21: {bg_threshold: ...}})")
+        return self
+
+    def for_benchmark(self, name: str) -> EvaluateSettings:
+        """The effective settings of benchmark `name`: evaluate's, with its override on top."""
+        shared = self.model_dump(mode="json", include=set(EvaluateSettings.model_fields))
+        override = self.overrides.get(name)
+        if override is None:
+            return EvaluateSettings.model_validate(shared)
+        return EvaluateSettings.model_validate(deep_merge(shared, override.model_dump(mode="json", exclude_unset=True)))
 
 
 # -------------------------------------------------------------------------------------- tracking

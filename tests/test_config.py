@@ -91,3 +91,41 @@ def test_overrides_and_flatten(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_evaluate_overrides_give_per_benchmark_settings():
+    params = parse_params({"evaluate": {"short_side": 448, "overrides": {
+        "pv21": {"bg_threshold": 0.3}, "cityscapes": {"short_side": 560, "amg": {"points_per_side": 16}}}}})
+    ev = params.evaluate
+    assert ev.for_benchmark("pv21").bg_threshold == 0.3 and ev.for_benchmark("pv21").short_side == 448
+    city = ev.for_benchmark("cityscapes")
+    assert (city.short_side, city.bg_threshold, city.amg.points_per_side) == (560, None, 16)
+    assert city.amg.pred_iou_thresh == ev.amg.pred_iou_thresh  # the rest of amg stays evaluate's
+    assert ev.for_benchmark("pv20") == ev.for_benchmark("ade20k")  # no override: evaluate's own settings
+    flat = flatten(params)  # MLflow params: only what the user set, not every default of the override
+    assert flat["evaluate.overrides.pv21.bg_threshold"] == 0.3
+    assert "evaluate.overrides.pv21.short_side" not in flat
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"pv22": {"short_side": 336}}, ["evaluate.overrides", "unknown benchmark 'pv22'", "pv21"]),
+        ({"pv21": {"short_sid": 336}}, ["unknown key 'evaluate.overrides.pv21.short_sid'", "did you mean 'short_side'"]),
+        ({"pv21": {"benchmarks": ["pv20"]}}, ["unknown key 'evaluate.overrides.pv21.benchmarks'"]),
+        ({"pv21": {"short_side": "x"}}, ["evaluate.overrides.pv21.short_side", "int"]),
+        ({"pv20": {"bg_threshold": 0.3}}, ["bg_threshold is set for pv20: no background class"]),
+    ],
+)
+def test_evaluate_overrides_are_validated_when_read(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"evaluate": {"overrides": overrides}})
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_global_bg_threshold_needs_every_benchmark_to_have_background():
+    with pytest.raises(ConfigError, match="pv20: no background class"):
+        parse_params({"evaluate": {"benchmarks": ["pv21", "pv20"], "bg_threshold": 0.3}})
+    ok = parse_params({"evaluate": {"benchmarks": ["pv21"], "bg_threshold": 0.3}})
+    assert ok.evaluate.for_benchmark("pv21").bg_threshold == 0.3

@@ -20,23 +20,41 @@ __all__ = [
     "REPORT_COLUMNS",
     "STAGE1_COLUMNS",
     "report_rows",
+    "settings_label",
     "stage1_rows",
     "to_markdown",
     "to_csv",
 ]
 
-REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined")
+REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined", "settings")
 STAGE1_COLUMNS: tuple[str, ...] = ("benchmark", "variant", "mIoU", "paper")
 
 Row = dict[str, Any]
 
 
-def report_rows(metrics: Mapping[str, Mapping[str, float] | None], benchmarks: Sequence[str]) -> list[Row]:
+def settings_label(settings: Mapping[str, Any]) -> str:
+    """The evaluation settings that change a number, in a few words (a report cell): geometry,
+    templates, background threshold. settings: a benchmark's effective ``evaluate`` settings."""
+    side = settings["short_side"]
+    count = len(settings["templates"])
+    parts = [f"short side {side}" if side is not None else "original size",
+             f"window {settings['window']}/{settings['stride']}", f"{count} template{'s' * (count != 1)}"]
+    if settings.get("bg_threshold") is not None:
+        parts.append(f"bg_threshold {settings['bg_threshold']}")
+    return ", ".join(parts)
+
+
+def report_rows(
+    metrics: Mapping[str, Mapping[str, float] | None],
+    benchmarks: Sequence[str],
+    settings: Mapping[str, str] | None = None,
+) -> list[Row]:
     """One row per benchmark, in the given order: our mIoU (base, refined) and the paper's (Table 1).
 
     metrics: benchmark -> the evaluate stage's metric dict, or None when the benchmark was not
     evaluated. A value we do not have (not evaluated, or refinement off) is None; so is a paper
-    value for a benchmark outside Table 1.
+    value for a benchmark outside Table 1. settings: benchmark -> what made its numbers
+    (:func:`settings_label`), the row's ``settings`` (None where not given).
     """
     rows = []
     for name in benchmarks:
@@ -48,6 +66,7 @@ def report_rows(metrics: Mapping[str, Mapping[str, float] | None], benchmarks: S
                 "refined": ours.get("mIoU_refined"),
                 "paper_base": TABLE1["base"].get(name),
                 "paper_refined": TABLE1["refined"].get(name),
+                "settings": (settings or {}).get(name),
             }
         )
     return rows
