@@ -133,7 +133,7 @@ class LabelConfig(_Section):
     templates: tuple[str, ...] = ("a photo of a {}.",)
     grid: int = Field(4, ge=1)
     dense_mode: Literal["vanilla", "maskclip", "fmbseg", "clearclip"] = "fmbseg"
-    min_crops: int = Field(1, ge=1)
+    min_crops: int = Field(1, ge=0)  # T: present when a class wins MORE than T crops (the paper's rule)
     top_k_points: int = Field(5, ge=1)
     sam_size: int = Field(518, ge=16)
     label_size: int = Field(518, ge=16)
