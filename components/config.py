@@ -128,6 +128,9 @@ class AmgConfig(_Section):
     max_area_frac: float = Field(0.95, ge=0.0, le=1.0)
 
 
+MAX_LABEL_CLASSES = 255  # uint8 label maps: class indices 0..254, 255 = unlabelled / ignore
+
+
 class LabelConfig(_Section):
     vocabulary: str = "cocostuff171"
     templates: tuple[str, ...] = ("a photo of a {}.",)
@@ -143,6 +146,24 @@ class LabelConfig(_Section):
     shard_size: int = Field(256, ge=1)
     crop_batch: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _fits_8bit_label_maps(cls, value: str) -> str:
+        # Checked when params.yaml is read, before any model runs: Stage 1's label maps are uint8
+        # with 255 = unlabelled, so class indices 0..254. A path that does not exist is the label
+        # stage's to name (components/datasets/registry.py reads both kinds of vocabulary).
+        from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+
+        path = class_file_path(value) if value in CLASS_FILES else Path(value)
+        if path.is_file():
+            count = len(read_class_file(path))
+            if count > MAX_LABEL_CLASSES:
+                raise ValueError(
+                    f"{path} has {count} classes; label maps are 8-bit (255 = unlabelled), so a vocabulary holds "
+                    f"at most {MAX_LABEL_CLASSES}: split it or merge synonyms into one line ('a, b')"
+                )
+        return value
 
     @model_validator(mode="after")
     def _semi_needs_labels(self) -> LabelConfig:

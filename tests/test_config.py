@@ -129,3 +129,16 @@ def test_global_bg_threshold_needs_every_benchmark_to_have_background():
         parse_params({"evaluate": {"benchmarks": ["pv21", "pv20"], "bg_threshold": 0.3}})
     ok = parse_params({"evaluate": {"benchmarks": ["pv21"], "bg_threshold": 0.3}})
     assert ok.evaluate.for_benchmark("pv21").bg_threshold == 0.3
+
+
+def test_a_vocabulary_too_large_for_8bit_label_maps_is_refused_when_read(tmp_path, monkeypatch):
+    # label maps are uint8 with 255 = unlabelled: class indices 0..254, so at most 255 classes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.txt").write_text("".join(f"class {k}\n" for k in range(256)))
+    (tmp_path / "fits.txt").write_text("".join(f"class {k}\n" for k in range(255)))
+    with pytest.raises(ConfigError) as err:
+        parse_params({"label": {"vocabulary": "big.txt"}})
+    assert "label.vocabulary" in str(err.value) and "big.txt has 256 classes" in str(err.value)
+    assert "at most 255" in str(err.value)
+    assert parse_params({"label": {"vocabulary": "fits.txt"}}).label.vocabulary == "fits.txt"
+    assert parse_params({"label": {"vocabulary": "missing.txt"}})  # named by the label stage, as before

@@ -220,6 +220,21 @@ def test_benchmark_prompts_follow_meta(pv20, tmp_path):
         background_index({"background": "sometimes"})
 
 
+def test_stage1_segmenter_refuses_more_prompts_than_8bit_label_maps_hold():
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+
+    settings = Stage1Settings(
+        grid=2, dense_mode="fmbseg", min_crops=1, top_k_points=2, sam_size=64, label_size=64,
+        amg=AmgSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0),
+        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+    )
+    with pytest.raises(ValueError, match="256 prompts; Stage 1's label maps are 8-bit"):
+        Stage1Segmenter(variant="stage1_1", clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3, clip_std=(1.0,) * 3,
+                        clip_image_size=32, sam=None, prototypes=torch.zeros(256, 4),  # type: ignore[arg-type]
+                        class_map=torch.arange(256), num_classes=256, settings=settings)
+
+
 def test_size_filter_keeps_areas_in_range():
     records = [{"area": a} for a in (1, 10, 50, 100)]
     assert [r["area"] for r in size_filter(records, 100, 0.05, 0.6)] == [10, 50]

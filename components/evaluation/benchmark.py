@@ -162,6 +162,9 @@ class Stage1Segmenter:
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
                 f"{tuple(class_map.shape)}"
             )
+        if prototypes.shape[0] > IGNORE_INDEX:
+            raise ValueError(f"{prototypes.shape[0]} prompts; Stage 1's label maps are 8-bit (255 = unlabelled), "
+                             f"so at most {IGNORE_INDEX}")
         self.variant = variant
         self.clip_model, self.clip_image_size = clip_model, clip_image_size
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
