@@ -27,6 +27,10 @@ from pydantic import (
 
 __all__ = [
     "ConfigError",
+    "TEMPLATE_SETS",
+    "template_set",
+    "shipped_protocols",
+    "load_protocol",
     "Params",
     "load_params",
     "parse_params",
@@ -213,9 +217,30 @@ class TrainConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------- evaluate
+PROTOCOLS_DIR = Path(__file__).resolve().parents[1] / "configs" / "protocols"
+TEMPLATE_SETS: tuple[str, ...] = ("imagenet80",)
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """A named set of prompt templates: ``imagenet80`` = OpenAI's 80 ImageNet templates (CLIP's
+    zero-shot notebook; the set SCLIP, ClearCLIP, ProxyCLIP and Trident prompt with), as open_clip
+    ships them, written with ``{}`` for the class name."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {name!r}; template sets: {', '.join(TEMPLATE_SETS)} (or a list)")
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+
+
+def shipped_protocols() -> list[str]:
+    """Names of the evaluation protocols shipped in configs/protocols/ (``evaluate.protocol``)."""
+    return sorted(p.stem for p in PROTOCOLS_DIR.glob("*.yaml"))
+
+
 class EvaluateSettings(_Section):
     """The settings of one benchmark's evaluation: ``evaluate`` itself, or evaluate merged with
-    ``evaluate.overrides.<benchmark>`` (:meth:`EvaluateConfig.for_benchmark`)."""
+    the protocol's and then ``evaluate.overrides.<benchmark>`` (:meth:`EvaluateConfig.for_benchmark`).
+    ``templates``: a list, or the name of a template set (:func:`template_set`)."""
 
     split: str = "val"
     short_side: int | None = Field(448, ge=14)
@@ -229,6 +254,37 @@ class EvaluateSettings(_Section):
     limit: int | None = Field(None, ge=1)
     overlays: int = Field(4, ge=0)
 
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _named_template_set(cls, value: Any) -> Any:
+        return template_set(value) if isinstance(value, str) else value
+
+
+class ProtocolFile(EvaluateSettings):
+    """A configs/protocols/<name>.yaml file: the evaluate settings one published protocol fixes
+    (only the keys it writes), per-benchmark ``overrides``, and where the values come from."""
+
+    description: str
+    source: str
+    overrides: dict[str, EvaluateSettings] = Field(default_factory=dict)
+
+
+def _settings_set(settings: EvaluateSettings) -> dict[str, Any]:
+    """The keys given for `settings` (not the defaults filled in), as plain JSON types."""
+    return settings.model_dump(mode="json", exclude_unset=True, include=set(EvaluateSettings.model_fields))
+
+
+def load_protocol(spec: str) -> ProtocolFile:
+    """``evaluate.protocol``: a shipped protocol's name (configs/protocols/<name>.yaml) or a path."""
+    path = PROTOCOLS_DIR / f"{spec}.yaml" if spec in shipped_protocols() else Path(spec)
+    if not path.is_file():
+        raise ValueError(f"unknown protocol {spec!r}; shipped protocols: {', '.join(shipped_protocols())} (or a path)")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        return ProtocolFile.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(f"protocol file {path} is not valid: {err}") from None
+
 
 class EvaluateConfig(EvaluateSettings):
     """``evaluate``: the benchmarks, their shared settings, and ``overrides``: benchmark -> the
@@ -236,6 +292,7 @@ class EvaluateConfig(EvaluateSettings):
     keys given there change, ``amg`` key by key)."""
 
     benchmarks: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+    protocol: str | None = None
     overrides: dict[str, EvaluateSettings] = Field(default_factory=dict)
 
     @field_validator("overrides")
@@ -255,6 +312,21 @@ class EvaluateConfig(EvaluateSettings):
         return {name: s.model_dump(mode="json", exclude_unset=True) for name, s in value.items()}
 
     @model_validator(mode="after")
+    def _protocol_is_not_contradicted(self) -> EvaluateConfig:
+        # A protocol wins over evaluate's shared keys (params.yaml spells out every default), so a
+        # key changed from its default that the protocol sets otherwise would be silently lost.
+        if self.protocol is None:
+            return self
+        fixed = _settings_set(load_protocol(self.protocol))
+        ours = self.model_dump(mode="json", include=set(fixed))
+        defaults = EvaluateSettings().model_dump(mode="json", include=set(fixed))
+        for key, value in fixed.items():
+            if ours[key] != defaults[key] and ours[key] != value:
+                raise ValueError(f"evaluate.{key} is {ours[key]!r} but protocol {self.protocol!r} sets {value!r}: "
+                                 "change it per benchmark in evaluate.overrides, or set evaluate.protocol: null")
+        return self
+
+    @model_validator(mode="after")
     def _bg_threshold_needs_background(self) -> EvaluateConfig:
         from components.datasets.registry import BENCHMARKS
 
@@ -266,13 +338,21 @@ class EvaluateConfig(EvaluateSettings):
                              "there; set it per benchmark (evaluate.overrides: {pv21: {bg_threshold: ...}})")
         return self
 
-    def for_benchmark(self, name: str) -> EvaluateSettings:
-        """The effective settings of benchmark `name`: evaluate's, with its override on top."""
-        shared = self.model_dump(mode="json", include=set(EvaluateSettings.model_fields))
-        override = self.overrides.get(name)
-        if override is None:
-            return EvaluateSettings.model_validate(shared)
-        return EvaluateSettings.model_validate(deep_merge(shared, override.model_dump(mode="json", exclude_unset=True)))
+    def for_benchmark(self, name: str | None) -> EvaluateSettings:
+        """The effective settings of benchmark `name`, each layer over the last: evaluate's shared
+        keys, the protocol's (``evaluate.protocol``), the protocol's for `name`, then
+        ``evaluate.overrides.<name>``. None: no benchmark's (what a checkpoint records)."""
+        merged = self.model_dump(mode="json", include=set(EvaluateSettings.model_fields))
+        layers = []
+        if self.protocol is not None:
+            protocol = load_protocol(self.protocol)
+            layers.append(protocol)
+            layers.append(protocol.overrides.get(name) if name is not None else None)
+        layers.append(self.overrides.get(name) if name is not None else None)
+        for layer in layers:
+            if layer is not None:
+                merged = deep_merge(merged, _settings_set(layer))
+        return EvaluateSettings.model_validate(merged)
 
 
 # -------------------------------------------------------------------------------------- tracking

@@ -84,7 +84,7 @@ def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     settings, ``evaluate.overrides`` included, win over the checkpoint's record there)."""
     from components.aligner.checkpoint import InferenceSpec
 
-    ev = params.evaluate if benchmark is None else params.evaluate.for_benchmark(benchmark)
+    ev = params.evaluate.for_benchmark(benchmark)
     return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
                          window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
 
@@ -371,7 +371,8 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
     with tempfile.TemporaryDirectory() as tmp:  # the settings that made these numbers, beside them
         settings_file = Path(tmp) / "settings.json"
-        settings_file.write_text(json.dumps(ev.model_dump(mode="json"), indent=2, sort_keys=True), encoding="utf-8")
+        record = {"protocol": params.evaluate.protocol, **ev.model_dump(mode="json")}
+        settings_file.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
         _attach(params, run_id, named, [metrics_file, per_class_file, settings_file], overlays, dataset)
     state_file.unlink(missing_ok=True)  # done: a later run (new data, new model) starts from scratch
     return dict(summary.metrics)
@@ -431,7 +432,8 @@ def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.
     write_summary(type(summary)(metrics, per_class), metrics_file, per_class_file)
     table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
                    description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
-    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant}
+    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
+            "protocol": str(params.evaluate.protocol)}
     with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
         tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
                                 [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)

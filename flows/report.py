@@ -66,7 +66,8 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
     if missing:
         logger.warning("not evaluated yet (shown as —): %s", ", ".join(missing))
     ev = params.evaluate
-    settings = {name: settings_label(ev.for_benchmark(name).model_dump(mode="json")) for name in ev.benchmarks}
+    settings = {name: settings_label(ev.for_benchmark(name).model_dump(mode="json"), ev.protocol)
+                for name in ev.benchmarks}
     rows = report_rows(metrics, ev.benchmarks, settings)
     title = f"# fmbseg results ({params.models.profile} profile)"
     parts = [title, "", "mIoU (%), ours and the paper's Table 1 (FMbSeg-Stage 2).", "",

@@ -142,3 +142,51 @@ def test_a_vocabulary_too_large_for_8bit_label_maps_is_refused_when_read(tmp_pat
     assert "at most 255" in str(err.value)
     assert parse_params({"label": {"vocabulary": "fits.txt"}}).label.vocabulary == "fits.txt"
     assert parse_params({"label": {"vocabulary": "missing.txt"}})  # named by the label stage, as before
+
+
+def test_shipped_params_name_the_paper_protocol(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.evaluate.protocol == "fmbseg"
+    pv21 = params.evaluate.for_benchmark("pv21")
+    assert (pv21.short_side, pv21.window, pv21.stride, pv21.templates) == (448, 448, 224, ("a photo of a {}.",))
+
+
+def test_a_protocol_is_one_setting_and_the_user_overrides_win(tmp_path):
+    protocol = tmp_path / "mine.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "description": "a test protocol", "source": "tests",
+        "short_side": 336, "window": 224, "stride": 112, "templates": "imagenet80",
+        "overrides": {"cityscapes": {"short_side": 560}, "pv21": {"bg_threshold": 0.2}},
+    }))
+    ev = parse_params({"evaluate": {"protocol": str(protocol), "overrides": {"cityscapes": {"stride": 56}}}}).evaluate
+    pv20, city, pv21 = ev.for_benchmark("pv20"), ev.for_benchmark("cityscapes"), ev.for_benchmark("pv21")
+    assert (pv20.short_side, pv20.window, pv20.stride) == (336, 224, 112)
+    assert len(pv20.templates) == 80 and pv20.templates[0] == "a bad photo of a {}."  # OpenAI's ImageNet set
+    assert (city.short_side, city.stride) == (560, 56)  # the protocol's override, then the user's
+    assert pv21.bg_threshold == 0.2 and pv20.bg_threshold is None
+
+
+@pytest.mark.parametrize(
+    "evaluate, expected",
+    [
+        ({"protocol": "nope"}, ["unknown protocol 'nope'", "fmbseg"]),
+        ({"templates": "imagenet81"}, ["unknown template set 'imagenet81'", "imagenet80"]),
+        ({"protocol": "fmbseg", "short_side": 336}, ["evaluate.short_side is 336", "protocol 'fmbseg' sets 448"]),
+    ],
+)
+def test_protocol_mistakes_are_named(evaluate, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"evaluate": evaluate})
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_every_shipped_protocol_is_valid(repo_root):
+    from components.config import shipped_protocols
+
+    names = shipped_protocols()
+    assert "fmbseg" in names
+    for name in names:
+        ev = parse_params({"evaluate": {"protocol": name}}).evaluate
+        for benchmark in ev.benchmarks:
+            ev.for_benchmark(benchmark)

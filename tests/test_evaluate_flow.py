@@ -233,3 +233,4 @@ def test_evaluate_overrides_apply_to_their_benchmark_only(tmp_path, monkeypatch,
         recorded = json.loads(Path(client.download_artifacts(run_id, f"evaluate/{name}/settings.json", str(tmp_path)))
                               .read_text())
         assert (recorded["bg_threshold"], recorded["limit"], recorded["short_side"]) == (threshold, limit, 56)
+        assert recorded["protocol"] is None  # the miniature geometry: no published protocol

@@ -71,19 +71,20 @@ def test_report_flow_writes_the_tables(tmp_path, monkeypatch, prefect_harness):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
-        "benchmarks": ["pv21", "pc59", "cs171"], "overrides": {"pv21": {"bg_threshold": 0.3, "short_side": None}}}}))
+        "benchmarks": ["pv21", "pc59", "cs171"], "protocol": "fmbseg",
+        "overrides": {"pv21": {"bg_threshold": 0.3, "short_side": None}}}}))
     (tmp_path / "metrics" / "stage1").mkdir(parents=True)
     (tmp_path / "metrics" / "pv21.json").write_text(json.dumps({"mIoU_base": 50.0, "mIoU_refined": 52.5}))
     (tmp_path / "metrics" / "cs171.json").write_text(json.dumps({"mIoU_base": 20.0, "mIoU_refined": 21.0}))
     (tmp_path / "metrics" / "stage1" / "pv21_stage1_2.json").write_text(json.dumps({"mIoU": 30.0}))
     markdown = report_flow("params.yaml")
     assert (tmp_path / "reports" / "report.md").read_text() == markdown
-    # each row says which settings made it (a benchmark's overrides included)
-    assert "| pv21 | 50.00 | 52.50 | 67.73 | 71.02 | original size, window 448/224, 1 template, bg_threshold 0.3 |" \
-        in markdown
-    assert "| pc59 | — | — | 42.72 | 44.34 | short side 448, window 448/224, 1 template |" in markdown
+    # each row says which protocol and settings made it (a benchmark's overrides included)
+    assert ("| pv21 | 50.00 | 52.50 | 67.73 | 71.02 | fmbseg: original size, window 448/224, 1 template, "
+            "bg_threshold 0.3 |") in markdown
+    assert "| pc59 | — | — | 42.72 | 44.34 | fmbseg: short side 448, window 448/224, 1 template |" in markdown
     assert "| pv21 | stage1_2 | 30.00 | 36.68 |" in markdown
     rows = list(csv.DictReader((tmp_path / "reports" / "report.csv").open()))
     assert [r["benchmark"] for r in rows] == ["pv21", "pc59", "cs171"]
     assert rows[2] == {"benchmark": "cs171", "base": "20.0", "refined": "21.0", "paper_base": "29.88",
-                       "paper_refined": "30.65", "settings": "short side 448, window 448/224, 1 template"}
+                       "paper_refined": "30.65", "settings": "fmbseg: short side 448, window 448/224, 1 template"}

@@ -32,16 +32,18 @@ STAGE1_COLUMNS: tuple[str, ...] = ("benchmark", "variant", "mIoU", "paper")
 Row = dict[str, Any]
 
 
-def settings_label(settings: Mapping[str, Any]) -> str:
-    """The evaluation settings that change a number, in a few words (a report cell): geometry,
-    templates, background threshold. settings: a benchmark's effective ``evaluate`` settings."""
+def settings_label(settings: Mapping[str, Any], protocol: str | None = None) -> str:
+    """The evaluation settings that change a number, in a few words (a report cell): the protocol
+    (``evaluate.protocol``, when one is named), geometry, templates, background threshold.
+    settings: a benchmark's effective ``evaluate`` settings."""
     side = settings["short_side"]
     count = len(settings["templates"])
     parts = [f"short side {side}" if side is not None else "original size",
              f"window {settings['window']}/{settings['stride']}", f"{count} template{'s' * (count != 1)}"]
     if settings.get("bg_threshold") is not None:
         parts.append(f"bg_threshold {settings['bg_threshold']}")
-    return ", ".join(parts)
+    label = ", ".join(parts)
+    return f"{protocol}: {label}" if protocol is not None else label
 
 
 def report_rows(
