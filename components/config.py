@@ -28,6 +28,7 @@ from pydantic import (
 __all__ = [
     "ConfigError",
     "TEMPLATE_SETS",
+    "EvaluateSettings",
     "template_set",
     "shipped_protocols",
     "load_protocol",
@@ -248,6 +249,9 @@ class EvaluateSettings(_Section):
     stride: int = Field(224, ge=1)
     templates: tuple[str, ...] = ("a photo of a {}.",)
     bg_threshold: float | None = None
+    logit_scale: float | None = Field(None, gt=0.0)  # set: bg_threshold compares softmax(scale * cosine) probabilities
+    synonyms: Literal["mean", "max"] = "mean"  # a class line's synonyms: one mean prototype | one prompt each, max
+    bg_prompts: bool = True  # add the benchmark's extra background prompts (PV-21: the COCO-Stuff stuff classes)
     refine: bool = True
     amg: AmgConfig = AmgConfig(pred_iou_thresh=0.88, min_area_frac=0.0, max_area_frac=1.0)
     batch_size: int = Field(8, ge=1)
@@ -336,6 +340,11 @@ class EvaluateConfig(EvaluateSettings):
         if without:
             raise ValueError(f"bg_threshold is set for {', '.join(without)}: no background class to assign "
                              "there; set it per benchmark (evaluate.overrides: {pv21: {bg_threshold: ...}})")
+        unused = [n for n in names if self.for_benchmark(n).logit_scale is not None
+                  and self.for_benchmark(n).bg_threshold is None]
+        if unused:
+            raise ValueError(f"logit_scale is set for {', '.join(unused)} without a bg_threshold: it only scales "
+                             "the probabilities that threshold compares")
         return self
 
     def for_benchmark(self, name: str | None) -> EvaluateSettings:

@@ -110,10 +110,13 @@ def _stage2_context(job: dict[str, Any]) -> _Context:
         device=device,
         dtype=job["dtype"],
     )
-    vocabulary = segmenter.vocabulary(dataset.classes, benchmark_prompts(dataset.classes, dataset.meta))
+    prompts = benchmark_prompts(dataset.classes, dataset.meta, synonyms=job["synonyms"],
+                                background_prompts=job["bg_prompts"])
+    vocabulary = segmenter.vocabulary(dataset.classes, prompts)
     segment = VocabularySegmenter(
         segmenter, vocabulary, refine=refine, bg_threshold=job["bg_threshold"],
         background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
+        logit_scale=job["logit_scale"],
     )
     variants = REFINED_VARIANTS if refine else BASE_VARIANTS
     return _Context(dataset, segment, len(dataset.classes), display_names(dataset.classes), variants, False)
@@ -294,6 +297,9 @@ def _stage2_job(params: Params, dataset: str, root: Path, model_path: Path) -> d
         "weights_dir": params.models.weights_dir,
         "inference": inference_spec(params, dataset).to_dict(),
         "bg_threshold": ev.bg_threshold,
+        "logit_scale": ev.logit_scale,
+        "synonyms": ev.synonyms,
+        "bg_prompts": ev.bg_prompts,
     }
 
 

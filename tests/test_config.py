@@ -190,3 +190,11 @@ def test_every_shipped_protocol_is_valid(repo_root):
         ev = parse_params({"evaluate": {"protocol": name}}).evaluate
         for benchmark in ev.benchmarks:
             ev.for_benchmark(benchmark)
+
+
+def test_a_logit_scale_needs_a_background_threshold():
+    with pytest.raises(ConfigError, match="logit_scale is set for pv21 without a bg_threshold"):
+        parse_params({"evaluate": {"benchmarks": ["pv21"], "logit_scale": 50.0}})
+    ev = parse_params({"evaluate": {"overrides": {"pv21": {"logit_scale": 65.0, "bg_threshold": 0.1}},
+                                    "synonyms": "max", "bg_prompts": False}}).evaluate
+    assert (ev.for_benchmark("pv21").logit_scale, ev.for_benchmark("pv20").synonyms) == (65.0, "max")

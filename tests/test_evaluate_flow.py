@@ -219,10 +219,11 @@ def test_evaluate_overrides_apply_to_their_benchmark_only(tmp_path, monkeypatch,
     from flows.evaluate import evaluate_flow
 
     monkeypatch.chdir(tmp_path)
-    # A cosine never exceeds 1: with bg_threshold 1.5 every PV-21 pixel is background. PV-20 has no
-    # background class: the shared setting would be refused, the override leaves it alone.
+    # A probability never exceeds 1: with bg_threshold 1.5 every PV-21 pixel is background. PV-20 has
+    # no background class: the shared setting would be refused, the override leaves it alone.
     run_id = make_project(tmp_path, ("pv21", "pv20"), num_images=2, overrides={"evaluate": {
-        "benchmarks": ["pv21", "pv20"], "refine": False, "overrides": {"pv21": {"bg_threshold": 1.5, "limit": 1}}}})
+        "benchmarks": ["pv21", "pv20"], "refine": False, "overrides": {
+            "pv21": {"bg_threshold": 1.5, "logit_scale": 50.0, "limit": 1}, "pv20": {"synonyms": "max"}}}})
     pv21 = sequential(evaluate_flow)("pv21")
     rows = list(csv.DictReader((tmp_path / "metrics" / "pv21_per_class.csv").open()))
     assert pv21["images"] == 1 and rows[0]["Acc_base"] == "100.00"
@@ -234,3 +235,4 @@ def test_evaluate_overrides_apply_to_their_benchmark_only(tmp_path, monkeypatch,
                               .read_text())
         assert (recorded["bg_threshold"], recorded["limit"], recorded["short_side"]) == (threshold, limit, 56)
         assert recorded["protocol"] is None  # the miniature geometry: no published protocol
+        assert recorded["synonyms"] == ("max" if name == "pv20" else "mean")

@@ -375,3 +375,33 @@ def test_upsampled_max_equals_resize_then_max(chunk: int) -> None:
     want_score, want_index = full.max(dim=0)
     score, index = upsampled_max(logits, (13, 17), max_elements=chunk * 13 * 17)
     assert torch.equal(score, want_score) and torch.equal(index, want_index)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_upsampled_max_gives_the_winners_softmax_probability_with_a_logit_scale(chunk: int) -> None:
+    # SCLIP's background rule: softmax(logit_scale * cosine) over the prompts at full size, the
+    # winner's probability compared with the threshold.
+    from components.evaluation.inference import upsampled_max
+
+    logits = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(16)) * 2 - 1
+    full = F.interpolate(logits[None], size=(13, 17), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(50.0 * full, dim=0)
+    want_prob, want_index = probs.max(dim=0)
+    prob, index = upsampled_max(logits, (13, 17), max_elements=chunk * 13 * 17, logit_scale=50.0)
+    assert torch.equal(index, want_index) and torch.allclose(prob, want_prob, atol=1e-6)
+
+
+def test_max_synonyms_prompt_each_synonym_for_its_class() -> None:
+    from components.evaluation.benchmark import benchmark_prompts
+
+    meta = {"background": "class0", "extra_background_classes": ["sky, clouds", "plant-other, plant"]}
+    classes = ["background", "plant, potted plant", "person"]
+    mean = benchmark_prompts(classes, meta)
+    assert mean.names == classes + ["sky, clouds", "plant-other"]
+    top = benchmark_prompts(classes, meta, synonyms="max")
+    assert top.names == ["background", "plant", "potted plant", "person", "sky", "clouds", "plant-other"]
+    assert top.class_map.tolist() == [0, 1, 1, 2, 0, 0, 0]
+    alone = benchmark_prompts(classes, meta, background_prompts=False)  # background by threshold alone
+    assert alone.names == classes and alone.class_map.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="synonyms must be one of"):
+        benchmark_prompts(classes, meta, synonyms="min")

@@ -55,6 +55,16 @@ def test_markdown_and_csv():
     assert parsed[1]["base"] == ""
 
 
+def test_settings_label_names_what_changes_a_number():
+    from components.config import EvaluateSettings
+    from components.evaluation.report import settings_label
+
+    sclip_like = EvaluateSettings(short_side=336, window=224, stride=112, templates="imagenet80", synonyms="max",
+                                  bg_threshold=0.1, logit_scale=65.0).model_dump(mode="json")
+    assert settings_label(sclip_like, "sclip") == (
+        "sclip: short side 336, window 224/112, 80 templates, synonyms max, bg_threshold p < 0.1 at logit scale 65.0")
+
+
 def test_stage1_rows():
     rows = stage1_rows({("pv21", "semi"): {"mIoU": 40.0}, ("pv20", "stage1_1"): {"mIoU": 20.0}})
     assert [(r["benchmark"], r["variant"], r["mIoU"], r["paper"]) for r in rows] == [

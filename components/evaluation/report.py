@@ -40,8 +40,14 @@ def settings_label(settings: Mapping[str, Any], protocol: str | None = None) -> 
     count = len(settings["templates"])
     parts = [f"short side {side}" if side is not None else "original size",
              f"window {settings['window']}/{settings['stride']}", f"{count} template{'s' * (count != 1)}"]
+    if settings.get("synonyms", "mean") != "mean":
+        parts.append(f"synonyms {settings['synonyms']}")
+    if not settings.get("bg_prompts", True):
+        parts.append("no background prompts")
     if settings.get("bg_threshold") is not None:
-        parts.append(f"bg_threshold {settings['bg_threshold']}")
+        scale = settings.get("logit_scale")
+        rule = f"p < {settings['bg_threshold']} at logit scale {scale}" if scale is not None else settings["bg_threshold"]
+        parts.append(f"bg_threshold {rule}")
     label = ", ".join(parts)
     return f"{protocol}: {label}" if protocol is not None else label
 
