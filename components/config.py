@@ -264,6 +264,17 @@ class EvaluateSettings(_Section):
         return template_set(value) if isinstance(value, str) else value
 
 
+def _known_benchmarks(value: dict[str, EvaluateSettings]) -> dict[str, EvaluateSettings]:
+    """Per-benchmark overrides name labelled benchmarks of the registry only."""
+    from components.datasets.registry import BENCHMARKS
+
+    labelled = [name for name, spec in BENCHMARKS.items() if spec.labelled]
+    unknown = sorted(set(value) - set(labelled))
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(labelled)}")
+    return value
+
+
 class ProtocolFile(EvaluateSettings):
     """A configs/protocols/<name>.yaml file: the evaluate settings one published protocol fixes
     (only the keys it writes), per-benchmark ``overrides``, and where the values come from."""
@@ -271,6 +282,11 @@ class ProtocolFile(EvaluateSettings):
     description: str
     source: str
     overrides: dict[str, EvaluateSettings] = Field(default_factory=dict)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_known(cls, value: dict[str, EvaluateSettings]) -> dict[str, EvaluateSettings]:
+        return _known_benchmarks(value)
 
 
 def _settings_set(settings: EvaluateSettings) -> dict[str, Any]:
@@ -301,14 +317,8 @@ class EvaluateConfig(EvaluateSettings):
 
     @field_validator("overrides")
     @classmethod
-    def _known_benchmarks(cls, value: dict[str, EvaluateSettings]) -> dict[str, EvaluateSettings]:
-        from components.datasets.registry import BENCHMARKS
-
-        labelled = [name for name, spec in BENCHMARKS.items() if spec.labelled]
-        unknown = sorted(set(value) - set(labelled))
-        if unknown:
-            raise ValueError(f"unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(labelled)}")
-        return value
+    def _overrides_known(cls, value: dict[str, EvaluateSettings]) -> dict[str, EvaluateSettings]:
+        return _known_benchmarks(value)
 
     @field_serializer("overrides")
     def _only_what_is_set(self, value: dict[str, EvaluateSettings]) -> dict[str, Any]:
@@ -334,7 +344,8 @@ class EvaluateConfig(EvaluateSettings):
     def _bg_threshold_needs_background(self) -> EvaluateConfig:
         from components.datasets.registry import BENCHMARKS
 
-        names = [n for n in dict.fromkeys([*self.benchmarks, *self.overrides]) if n in BENCHMARKS]
+        protocol = load_protocol(self.protocol).overrides if self.protocol is not None else {}
+        names = [n for n in dict.fromkeys([*self.benchmarks, *protocol, *self.overrides]) if n in BENCHMARKS]
         without = [n for n in names if self.for_benchmark(n).bg_threshold is not None
                    and BENCHMARKS[n].background != "class0"]
         if without:

@@ -186,10 +186,16 @@ def test_every_shipped_protocol_is_valid(repo_root):
 
     names = shipped_protocols()
     assert "fmbseg" in names
+    assert set(names) >= {"fmbseg", "tcl", "sclip", "clearclip", "proxyclip", "trident"}
+    everything = ["pv21", "pv20", "pc59", "co80", "coco_object", "cs171", "cityscapes", "ade20k"]
     for name in names:
-        ev = parse_params({"evaluate": {"protocol": name}}).evaluate
-        for benchmark in ev.benchmarks:
+        ev = parse_params({"evaluate": {"protocol": name, "benchmarks": everything}}).evaluate
+        for benchmark in everything:
             ev.for_benchmark(benchmark)
+    sclip = parse_params({"evaluate": {"protocol": "sclip"}}).evaluate
+    city, pv21, pv20 = (sclip.for_benchmark(n) for n in ("cityscapes", "pv21", "pv20"))
+    assert (city.short_side, city.window, city.stride, len(city.templates), city.synonyms) == (560, 224, 112, 80, "max")
+    assert (pv21.bg_threshold, pv21.logit_scale, pv20.bg_threshold) == (0.1, 65.0, None)
 
 
 def test_a_logit_scale_needs_a_background_threshold():
