@@ -98,7 +98,7 @@ def bench_cache(params: Params, work: Path, num_images: int, device: torch.devic
         rows.append({"image_id": f"{k:05d}", "image_path": path.relative_to(work).as_posix(), "variant": "stage1_1"})
     index = pd.DataFrame(rows)
     images = unique_images(index, work, num_workers=feats.num_workers)
-    settings = settings_hash(spec.name, feats.image_size)
+    settings = settings_hash(spec.name, feats.image_size, precision=params.models.dtype)
     plan = plan_cache(work / "features", images, settings=settings, shard_size=feats.shard_size)
     t0 = time.perf_counter()
     for shard in plan.todo:
@@ -106,7 +106,8 @@ def bench_cache(params: Params, work: Path, num_images: int, device: torch.devic
                     image_size=feats.image_size, mean=spec.mean, std=spec.std, batch_size=feats.batch_size,
                     num_workers=feats.num_workers)
     seconds = time.perf_counter() - t0
-    finalize_cache(work / "features", images, dino=spec.name, image_size=feats.image_size)
+    finalize_cache(work / "features", images, dino=spec.name, image_size=feats.image_size,
+                   precision=params.models.dtype)
     index.to_parquet(work / "index.parquet")
     return {"images": num_images, "seconds": seconds, "images_per_second": num_images / seconds,
             "random_weights": random_weights}

@@ -283,10 +283,13 @@ class Segmenter:
         each (sliding windows; windows of all the images share encoder forwards)."""
         return predict_logits_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
 
-    def best_prompts(self, images: Sequence[np.ndarray], vocabulary: Vocabulary) -> list[tuple[Tensor, Tensor]]:
+    def best_prompts(self, images: Sequence[np.ndarray], vocabulary: Vocabulary, *,
+                     logit_scale: float | None = None) -> list[tuple[Tensor, Tensor]]:
         """The argmax of :meth:`base_logits` without holding them at full size: one ([H_i, W_i]
-        float32 best cosine, [H_i, W_i] int64 prompt index) per image."""
-        return predict_scores_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
+        float32 best cosine, or with `logit_scale` its softmax probability over the prompts,
+        [H_i, W_i] int64 prompt index) per image."""
+        return predict_scores_batch(self._pixels(images), prototypes=vocabulary.prototypes, logit_scale=logit_scale,
+                                    **self._protocol())
 
     def load_sam(self) -> Sam:
         """The SAM of the refined prediction, built on first use (MissingWeightsError when absent)."""
@@ -328,10 +331,12 @@ class Segmenter:
         refine: bool,
         bg_threshold: float | None,
         background_index: int | None,
+        logit_scale: float | None = None,
     ) -> list[tuple[Prediction, Tensor]]:
-        """(Prediction, [H, W] float32 best prompt cosine) per image."""
+        """(Prediction, [H, W] float32 best prompt cosine, or its softmax probability) per image."""
         out = []
-        for image, (score, prompt) in zip(images, self.best_prompts(images, vocabulary), strict=True):
+        scored = self.best_prompts(images, vocabulary, logit_scale=logit_scale)
+        for image, (score, prompt) in zip(images, scored, strict=True):
             base = labels_from_scores(score, prompt, class_map=vocabulary.class_map, bg_threshold=bg_threshold,
                                       background_index=background_index)
             refined = refine_with_masks(base, self.masks(image), vocabulary.num_classes) if refine else None
@@ -346,21 +351,24 @@ class Segmenter:
         refine: bool = False,
         bg_threshold: float | None = None,
         background_index: int | None = None,
+        logit_scale: float | None = None,
     ) -> list[Prediction]:
         """[H, W, 3] uint8 RGB images -> base and (with refine) refined [H, W] int64 class maps.
 
         bg_threshold / background_index: pixels whose best cosine is below the threshold become
-        class `background_index` (None: off; ``labels_from_scores``).
+        class `background_index` (None: off; ``labels_from_scores``); with `logit_scale` the
+        threshold applies to the winner's softmax(logit_scale · cosine) probability instead.
         """
         images = [_as_rgb(im) for im in images]
         return [p for p, _ in self._predict(images, vocabulary, refine=refine, bg_threshold=bg_threshold,
-                                            background_index=background_index)]
+                                            background_index=background_index, logit_scale=logit_scale)]
 
     def predict(self, image: np.ndarray, vocabulary: Vocabulary, *, refine: bool = False,
-                bg_threshold: float | None = None, background_index: int | None = None) -> Prediction:
+                bg_threshold: float | None = None, background_index: int | None = None,
+                logit_scale: float | None = None) -> Prediction:
         """:meth:`predict_batch` of one image."""
         return self.predict_batch([image], vocabulary, refine=refine, bg_threshold=bg_threshold,
-                                  background_index=background_index)[0]
+                                  background_index=background_index, logit_scale=logit_scale)[0]
 
     def segment_batch(self, images: Sequence[ImageInput], classes: Sequence[str], *,
                       refine: bool = False) -> list[SegmentResult]:
@@ -406,8 +414,9 @@ class VocabularySegmenter:
     refine: bool
     bg_threshold: float | None = None
     background_index: int | None = None
+    logit_scale: float | None = None
 
     def __call__(self, image: np.ndarray) -> Prediction:
         return self.segmenter.predict(image, self.vocabulary, refine=self.refine, bg_threshold=self.bg_threshold,
-                                      background_index=self.background_index)
+                                      background_index=self.background_index, logit_scale=self.logit_scale)
 

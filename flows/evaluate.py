@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -77,13 +78,14 @@ class _Context(NamedTuple):
     image_level_labels: bool
 
 
-def inference_spec(params: Params) -> Any:
+def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     """The Stage 2 inference protocol of the settings (params.yaml ``evaluate`` and the profile's
-    SAM) as a components.aligner.checkpoint.InferenceSpec: what train records in the checkpoint,
-    and what evaluate runs with (the settings win over the checkpoint's record there)."""
+    SAM) as a components.aligner.checkpoint.InferenceSpec: what train records in the checkpoint
+    (benchmark None: the shared settings), and what evaluate runs a benchmark with (its effective
+    settings, ``evaluate.overrides`` included, win over the checkpoint's record there)."""
     from components.aligner.checkpoint import InferenceSpec
 
-    ev = params.evaluate
+    ev = params.evaluate.for_benchmark(benchmark)
     return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
                          window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
 
@@ -109,10 +111,13 @@ def _stage2_context(job: dict[str, Any]) -> _Context:
         device=device,
         dtype=job["dtype"],
     )
-    vocabulary = segmenter.vocabulary(dataset.classes, benchmark_prompts(dataset.classes, dataset.meta))
+    prompts = benchmark_prompts(dataset.classes, dataset.meta, synonyms=job["synonyms"],
+                                background_prompts=job["bg_prompts"])
+    vocabulary = segmenter.vocabulary(dataset.classes, prompts)
     segment = VocabularySegmenter(
         segmenter, vocabulary, refine=refine, bg_threshold=job["bg_threshold"],
         background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
+        logit_scale=job["logit_scale"],
     )
     variants = REFINED_VARIANTS if refine else BASE_VARIANTS
     return _Context(dataset, segment, len(dataset.classes), display_names(dataset.classes), variants, False)
@@ -210,13 +215,14 @@ def _open_dataset(params: Params, dataset: str) -> tuple[Any, Path, list[str]]:
     """The labelled split of a benchmark, its root and the ids to score (``evaluate.limit``)."""
     from components.datasets.readers import CanonicalDataset
 
+    ev = params.evaluate.for_benchmark(dataset)
     root = _dataset_root(params, dataset)
-    data = CanonicalDataset(root, params.evaluate.split)
+    data = CanonicalDataset(root, ev.split)
     if not data.has_labels:
-        raise ValueError(f"{root} has no labels for split {params.evaluate.split!r}: it cannot be evaluated")
-    ids = data.ids[: params.evaluate.limit]
+        raise ValueError(f"{root} has no labels for split {ev.split!r}: it cannot be evaluated")
+    ids = data.ids[: ev.limit]
     if not ids:
-        raise ValueError(f"{root} has no images in split {params.evaluate.split!r}")
+        raise ValueError(f"{root} has no images in split {ev.split!r}")
     return data, root, ids
 
 
@@ -280,7 +286,7 @@ def _score(
 # ------------------------------------------------------------------------------ evaluate (Stage 2)
 def _stage2_job(params: Params, dataset: str, root: Path, model_path: Path) -> dict[str, Any]:
     """What a task needs to rebuild the evaluation (plain JSON types)."""
-    ev = params.evaluate
+    ev = params.evaluate.for_benchmark(dataset)
     return {
         "kind": "stage2",
         "dataset": dataset,
@@ -292,8 +298,11 @@ def _stage2_job(params: Params, dataset: str, root: Path, model_path: Path) -> d
         "device": params.models.device,
         "dtype": params.models.dtype,
         "weights_dir": params.models.weights_dir,
-        "inference": inference_spec(params).to_dict(),
+        "inference": inference_spec(params, dataset).to_dict(),
         "bg_threshold": ev.bg_threshold,
+        "logit_scale": ev.logit_scale,
+        "synonyms": ev.synonyms,
+        "bg_prompts": ev.bg_prompts,
     }
 
 
@@ -327,7 +336,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     )
 
     params = stage_params(params_path)
-    ev = params.evaluate
+    ev = params.evaluate.for_benchmark(dataset)  # evaluate's settings with the benchmark's overrides
     model = Path(model_path) if model_path else project_path(params, "models") / "aligner.pt"
     run_id = load_aligner(model).run_id  # fails early, naming the stage to run, when there is no model
     data, root, ids = _open_dataset(params, dataset)
@@ -370,7 +379,11 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     table_artifact(summary.per_class, key=_artifact_key("evaluate", dataset, "per-class"),
                    description=f"{dataset}: per-class IoU / Acc (percent)")
     named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
-    _attach(params, run_id, named, [metrics_file, per_class_file], overlays, dataset)
+    with tempfile.TemporaryDirectory() as tmp:  # the settings that made these numbers, beside them
+        settings_file = Path(tmp) / "settings.json"
+        record = {"protocol": params.evaluate.protocol, **ev.model_dump(mode="json")}
+        settings_file.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        _attach(params, run_id, named, [metrics_file, per_class_file, settings_file], overlays, dataset)
     state_file.unlink(missing_ok=True)  # done: a later run (new data, new model) starts from scratch
     return dict(summary.metrics)
 
@@ -386,7 +399,7 @@ def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[
         "variant": variant,
         "dataset": dataset,
         "root": str(root),
-        "split": params.evaluate.split,
+        "split": params.evaluate.for_benchmark(dataset).split,
         "clip": params.models.selected.clip,
         "sam": params.models.selected.sam,
         "device": params.models.device,
@@ -417,7 +430,7 @@ def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.
         state_file=state_file,
         num_classes=len(data.classes) + 1,
         variants=BASE_VARIANTS,
-        batch_size=params.evaluate.batch_size,
+        batch_size=params.evaluate.for_benchmark(dataset).batch_size,
         label=f"stage1 {name}",
         orchestration=params.orchestration,
     )
@@ -430,7 +443,8 @@ def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.
     write_summary(type(summary)(metrics, per_class), metrics_file, per_class_file)
     table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
                    description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
-    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant}
+    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
+            "protocol": str(params.evaluate.protocol)}
     with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
         tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
                                 [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)

@@ -82,12 +82,12 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     root = features_root(params)
     dino, feats = params.models.selected.dino, params.features
     if not feats.cache:
-        manifest = write_uncached_manifest(root, dino=dino, image_size=feats.image_size)
+        manifest = write_uncached_manifest(root, dino=dino, image_size=feats.image_size, precision=params.models.dtype)
         print(f"features.cache is false: training computes {dino} features on the fly; wrote {root}/manifest.json")
         return manifest
 
     images = list_cache_images(str(train_index_path(params.paths.pseudo)), feats.num_workers)
-    settings = settings_hash(dino, feats.image_size)
+    settings = settings_hash(dino, feats.image_size, precision=params.models.dtype)
     plan = plan_cache(root, images, settings=settings, shard_size=feats.shard_size)
     todo = sum(len(s.images) for s in plan.todo)
     log.info("%d images: %d cached, %d to encode in %d shards (%s at %d px)",
@@ -120,7 +120,7 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
             f"{len(failures)} of {len(plan.todo)} shards failed (finished shards are kept; rerun to resume):\n  "
             + "\n  ".join(failures)
         )
-    manifest = finalize_cache(root, images, dino=dino, image_size=feats.image_size)
+    manifest = finalize_cache(root, images, dino=dino, image_size=feats.image_size, precision=params.models.dtype)
     encode_seconds = sum(r["seconds"] for r in reports)
     rows = [
         {"quantity": "images", "value": len(images)},

@@ -53,6 +53,7 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
         REPORT_COLUMNS,
         STAGE1_COLUMNS,
         report_rows,
+        settings_label,
         stage1_rows,
         to_csv,
         to_markdown,
@@ -64,7 +65,10 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
     missing = [name for name, values in metrics.items() if values is None]
     if missing:
         logger.warning("not evaluated yet (shown as —): %s", ", ".join(missing))
-    rows = report_rows(metrics, params.evaluate.benchmarks)
+    ev = params.evaluate
+    settings = {name: settings_label(ev.for_benchmark(name).model_dump(mode="json"), ev.protocol)
+                for name in ev.benchmarks}
+    rows = report_rows(metrics, ev.benchmarks, settings)
     title = f"# fmbseg results ({params.models.profile} profile)"
     parts = [title, "", "mIoU (%), ours and the paper's Table 1 (FMbSeg-Stage 2).", "",
              to_markdown(rows, REPORT_COLUMNS)]

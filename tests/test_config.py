@@ -91,3 +91,116 @@ def test_overrides_and_flatten(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_evaluate_overrides_give_per_benchmark_settings():
+    params = parse_params({"evaluate": {"short_side": 448, "overrides": {
+        "pv21": {"bg_threshold": 0.3}, "cityscapes": {"short_side": 560, "amg": {"points_per_side": 16}}}}})
+    ev = params.evaluate
+    assert ev.for_benchmark("pv21").bg_threshold == 0.3 and ev.for_benchmark("pv21").short_side == 448
+    city = ev.for_benchmark("cityscapes")
+    assert (city.short_side, city.bg_threshold, city.amg.points_per_side) == (560, None, 16)
+    assert city.amg.pred_iou_thresh == ev.amg.pred_iou_thresh  # the rest of amg stays evaluate's
+    assert ev.for_benchmark("pv20") == ev.for_benchmark("ade20k")  # no override: evaluate's own settings
+    flat = flatten(params)  # MLflow params: only what the user set, not every default of the override
+    assert flat["evaluate.overrides.pv21.bg_threshold"] == 0.3
+    assert "evaluate.overrides.pv21.short_side" not in flat
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"pv22": {"short_side": 336}}, ["evaluate.overrides", "unknown benchmark 'pv22'", "pv21"]),
+        ({"pv21": {"short_sid": 336}}, ["unknown key 'evaluate.overrides.pv21.short_sid'", "did you mean 'short_side'"]),
+        ({"pv21": {"benchmarks": ["pv20"]}}, ["unknown key 'evaluate.overrides.pv21.benchmarks'"]),
+        ({"pv21": {"short_side": "x"}}, ["evaluate.overrides.pv21.short_side", "int"]),
+        ({"pv20": {"bg_threshold": 0.3}}, ["bg_threshold is set for pv20: no background class"]),
+    ],
+)
+def test_evaluate_overrides_are_validated_when_read(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"evaluate": {"overrides": overrides}})
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_global_bg_threshold_needs_every_benchmark_to_have_background():
+    with pytest.raises(ConfigError, match="pv20: no background class"):
+        parse_params({"evaluate": {"benchmarks": ["pv21", "pv20"], "bg_threshold": 0.3}})
+    ok = parse_params({"evaluate": {"benchmarks": ["pv21"], "bg_threshold": 0.3}})
+    assert ok.evaluate.for_benchmark("pv21").bg_threshold == 0.3
+
+
+def test_a_vocabulary_too_large_for_8bit_label_maps_is_refused_when_read(tmp_path, monkeypatch):
+    # label maps are uint8 with 255 = unlabelled: class indices 0..254, so at most 255 classes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.txt").write_text("".join(f"class {k}\n" for k in range(256)))
+    (tmp_path / "fits.txt").write_text("".join(f"class {k}\n" for k in range(255)))
+    with pytest.raises(ConfigError) as err:
+        parse_params({"label": {"vocabulary": "big.txt"}})
+    assert "label.vocabulary" in str(err.value) and "big.txt has 256 classes" in str(err.value)
+    assert "at most 255" in str(err.value)
+    assert parse_params({"label": {"vocabulary": "fits.txt"}}).label.vocabulary == "fits.txt"
+    assert parse_params({"label": {"vocabulary": "missing.txt"}})  # named by the label stage, as before
+
+
+def test_shipped_params_name_the_paper_protocol(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.evaluate.protocol == "fmbseg"
+    pv21 = params.evaluate.for_benchmark("pv21")
+    assert (pv21.short_side, pv21.window, pv21.stride, pv21.templates) == (448, 448, 224, ("a photo of a {}.",))
+
+
+def test_a_protocol_is_one_setting_and_the_user_overrides_win(tmp_path):
+    protocol = tmp_path / "mine.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "description": "a test protocol", "source": "tests",
+        "short_side": 336, "window": 224, "stride": 112, "templates": "imagenet80",
+        "overrides": {"cityscapes": {"short_side": 560}, "pv21": {"bg_threshold": 0.2}},
+    }))
+    ev = parse_params({"evaluate": {"protocol": str(protocol), "overrides": {"cityscapes": {"stride": 56}}}}).evaluate
+    pv20, city, pv21 = ev.for_benchmark("pv20"), ev.for_benchmark("cityscapes"), ev.for_benchmark("pv21")
+    assert (pv20.short_side, pv20.window, pv20.stride) == (336, 224, 112)
+    assert len(pv20.templates) == 80 and pv20.templates[0] == "a bad photo of a {}."  # OpenAI's ImageNet set
+    assert (city.short_side, city.stride) == (560, 56)  # the protocol's override, then the user's
+    assert pv21.bg_threshold == 0.2 and pv20.bg_threshold is None
+
+
+@pytest.mark.parametrize(
+    "evaluate, expected",
+    [
+        ({"protocol": "nope"}, ["unknown protocol 'nope'", "fmbseg"]),
+        ({"templates": "imagenet81"}, ["unknown template set 'imagenet81'", "imagenet80"]),
+        ({"protocol": "fmbseg", "short_side": 336}, ["evaluate.short_side is 336", "protocol 'fmbseg' sets 448"]),
+    ],
+)
+def test_protocol_mistakes_are_named(evaluate, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"evaluate": evaluate})
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_every_shipped_protocol_is_valid(repo_root):
+    from components.config import shipped_protocols
+
+    names = shipped_protocols()
+    assert "fmbseg" in names
+    assert set(names) >= {"fmbseg", "tcl", "sclip", "clearclip", "proxyclip", "trident"}
+    everything = ["pv21", "pv20", "pc59", "co80", "coco_object", "cs171", "cityscapes", "ade20k"]
+    for name in names:
+        ev = parse_params({"evaluate": {"protocol": name, "benchmarks": everything}}).evaluate
+        for benchmark in everything:
+            ev.for_benchmark(benchmark)
+    sclip = parse_params({"evaluate": {"protocol": "sclip"}}).evaluate
+    city, pv21, pv20 = (sclip.for_benchmark(n) for n in ("cityscapes", "pv21", "pv20"))
+    assert (city.short_side, city.window, city.stride, len(city.templates), city.synonyms) == (560, 224, 112, 80, "max")
+    assert (pv21.bg_threshold, pv21.logit_scale, pv20.bg_threshold) == (0.1, 65.0, None)
+
+
+def test_a_logit_scale_needs_a_background_threshold():
+    with pytest.raises(ConfigError, match="logit_scale is set for pv21 without a bg_threshold"):
+        parse_params({"evaluate": {"benchmarks": ["pv21"], "logit_scale": 50.0}})
+    ev = parse_params({"evaluate": {"overrides": {"pv21": {"logit_scale": 65.0, "bg_threshold": 0.1}},
+                                    "synonyms": "max", "bg_prompts": False}}).evaluate
+    assert (ev.for_benchmark("pv21").logit_scale, ev.for_benchmark("pv20").synonyms) == (65.0, "max")

@@ -206,8 +206,10 @@ def test_benchmark_prompts_follow_meta(pv20, tmp_path):
     pv21 = CanonicalDataset(root, "val")
     prompts = benchmark_prompts(pv21.classes, pv21.meta)
     stuff = pv21.meta["extra_background_classes"]
-    assert prompts.names == pv21.classes + stuff and len(stuff) == 91
-    assert prompts.class_map.tolist() == list(range(21)) + [0] * 91
+    assert len(stuff) == 91  # "table" names a VOC class and goes; "plant-other, plant" keeps "plant-other"
+    assert prompts.names[:21] == pv21.classes and len(prompts.names) == 21 + 90
+    assert "table" not in prompts.names[21:] and "plant-other" in prompts.names[21:]
+    assert prompts.class_map.tolist() == list(range(21)) + [0] * 90
     assert background_index(pv21.meta) == 0
     plain = benchmark_prompts(pv20.classes, pv20.meta)
     assert plain.names == pv20.classes and plain.class_map.tolist() == list(range(20))
@@ -216,6 +218,21 @@ def test_benchmark_prompts_follow_meta(pv20, tmp_path):
         benchmark_prompts(pv20.classes, {**pv20.meta, "extra_background_classes": ["sky"]})
     with pytest.raises(ValueError, match="background must be one of"):
         background_index({"background": "sometimes"})
+
+
+def test_stage1_segmenter_refuses_more_prompts_than_8bit_label_maps_hold():
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+
+    settings = Stage1Settings(
+        grid=2, dense_mode="fmbseg", min_crops=1, top_k_points=2, sam_size=64, label_size=64,
+        amg=AmgSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0),
+        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+    )
+    with pytest.raises(ValueError, match="256 prompts; Stage 1's label maps are 8-bit"):
+        Stage1Segmenter(variant="stage1_1", clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3, clip_std=(1.0,) * 3,
+                        clip_image_size=32, sam=None, prototypes=torch.zeros(256, 4),  # type: ignore[arg-type]
+                        class_map=torch.arange(256), num_classes=256, settings=settings)
 
 
 def test_size_filter_keeps_areas_in_range():
@@ -279,7 +296,7 @@ def test_stage2_segmenter_base_and_refined(mini_models, tmp_path):
     prediction = segment(image)
     height, width = image.shape[:2]
     assert prediction.base.shape == (height, width) and prediction.base.dtype == torch.int64
-    assert int(prediction.base.max()) < 21  # the 91 stuff prompts all vote for background
+    assert int(prediction.base.max()) < 21  # the stuff prompts all vote for background
     spec = segmenter.dino_spec
     normalised = resize_normalize(torch.from_numpy(image.copy()), (height, width), spec.mean, spec.std)[0]
     logits = predict_logits(normalised, encode_fn=segmenter.encode, prototypes=vocabulary.prototypes, window=56,

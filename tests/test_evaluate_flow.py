@@ -100,7 +100,7 @@ def test_evaluate_every_benchmark_then_report(tmp_path, monkeypatch, prefect_har
         overlays = sorted(p.name for p in (tmp_path / "reports" / "overlays" / name).iterdir())
         assert len(overlays) == 1
         assert artifacts(client, run_id, f"evaluate/{name}") == sorted(
-            [f"{name}.json", f"{name}_per_class.csv", "overlays"])
+            [f"{name}.json", f"{name}_per_class.csv", "overlays", "settings.json"])
         assert artifacts(client, run_id, f"evaluate/{name}/overlays") == overlays
         assert not (tmp_path / "reports" / ".eval_state" / f"{name}.pt").exists()
     run = client.get_run(run_id)
@@ -227,3 +227,26 @@ def test_evaluate_names_what_is_missing(tmp_path, monkeypatch, prefect_harness, 
         evaluate_flow("ade20k")
     with pytest.raises(FileNotFoundError, match="fmbseg train"):
         evaluate_flow("pv20", model_path="models/none.pt")
+
+
+def test_evaluate_overrides_apply_to_their_benchmark_only(tmp_path, monkeypatch, prefect_harness, mlflow_uri):
+    from flows.evaluate import evaluate_flow
+
+    monkeypatch.chdir(tmp_path)
+    # A probability never exceeds 1: with bg_threshold 1.5 every PV-21 pixel is background. PV-20 has
+    # no background class: the shared setting would be refused, the override leaves it alone.
+    run_id = make_project(tmp_path, ("pv21", "pv20"), num_images=2, overrides={"evaluate": {
+        "benchmarks": ["pv21", "pv20"], "refine": False, "overrides": {
+            "pv21": {"bg_threshold": 1.5, "logit_scale": 50.0, "limit": 1}, "pv20": {"synonyms": "max"}}}})
+    pv21 = sequential(evaluate_flow)("pv21")
+    rows = list(csv.DictReader((tmp_path / "metrics" / "pv21_per_class.csv").open()))
+    assert pv21["images"] == 1 and rows[0]["Acc_base"] == "100.00"
+    assert all(r["IoU_base"] in ("0.00", "nan") for r in rows[1:])
+    assert sequential(evaluate_flow)("pv20")["images"] == 2
+    client = mlflow.MlflowClient(mlflow_uri)
+    for name, threshold, limit in (("pv21", 1.5, 1), ("pv20", None, None)):
+        recorded = json.loads(Path(client.download_artifacts(run_id, f"evaluate/{name}/settings.json", str(tmp_path)))
+                              .read_text())
+        assert (recorded["bg_threshold"], recorded["limit"], recorded["short_side"]) == (threshold, limit, 56)
+        assert recorded["protocol"] is None  # the miniature geometry: no published protocol
+        assert recorded["synonyms"] == ("max" if name == "pv20" else "mean")

@@ -55,8 +55,9 @@ def make_index(root: Path, ids: list[str], seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_cache(root: Path, images, encoder: DinoEncoder, *, shard_size: int, size: int = SIZE, only: int | None = None):
-    settings = settings_hash("mini-dino", size)
+def build_cache(root: Path, images, encoder: DinoEncoder, *, shard_size: int, size: int = SIZE, only: int | None = None,
+                precision: str = "fp32"):
+    settings = settings_hash("mini-dino", size, precision=precision)
     plan = plan_cache(root / "features", images, settings=settings, shard_size=shard_size)
     for shard in plan.todo[:only]:
         write_shard(root / "features", shard, encoder, settings=settings, project_root=root, image_size=size,
@@ -70,7 +71,7 @@ def test_cache_holds_each_images_patch_features(tmp_path, encoder) -> None:
     assert [im.image_id for im in images] == ["a", "b", "c", "d", "e"]  # one per image, sorted
     plan = build_cache(tmp_path, images, encoder, shard_size=2)
     assert [len(s.images) for s in plan.todo] == [2, 2, 1] and not plan.done
-    manifest = finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE)
+    manifest = finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
     assert manifest == read_manifest(tmp_path / "features")
     assert (manifest["cache"], manifest["grid"], manifest["dim"], manifest["num_images"], manifest["num_shards"]) == (
         True, [4, 4], 32, 5, 3)
@@ -100,7 +101,7 @@ def test_resume_and_incremental_runs_encode_only_what_is_missing(tmp_path, encod
     resumed = build_cache(tmp_path, images, encoder, shard_size=2)
     assert len(resumed.done) == 1 and sum(len(s.images) for s in resumed.todo) == 3
     assert not build_cache(tmp_path, images, encoder, shard_size=2).todo  # complete: nothing to do
-    finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE)
+    finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
     before = FeatureCache(tmp_path / "features").read("b")
 
     # a new image and a changed one: only those two are encoded
@@ -109,30 +110,43 @@ def test_resume_and_incremental_runs_encode_only_what_is_missing(tmp_path, encod
     images2 = unique_images(more, tmp_path, num_workers=2)
     plan = build_cache(tmp_path, images2, encoder, shard_size=2)
     assert [[im.image_id for im in s.images] for s in plan.todo] == [["c", "f"]]
-    finalize_cache(tmp_path / "features", images2, dino="mini-dino", image_size=SIZE)
+    finalize_cache(tmp_path / "features", images2, dino="mini-dino", image_size=SIZE, precision="fp32")
     cache = FeatureCache(tmp_path / "features")
     assert len(cache) == 6 and np.array_equal(cache.read("b"), before)
 
     # another input size: everything again, and the old shards go
     plan = build_cache(tmp_path, images2, encoder, shard_size=4, size=28)
     assert not plan.done and sum(len(s.images) for s in plan.todo) == 6
-    manifest = finalize_cache(tmp_path / "features", images2, dino="mini-dino", image_size=28)
+    manifest = finalize_cache(tmp_path / "features", images2, dino="mini-dino", image_size=28, precision="fp32")
     assert manifest["grid"] == [2, 2]
     assert len(list((tmp_path / "features" / "shards").glob("*.npy"))) == manifest["num_shards"] == 2
+
+
+def test_precision_is_part_of_the_key(tmp_path, encoder) -> None:
+    # bf16 features are not fp32 ones: switching models.dtype encodes everything again
+    assert settings_hash("mini-dino", SIZE, precision="bf16") != settings_hash("mini-dino", SIZE, precision="fp32")
+    images = unique_images(make_index(tmp_path, ["a", "b"]), tmp_path, num_workers=0)
+    build_cache(tmp_path, images, encoder, shard_size=2, precision="bf16")
+    assert finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE,
+                          precision="bf16")["precision"] == "bf16"
+    with pytest.raises(RuntimeError, match="2 images have no features"):
+        finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
+    plan = build_cache(tmp_path, images, encoder, shard_size=2, precision="fp32")
+    assert not plan.done and sum(len(s.images) for s in plan.todo) == 2
 
 
 def test_finalize_refuses_missing_features(tmp_path, encoder) -> None:
     images = unique_images(make_index(tmp_path, ["a", "b", "c"]), tmp_path, num_workers=0)
     build_cache(tmp_path, images, encoder, shard_size=2, only=1)
     with pytest.raises(RuntimeError, match="1 images have no features"):
-        finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE)
+        finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
 
 
 def test_uncached_manifest_replaces_the_cache(tmp_path, encoder) -> None:
     images = unique_images(make_index(tmp_path, ["a"]), tmp_path, num_workers=0)
     build_cache(tmp_path, images, encoder, shard_size=2)
-    finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE)
-    manifest = write_uncached_manifest(tmp_path / "features", dino="mini-dino", image_size=SIZE)
+    finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
+    manifest = write_uncached_manifest(tmp_path / "features", dino="mini-dino", image_size=SIZE, precision="fp32")
     assert manifest["cache"] is False and read_manifest(tmp_path / "features") == manifest
     assert not list((tmp_path / "features" / "shards").iterdir())
     assert not (tmp_path / "features" / "index.parquet").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from components.datasets.registry import class_file_path, read_class_file
 from components.evaluation.inference import (
     build_prompt_set,
     labels_from_logits,
@@ -239,9 +240,38 @@ def test_build_prompt_set_errors_and_no_extra() -> None:
     plain = build_prompt_set(["a", "b"], None, background_index=0)
     assert plain.names == ["a", "b"] and plain.class_map.tolist() == [0, 1]
     with pytest.raises(ValueError, match="more than once"):
-        build_prompt_set(["background", "sky"], ["sky"], background_index=0)
+        build_prompt_set(["background", "sky", "sky"], None, background_index=0)
     with pytest.raises(ValueError, match="outside"):
         build_prompt_set(["a", "b"], ["c"], background_index=2)
+
+
+def test_background_prompts_never_name_a_foreground_class() -> None:
+    # Per synonym, case and spaces aside: a background line loses the synonyms a class already
+    # has, and a line left with none is dropped, so no prompt serves a class and background at once.
+    prompts = build_prompt_set(
+        ["background", "table, dining table", "plant, potted plant"],
+        ["sky", "Table", "plant-other, plant", " dining table , desk"],
+        background_index=0,
+    )
+    assert prompts.names == ["background", "table, dining table", "plant, potted plant", "sky", "plant-other",
+                             "desk"]
+    assert prompts.class_map.tolist() == [0, 1, 2, 0, 0, 0]
+
+
+def test_pv21_shipped_background_prompts_are_disjoint_from_its_classes() -> None:
+    voc21 = read_class_file(class_file_path("voc21"))
+    stuff = read_class_file(class_file_path("cocostuff_stuff"))
+    prompts = build_prompt_set(voc21, stuff, background_index=0)
+
+    def synonyms(lines):
+        return {s.strip().lower() for line in lines for s in line.split(",")}
+
+    background = prompts.names[len(voc21):]
+    assert prompts.names[:len(voc21)] == voc21
+    assert not synonyms(background) & synonyms(voc21)
+    assert "table" not in background and "plant-other" in background  # "plant-other, plant" keeps its own name
+    assert synonyms(background) == synonyms(stuff) - {"table", "plant"}
+    assert prompts.class_map.tolist() == list(range(21)) + [0] * len(background)
 
 
 def test_background_threshold() -> None:
@@ -345,3 +375,33 @@ def test_upsampled_max_equals_resize_then_max(chunk: int) -> None:
     want_score, want_index = full.max(dim=0)
     score, index = upsampled_max(logits, (13, 17), max_elements=chunk * 13 * 17)
     assert torch.equal(score, want_score) and torch.equal(index, want_index)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_upsampled_max_gives_the_winners_softmax_probability_with_a_logit_scale(chunk: int) -> None:
+    # SCLIP's background rule: softmax(logit_scale * cosine) over the prompts at full size, the
+    # winner's probability compared with the threshold.
+    from components.evaluation.inference import upsampled_max
+
+    logits = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(16)) * 2 - 1
+    full = F.interpolate(logits[None], size=(13, 17), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(50.0 * full, dim=0)
+    want_prob, want_index = probs.max(dim=0)
+    prob, index = upsampled_max(logits, (13, 17), max_elements=chunk * 13 * 17, logit_scale=50.0)
+    assert torch.equal(index, want_index) and torch.allclose(prob, want_prob, atol=1e-6)
+
+
+def test_max_synonyms_prompt_each_synonym_for_its_class() -> None:
+    from components.evaluation.benchmark import benchmark_prompts
+
+    meta = {"background": "class0", "extra_background_classes": ["sky, clouds", "plant-other, plant"]}
+    classes = ["background", "plant, potted plant", "person"]
+    mean = benchmark_prompts(classes, meta)
+    assert mean.names == classes + ["sky, clouds", "plant-other"]
+    top = benchmark_prompts(classes, meta, synonyms="max")
+    assert top.names == ["background", "plant", "potted plant", "person", "sky", "clouds", "plant-other"]
+    assert top.class_map.tolist() == [0, 1, 1, 2, 0, 0, 0]
+    alone = benchmark_prompts(classes, meta, background_prompts=False)  # background by threshold alone
+    assert alone.names == classes and alone.class_map.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="synonyms must be one of"):
+        benchmark_prompts(classes, meta, synonyms="min")

@@ -44,14 +44,16 @@ def test_crop_classes_is_scale_invariant_cosine_not_dot_product() -> None:
 
 def test_detect_present_thresholds_crop_votes() -> None:
     votes = torch.tensor([3, 3, 1, 0, 3, 1, 7, 3, 2, 2, 2, 3, 3, 3, 4, 4])  # 16 crops
+    # the paper (§3.2.1, appendix 1.1.3): present when it wins MORE THAN T crops (T = 1)
     t1 = detect_present(votes, num_classes=10, min_crops=1)
-    assert t1.classes.tolist() == [0, 1, 2, 3, 4, 7]
-    assert t1.crops_won.tolist() == [1, 2, 3, 7, 2, 1]
-    t2 = detect_present(votes, num_classes=10, min_crops=2)
-    assert t2.classes.tolist() == [1, 2, 3, 4]
-    assert t2.crops_won.tolist() == [2, 3, 7, 2]
+    assert t1.classes.tolist() == [1, 2, 3, 4]
+    assert t1.crops_won.tolist() == [2, 3, 7, 2]
+    t0 = detect_present(votes, num_classes=10, min_crops=0)  # any crop won
+    assert t0.classes.tolist() == [0, 1, 2, 3, 4, 7]
+    assert t0.crops_won.tolist() == [1, 2, 3, 7, 2, 1]
+    assert detect_present(votes, num_classes=10, min_crops=2).classes.tolist() == [2, 3]
     with pytest.raises(ValueError, match="min_crops"):
-        detect_present(votes, num_classes=10, min_crops=0)
+        detect_present(votes, num_classes=10, min_crops=-1)
 
 
 def test_presence_from_image_labels_ignores_the_threshold() -> None:

@@ -35,7 +35,8 @@ def test_report_rows_put_ours_next_to_the_paper():
         {"pv21": {"mIoU_base": 10.0, "mIoU_refined": 11.5}, "pc59": {"mIoU_base": 3.25}, "ade20k": None},
         ["pv21", "pc59", "ade20k", "coco_object"],
     )
-    assert rows[0] == {"benchmark": "pv21", "base": 10.0, "refined": 11.5, "paper_base": 67.73, "paper_refined": 71.02}
+    assert rows[0] == {"benchmark": "pv21", "base": 10.0, "refined": 11.5, "paper_base": 67.73, "paper_refined": 71.02,
+                       "settings": None}
     assert rows[1]["refined"] is None and rows[1]["base"] == 3.25  # evaluated without refinement
     assert rows[2]["base"] is None and rows[2]["paper_base"] == 16.25  # not evaluated
     assert rows[3]["paper_base"] is None  # COCO-Object is not in the paper
@@ -45,13 +46,23 @@ def test_markdown_and_csv():
     rows = report_rows({"pv21": {"mIoU_base": 10.0, "mIoU_refined": 11.456}}, ["pv21", "pc59"])
     markdown = to_markdown(rows, REPORT_COLUMNS)
     lines = markdown.strip().splitlines()
-    assert lines[0] == "| benchmark | base | refined | paper_base | paper_refined |"
-    assert lines[2] == "| pv21 | 10.00 | 11.46 | 67.73 | 71.02 |"
-    assert lines[3] == "| pc59 | — | — | 42.72 | 44.34 |"
+    assert lines[0] == "| benchmark | base | refined | paper_base | paper_refined | settings |"
+    assert lines[2] == "| pv21 | 10.00 | 11.46 | 67.73 | 71.02 | — |"
+    assert lines[3] == "| pc59 | — | — | 42.72 | 44.34 | — |"
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, REPORT_COLUMNS))))
     assert parsed[0] == {"benchmark": "pv21", "base": "10.0", "refined": "11.456", "paper_base": "67.73",
-                         "paper_refined": "71.02"}
+                         "paper_refined": "71.02", "settings": ""}
     assert parsed[1]["base"] == ""
+
+
+def test_settings_label_names_what_changes_a_number():
+    from components.config import EvaluateSettings
+    from components.evaluation.report import settings_label
+
+    sclip_like = EvaluateSettings(short_side=336, window=224, stride=112, templates="imagenet80", synonyms="max",
+                                  bg_threshold=0.1, logit_scale=65.0).model_dump(mode="json")
+    assert settings_label(sclip_like, "sclip") == (
+        "sclip: short side 336, window 224/112, 80 templates, synonyms max, bg_threshold p < 0.1 at logit scale 65.0")
 
 
 def test_stage1_rows():
@@ -69,17 +80,21 @@ def test_report_flow_writes_the_tables(tmp_path, monkeypatch, prefect_harness):
     from flows.report import report_flow
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"benchmarks": ["pv21", "pc59", "cs171"]}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
+        "benchmarks": ["pv21", "pc59", "cs171"], "protocol": "fmbseg",
+        "overrides": {"pv21": {"bg_threshold": 0.3, "short_side": None}}}}))
     (tmp_path / "metrics" / "stage1").mkdir(parents=True)
     (tmp_path / "metrics" / "pv21.json").write_text(json.dumps({"mIoU_base": 50.0, "mIoU_refined": 52.5}))
     (tmp_path / "metrics" / "cs171.json").write_text(json.dumps({"mIoU_base": 20.0, "mIoU_refined": 21.0}))
     (tmp_path / "metrics" / "stage1" / "pv21_stage1_2.json").write_text(json.dumps({"mIoU": 30.0}))
     markdown = report_flow("params.yaml")
     assert (tmp_path / "reports" / "report.md").read_text() == markdown
-    assert "| pv21 | 50.00 | 52.50 | 67.73 | 71.02 |" in markdown
-    assert "| pc59 | — | — | 42.72 | 44.34 |" in markdown
+    # each row says which protocol and settings made it (a benchmark's overrides included)
+    assert ("| pv21 | 50.00 | 52.50 | 67.73 | 71.02 | fmbseg: original size, window 448/224, 1 template, "
+            "bg_threshold 0.3 |") in markdown
+    assert "| pc59 | — | — | 42.72 | 44.34 | fmbseg: short side 448, window 448/224, 1 template |" in markdown
     assert "| pv21 | stage1_2 | 30.00 | 36.68 |" in markdown
     rows = list(csv.DictReader((tmp_path / "reports" / "report.csv").open()))
     assert [r["benchmark"] for r in rows] == ["pv21", "pc59", "cs171"]
     assert rows[2] == {"benchmark": "cs171", "base": "20.0", "refined": "21.0", "paper_base": "29.88",
-                       "paper_refined": "30.65"}
+                       "paper_refined": "30.65", "settings": "fmbseg: short side 448, window 448/224, 1 template"}

@@ -102,22 +102,38 @@ class LabelledImages(Protocol):
 
 
 # -------------------------------------------------------------------------------------- prompts
-def benchmark_prompts(class_lines: Sequence[str], meta: Mapping[str, Any]) -> PromptSet:
+SYNONYM_RULES: tuple[str, ...] = ("mean", "max")
+
+
+def benchmark_prompts(
+    class_lines: Sequence[str], meta: Mapping[str, Any], *, synonyms: str = "mean", background_prompts: bool = True
+) -> PromptSet:
     """The prompts a benchmark is evaluated with (paper §4.1) and the class each one votes for.
 
     class_lines: the benchmark's classes.txt lines (synonyms kept); meta: its meta.json. Most
     benchmarks prompt only their own classes; one whose meta lists ``extra_background_classes``
     (PV-21: the COCO-Stuff stuff classes) adds those prompts, every one mapped to background
-    (class 0, which its meta must declare with ``"background": "class0"``).
+    (class 0, which its meta must declare with ``"background": "class0"``), unless
+    `background_prompts` is False (background then comes from a threshold alone).
+    synonyms: "mean" (one prompt per line, its prototype the mean over the line's synonyms) or
+    "max" (one prompt per synonym, so a class scores the max over its synonyms: SCLIP's rule).
     """
-    extra = meta.get("extra_background_classes") or []
+    if synonyms not in SYNONYM_RULES:
+        raise ValueError(f"synonyms must be one of {list(SYNONYM_RULES)}, got {synonyms!r}")
+    extra = (meta.get("extra_background_classes") or []) if background_prompts else []
     if not extra:
-        return PromptSet(list(class_lines), torch.arange(len(class_lines), dtype=torch.int64))
-    index = background_index(meta)
-    if index is None:
-        raise ValueError(f"meta.json lists extra background prompts but background is {meta.get('background')!r}, "
-                         "not 'class0'")
-    return build_prompt_set(class_lines, extra, background_index=index)
+        prompts = PromptSet(list(class_lines), torch.arange(len(class_lines), dtype=torch.int64))
+    else:
+        index = background_index(meta)
+        if index is None:
+            raise ValueError(f"meta.json lists extra background prompts but background is "
+                             f"{meta.get('background')!r}, not 'class0'")
+        prompts = build_prompt_set(class_lines, extra, background_index=index)
+    if synonyms == "max":
+        pairs = [(s.strip(), c) for line, c in zip(prompts.names, prompts.class_map.tolist(), strict=True)
+                 for s in line.split(",") if s.strip()]
+        prompts = PromptSet([s for s, _ in pairs], torch.tensor([c for _, c in pairs], dtype=torch.int64))
+    return prompts
 
 
 def background_index(meta: Mapping[str, Any]) -> int | None:
@@ -162,6 +178,9 @@ class Stage1Segmenter:
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
                 f"{tuple(class_map.shape)}"
             )
+        if prototypes.shape[0] > IGNORE_INDEX:
+            raise ValueError(f"{prototypes.shape[0]} prompts; Stage 1's label maps are 8-bit (255 = unlabelled), "
+                             f"so at most {IGNORE_INDEX}")
         self.variant = variant
         self.clip_model, self.clip_image_size = clip_model, clip_image_size
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)

@@ -224,23 +224,31 @@ def predict_logits_batch(
     return out
 
 
-def upsampled_max(logits: Tensor, size: tuple[int, int], *, max_elements: int = 1 << 25) -> tuple[Tensor, Tensor]:
+def upsampled_max(
+    logits: Tensor, size: tuple[int, int], *, max_elements: int = 1 << 25, logit_scale: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Max over K of [K, h, w] logits resized bilinearly (align_corners=False) to `size` = (H, W).
 
     The same values as resizing all K maps, then ``max(dim=0)`` (ties: the lower index), computed a
     chunk of maps at a time so that a resized chunk holds at most `max_elements` values (one chunk
     for an ordinary image; a 12-megapixel photo and 171 classes at once would be 8 GB). Returns
-    ([H, W] float32 score, [H, W] int64 index).
+    ([H, W] float32 score, [H, W] int64 index). With `logit_scale` s the score is the winner's
+    probability under softmax(s · logits) over the K resized maps (SCLIP's background rule), from a
+    running log-sum-exp; the index is the same.
     """
     if logits.dim() != 3 or max_elements < 1:
         raise ValueError(f"logits must be [K, h, w] and max_elements >= 1, got {tuple(logits.shape)}, {max_elements}")
     chunk = max(1, max_elements // (size[0] * size[1]))
     best: Tensor | None = None
     index: Tensor | None = None
+    log_total: Tensor | None = None
     for start in range(0, logits.shape[0], chunk):
         part = logits[start : start + chunk]
         if tuple(part.shape[-2:]) != tuple(size):
             part = F.interpolate(part[None], size=size, mode="bilinear", align_corners=False)[0]
+        if logit_scale is not None:
+            chunk_total = torch.logsumexp(logit_scale * part.float(), dim=0)
+            log_total = chunk_total if log_total is None else torch.logaddexp(log_total, chunk_total)
         score, which = part.max(dim=0)
         if best is None or index is None:
             best, index = score, which
@@ -249,6 +257,9 @@ def upsampled_max(logits: Tensor, size: tuple[int, int], *, max_elements: int = 
             best = torch.where(better, score, best)
             index = torch.where(better, which + start, index)
     assert best is not None and index is not None
+    if logit_scale is not None:
+        assert log_total is not None
+        best = torch.exp(logit_scale * best.float() - log_total)
     return best, index
 
 
@@ -263,13 +274,14 @@ def predict_scores_batch(
     batch_size: int = 8,
     pad_to: int = 1,
     max_elements: int = 1 << 25,
+    logit_scale: float | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`predict_logits_batch` followed by the max over prompts, without holding [K, H, W] at
-    the original size (:func:`upsampled_max`): one ([H_i, W_i] float32 best cosine, [H_i, W_i] int64
-    prompt index) per image."""
+    the original size (:func:`upsampled_max`): one ([H_i, W_i] float32 best cosine, or with
+    `logit_scale` its softmax probability, [H_i, W_i] int64 prompt index) per image."""
     logits = _resized_logits(images, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
                              short_side=short_side, batch_size=batch_size, pad_to=pad_to)
-    return [upsampled_max(image_logits, tuple(image.shape[-2:]), max_elements=max_elements)
+    return [upsampled_max(image_logits, tuple(image.shape[-2:]), max_elements=max_elements, logit_scale=logit_scale)
             for image, image_logits in zip(images, logits, strict=True)]
 
 
@@ -386,6 +398,11 @@ class PromptSet(NamedTuple):
     """[K'] int64: prompt index -> dataset class index."""
 
 
+def _synonyms(line: str) -> list[str]:
+    """A class line's comma-separated synonyms, stripped ("plant-other, plant" -> both)."""
+    return [s.strip() for s in line.split(",") if s.strip()]
+
+
 def build_prompt_set(
     class_names: Sequence[str], extra_background: Sequence[str] | None, background_index: int
 ) -> PromptSet:
@@ -393,13 +410,22 @@ def build_prompt_set(
 
     For PV-21 (paper §4.1): class_names = the 21 classes with "background" at `background_index`,
     extra_background = the COCO-Stuff stuff classes; every stuff prompt maps to `background_index`.
-    Returns names = class_names + extra_background and class_map = [0, ..., C-1, b, ..., b].
-    A name that appears twice raises ValueError (its prompts would tie).
+    A synonym that names a dataset class is never a background prompt (compared per synonym, case
+    aside): a background line loses those synonyms ("plant-other, plant" -> "plant-other", since
+    VOC has "plant, potted plant") and a line left with none is dropped ("table"), else the same
+    text prompt would vote for the class and for background at once.
+    Returns names = class_names + the remaining background lines and class_map = [0, ..., C-1, b,
+    ..., b]. A name that appears twice raises ValueError (its prompts would tie).
     """
     class_names = list(class_names)
-    extra = list(extra_background) if extra_background is not None else []
     if not 0 <= background_index < len(class_names):
         raise ValueError(f"background_index {background_index} outside [0, {len(class_names)})")
+    taken = {s.lower() for line in class_names for s in _synonyms(line)}
+    extra = []
+    for line in extra_background if extra_background is not None else []:
+        kept = [s for s in _synonyms(line) if s.lower() not in taken]
+        if kept:
+            extra.append(", ".join(kept))
     names = class_names + extra
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:

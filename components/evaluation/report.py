@@ -20,23 +20,49 @@ __all__ = [
     "REPORT_COLUMNS",
     "STAGE1_COLUMNS",
     "report_rows",
+    "settings_label",
     "stage1_rows",
     "to_markdown",
     "to_csv",
 ]
 
-REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined")
+REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined", "settings")
 STAGE1_COLUMNS: tuple[str, ...] = ("benchmark", "variant", "mIoU", "paper")
 
 Row = dict[str, Any]
 
 
-def report_rows(metrics: Mapping[str, Mapping[str, float] | None], benchmarks: Sequence[str]) -> list[Row]:
+def settings_label(settings: Mapping[str, Any], protocol: str | None = None) -> str:
+    """The evaluation settings that change a number, in a few words (a report cell): the protocol
+    (``evaluate.protocol``, when one is named), geometry, templates, background threshold.
+    settings: a benchmark's effective ``evaluate`` settings."""
+    side = settings["short_side"]
+    count = len(settings["templates"])
+    parts = [f"short side {side}" if side is not None else "original size",
+             f"window {settings['window']}/{settings['stride']}", f"{count} template{'s' * (count != 1)}"]
+    if settings.get("synonyms", "mean") != "mean":
+        parts.append(f"synonyms {settings['synonyms']}")
+    if not settings.get("bg_prompts", True):
+        parts.append("no background prompts")
+    if settings.get("bg_threshold") is not None:
+        scale = settings.get("logit_scale")
+        rule = f"p < {settings['bg_threshold']} at logit scale {scale}" if scale is not None else settings["bg_threshold"]
+        parts.append(f"bg_threshold {rule}")
+    label = ", ".join(parts)
+    return f"{protocol}: {label}" if protocol is not None else label
+
+
+def report_rows(
+    metrics: Mapping[str, Mapping[str, float] | None],
+    benchmarks: Sequence[str],
+    settings: Mapping[str, str] | None = None,
+) -> list[Row]:
     """One row per benchmark, in the given order: our mIoU (base, refined) and the paper's (Table 1).
 
     metrics: benchmark -> the evaluate stage's metric dict, or None when the benchmark was not
     evaluated. A value we do not have (not evaluated, or refinement off) is None; so is a paper
-    value for a benchmark outside Table 1.
+    value for a benchmark outside Table 1. settings: benchmark -> what made its numbers
+    (:func:`settings_label`), the row's ``settings`` (None where not given).
     """
     rows = []
     for name in benchmarks:
@@ -48,6 +74,7 @@ def report_rows(metrics: Mapping[str, Mapping[str, float] | None], benchmarks: S
                 "refined": ours.get("mIoU_refined"),
                 "paper_base": TABLE1["base"].get(name),
                 "paper_refined": TABLE1["refined"].get(name),
+                "settings": (settings or {}).get(name),
             }
         )
     return rows

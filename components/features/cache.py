@@ -8,7 +8,7 @@ Layout under ``${paths.features}``:
     manifest.json            what the directory holds: settings, grid, width, counts (or cache: false)
 
 Features are per unique image (both pseudo-label variants of an image share them). A shard is
-keyed by its images' content hashes and the settings hash (encoder spec, input size), so a resumed
+keyed by its images' content hashes and the settings hash (encoder spec, input size, precision), so a resumed
 or repeated run skips every shard whose record matches, new images go to new shards, and a change
 of settings recomputes everything. Every file is written atomically; the shard array is written
 through a memory map so memory stays at one batch whatever the shard size.
@@ -102,9 +102,11 @@ class CachePlan(NamedTuple):
     num_images: int
 
 
-def settings_hash(dino: str, image_size: int) -> str:
-    """Hex sha256 of what determines a feature: the format, encoder spec name and input side."""
-    blob = json.dumps({"format": FEATURES_FORMAT, "dino": dino, "image_size": image_size}, sort_keys=True)
+def settings_hash(dino: str, image_size: int, *, precision: str) -> str:
+    """Hex sha256 of what determines a feature: the format, encoder spec name, input side and the
+    precision it ran in (``models.dtype``: bf16 features are not fp32 ones, so a switch re-encodes)."""
+    blob = json.dumps({"format": FEATURES_FORMAT, "dino": dino, "image_size": image_size, "precision": precision},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -256,14 +258,14 @@ def _remove_unlisted(root: Path, keep: set[str]) -> int:
 
 
 def finalize_cache(
-    root: str | os.PathLike[str], images: Sequence[CacheImage], *, dino: str, image_size: int
+    root: str | os.PathLike[str], images: Sequence[CacheImage], *, dino: str, image_size: int, precision: str
 ) -> dict[str, Any]:
     """Merge the records into ``index.parquet`` and write ``manifest.json`` (both atomic); delete
     shards no wanted image uses (older settings, removed images). Returns the manifest."""
     if not images:
         raise ValueError("no images to index: the train index is empty")
     root = Path(root)
-    settings = settings_hash(dino, image_size)
+    settings = settings_hash(dino, image_size, precision=precision)
     where: dict[tuple[str, str], tuple[str, int]] = {}
     shapes: dict[str, list[int]] = {}
     for record in _read_records(root):
@@ -286,6 +288,7 @@ def finalize_cache(
         "cache": True,
         "dino": dino,
         "image_size": image_size,
+        "precision": precision,
         "settings_hash": settings,
         "grid": shape[1:3],
         "dim": shape[3],
@@ -299,7 +302,8 @@ def finalize_cache(
     return manifest
 
 
-def write_uncached_manifest(root: str | os.PathLike[str], *, dino: str, image_size: int) -> dict[str, Any]:
+def write_uncached_manifest(root: str | os.PathLike[str], *, dino: str, image_size: int,
+                            precision: str) -> dict[str, Any]:
     """``features.cache: false``: remove any cached shards and index; write a manifest saying so."""
     root = Path(root)
     _remove_unlisted(root, set())
@@ -309,7 +313,8 @@ def write_uncached_manifest(root: str | os.PathLike[str], *, dino: str, image_si
         "cache": False,
         "dino": dino,
         "image_size": image_size,
-        "settings_hash": settings_hash(dino, image_size),
+        "precision": precision,
+        "settings_hash": settings_hash(dino, image_size, precision=precision),
     }
     atomic_write_json(root / MANIFEST_FILE, manifest)
     return manifest

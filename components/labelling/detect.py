@@ -66,14 +66,15 @@ def crop_classes(crop_embeddings: Tensor, prototypes: Tensor) -> Tensor:
 
 
 def detect_present(crop_class: Tensor, num_classes: int, min_crops: int) -> Presence:
-    """A class is present when it wins at least T = ``min_crops`` crops (appendix §1.1.3).
+    """A class is present when it wins more than T = ``min_crops`` crops (paper §3.2.1 and
+    appendix §1.1.3: "more than a predefined number of crops (set to 1)"); T = 0: any crop won.
 
     crop_class: [C] int64 class of each crop (:func:`crop_classes`). Returns :class:`Presence`.
     """
-    if min_crops < 1:
-        raise ValueError(f"min_crops (T) must be >= 1, got {min_crops}")
+    if min_crops < 0:
+        raise ValueError(f"min_crops (T) must be >= 0, got {min_crops}")
     counts = torch.bincount(crop_class.long(), minlength=num_classes)
-    classes = torch.nonzero(counts >= min_crops).flatten()
+    classes = torch.nonzero(counts > min_crops).flatten()
     return Presence(classes, counts[classes])
 
 

@@ -218,7 +218,8 @@ def stage1_1(
     """Stage 1.1 (paper §3.2.1, appendix §1.1.4): per present class, the centres of the
     ``top_k_points`` patches most similar to its prototype prompt SAM (all classes in one batched
     decoder call); of the 3 multimask outputs the one with the highest predicted IoU is kept;
-    overlaps go to the higher predicted IoU."""
+    overlaps go to the higher predicted IoU. Prompts and the label map are in the SAM frame (the
+    image resized to the ``sam_size`` square of `sam_image`), not in original-image coordinates."""
     size = sam_image.size
     if size[0] != size[1]:
         raise ValueError(f"the SAM frame must be square, got {size}")
