@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components.datasets.extract import UnsafeArchiveError, atomic_directory, safe_extract
+from components.datasets.extract import BadArchiveError, UnsafeArchiveError, atomic_directory, safe_extract
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
@@ -123,7 +123,7 @@ def test_good_archive_extracts_with_inner_links_and_stamp(tmp_path, kind):
 
 def test_missing_required_path_commits_nothing(tmp_path):
     archive = _tar(tmp_path / "a.tar", [GOOD])
-    with pytest.raises(FileNotFoundError, match="not the expected archive"):
+    with pytest.raises(BadArchiveError, match="not the expected archive"):
         safe_extract(archive, tmp_path / "tree", kind="tar", required="VOCdevkit/VOC2012")
     assert not (tmp_path / "tree").exists()
 

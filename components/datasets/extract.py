@@ -4,12 +4,15 @@ Every member of an archive is checked before anything is written: absolute paths
 components, and symbolic or hard links that point outside the target are refused with an error
 that names the member. Extraction goes into a temporary directory next to the target, which takes
 the target's name only when everything is unpacked, so a killed process never leaves a half
-extracted tree under the final name.
+extracted tree under the final name. An archive that does not open, list and extract to its
+end (truncated, not an archive at all, bytes after the tar end that are not its zero padding)
+raises :class:`BadArchiveError`, so that a caller never trusts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import posixpath
 import shutil
@@ -17,6 +20,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from tqdm.auto import tqdm
 
 from components.datasets.registry import ArchiveKind
 
-__all__ = ["UnsafeArchiveError", "atomic_directory", "safe_extract", "check_member_path", "check_link_target"]
+__all__ = ["BadArchiveError", "UnsafeArchiveError", "atomic_directory", "safe_extract", "check_member_path", "check_link_target"]
 
 
 class UnsafeArchiveError(ValueError):
@@ -35,6 +39,18 @@ class UnsafeArchiveError(ValueError):
         self.archive = archive
         self.member = member
         self.reason = reason
+
+
+class BadArchiveError(ValueError):
+    """A file is not a complete, readable archive of its kind (truncated, an HTML page, ...)."""
+
+    def __init__(self, archive: Path, kind: str, reason: str) -> None:
+        super().__init__(f"{archive} is not a valid {kind} archive: {reason}")
+        self.archive = archive
+        self.reason = reason
+
+
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 @contextlib.contextmanager
@@ -160,9 +176,21 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> None:
                     shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def _check_tar_end(archive: Path, tar: tarfile.TarFile) -> None:
+    """Refuse bytes after the last member that are not the end-of-archive zero blocks: tarfile
+    reads a header it cannot parse as the end, so a file spliced or cut mid-header would pass."""
+    fileobj = tar.fileobj
+    assert fileobj is not None
+    fileobj.seek(tar.offset)
+    for block in iter(lambda: fileobj.read(1 << 20), b""):
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"data after the last readable member (byte {tar.offset}) is not tar padding")
+
+
 def _extract_tar(archive: Path, dest: Path, mode: str, progress: bool) -> None:
     with tarfile.open(archive, mode) as tar:
         members = _check_tar(archive, tar)
+        _check_tar_end(archive, tar)
         for m in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=not progress):
             # The "data" filter re-checks every member (defence in depth) and drops unsafe modes.
             tar.extract(m, dest, filter="data")
@@ -183,24 +211,27 @@ def safe_extract(
     required: a relative path that must exist in the extracted tree, else nothing is committed.
     extra_files: {relative name: bytes} written into the tree before it takes its final name
         (the completion stamp of a download).
-    Raises UnsafeArchiveError (naming the member) before anything is written when a member is unsafe.
+    Raises UnsafeArchiveError (naming the member) before anything is written when a member is unsafe,
+    and BadArchiveError when the archive does not open, list and extract, or lacks ``required``.
     """
     archive = Path(archive)
     with atomic_directory(Path(target)) as tmp:
-        if kind == "zip":
-            _extract_zip(archive, tmp, progress)
-        elif kind == "tar":
-            _extract_tar(archive, tmp, "r:", progress)
-        elif kind == "tar.gz":
-            _extract_tar(archive, tmp, "r:gz", progress)
-        elif kind == "file":
-            shutil.copyfile(archive, tmp / archive.name)
-        else:
-            raise ValueError(f"unsupported archive kind {kind!r}; supported: zip, tar, tar.gz, file")
+        try:
+            if kind == "zip":
+                _extract_zip(archive, tmp, progress)
+            elif kind == "tar":
+                _extract_tar(archive, tmp, "r:", progress)
+            elif kind == "tar.gz":
+                _extract_tar(archive, tmp, "r:gz", progress)
+            elif kind == "file":
+                shutil.copyfile(archive, tmp / archive.name)
+            else:
+                raise ValueError(f"unsupported archive kind {kind!r}; supported: zip, tar, tar.gz, file")
+        except _READ_ERRORS as err:
+            raise BadArchiveError(archive, kind, f"{type(err).__name__}: {err}") from None
         if required is not None and not (tmp / required).exists():
-            raise FileNotFoundError(
-                f"{archive} does not contain {required!r}: it is not the expected archive "
-                "(or it is incomplete); delete it and download it again"
+            raise BadArchiveError(
+                archive, kind, f"it does not contain {required!r} (not the expected archive, or incomplete)"
             )
         for rel, data in (extra_files or {}).items():
             (tmp / rel).write_bytes(data)
