@@ -8,6 +8,7 @@ never leaves a half-written file under a final name (the rename is atomic on POS
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "OutputBusyError",
+    "output_lock",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -40,6 +43,41 @@ def _file_mode() -> int:
 
 
 _FILE_MODE = _file_mode()
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the lock on a stage's output."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str], *, stage: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` (a stage's output folder) for the block; yield ``out``.
+
+    The lock is an ``flock`` on ``.<name>.lock`` next to ``out``: the kernel frees it when its
+    holder exits, however it exits, so a killed run never leaves it taken. A second holder (another
+    process, or this one) fails at once with :class:`OutputBusyError`. While it is held, whatever
+    temporary files lie in ``out`` are provably stale: no other run can be writing them.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputBusyError(
+                f"{out} is being written by another `fmbseg {stage}` run (pid {holder} holds {lock}); "
+                "wait for it to finish, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

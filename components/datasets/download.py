@@ -457,6 +457,8 @@ def _extract(
         required=spec.marker,
         extra_files={STAMP_NAME: (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()},
         progress=progress,
+        # The registry's size is approximate; twice it (plus 64 MiB for tiny fixtures) is no release.
+        max_bytes=2 * spec.extracted_bytes + (64 << 20),
     )
 
 

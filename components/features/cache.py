@@ -167,9 +167,14 @@ def plan_cache(
     root: str | os.PathLike[str], images: Sequence[CacheImage], *, settings: str, shard_size: int
 ) -> CachePlan:
     """Reuse every recorded shard (same settings) holding a wanted image with the same content;
-    group the images not covered, in id order, into new shards of ``shard_size``."""
+    group the images not covered, in id order, into new shards of ``shard_size``.
+
+    Removes the temporary files a killed run left; call it under ``output_lock(root)``, which
+    makes sure no other run is writing them.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    _remove_temporaries(Path(root))
     wanted = {(im.image_id, im.sha256) for im in images}
     covered: set[tuple[str, str]] = set()
     done = []
@@ -236,6 +241,15 @@ def write_shard(
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Delete the ``.*.tmp`` files (of :func:`~components.io.atomic_path`) in the shards folder."""
+    base = root / SHARDS_DIR
+    if base.is_dir():
+        for path in base.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
 
 
 def _remove_unlisted(root: Path, keep: set[str]) -> int:
