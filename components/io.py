@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "fs_path",
+    "path_text",
     "OutputBusyError",
     "output_lock",
     "atomic_path",
@@ -43,6 +45,49 @@ def _file_mode() -> int:
 
 
 _FILE_MODE = _file_mode()
+
+
+_ESC = "\ufffd"  # U+FFFD, the replacement character, starts an escape in path_text
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A file name as valid Unicode text (for ids, Parquet, JSON and logs), reversibly.
+
+    A name the file system holds need not be UTF-8: Python gives its undecodable bytes as lone
+    surrogates (U+DC80..U+DCFF), which no UTF-8 writer accepts. Each becomes U+FFFD and the byte in
+    two hex digits ("caf\\udce9" -> "caf\ufffdE9"); a real U+FFFD is doubled. Names with neither
+    are returned unchanged. :func:`fs_path` is the inverse.
+    """
+    name = os.fspath(path)
+    if not any(c == _ESC or "\udc80" <= c <= "\udcff" for c in name):
+        return name
+    out = []
+    for c in name:
+        if c == _ESC:
+            out.append(_ESC + _ESC)
+        elif "\udc80" <= c <= "\udcff":
+            out.append(f"{_ESC}{ord(c) - 0xDC00:02X}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def fs_path(text: str) -> str:
+    """The file name :func:`path_text` made ``text`` from (what ``open`` needs)."""
+    if _ESC not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != _ESC:
+            out.append(text[i])
+            i += 1
+        elif text[i + 1 : i + 2] == _ESC:
+            out.append(_ESC)
+            i += 2
+        else:
+            out.append(chr(0xDC00 + int(text[i + 1 : i + 3], 16)))
+            i += 3
+    return "".join(out)
 
 
 class OutputBusyError(RuntimeError):

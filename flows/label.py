@@ -30,7 +30,7 @@ from prefect.futures import as_completed
 from components.config import ConfigError, LabelConfig, Params
 from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-from components.io import atomic_write_bytes, atomic_write_json, file_sha256
+from components.io import atomic_write_bytes, atomic_write_json, file_sha256, fs_path, path_text
 from flows.common import (
     PARAMS_FILE,
     Progress,
@@ -159,14 +159,16 @@ def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]],
     skipped: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for (folder, path), sha in zip(files, digests, strict=True):
-        image_id = path.relative_to(folder).with_suffix("").as_posix()
+        # ids and paths as valid text (a name need not be UTF-8); fs_path() gives the file back
+        image_id = path_text(path.relative_to(folder).with_suffix("").as_posix())
+        text = path_text(path.as_posix())
         if isinstance(sha, OSError):
-            skipped.append({"path": path.as_posix(), "reason": f"cannot read the file: {sha}"})
+            skipped.append({"path": text, "reason": f"cannot read the file: {path_text(str(sha))}"})
         elif image_id in seen:
-            skipped.append({"path": path.as_posix(), "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
+            skipped.append({"path": text, "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
         else:
-            seen[image_id] = path.as_posix()
-            entries.append({"image_id": image_id, "path": path.as_posix(), "sha256": sha})
+            seen[image_id] = text
+            entries.append({"image_id": image_id, "path": text, "sha256": sha})
     return entries, skipped
 
 
@@ -339,7 +341,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     def load(entry: dict[str, str]) -> _Loaded:
         """Decode one image and read its image-level labels (on a decoding thread)."""
         try:
-            image = read_image_rgb(entry["path"])
+            image = read_image_rgb(fs_path(entry["path"]))
         except UnreadableImageError as err:
             return _Loaded(None, None, err.reason)
         classes = None
@@ -513,7 +515,7 @@ def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = 
     if row.empty:
         raise KeyError(f"no pseudo labels for image id {image_id!r}; e.g. {labels.image_ids[:3]}")
     picture = render_pseudo_labels(
-        read_image_rgb(row["image_path"].iloc[0]),
+        read_image_rgb(fs_path(row["image_path"].iloc[0])),
         labels.read(image_id, "stage1_1"),
         labels.read(image_id, "stage1_2"),
         labels.vocabulary,

@@ -78,3 +78,17 @@ def test_output_lock_refuses_a_second_run_at_once_and_frees_on_exit(tmp_path):
                 pass
     free = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
     assert free.returncode == 0, free.stdout + free.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["plain/ascii.png", "été/日本.png", "caf\udce9.png", "a\ufffdE9.png", "\ufffd\udcff\ufffd", "%41\\x41"],
+)
+def test_path_text_is_valid_utf8_and_reversible(name):
+    from components.io import fs_path, path_text
+
+    text = path_text(name)
+    text.encode("utf-8")  # never raises: Parquet, JSON and logs take it
+    assert fs_path(text) == name
+    if not any("\udc80" <= c <= "\udcff" or c == "\ufffd" for c in name):
+        assert text == name  # ordinary names keep their ids

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from components.features.encode import DinoEncoder, encode_images
-from components.io import atomic_path, atomic_write_json, file_sha256
+from components.io import atomic_path, atomic_write_json, file_sha256, fs_path
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -123,12 +123,12 @@ def unique_images(samples: pd.DataFrame, project_root: str | os.PathLike[str], *
         raise ValueError(f"image ids with more than one path in the train index: {pairs.loc[clash].head(6).values.tolist()}")
     pairs = pairs.sort_values("image_id", kind="stable")
     root = Path(project_root)
-    paths = [str(p) for p in pairs["image_path"]]
+    paths = [str(p) for p in pairs["image_path"]]  # as text (components.io.path_text)
     for p in paths:
-        if not (root / p).is_file():
+        if not (root / fs_path(p)).is_file():
             raise FileNotFoundError(f"{root / p} (in the train index) does not exist")
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as pool:
-        hashes = list(pool.map(lambda p: file_sha256(root / p), paths))
+        hashes = list(pool.map(lambda p: file_sha256(root / fs_path(p)), paths))
     return [CacheImage(i, p, h) for i, p, h in zip(pairs["image_id"], paths, hashes, strict=True)]
 
 
@@ -214,7 +214,7 @@ def write_shard(
     features_path, record_path = _shard_paths(root, shard.shard_id)
     grid = image_size // encoder.patch_size
     shape = (len(shard.images), grid, grid, encoder.embed_dim)
-    paths = [Path(project_root) / im.path for im in shard.images]
+    paths = [Path(project_root) / fs_path(im.path) for im in shard.images]
     with atomic_path(features_path, suffix=".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         row = 0
