@@ -158,8 +158,19 @@ def _read_records(root: Path) -> list[ShardRecord]:
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("ignoring unreadable completion record %s (%s); its images will be redone", path, err)
             continue
-        if _shard_paths(root, record.shard_id)[0].exists():
-            records.append(record)
+        features = _shard_paths(root, record.shard_id)[0]
+        if not features.exists():
+            continue
+        try:  # a truncated file fails to map; a wrong one has another shape
+            intact = list(np.load(features, mmap_mode="r").shape) == record.shape
+        except (OSError, ValueError) as err:
+            intact, why = False, str(err)
+        else:
+            why = f"shape differs from its record's {record.shape}"
+        if not intact:
+            log.warning("feature shard %s is damaged (%s); its images will be redone", features, why)
+            continue
+        records.append(record)
     return records
 
 
