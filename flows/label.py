@@ -499,9 +499,14 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names."""
+    """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names, holding the
+    lock on its output: a second run fails at once (OutputBusyError) instead of deleting the
+    first one's shards in its merge, which removes every unclaimed shard and temporary file."""
+    from components.io import output_lock
+
     params = stage_params(params_path)
-    return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+    with output_lock(output_root(params), stage="label"):
+        return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
 
 def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = None) -> Path:
@@ -530,7 +535,13 @@ def register(app: typer.Typer) -> None:
     @app.command("label")
     def label_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
         """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable)."""
-        run_label(str(params))
+        from components.io import OutputBusyError
+
+        try:
+            run_label(str(params))
+        except OutputBusyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
 
     @app.command("show")
     def show_cmd(

@@ -327,3 +327,33 @@ def test_a_file_name_that_is_not_utf8_is_labelled_and_its_id_survives(
     assert os.fsencode(fs_path(row["image_path"])) == b"imgs/caf\xe9 \xef\xbf\xbd.jpg"  # and back, exactly
     assert PseudoLabels(project / "pseudo" / "stage1").read(row["image_id"], "stage1_1").shape == (48, 48)
     assert [im.image_id for im in unique_images(index, project, num_workers=1)] == sorted(index["image_id"])
+
+
+def test_a_second_label_run_on_the_same_output_fails_at_once_and_touches_nothing(tmp_path: Path) -> None:
+    """The lock is an flock a real process holds (here: this test); `fmbseg label` started beside
+    it exits 75 before loading a model, and the first run's files are left as they were."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from components.io import output_lock
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_synthetic_unlabelled(project / "imgs", num_images=1, seed=0, size=(48, 64))
+    shards = project / "pseudo" / "stage1" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "other-run.json").write_text("{}")
+    (shards / ".other-run.parquet.abc.parquet.tmp").write_bytes(b"being written")
+    cli = Path(sys.executable).with_name("fmbseg")
+    with output_lock(project / "pseudo" / "stage1", stage="label"):
+        start = time.monotonic()
+        second = subprocess.run([str(cli), "label"], cwd=project, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        elapsed = time.monotonic() - start
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert "another `fmbseg label` run" in second.stderr and "stage1" in second.stderr
+    assert elapsed < 60
+    assert sorted(p.name for p in shards.iterdir()) == [".other-run.parquet.abc.parquet.tmp", "other-run.json"]

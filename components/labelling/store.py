@@ -445,7 +445,8 @@ def _remove_unclaimed(root: Path, keep: set[str]) -> set[str]:
     base = root / SHARDS_DIR
     if not base.is_dir():
         return removed
-    for leftover in base.glob(".*.tmp"):  # temp files of a killed writer; no writer runs during a merge
+    # Temp files of a killed writer: run_label holds output_lock, so no other run is writing them.
+    for leftover in base.glob(".*.tmp"):
         leftover.unlink()
     files = sorted(p for p in base.iterdir() if p.is_file())
     for path in sorted(files, key=lambda p: p.suffix != ".json"):
