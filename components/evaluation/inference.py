@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 MAX_LONG_SIDE = 2048  # the long edge of mmseg's keep-ratio test scale (2048, short_side)
 
 
