@@ -8,6 +8,7 @@ never leaves a half-written file under a final name (the rename is atomic on POS
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +22,10 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "fs_path",
+    "path_text",
+    "OutputBusyError",
+    "output_lock",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -40,6 +45,84 @@ def _file_mode() -> int:
 
 
 _FILE_MODE = _file_mode()
+
+
+_ESC = "\ufffd"  # U+FFFD, the replacement character, starts an escape in path_text
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A file name as valid Unicode text (for ids, Parquet, JSON and logs), reversibly.
+
+    A name the file system holds need not be UTF-8: Python gives its undecodable bytes as lone
+    surrogates (U+DC80..U+DCFF), which no UTF-8 writer accepts. Each becomes U+FFFD and the byte in
+    two hex digits ("caf\\udce9" -> "caf\ufffdE9"); a real U+FFFD is doubled. Names with neither
+    are returned unchanged. :func:`fs_path` is the inverse.
+    """
+    name = os.fspath(path)
+    if not any(c == _ESC or "\udc80" <= c <= "\udcff" for c in name):
+        return name
+    out = []
+    for c in name:
+        if c == _ESC:
+            out.append(_ESC + _ESC)
+        elif "\udc80" <= c <= "\udcff":
+            out.append(f"{_ESC}{ord(c) - 0xDC00:02X}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def fs_path(text: str) -> str:
+    """The file name :func:`path_text` made ``text`` from (what ``open`` needs)."""
+    if _ESC not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != _ESC:
+            out.append(text[i])
+            i += 1
+        elif text[i + 1 : i + 2] == _ESC:
+            out.append(_ESC)
+            i += 2
+        else:
+            out.append(chr(0xDC00 + int(text[i + 1 : i + 3], 16)))
+            i += 3
+    return "".join(out)
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the lock on a stage's output."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str], *, stage: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` (a stage's output folder) for the block; yield ``out``.
+
+    The lock is an ``flock`` on ``.<name>.lock`` next to ``out``: the kernel frees it when its
+    holder exits, however it exits, so a killed run never leaves it taken. A second holder (another
+    process, or this one) fails at once with :class:`OutputBusyError`. While it is held, whatever
+    temporary files lie in ``out`` are provably stale: no other run can be writing them.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputBusyError(
+                f"{out} is being written by another `fmbseg {stage}` run (pid {holder} holds {lock}); "
+                "wait for it to finish, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,9 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+_LOCAL_HTTP = "127.0.0.1:0"  # the Dask scheduler's HTTP endpoint: a free port on 127.0.0.1
+
+
 def pinned_gpu_cluster(gpus: list[str], *, threads_per_worker: int = 1) -> Any:
     """A local Dask cluster with one worker process per GPU, each seeing only its own device.
 
@@ -68,7 +71,9 @@ def pinned_gpu_cluster(gpus: list[str], *, threads_per_worker: int = 1) -> Any:
 
     if not gpus:
         raise ValueError("pinned_gpu_cluster needs at least one GPU id")
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
+    # The scheduler always serves HTTP (health, metrics): on a free local port, not 0.0.0.0:8787.
+    scheduler = {"cls": Scheduler,
+                 "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": _LOCAL_HTTP}}
     workers = {
         f"gpu-{gpu}": {
             "cls": Nanny,
@@ -107,9 +112,11 @@ def make_task_runner(orch: OrchestrationConfig) -> Any:
         if orch.dask_workers == "auto" and visible_gpus():
             return DaskTaskRunner(cluster_class=pinned_gpu_cluster, cluster_kwargs={"gpus": visible_gpus()})
         workers = 1 if orch.dask_workers == "auto" else orch.dask_workers
+        # dashboard_address=None still binds 8787 (LocalCluster's HTTP server); see pinned_gpu_cluster.
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                            "dashboard_address": None}
+                            "host": "127.0.0.1", "dashboard_address": _LOCAL_HTTP,
+                            "scheduler_kwargs": {"dashboard": False}}
         )
     if orch.task_runner == "ray":
         try:

@@ -484,5 +484,5 @@ def register(app: typer.Typer) -> None:
 def _echo(label: str, metrics: dict[str, float]) -> None:
     typer.echo(json.dumps({label: metrics}, indent=2))
     if metrics.get("skipped"):
-        typer.echo(f"WARNING: {int(metrics['skipped'])} image(s) of {label} could not be read and were left out "
+        typer.echo(f"WARNING: {int(metrics['skipped'])} image(s) of {label} could not be scored (unreadable, or a bad label) and were left out "
                    "of the metric (listed in the log above)", err=True)

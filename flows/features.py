@@ -136,13 +136,23 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def run_features(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Run :func:`features_flow` on the task runner params.yaml's ``orchestration`` names."""
+    """Run :func:`features_flow` on the task runner params.yaml's ``orchestration`` names, holding
+    the lock on its output (a second run fails at once; a killed run's temporary files go)."""
+    from components.io import output_lock
+
     params = stage_params(params_path)
-    return features_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+    with output_lock(features_root(params), stage="features"):
+        return features_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("features")
     def features_cmd(params: Path = typer.Option(Path(PARAMS_FILE), help="settings file")) -> None:
         """Stage 2 input: DINOv2 patch features of every training image, cached as fp16 shards (resumable)."""
-        run_features(str(params))
+        from components.io import OutputBusyError
+
+        try:
+            run_features(str(params))
+        except OutputBusyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None

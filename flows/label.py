@@ -31,7 +31,7 @@ from prefect.futures import as_completed
 from components.config import ConfigError, LabelConfig, Params
 from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-from components.io import atomic_write_bytes, atomic_write_json
+from components.io import atomic_write_bytes, atomic_write_json, fs_path, path_text
 from flows.common import (
     PARAMS_FILE,
     Progress,
@@ -167,14 +167,16 @@ def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]],
     skipped: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for (folder, path), sha in zip(files, digests, strict=True):
-        image_id = path.relative_to(folder).with_suffix("").as_posix()
+        # ids and paths as valid text (a name need not be UTF-8); fs_path() gives the file back
+        image_id = path_text(path.relative_to(folder).with_suffix("").as_posix())
+        text = path_text(path.as_posix())
         if isinstance(sha, OSError):
-            skipped.append({"path": path.as_posix(), "reason": f"cannot read the file: {sha}"})
+            skipped.append({"path": text, "reason": f"cannot read the file: {path_text(str(sha))}"})
         elif image_id in seen:
-            skipped.append({"path": path.as_posix(), "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
+            skipped.append({"path": text, "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
         else:
-            seen[image_id] = path.as_posix()
-            entries.append({"image_id": image_id, "path": path.as_posix(), "sha256": sha})
+            seen[image_id] = text
+            entries.append({"image_id": image_id, "path": text, "sha256": sha})
     return entries, skipped
 
 
@@ -336,7 +338,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     def load(entry: dict[str, str]) -> _Loaded:
         """Decode one image and read its image-level labels (on a decoding thread)."""
         try:
-            image = read_image_rgb(entry["path"])
+            image = read_image_rgb(fs_path(entry["path"]))
         except UnreadableImageError as err:
             return _Loaded(None, None, err.reason)
         classes = None
@@ -489,9 +491,14 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names."""
+    """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names, holding the
+    lock on its output: a second run fails at once (OutputBusyError) instead of deleting the
+    first one's shards in its merge, which removes every unclaimed shard and temporary file."""
+    from components.io import output_lock
+
     params = stage_params(params_path)
-    return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+    with output_lock(output_root(params), stage="label"):
+        return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
 
 def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = None) -> Path:
@@ -505,7 +512,7 @@ def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = 
     if row.empty:
         raise KeyError(f"no pseudo labels for image id {image_id!r}; e.g. {labels.image_ids[:3]}")
     picture = render_pseudo_labels(
-        read_image_rgb(row["image_path"].iloc[0]),
+        read_image_rgb(fs_path(row["image_path"].iloc[0])),
         labels.read(image_id, "stage1_1"),
         labels.read(image_id, "stage1_2"),
         labels.vocabulary,
@@ -570,6 +577,17 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     return settings
 
 
+def _run_label_cli(params_path: str) -> None:
+    """:func:`run_label` for the command line: an output another run holds is one message, exit 75."""
+    from components.io import OutputBusyError
+
+    try:
+        run_label(params_path)
+    except OutputBusyError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("label")
     def label_cmd(
@@ -596,7 +614,7 @@ def register(app: typer.Typer) -> None:
             if given:
                 typer.echo(f"fmbseg label: {', '.join(given)} go with --images DIR", err=True)
                 raise typer.Exit(2)
-            run_label(str(params or PARAMS_FILE))
+            _run_label_cli(str(params or PARAMS_FILE))
             return
         import json
 
@@ -613,7 +631,7 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
             typer.echo(f"fmbseg label: {err}", err=True)
             raise typer.Exit(2) from None
-        run_label(settings.as_posix())
+        _run_label_cli(settings.as_posix())
         typer.echo(json.dumps(export_flow((Path(out).resolve() / STAGE_DIR).as_posix(), str(out), variant), indent=2))
 
     @app.command("show")

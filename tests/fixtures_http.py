@@ -9,6 +9,13 @@ Files are served at ``/<mode>/<name>``:
   flaky    the first two requests answer 503, then like ``ok``
   missing  404
   hang     accepts the request and never answers (until the server stops)
+  short    announces and sends only the first half (a Content-Length that lies short)
+  html     200 with an HTML login page instead of the file
+  nolen    no Content-Length: sends the first half and closes
+  lie206   answers a Range request with 206 and the requested offset but sends from byte 0
+  redirect redirects to itself forever
+  gzlie    says Content-Encoding: gzip but sends the plain file
+  drip     sends 1 KB every 50 ms (never slow enough for a read timeout)
 Every request is logged as (mode, name, Range header or None).
 """
 
@@ -72,6 +79,53 @@ class FixtureServer:
             return
         if mode == "flaky" and count < 2:
             h.send_error(503, "Service Unavailable")
+            return
+        if mode == "redirect":
+            h.send_response(302)
+            h.send_header("Location", h.path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if mode == "html":
+            page = b"<html><body>Please log in</body></html>"
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Content-Length", str(len(page)))
+            h.end_headers()
+            h.wfile.write(page)
+            return
+        if mode in ("short", "nolen"):
+            h.send_response(200)
+            if mode == "short":
+                h.send_header("Content-Length", str(len(data) // 2))
+            h.end_headers()
+            h.wfile.write(data[: len(data) // 2])
+            h.close_connection = True
+            return
+        if mode == "lie206" and range_header is not None:
+            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            h.send_header("Content-Length", str(len(data) - start))
+            h.end_headers()
+            h.wfile.write(data[: len(data) - start])
+            return
+        if mode == "gzlie":
+            h.send_response(200)
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        if mode == "drip":
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            for i in range(0, len(data), 1024):
+                if self.release.wait(0.05):
+                    return
+                h.wfile.write(data[i : i + 1024])
+                h.wfile.flush()
             return
         if mode == "corrupt":
             mid = len(data) // 2

@@ -246,3 +246,42 @@ def test_foreign_tree_under_the_raw_name_is_not_touched(tmp_path):
     with pytest.raises(DownloadError, match="not produced by fmbseg"):
         _download(_spec(()), tmp_path, local_root=user_archive)
     assert [p.name for p in foreign.iterdir()] == ["precious.txt"]
+
+
+# ------------------------------------------------------------- sources without a published digest
+UNPINNED = {"sha256": None, "size_bytes": None}
+
+
+@pytest.mark.parametrize("mode", ["short", "html", "nolen", "lie206"])
+def test_a_bad_archive_is_removed_and_never_pinned(server, tmp_path, mode):
+    """A transfer that ends 'complete' but is not the archive must not become the trusted sha256."""
+    if mode == "lie206":
+        part = tmp_path / "raw" / "downloads" / "fixture.tar.part"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(ARCHIVE[:1000])
+    with pytest.raises(DownloadError, match="not a valid tar archive") as err:
+        _download(_spec((server.url(mode, "fixture.tar"),), **UNPINNED), tmp_path)
+    assert "removed" in str(err.value) and "fixture.tar" in str(err.value)
+    assert "fixture" not in read_lock(tmp_path / "lock.json")["sources"]
+    downloads = tmp_path / "raw" / "downloads"
+    assert not (downloads / "fixture.tar").exists() and not (downloads / "fixture.tar.part").exists()
+    assert not (tmp_path / "raw" / "fixture").exists()
+    # The correct file is then accepted and pinned.
+    out = _download(_spec((server.url("ok", "fixture.tar"),), **UNPINNED), tmp_path)
+    assert (out / "fixture" / "payload.bin").stat().st_size == 300_000
+    assert read_lock(tmp_path / "lock.json")["sources"]["fixture"]["sha256"] == SHA256
+
+
+@pytest.mark.parametrize("mode", ["redirect", "gzlie"])
+def test_redirect_loop_and_lying_encoding_fall_back_to_the_mirror(server, tmp_path, mode):
+    mirror = server.url("ok", "fixture.tar")
+    _download(_spec((server.url(mode, "fixture.tar"), mirror), **UNPINNED), tmp_path)
+    assert read_lock(tmp_path / "lock.json")["sources"]["fixture"]["recorded_from"] == mirror
+
+
+def test_a_slow_drip_server_hits_the_overall_deadline(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="deadline"):
+        _download(_spec((server.url("drip", "fixture.tar"),)), tmp_path, deadline=1.0)
+    assert time.monotonic() - start < 5
+    assert (tmp_path / "raw" / "downloads" / "fixture.tar.part").exists()  # kept for a later resume

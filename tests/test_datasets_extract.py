@@ -4,6 +4,7 @@ written, and a good archive lands atomically."""
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tarfile
 import zipfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components.datasets.extract import UnsafeArchiveError, atomic_directory, safe_extract
+from components.datasets.extract import BadArchiveError, UnsafeArchiveError, atomic_directory, safe_extract
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
@@ -123,7 +124,7 @@ def test_good_archive_extracts_with_inner_links_and_stamp(tmp_path, kind):
 
 def test_missing_required_path_commits_nothing(tmp_path):
     archive = _tar(tmp_path / "a.tar", [GOOD])
-    with pytest.raises(FileNotFoundError, match="not the expected archive"):
+    with pytest.raises(BadArchiveError, match="not the expected archive"):
         safe_extract(archive, tmp_path / "tree", kind="tar", required="VOCdevkit/VOC2012")
     assert not (tmp_path / "tree").exists()
 
@@ -141,3 +142,53 @@ def test_atomic_directory_keeps_the_old_tree_on_failure_and_replaces_it_on_succe
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_a_killed_extraction_leaves_nothing_the_next_run_does_not_clean(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "tree"
+    # A real process killed inside atomic_directory leaves its temporary folder behind.
+    code = (
+        "import os, signal, sys; from pathlib import Path\n"
+        "from components.datasets.extract import atomic_directory\n"
+        "with atomic_directory(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'half.txt').write_text('x'); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(target)], check=False)
+    (tmp_path / ".tree.tmp-0123abcd").mkdir()  # the name a killed run of an earlier version left
+    assert len(list(tmp_path.glob(".tree.tmp-*"))) == 2
+    live = tmp_path / f".tree.tmp-{os.getpid()}-feedbeef"  # a run in progress (this process) is kept
+    live.mkdir()
+    safe_extract(_tar(tmp_path / "a.tar", [GOOD]), target, kind="tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "a.tar", "tree"])
+
+
+def test_zip_bomb_is_refused_by_ratio_and_by_the_expected_total(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data/zeros.bin", bytes(40 << 20))  # 40 MiB of zeros deflate to ~40 kB
+    with pytest.raises(UnsafeArchiveError, match="ratio"):
+        safe_extract(bomb, tmp_path / "tree", kind="zip")
+    big = _tar(tmp_path / "big.tar", [GOOD, ("data/more.bin", os.urandom(50_000))])
+    with pytest.raises(UnsafeArchiveError, match="more than the 10000 bytes"):
+        safe_extract(big, tmp_path / "tree", kind="tar", max_bytes=10_000)
+    assert not (tmp_path / "tree").exists()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_duplicate_member_names_are_refused(tmp_path, kind):
+    members = [GOOD, ("data/./ok.txt", b"second copy")]
+    if kind == "zip":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate it writes
+            archive = _zip(tmp_path / "a.zip", members)
+    else:
+        archive = _tar(tmp_path / "a.tar", members)
+    with pytest.raises(UnsafeArchiveError, match="more than once") as err:
+        safe_extract(archive, tmp_path / "tree", kind=kind)
+    assert "data/ok.txt" in str(err.value)
+    assert not (tmp_path / "tree").exists()

@@ -104,3 +104,22 @@ def test_dask_auto_without_gpus_is_one_worker(monkeypatch):
     assert visible_gpus() == []
     runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers="auto"))
     assert runner.cluster_kwargs["n_workers"] == 1
+
+
+def test_dask_cluster_listens_on_127_0_0_1_only_and_starts_no_dashboard(monkeypatch):
+    """Neither the LocalCluster nor the pinned-GPU cluster binds the dashboard's 8787 (or any
+    address beyond 127.0.0.1): the scheduler's own HTTP endpoint takes a free local port."""
+    import distributed
+
+    from components.config import OrchestrationConfig
+    from flows.common import make_task_runner, pinned_gpu_cluster
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers=1))
+    for make in (lambda: distributed.LocalCluster(**runner.cluster_kwargs),
+                 lambda: pinned_gpu_cluster([""])):
+        with make() as cluster:
+            scheduler = cluster.scheduler
+            bound = [s.getsockname()[:2] for s in scheduler.http_server._sockets.values()]
+            assert bound and all(host == "127.0.0.1" and port != 8787 for host, port in bound), bound
+            assert scheduler.address.startswith("tcp://127.0.0.1:")

@@ -105,6 +105,33 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path):
     assert result.confusion == others.confusion
 
 
+def test_bad_benchmark_pairs_are_skipped_with_their_id_and_reason(tmp_path):
+    """An EXIF-rotated image (its label is not), a label of another size, and a label with values
+    >= num_classes: each is reported by id; the others are scored as if the bad ones were absent."""
+    from PIL import Image
+
+    root = write_synthetic_benchmark("pv20", tmp_path, num_images=4)
+    data = CanonicalDataset(root, "val")
+    segment, truth = shifted(20)
+    rotated, small, wild = data.ids[1], data.ids[2], data.ids[3]
+    with Image.open(data.image_path(rotated)) as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees on display
+        im.convert("RGB").save(data.image_path(rotated), format="JPEG", quality=95, exif=exif)
+    for i in data.ids:
+        truth[data.read_image(i).tobytes()] = data.read_label(i)
+    label = data.read_label(small)
+    Image.fromarray(label[:-2]).save(data.label_path(small))
+    label = data.read_label(wild)
+    label[0, :3] = [20, 37, 200]
+    Image.fromarray(label).save(data.label_path(wild))
+    result = evaluate_batch(data, data.ids, segment=segment, num_classes=20, variants=("base",))
+    assert result.done == [data.ids[0], rotated]  # rotation not applied to the image: it still matches
+    assert sorted(result.skipped) == [small, wild]
+    assert "label" in result.skipped[small] and str(label.shape) in result.skipped[small]
+    assert "[20, 37, 200]" in result.skipped[wild] and "20 classes" in result.skipped[wild]
+
+
 def test_evaluate_batch_rejects_broken_input(pv20, tmp_path):
     def wrong_size(image: np.ndarray) -> Prediction:
         return Prediction(torch.zeros(image.shape[0], image.shape[1] + 1, dtype=torch.int64), None)

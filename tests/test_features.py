@@ -135,6 +135,27 @@ def test_precision_is_part_of_the_key(tmp_path, encoder) -> None:
     assert not plan.done and sum(len(s.images) for s in plan.todo) == 2
 
 
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_plan(tmp_path, encoder) -> None:
+    index = make_index(tmp_path, ["a", "b"])
+    images = unique_images(index, tmp_path, num_workers=0)
+    build_cache(tmp_path, images, encoder, shard_size=1, only=1)
+    shards = tmp_path / "features" / "shards"
+    leftover = shards / ".0123abcd.npy.k2j3h4.npy.tmp"  # what atomic_path leaves when killed
+    leftover.write_bytes(b"half a shard")
+    plan = build_cache(tmp_path, images, encoder, shard_size=1, only=0)
+    assert not leftover.exists() and len(plan.done) == 1
+
+
+def test_a_truncated_feature_shard_is_redone(tmp_path, encoder, caplog) -> None:
+    images = unique_images(make_index(tmp_path, ["a", "b"]), tmp_path, num_workers=0)
+    build_cache(tmp_path, images, encoder, shard_size=1)
+    shard = sorted((tmp_path / "features" / "shards").glob("*.npy"))[0]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with caplog.at_level("WARNING"):
+        plan = build_cache(tmp_path, images, encoder, shard_size=1, only=0)
+    assert len(plan.done) == 1 and len(plan.todo) == 1 and "damaged" in caplog.text
+
+
 def test_finalize_refuses_missing_features(tmp_path, encoder) -> None:
     images = unique_images(make_index(tmp_path, ["a", "b", "c"]), tmp_path, num_workers=0)
     build_cache(tmp_path, images, encoder, shard_size=2, only=1)

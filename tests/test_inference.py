@@ -88,6 +88,10 @@ def test_resize_short_side_shapes_and_dtypes() -> None:
     assert torch.equal(out, as_float.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0))
 
     assert resize_short_side(torch.rand(3, 7, 5), 448).shape == (3, 627, 448)  # 7 * 448 / 5 = 627.2
+    # An extreme aspect ratio: the long side is capped (mmseg's keep-ratio scale (2048, short)),
+    # so a 1x4000 image no longer becomes 448x1792000.
+    assert resize_short_side(torch.zeros(1, 4000, 3, dtype=torch.uint8), 448).shape == (1, 2048, 3)
+    assert resize_short_side(torch.rand(3, 8, 4000), 448, max_long_side=1000).shape == (3, 2, 1000)
     with pytest.raises(ValueError, match=r"\[3, H, W\] float or \[H, W, 3\] uint8"):
         resize_short_side(torch.rand(4, 4, 3), 4)
 

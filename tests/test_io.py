@@ -52,3 +52,43 @@ def test_label_png_round_trip_and_validation():
         encode_label_png(label.astype(np.int32))
     with pytest.raises(ValueError, match=r"\[H, W\] uint8"):
         encode_label_png(np.zeros((2, 3, 3), np.uint8))
+
+
+def test_output_lock_refuses_a_second_run_at_once_and_frees_on_exit(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from components.io import OutputBusyError, output_lock
+
+    out = tmp_path / "pseudo" / "stage1"
+    code = (
+        "import sys; from components.io import output_lock, OutputBusyError\n"
+        "try:\n    with output_lock(sys.argv[1], stage='label'): pass\n"
+        "except OutputBusyError as e:\n    print(e); sys.exit(e.exit_code)\n"
+    )
+    with output_lock(out, stage="label"):
+        start = time.monotonic()
+        busy = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+        assert time.monotonic() - start < 20
+        assert busy.returncode == 75, busy.stderr
+        assert str(out) in busy.stdout and "another" in busy.stdout and "fmbseg label" in busy.stdout
+        with pytest.raises(OutputBusyError):  # the same process, a second holder: refused too
+            with output_lock(out, stage="label"):
+                pass
+    free = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert free.returncode == 0, free.stdout + free.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["plain/ascii.png", "été/日本.png", "caf\udce9.png", "a\ufffdE9.png", "\ufffd\udcff\ufffd", "%41\\x41"],
+)
+def test_path_text_is_valid_utf8_and_reversible(name):
+    from components.io import fs_path, path_text
+
+    text = path_text(name)
+    text.encode("utf-8")  # never raises: Parquet, JSON and logs take it
+    assert fs_path(text) == name
+    if not any("\udc80" <= c <= "\udcff" or c == "\ufffd" for c in name):
+        assert text == name  # ordinary names keep their ids

@@ -319,3 +319,58 @@ def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:
     assert settings_hashes(parse_params(PARAMS), vocabulary[:-1])[0] != base[0]
     with pytest.raises(ConfigError, match="neither a shipped class list.*voc21"):
         vocabulary_lines("no-such-list")
+
+
+def test_a_file_name_that_is_not_utf8_is_labelled_and_its_id_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+) -> None:
+    import os
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_synthetic_unlabelled(project / "imgs", num_images=1, seed=0, size=(48, 64))
+    raw = os.fsencode(project / "imgs") + b"/caf\xe9 \xef\xbf\xbd.jpg"  # Latin-1 é, then a real U+FFFD
+    shutil.copyfile(project / "imgs" / "img_00000.jpg", os.fsdecode(raw))
+    monkeypatch.chdir(project)
+    summary = run_label("params.yaml")
+    from components.features.cache import unique_images
+    from components.io import fs_path
+
+    assert summary["images_labelled"] == 2 and summary["images_skipped"] == 0
+    index = pq.read_table(project / "pseudo" / "stage1" / "index.parquet").to_pandas()
+    row = index.loc[index["image_id"] != "img_00000"].iloc[0]
+    assert row["image_id"].encode("utf-8")  # valid text in Parquet, JSON and logs
+    assert os.fsencode(fs_path(row["image_path"])) == b"imgs/caf\xe9 \xef\xbf\xbd.jpg"  # and back, exactly
+    assert PseudoLabels(project / "pseudo" / "stage1").read(row["image_id"], "stage1_1").shape == (48, 48)
+    assert [im.image_id for im in unique_images(index, project, num_workers=1)] == sorted(index["image_id"])
+
+
+def test_a_second_label_run_on_the_same_output_fails_at_once_and_touches_nothing(tmp_path: Path) -> None:
+    """The lock is an flock a real process holds (here: this test); `fmbseg label` started beside
+    it exits 75 before loading a model, and the first run's files are left as they were."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from components.io import output_lock
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_synthetic_unlabelled(project / "imgs", num_images=1, seed=0, size=(48, 64))
+    shards = project / "pseudo" / "stage1" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "other-run.json").write_text("{}")
+    (shards / ".other-run.parquet.abc.parquet.tmp").write_bytes(b"being written")
+    cli = Path(sys.executable).with_name("fmbseg")
+    with output_lock(project / "pseudo" / "stage1", stage="label"):
+        start = time.monotonic()
+        second = subprocess.run([str(cli), "label"], cwd=project, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        elapsed = time.monotonic() - start
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert "another `fmbseg label` run" in second.stderr and "stage1" in second.stderr
+    assert elapsed < 60
+    assert sorted(p.name for p in shards.iterdir()) == [".other-run.parquet.abc.parquet.tmp", "other-run.json"]

@@ -159,3 +159,24 @@ def test_read_records_ignores_broken_or_orphaned_records(tmp_path: Path) -> None
     shard_paths(tmp_path, "orphan")["labels"].unlink()
     shard_paths(tmp_path, "bad")["record"].write_text("{not json")
     assert [r.shard_id for r in read_records(tmp_path)] == ["ok"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_file_under_an_intact_record_is_redone_and_said(tmp_path: Path, caplog, damage) -> None:
+    """The record vouches for the size and sha256 of each data file; a mismatch sends the shard
+    back to the plan (rather than to train, which crashed with ArrowInvalid)."""
+    _write(tmp_path, "ok", _entries(2))
+    _write(tmp_path, "hurt", _entries(2, prefix="h"))
+    labels = shard_paths(tmp_path, "hurt")["labels"]
+    data = labels.read_bytes()
+    if damage == "truncate":
+        labels.write_bytes(data[: len(data) // 2])
+    else:  # same size, one byte changed: only the digest tells
+        labels.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with caplog.at_level("WARNING"):
+        records = read_records(tmp_path)
+    assert [r.shard_id for r in records] == ["ok"]
+    assert "hurt" in caplog.text and "damaged" in caplog.text and "redone" in caplog.text
+    plan = plan_shards(_entries(2) + _entries(2, prefix="h"), records, settings_hash="S",
+                       mask_settings_hash="M", shard_size=2)
+    assert [[e.image_id for e in s.images] for s in plan.pending] == [["h_000", "h_001"]]

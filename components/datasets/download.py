@@ -4,7 +4,9 @@ A download streams into ``<file>.part`` next to its final name, resumes an inter
 with an HTTP Range request, retries connection errors and 5xx answers with exponential backoff,
 and tries the next URL (a mirror) when one fails for good. The file takes its final name only
 after its size and every known checksum match. Where the registry has no sha256, the first
-verified download records it in a lock file (JSON) and every later download must match it.
+download that also opens, lists and extracts as a valid archive records it in a lock file (JSON),
+and every later download must match it; an archive that fails to extract is removed and nothing
+is pinned. A whole transfer has a deadline (a server that drips bytes never hits a read timeout).
 
 Data a user already has (``root`` override) is verified and used in place: a directory must hold
 the source's layout, an archive must match the checksums; neither is copied or ever deleted.
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 import requests
 from tqdm.auto import tqdm
 
-from components.datasets.extract import safe_extract
+from components.datasets.extract import BadArchiveError, safe_extract
 from components.datasets.registry import SourceSpec, get_source
 from components.io import atomic_write_json
 
@@ -49,6 +51,7 @@ __all__ = [
 STAMP_NAME = ".fmbseg_source.json"  # written into every extracted tree this module produced
 _CHUNK = 1 << 16  # small enough that a cut transfer keeps nearly all it received
 _MAX_BACKOFF_S = 60.0
+_MIN_AVERAGE_RATE = 100_000  # bytes/s: the default deadline is 10 min plus the size at this rate
 
 
 class DownloadError(RuntimeError):
@@ -87,6 +90,10 @@ class _Retryable(Exception):
 
 class _UrlFailed(Exception):
     """A transfer failure that no retry on this URL will fix (4xx, wrong size)."""
+
+
+class _DeadlinePassed(Exception):
+    """The whole download took longer than its deadline."""
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -232,6 +239,7 @@ def _transfer_once(
     *,
     expected_size: int | None,
     timeout: float,
+    deadline_at: float,
     bar: tqdm,
 ) -> bool:
     """One HTTP request continuing ``part``; True when the file is complete, False when it made
@@ -279,7 +287,15 @@ def _transfer_once(
                     out.write(block)
                     received += len(block)
                     bar.update(len(block))
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                    if time.monotonic() > deadline_at:
+                        raise _DeadlinePassed
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.TooManyRedirects,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,  # a Content-Encoding the body does not have
+    ) as err:
         raise _Retryable(f"{type(err).__name__}: {err}") from None
     size = part.stat().st_size
     if total is not None and size < total:
@@ -298,19 +314,25 @@ def download_file(
     retries: int = 5,
     timeout: float = 30.0,
     backoff: float = 1.0,
+    deadline: float | None = None,
 ) -> Fetched:
     """Fetch the first URL that works into ``dest.part`` (resuming it); return the part and the URL.
 
     The caller verifies the part and renames it; ``dest`` itself is never written here.
     retries: failures without progress tolerated per URL (a transfer that advances resets it);
     backoff: seconds before the first retry, doubled each time (at most 60 s);
-    timeout: seconds to connect and between two reads (a server that hangs fails after it).
+    timeout: seconds to connect and between two reads (a server that hangs fails after it);
+    deadline: seconds for the whole call, all URLs and retries together (a server that drips
+        bytes fails after it); None: 10 minutes plus ``expected_size`` at 100 kB/s (none if unknown).
     """
     if not urls:
         raise DownloadError(f"no URL to download {dest.name} from")
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
+    if deadline is None and expected_size is not None:
+        deadline = 600.0 + expected_size / _MIN_AVERAGE_RATE
+    deadline_at = time.monotonic() + deadline if deadline is not None else float("inf")
     with (
         requests.Session() as session,
         tqdm(unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
@@ -321,11 +343,24 @@ def download_file(
                 size_before = part.stat().st_size if part.exists() else 0
                 try:
                     if _transfer_once(
-                        session, url, part, expected_size=expected_size, timeout=timeout, bar=bar
+                        session,
+                        url,
+                        part,
+                        expected_size=expected_size,
+                        timeout=timeout,
+                        deadline_at=deadline_at,
+                        bar=bar,
                     ):
                         return Fetched(path=part, url=url)
                     attempt = 0
                     continue
+                except _DeadlinePassed:
+                    raise DownloadError(
+                        f"could not download {dest.name}: {url} passed the deadline of {deadline:.0f} s "
+                        f"for the whole transfer ({part.stat().st_size} bytes received). The partial file "
+                        f"{part} is kept and the next run resumes it; set datasets.<source>.url to a "
+                        "faster mirror."
+                    ) from None
                 except _UrlFailed as err:
                     failures.append(f"{url}: {err}")
                     break
@@ -366,6 +401,37 @@ def _locate_root(root: Path, marker: str) -> Path | None:
 
 
 def _extract_verified(
+    archive: Path,
+    spec: SourceSpec,
+    extracted: Path,
+    digests: Mapping[str, str],
+    origin: str,
+    progress: bool,
+    *,
+    lock_file: Path,
+    pin: bool,
+    owned: bool,
+) -> Path:
+    """Extract ``archive``; then, with ``pin``, record its sha256 in ``lock_file``.
+
+    An archive that does not open, list or extract is removed when this module downloaded it
+    (``owned``) and kept when it is the user's; nothing is pinned either way.
+    """
+    try:
+        result = _extract(archive, spec, extracted, digests, origin, progress)
+    except BadArchiveError as err:
+        if owned:
+            archive.unlink(missing_ok=True)
+            fate = f"it was removed and nothing was pinned in {lock_file}; run again to download it afresh"
+        else:
+            fate = f"your file was left untouched; check that it is {spec.filename} from {spec.homepage}"
+        raise DownloadError(f"{err}; {fate}") from None
+    if pin:
+        _record_lock(lock_file, spec, sha256=digests["sha256"], size=archive.stat().st_size, origin=origin)
+    return result
+
+
+def _extract(
     archive: Path, spec: SourceSpec, extracted: Path, digests: Mapping[str, str], origin: str, progress: bool
 ) -> Path:
     if extracted.exists() and read_stamp(extracted) is None:
@@ -391,6 +457,8 @@ def _extract_verified(
         required=spec.marker,
         extra_files={STAMP_NAME: (json.dumps(stamp, indent=2, sort_keys=True) + "\n").encode()},
         progress=progress,
+        # The registry's size is approximate; twice it (plus 64 MiB for tiny fixtures) is no release.
+        max_bytes=2 * spec.extracted_bytes + (64 << 20),
     )
 
 
@@ -419,15 +487,18 @@ def _use_local_root(
     expected, origin = _expected_digests(spec, lock_file)
     remedy = f"Your file {root} was left untouched; check that it is {spec.filename} from {spec.homepage}."
     digests = _verify(root, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress)
-    if "sha256" not in expected:
-        _record_lock(lock_file, spec, sha256=digests["sha256"], size=root.stat().st_size, origin=str(root))
     if spec.archive == "file":
         if root.name != spec.filename:
             raise DownloadError(
                 f"datasets.{spec.name}.root {root} must be named {spec.filename} (or be the folder holding it)"
             )
+        if "sha256" not in expected:
+            _record_lock(lock_file, spec, sha256=digests["sha256"], size=st.st_size, origin=str(root))
         return root.parent
-    return _extract_verified(root, spec, extracted, digests, str(root), progress)
+    return _extract_verified(
+        root, spec, extracted, digests, str(root), progress,
+        lock_file=lock_file, pin="sha256" not in expected, owned=False,
+    )
 
 
 def download_source(
@@ -442,6 +513,7 @@ def download_source(
     timeout: float = 30.0,
     backoff: float = 1.0,
     keep_archive: bool = False,
+    deadline: float | None = None,
 ) -> Path:
     """Fetch, verify and extract one source; return the directory that holds its layout.
 
@@ -452,6 +524,7 @@ def download_source(
     lock_file: JSON file pinning the sha256 of every source the registry has none for.
     keep_archive: keep a downloaded archive after extraction (default: remove it; the tree's
         stamp records its sha256).
+    deadline: seconds for the whole transfer (see :func:`download_file`).
     """
     spec = get_source(source) if isinstance(source, str) else source
     raw_dir = Path(raw_dir)
@@ -476,6 +549,7 @@ def download_source(
             timeout=timeout,
             backoff=backoff,
             keep_archive=keep_archive,
+            deadline=deadline,
         )
 
 
@@ -491,6 +565,7 @@ def _download_source_locked(
     timeout: float,
     backoff: float,
     keep_archive: bool,
+    deadline: float | None,
 ) -> Path:
     extracted = raw_dir / spec.name
     if local_root is not None:
@@ -530,11 +605,10 @@ def _download_source_locked(
         digests = _verify(
             archive, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress
         )
-        if "sha256" not in expected:
-            _record_lock(
-                lock_file, spec, sha256=digests["sha256"], size=archive.stat().st_size, origin=str(archive)
-            )
-        return _extract_verified(archive, spec, extracted, digests, str(archive), progress)
+        return _extract_verified(
+            archive, spec, extracted, digests, str(archive), progress,
+            lock_file=lock_file, pin="sha256" not in expected, owned=False,
+        )
 
     urls = (url_override,) if url_override is not None else spec.urls
     if not archive.exists():
@@ -554,6 +628,7 @@ def _download_source_locked(
             retries=retries,
             timeout=timeout,
             backoff=backoff,
+            deadline=deadline,
         )
         part, used_url = fetched.path, fetched.url
         remedy = (
@@ -570,17 +645,16 @@ def _download_source_locked(
             part.unlink(missing_ok=True)
             raise
         os.replace(part, archive)
-        if "sha256" not in expected:
-            _record_lock(
-                lock_file, spec, sha256=digests["sha256"], size=archive.stat().st_size, origin=used_url
-            )
     else:
         used_url = str(archive)
         remedy = f"Delete {archive} and run again to download it afresh."
         digests = _verify(
             archive, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress
         )
-    result = _extract_verified(archive, spec, extracted, digests, used_url, progress)
+    result = _extract_verified(
+        archive, spec, extracted, digests, used_url, progress,
+        lock_file=lock_file, pin="sha256" not in expected, owned=True,
+    )
     if not keep_archive:
         archive.unlink()
     return result

@@ -4,12 +4,18 @@ Every member of an archive is checked before anything is written: absolute paths
 components, and symbolic or hard links that point outside the target are refused with an error
 that names the member. Extraction goes into a temporary directory next to the target, which takes
 the target's name only when everything is unpacked, so a killed process never leaves a half
-extracted tree under the final name.
+extracted tree under the final name. An archive that does not open, list and extract to its
+end (truncated, not an archive at all, bytes after the tar end that are not its zero padding)
+raises :class:`BadArchiveError`, so that a caller never trusts it. Duplicate member names, and
+archives that would unpack to more than a limit (a total, or a ratio to the archive's size: a
+zip bomb), are refused before anything is written. A temporary tree left by a killed process is
+removed by the next :func:`atomic_directory` on the same target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import posixpath
 import shutil
@@ -17,6 +23,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,7 +31,16 @@ from tqdm.auto import tqdm
 
 from components.datasets.registry import ArchiveKind
 
-__all__ = ["UnsafeArchiveError", "atomic_directory", "safe_extract", "check_member_path", "check_link_target"]
+__all__ = [
+    "BadArchiveError",
+    "MAX_RATIO",
+    "UnsafeArchiveError",
+    "atomic_directory",
+    "check_link_target",
+    "check_member_path",
+    "check_sizes",
+    "safe_extract",
+]
 
 
 class UnsafeArchiveError(ValueError):
@@ -37,6 +53,42 @@ class UnsafeArchiveError(ValueError):
         self.reason = reason
 
 
+class BadArchiveError(ValueError):
+    """A file is not a complete, readable archive of its kind (truncated, an HTML page, ...)."""
+
+    def __init__(self, archive: Path, kind: str, reason: str) -> None:
+        super().__init__(f"{archive} is not a valid {kind} archive: {reason}")
+        self.archive = archive
+        self.reason = reason
+
+
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile)
+MAX_RATIO = 200.0  # unpacked / packed bytes beyond which an archive is a bomb (images barely compress)
+_RATIO_FLOOR = 32 << 20  # ratios only matter for archives that unpack to more than this
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` trees whose process is gone: the name carries
+    the pid of the process that made it (a name without one predates that and is stale too)."""
+    for kind in ("tmp", "old"):
+        prefix = f".{target.name}.{kind}-"
+        for path in target.parent.glob(f"{prefix}*"):
+            pid, sep, _ = path.name[len(prefix) :].partition("-")
+            if sep and pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``target``; on success it replaces ``target``.
@@ -47,7 +99,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
+    _remove_stale_temporaries(target)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{token}"
     tmp.mkdir()
     try:
@@ -97,10 +150,34 @@ def check_link_target(archive: Path, name: str, link: str, *, relative_to_member
         raise UnsafeArchiveError(archive, name, f"is a link to {link!r}, outside the target directory")
 
 
+def _check_unique(archive: Path, name: str, seen: set[str]) -> None:
+    if name in seen:
+        raise UnsafeArchiveError(archive, name, "appears more than once (which copy is meant is ambiguous)")
+    seen.add(name)
+
+
+def check_sizes(archive: Path, total: int, *, max_bytes: int | None, max_ratio: float) -> None:
+    """Refuse an archive whose members add up to more than ``max_bytes`` or than ``max_ratio``
+    times the archive's own size (for totals over 32 MiB)."""
+    if max_bytes is not None and total > max_bytes:
+        raise UnsafeArchiveError(
+            archive, "*", f"(all members) would unpack to {total} bytes, more than the {max_bytes} bytes expected"
+        )
+    packed = max(archive.stat().st_size, 1)
+    if total > _RATIO_FLOOR and total / packed > max_ratio:
+        raise UnsafeArchiveError(
+            archive, "*", f"(all members) would unpack to {total} bytes from {packed}: a ratio of "
+            f"{total / packed:.0f}, more than {max_ratio:.0f} (a zip bomb)"
+        )
+
+
 def _check_tar(archive: Path, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     members = tar.getmembers()
+    seen: set[str] = set()
     for m in members:
         name = check_member_path(archive, m.name)
+        if not m.isdir():
+            _check_unique(archive, name, seen)
         if m.issym():
             check_link_target(archive, name, m.linkname, relative_to_member=True)
         elif m.islnk():
@@ -119,8 +196,11 @@ def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | Non
 
 def _check_zip(archive: Path, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     infos = zf.infolist()
+    seen: set[str] = set()
     for info in infos:
         name = check_member_path(archive, info.filename)
+        if not info.is_dir():
+            _check_unique(archive, name, seen)
         link = _zip_symlink_target(zf, info)
         if link is not None:
             check_link_target(archive, name, link, relative_to_member=True)
@@ -132,10 +212,12 @@ def _inside(root: str, path: Path) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
-def _extract_zip(archive: Path, dest: Path, progress: bool) -> None:
+def _extract_zip(archive: Path, dest: Path, progress: bool, limits: dict) -> None:
     root = os.path.realpath(dest)
     with zipfile.ZipFile(archive) as zf:
         infos = _check_zip(archive, zf)
+        # zipfile reads no more than a member's declared size, so the declared sizes bound the output.
+        check_sizes(archive, sum(i.file_size for i in infos), **limits)
         for info in tqdm(infos, desc=f"extract {archive.name}", unit="file", disable=not progress):
             link = _zip_symlink_target(zf, info)
             out = dest / check_member_path(archive, info.filename)
@@ -160,9 +242,22 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> None:
                     shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _extract_tar(archive: Path, dest: Path, mode: str, progress: bool) -> None:
+def _check_tar_end(archive: Path, tar: tarfile.TarFile) -> None:
+    """Refuse bytes after the last member that are not the end-of-archive zero blocks: tarfile
+    reads a header it cannot parse as the end, so a file spliced or cut mid-header would pass."""
+    fileobj = tar.fileobj
+    assert fileobj is not None
+    fileobj.seek(tar.offset)
+    for block in iter(lambda: fileobj.read(1 << 20), b""):
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"data after the last readable member (byte {tar.offset}) is not tar padding")
+
+
+def _extract_tar(archive: Path, dest: Path, mode: str, progress: bool, limits: dict) -> None:
     with tarfile.open(archive, mode) as tar:
         members = _check_tar(archive, tar)
+        _check_tar_end(archive, tar)
+        check_sizes(archive, sum(m.size for m in members if m.isfile()), **limits)
         for m in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=not progress):
             # The "data" filter re-checks every member (defence in depth) and drops unsafe modes.
             tar.extract(m, dest, filter="data")
@@ -176,6 +271,8 @@ def safe_extract(
     required: str | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     progress: bool = False,
+    max_bytes: int | None = None,
+    max_ratio: float = MAX_RATIO,
 ) -> Path:
     """Extract ``archive`` into ``target`` atomically and return ``target``.
 
@@ -183,24 +280,30 @@ def safe_extract(
     required: a relative path that must exist in the extracted tree, else nothing is committed.
     extra_files: {relative name: bytes} written into the tree before it takes its final name
         (the completion stamp of a download).
-    Raises UnsafeArchiveError (naming the member) before anything is written when a member is unsafe.
+    max_bytes, max_ratio: refuse an archive whose members add up to more bytes, or to more than
+        ``max_ratio`` times its own size (see :func:`check_sizes`).
+    Raises UnsafeArchiveError (naming the member) before anything is written when a member is unsafe,
+    and BadArchiveError when the archive does not open, list and extract, or lacks ``required``.
     """
     archive = Path(archive)
+    limits = {"max_bytes": max_bytes, "max_ratio": max_ratio}
     with atomic_directory(Path(target)) as tmp:
-        if kind == "zip":
-            _extract_zip(archive, tmp, progress)
-        elif kind == "tar":
-            _extract_tar(archive, tmp, "r:", progress)
-        elif kind == "tar.gz":
-            _extract_tar(archive, tmp, "r:gz", progress)
-        elif kind == "file":
-            shutil.copyfile(archive, tmp / archive.name)
-        else:
-            raise ValueError(f"unsupported archive kind {kind!r}; supported: zip, tar, tar.gz, file")
+        try:
+            if kind == "zip":
+                _extract_zip(archive, tmp, progress, limits)
+            elif kind == "tar":
+                _extract_tar(archive, tmp, "r:", progress, limits)
+            elif kind == "tar.gz":
+                _extract_tar(archive, tmp, "r:gz", progress, limits)
+            elif kind == "file":
+                shutil.copyfile(archive, tmp / archive.name)
+            else:
+                raise ValueError(f"unsupported archive kind {kind!r}; supported: zip, tar, tar.gz, file")
+        except _READ_ERRORS as err:
+            raise BadArchiveError(archive, kind, f"{type(err).__name__}: {err}") from None
         if required is not None and not (tmp / required).exists():
-            raise FileNotFoundError(
-                f"{archive} does not contain {required!r}: it is not the expected archive "
-                "(or it is incomplete); delete it and download it again"
+            raise BadArchiveError(
+                archive, kind, f"it does not contain {required!r} (not the expected archive, or incomplete)"
             )
         for rel, data in (extra_files or {}).items():
             (tmp / rel).write_bytes(data)

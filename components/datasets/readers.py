@@ -81,8 +81,10 @@ def _to_rgb(im: Image.Image, path: Path) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)  # writable: torch.as_tensor warns on read-only arrays
 
 
-def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file into [H, W, 3] uint8 RGB, EXIF orientation applied.
+def read_image_rgb(path: str | Path, *, exif_orientation: bool = True) -> np.ndarray:
+    """Decode an image file into [H, W, 3] uint8 RGB, EXIF orientation applied (unless
+    ``exif_orientation`` is False: the pixels as stored, which is what a benchmark's label maps
+    are drawn on).
 
     Alpha is dropped (colour channels kept as stored); 16-bit grayscale keeps its top 8 bits.
     Raises UnreadableImageError(path, reason) for an empty, truncated, corrupt or non-image file.
@@ -97,7 +99,8 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
             return _to_rgb(im, path)
     except UnidentifiedImageError:
         raise UnreadableImageError(path, "not an image (format not recognised)") from None
@@ -161,8 +164,9 @@ class CanonicalDataset:
         return self.root / "labels" / self.split / f"{image_id}.png"
 
     def read_image(self, image_id: str) -> np.ndarray:
-        """[H, W, 3] uint8 RGB (EXIF orientation applied)."""
-        return read_image_rgb(self.image_path(image_id))
+        """[H, W, 3] uint8 RGB as stored: EXIF orientation is not applied, because the label maps
+        are drawn on the stored pixels and carry no orientation."""
+        return read_image_rgb(self.image_path(image_id), exif_orientation=False)
 
     def read_label(self, image_id: str) -> np.ndarray:
         """[H, W] uint8 class index per pixel, 255 = ignore."""

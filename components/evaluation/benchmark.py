@@ -266,6 +266,17 @@ def _image_classes(label: np.ndarray) -> list[int]:
     return [int(c) for c in present if c != IGNORE_INDEX]
 
 
+def _pair_problem(image: np.ndarray, label: np.ndarray, num_classes: int) -> str:
+    """Why an (image, label) pair cannot be scored, or ''."""
+    if image.shape[:2] != label.shape:
+        return f"the image is {image.shape[:2]} but its label is {label.shape}"
+    wild = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+    if wild.size:
+        return (f"the label has values {wild[:8].tolist()} outside the benchmark's {num_classes} classes "
+                f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+    return ""
+
+
 def evaluate_batch(
     dataset: LabelledImages,
     ids: Sequence[str],
@@ -283,8 +294,9 @@ def evaluate_batch(
     variants: the Prediction fields scored ("base", and "refined" when the segmenter refines).
     image_level_labels: call ``segment(image, image_classes=...)`` with the classes present in the
     ground truth (the semi-supervised Stage 1.1 of Table 2); otherwise ``segment(image)``.
-    An image or label that cannot be read is recorded in ``skipped`` with the error and left out;
-    an image and label of different sizes is a broken dataset and raises ValueError. For ids in
+    A pair that cannot be scored is recorded in ``skipped`` with the reason and left out: an image
+    or label that cannot be read, an image and label of different sizes, a label with values
+    >= num_classes (other than 255). For ids in
     `overlay_ids`, an overlay picture (image | ground truth | each variant, legend from
     `class_names`) is written to ``overlay_dir/<id>.png`` from the same prediction.
     """
@@ -302,8 +314,10 @@ def evaluate_batch(
         except _UNREADABLE as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
             continue
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"image {image_id!r} is {image.shape[:2]} but its label is {label.shape}")
+        problem = _pair_problem(image, label, num_classes)
+        if problem:
+            skipped[image_id] = problem
+            continue
         prediction = segment(image, image_classes=_image_classes(label)) if image_level_labels else segment(image)
         maps = _variant_maps(prediction, variants, image_id)
         target = torch.from_numpy(label)

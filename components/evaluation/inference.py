@@ -20,14 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+MAX_LONG_SIDE = 2048  # the long edge of mmseg's keep-ratio test scale (2048, short_side)
 
-def resize_short_side(image: Tensor, short_side: int) -> Tensor:
-    """Bilinear resize so that the shorter side is `short_side`, keeping the aspect ratio.
+
+def resize_short_side(image: Tensor, short_side: int, *, max_long_side: int = MAX_LONG_SIDE) -> Tensor:
+    """Bilinear resize so that the shorter side is `short_side`, keeping the aspect ratio, unless
+    the long side would then pass `max_long_side` (it is capped there instead: mmcv's keep-ratio
+    rescale to (max_long_side, short_side), which also bounds the memory of extreme aspect ratios).
 
     image: [3, H, W] float (any value range) or [H, W, 3] uint8 (HWC, as images load from disk);
-    the result has the same layout and dtype. The long side becomes round(long * short_side /
-    short) (mmcv's rescale rounding). Bilinear with align_corners=False and no antialiasing, like
-    the cv2 resize of the mmseg test pipeline.
+    the result has the same layout and dtype. The long side becomes round(long * scale) with
+    scale = min(short_side / short, max_long_side / long) (mmcv's rescale rounding; a side never
+    drops below 1). Bilinear with align_corners=False and no antialiasing, like the cv2 resize of
+    the mmseg test pipeline.
     """
     if short_side < 1:
         raise ValueError(f"short_side must be >= 1, got {short_side}")
@@ -40,8 +45,8 @@ def resize_short_side(image: Tensor, short_side: int) -> Tensor:
             f"image must be [3, H, W] float or [H, W, 3] uint8, got shape {tuple(image.shape)} {image.dtype}"
         )
     h, w = chw.shape[-2:]
-    scale = short_side / min(h, w)
-    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    scale = min(short_side / min(h, w), max_long_side / max(h, w))
+    size = (max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1))
     resized = F.interpolate(chw[None], size=size, mode="bilinear", align_corners=False)[0]
     if image.dtype == torch.uint8:
         return resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()

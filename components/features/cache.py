@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from components.features.encode import DinoEncoder, encode_images
-from components.io import atomic_path, atomic_write_json, file_sha256
+from components.io import atomic_path, atomic_write_json, file_sha256, fs_path
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -127,12 +127,12 @@ def unique_images(samples: pd.DataFrame, project_root: str | os.PathLike[str], *
         raise ValueError(f"image ids with more than one path in the train index: {pairs.loc[clash].head(6).values.tolist()}")
     pairs = pairs.sort_values("image_id", kind="stable")
     root = Path(project_root)
-    paths = [str(p) for p in pairs["image_path"]]
+    paths = [str(p) for p in pairs["image_path"]]  # as text (components.io.path_text)
     for p in paths:
-        if not (root / p).is_file():
+        if not (root / fs_path(p)).is_file():
             raise FileNotFoundError(f"{root / p} (in the train index) does not exist")
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as pool:
-        hashes = list(pool.map(lambda p: sha256(root / p), paths))
+        hashes = list(pool.map(lambda p: sha256(root / fs_path(p)), paths))
     return [CacheImage(i, p, h) for i, p, h in zip(pairs["image_id"], paths, hashes, strict=True)]
 
 
@@ -162,8 +162,19 @@ def _read_records(root: Path) -> list[ShardRecord]:
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("ignoring unreadable completion record %s (%s); its images will be redone", path, err)
             continue
-        if _shard_paths(root, record.shard_id)[0].exists():
-            records.append(record)
+        features = _shard_paths(root, record.shard_id)[0]
+        if not features.exists():
+            continue
+        try:  # a truncated file fails to map; a wrong one has another shape
+            intact = list(np.load(features, mmap_mode="r").shape) == record.shape
+        except (OSError, ValueError) as err:
+            intact, why = False, str(err)
+        else:
+            why = f"shape differs from its record's {record.shape}"
+        if not intact:
+            log.warning("feature shard %s is damaged (%s); its images will be redone", features, why)
+            continue
+        records.append(record)
     return records
 
 
@@ -171,9 +182,14 @@ def plan_cache(
     root: str | os.PathLike[str], images: Sequence[CacheImage], *, settings: str, shard_size: int
 ) -> CachePlan:
     """Reuse every recorded shard (same settings) holding a wanted image with the same content;
-    group the images not covered, in id order, into new shards of ``shard_size``."""
+    group the images not covered, in id order, into new shards of ``shard_size``.
+
+    Removes the temporary files a killed run left; call it under ``output_lock(root)``, which
+    makes sure no other run is writing them.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    _remove_temporaries(Path(root))
     wanted = {(im.image_id, im.sha256) for im in images}
     covered: set[tuple[str, str]] = set()
     done = []
@@ -213,7 +229,7 @@ def write_shard(
     features_path, record_path = _shard_paths(root, shard.shard_id)
     grid = image_size // encoder.patch_size
     shape = (len(shard.images), grid, grid, encoder.embed_dim)
-    paths = [Path(project_root) / im.path for im in shard.images]
+    paths = [Path(project_root) / fs_path(im.path) for im in shard.images]
     with atomic_path(features_path, suffix=".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         row = 0
@@ -240,6 +256,15 @@ def write_shard(
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Delete the ``.*.tmp`` files (of :func:`~components.io.atomic_path`) in the shards folder."""
+    base = root / SHARDS_DIR
+    if base.is_dir():
+        for path in base.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
 
 
 def _remove_unlisted(root: Path, keep: set[str]) -> int:

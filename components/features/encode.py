@@ -22,6 +22,7 @@ import torch
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from components.datasets.readers import read_image_rgb
+from components.io import fs_path
 from components.models.dino import dino_preprocess, patch_features
 from components.models.registry import autocast_context
 
@@ -51,7 +52,7 @@ class PixelSource:
         self.std = tuple(std)
 
     def sample(self, image_id: str, image_path: str) -> dict[str, torch.Tensor]:
-        return {"pixels": load_pixels(self.project_root / image_path, self.image_size, self.mean, self.std)}
+        return {"pixels": load_pixels(self.project_root / fs_path(image_path), self.image_size, self.mean, self.std)}
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int, depth: int) -> Iterator[R]:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +38,7 @@ from components.io import (
     atomic_write_text,
     decode_label_png,
     encode_label_png,
+    file_sha256,
 )
 from components.labelling.stage1 import Stage1Result
 
@@ -144,7 +145,9 @@ class ShardRecord:
     """Completion record of one shard: which images (by content) under which settings.
 
     rows: image_id -> row in the shard file; skipped: [{"image_id", "path", "reason"}] for members
-    that could not be used; timings: seconds per step (clip, sam_encoder, prompts, amg, io, other).
+    that could not be used; timings: seconds per step (clip, sam_encoder, prompts, amg, io, other);
+    files: {"labels" | "detections": {"size", "sha256"}} of the data files the record vouches for
+    (filled by :func:`write_shard`; records written before it have none and are not checked).
     """
 
     shard_id: str
@@ -154,6 +157,7 @@ class ShardRecord:
     rows: dict[str, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +172,7 @@ class ShardRecord:
             rows={k: int(v) for k, v in data["rows"].items()},
             skipped=list(data["skipped"]),
             timings={k: float(v) for k, v in data["timings"].items()},
+            files={k: {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in data.get("files", {}).items()},
         )
 
 
@@ -223,8 +228,28 @@ def read_records(root: str | Path) -> list[ShardRecord]:
         if not (files["labels"].exists() and files["detections"].exists()):
             log.warning("completion record %s has lost its data files; its shard will be redone", path)
             continue
+        damage = _damage(files, record.files)
+        if damage:
+            log.warning("shard %s is damaged (%s); its shard will be redone", record.shard_id, damage)
+            continue
         records.append(record)
     return records
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _damage(files: dict[str, Path], vouched: dict[str, dict[str, Any]]) -> str:
+    """'' when every file a record vouches for has its recorded size and sha256, else what differs."""
+    for kind, want in sorted(vouched.items()):
+        path = files[kind]
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path.name} has {size} bytes, its record says {want['size']}"
+        if file_sha256(path) != want["sha256"]:
+            return f"{path.name} does not have the sha256 its record gives"
+    return ""
 
 
 def rle_masks_from_row(amg_masks: list[dict[str, Any]], sam_size: int) -> list[dict[str, Any]]:
@@ -328,12 +353,15 @@ def detection_rows(image_id: str, result: Stage1Result, class_names: list[str]) 
 
 def write_shard(
     root: str | Path, record: ShardRecord, labels: list[dict[str, Any]], detections: list[dict[str, Any]]
-) -> None:
-    """Write one shard: labels file, detections file, then its completion record (all atomic)."""
+) -> ShardRecord:
+    """Write one shard: labels file, detections file, then its completion record (all atomic), which
+    carries the size and sha256 of both files. Returns the record as written."""
     paths = shard_paths(root, record.shard_id)
     write_table(paths["labels"], pa.Table.from_pylist(labels, schema=SHARD_SCHEMA))
     write_table(paths["detections"], pa.Table.from_pylist(detections, schema=DETECTION_SCHEMA))
-    write_record(paths["record"], record)
+    written = replace(record, files={kind: _fingerprint(paths[kind]) for kind in ("labels", "detections")})
+    write_record(paths["record"], written)
+    return written
 
 
 class MergeResult(NamedTuple):
@@ -417,7 +445,8 @@ def _remove_unclaimed(root: Path, keep: set[str]) -> set[str]:
     base = root / SHARDS_DIR
     if not base.is_dir():
         return removed
-    for leftover in base.glob(".*.tmp"):  # temp files of a killed writer; no writer runs during a merge
+    # Temp files of a killed writer: run_label holds output_lock, so no other run is writing them.
+    for leftover in base.glob(".*.tmp"):
         leftover.unlink()
     files = sorted(p for p in base.iterdir() if p.is_file())
     for path in sorted(files, key=lambda p: p.suffix != ".json"):
