@@ -49,7 +49,7 @@ class HashCache:
     def sha256(self, path: str | os.PathLike[str]) -> str:
         """Hex sha256 of the file's bytes: remembered when its size and mtime are unchanged, else
         read and remembered. Raises OSError like ``open`` for a missing or unreadable file."""
-        key = os.path.abspath(path)
+        key = os.fsencode(os.path.abspath(path))  # bytes: a file name need not be valid UTF-8
         before = os.stat(key)
         with self._lock:
             row = self._db.execute("SELECT size, mtime_ns, sha256 FROM hashes WHERE path = ?", (key,)).fetchone()

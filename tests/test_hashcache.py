@@ -39,6 +39,15 @@ def test_unchanged_file_is_not_reread_and_any_change_rehashes(tmp_path: Path) ->
         assert cache.sha256(fresh) == hashlib.sha256(b"just changed").hexdigest()
 
 
+def test_a_file_name_that_is_not_utf8_is_cached(tmp_path: Path) -> None:
+    image = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg"))  # Latin-1 bytes: a surrogate escape
+    _write(image, b"bytes")
+    with HashCache(tmp_path / "hashes.sqlite") as cache:
+        assert cache.sha256(image) == hashlib.sha256(b"bytes").hexdigest()
+        _write(image, b"other")  # same size and mtime: served from the cache
+        assert cache.sha256(image) == hashlib.sha256(b"bytes").hexdigest()
+
+
 def test_entries_are_shared_by_threads_and_processes(tmp_path: Path) -> None:
     db = tmp_path / "hashes.sqlite"
     files = [tmp_path / f"{i}.png" for i in range(40)]
