@@ -12,18 +12,9 @@ from typing import Any
 import typer
 from prefect import flow
 
-from flows.common import PARAMS_FILE, stage_params, table_artifact
-from flows.label import output_root
+from flows.common import PARAMS_FILE, TRAIN_INDEX, output_root, stage_params, table_artifact, train_index_path
 
 __all__ = ["TRAIN_INDEX", "train_index_path", "balance_flow", "register"]
-
-TRAIN_INDEX = "train_index.parquet"
-
-
-def train_index_path(pseudo_dir: str | Path) -> Path:
-    """``${paths.pseudo}/train_index.parquet``."""
-    return Path(pseudo_dir) / TRAIN_INDEX
-
 
 @flow(name="balance", flow_run_name="balance", log_prints=True)
 def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:

@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from components.config import OrchestrationConfig, Params, load_params
+from components.config import LabelConfig, OrchestrationConfig, Params, load_params
+
+if TYPE_CHECKING:
+    from components.labelling.stage1 import Stage1Settings
 
 __all__ = [
     "PARAMS_FILE",
@@ -35,9 +38,82 @@ __all__ = [
     "in_flow_run",
     "timed",
     "project_path",
+    "PROJECT_ROOT",
+    "STAGE_DIR",
+    "TRAIN_INDEX",
+    "output_root",
+    "train_index_path",
+    "features_root",
+    "stage1_settings",
+    "inference_spec",
+    "class_lines",
 ]
 
 PARAMS_FILE = "params.yaml"
+# the checkout this code runs from (configs/, the shipped params.yaml)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ where each stage writes, once
+# Stage flows learn an upstream stage's output from here, never by importing its flow, so that
+# editing one flow does not make DVC rerun the stages after it.
+STAGE_DIR = "stage1"
+TRAIN_INDEX = "train_index.parquet"
+
+
+def output_root(params: Params) -> Path:
+    """The label stage's DVC out: ``${paths.pseudo}/stage1``."""
+    return Path(params.paths.pseudo) / STAGE_DIR
+
+
+def train_index_path(pseudo_dir: str | Path) -> Path:
+    """The balance stage's DVC out: ``${paths.pseudo}/train_index.parquet``."""
+    return Path(pseudo_dir) / TRAIN_INDEX
+
+
+def features_root(params: Params) -> Path:
+    """The features stage's DVC out: ``${paths.features}``."""
+    return Path(params.paths.features)
+
+
+# ------------------------------------------------------- settings the components take, built once
+def stage1_settings(label: LabelConfig) -> Stage1Settings:
+    """params.yaml ``label`` -> the components' Stage1Settings."""
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+
+    amg = label.amg
+    return Stage1Settings(
+        grid=label.grid,
+        dense_mode=label.dense_mode,
+        min_crops=label.min_crops,
+        top_k_points=label.top_k_points,
+        sam_size=label.sam_size,
+        label_size=label.label_size,
+        amg=AmgSettings(
+            points_per_side=amg.points_per_side,
+            points_per_batch=amg.points_per_batch,
+            pred_iou_thresh=amg.pred_iou_thresh,
+            stability_score_thresh=amg.stability_score_thresh,
+            stability_score_offset=amg.stability_score_offset,
+            box_nms_thresh=amg.box_nms_thresh,
+            min_mask_region_area=amg.min_mask_region_area,
+        ),
+        min_area_frac=amg.min_area_frac,
+        max_area_frac=amg.max_area_frac,
+        crop_batch=label.crop_batch,
+    )
+
+
+def inference_spec(params: Params, benchmark: str | None = None) -> Any:
+    """The Stage 2 inference protocol of the settings (params.yaml ``evaluate`` and the profile's
+    SAM) as a components.aligner.checkpoint.InferenceSpec: what train records in the checkpoint
+    (benchmark None: the shared settings), and what evaluate runs a benchmark with (its effective
+    settings, ``evaluate.overrides`` included, win over the checkpoint's record there)."""
+    from components.aligner.checkpoint import InferenceSpec
+
+    ev = params.evaluate.for_benchmark(benchmark)
+    return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
+                         window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
 
 
 def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
@@ -268,3 +344,28 @@ def timed(store: dict[str, float], key: str) -> Iterator[None]:
 def project_path(params: Params, name: str) -> Path:
     """A path of the ``paths`` section, relative to the working directory (the project root)."""
     return Path(getattr(params.paths, name))
+
+
+def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
+    """The vocabulary: ``--classes "sky,grass,car"`` (one class per comma) or ``--vocabulary`` (a
+    shipped class list's name or a class file, one class per line, comma-separated synonyms)."""
+    from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+
+    if (classes is None) == (vocabulary is None):
+        raise ValueError("give the class names with exactly one of --classes and --vocabulary")
+    if classes is not None:
+        lines = [c.strip() for c in classes.split(",")]
+        if not any(lines) or not all(lines):
+            raise ValueError(f"--classes {classes!r} holds an empty class name")
+        return lines
+    assert vocabulary is not None
+    if vocabulary in CLASS_FILES:
+        return read_class_file(class_file_path(vocabulary))
+    if Path(vocabulary).is_file():
+        lines = read_class_file(vocabulary)
+        if not lines:
+            raise ValueError(f"vocabulary file {vocabulary} holds no class")
+        return lines
+    raise FileNotFoundError(
+        f"--vocabulary {vocabulary!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor a file"
+    )

@@ -38,8 +38,10 @@ from flows.common import (
     cached_clip,
     cached_dino,
     cached_sam,
+    inference_spec,
     project_path,
     shard_resources,
+    stage1_settings,
     stage_params,
     table_artifact,
 )
@@ -76,18 +78,6 @@ class _Context(NamedTuple):
     class_names: list[str]
     variants: tuple[str, ...]
     image_level_labels: bool
-
-
-def inference_spec(params: Params, benchmark: str | None = None) -> Any:
-    """The Stage 2 inference protocol of the settings (params.yaml ``evaluate`` and the profile's
-    SAM) as a components.aligner.checkpoint.InferenceSpec: what train records in the checkpoint
-    (benchmark None: the shared settings), and what evaluate runs a benchmark with (its effective
-    settings, ``evaluate.overrides`` included, win over the checkpoint's record there)."""
-    from components.aligner.checkpoint import InferenceSpec
-
-    ev = params.evaluate.for_benchmark(benchmark)
-    return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
-                         window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
 
 
 def _stage2_context(job: dict[str, Any]) -> _Context:
@@ -391,7 +381,6 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
 # -------------------------------------------------------------------------- evaluate-stage1 (Table 2)
 def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[str, Any]:
     """What a task needs to run Stage 1 on the benchmark (plain JSON types)."""
-    from flows.label import stage1_settings
 
     settings = stage1_settings(params.label)
     return {

@@ -70,8 +70,7 @@ def register(app: typer.Typer) -> None:
         """Write a Stage 1 store as PNG label maps and a COCO JSON file per variant."""
         try:
             if store is None:
-                from flows.common import stage_params
-                from flows.label import output_root
+                from flows.common import output_root, stage_params
 
                 store = output_root(stage_params(params))
             check_export(str(store), variant)

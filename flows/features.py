@@ -19,25 +19,20 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from components.config import Params
 from components.features.cache import CacheImage, ShardPlan
-from flows.balance import train_index_path
 from flows.common import (
     PARAMS_FILE,
     Progress,
     cached_dino,
+    features_root,
     make_task_runner,
     shard_resources,
     stage_params,
     table_artifact,
+    train_index_path,
 )
 
 __all__ = ["features_root", "list_cache_images", "features_shard", "features_flow", "run_features", "register"]
-
-
-def features_root(params: Params) -> Path:
-    """The stage's DVC out: ``${paths.features}``."""
-    return Path(params.paths.features)
 
 
 @task(name="hash-images", cache_policy=NO_CACHE)

@@ -28,24 +28,27 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from components.config import ConfigError, LabelConfig, Params
+from components.config import ConfigError, Params
 from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
 from components.io import atomic_write_bytes, atomic_write_json, fs_path, path_text
 from flows.common import (
     PARAMS_FILE,
+    STAGE_DIR,
     Progress,
     cached_clip,
     cached_sam,
     make_task_runner,
+    output_root,
     shard_resources,
+    stage1_settings,
     stage_params,
     table_artifact,
     timed,
 )
 
 if TYPE_CHECKING:
-    from components.labelling.stage1 import Stage1Settings
+    pass
 
 __all__ = [
     "STAGE_DIR",
@@ -65,40 +68,7 @@ __all__ = [
     "register",
 ]
 
-STAGE_DIR = "stage1"
 T = TypeVar("T")
-
-
-def output_root(params: Params) -> Path:
-    """The stage's DVC out: ``${paths.pseudo}/stage1``."""
-    return Path(params.paths.pseudo) / STAGE_DIR
-
-
-def stage1_settings(label: LabelConfig) -> Stage1Settings:
-    """params.yaml ``label`` -> the components' Stage1Settings."""
-    from components.labelling.stage1 import AmgSettings, Stage1Settings
-
-    amg = label.amg
-    return Stage1Settings(
-        grid=label.grid,
-        dense_mode=label.dense_mode,
-        min_crops=label.min_crops,
-        top_k_points=label.top_k_points,
-        sam_size=label.sam_size,
-        label_size=label.label_size,
-        amg=AmgSettings(
-            points_per_side=amg.points_per_side,
-            points_per_batch=amg.points_per_batch,
-            pred_iou_thresh=amg.pred_iou_thresh,
-            stability_score_thresh=amg.stability_score_thresh,
-            stability_score_offset=amg.stability_score_offset,
-            box_nms_thresh=amg.box_nms_thresh,
-            min_mask_region_area=amg.min_mask_region_area,
-        ),
-        min_area_frac=amg.min_area_frac,
-        max_area_frac=amg.max_area_frac,
-        crop_batch=label.crop_batch,
-    )
 
 
 def vocabulary_lines(spec: str) -> list[str]:
@@ -540,8 +510,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     from components.config import deep_merge, parse_params
     from components.io import atomic_write_text
     from components.labelling.export import MAX_CLASSES
-    from flows.pipeline import PROJECT_ROOT
-    from flows.predict import class_lines
+    from flows.common import PROJECT_ROOT, class_lines
 
     folder, dest = Path(images).resolve(), Path(out).resolve()
     if not folder.is_dir():

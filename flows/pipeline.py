@@ -22,6 +22,7 @@ import typer
 import yaml
 
 from components.config import deep_merge, load_params, parse_params
+from flows.common import PROJECT_ROOT
 
 __all__ = [
     "PROJECT_ROOT",
@@ -35,7 +36,7 @@ __all__ = [
     "register",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 # What a pipeline workspace needs: the DAG, its settings and the code its stages list as deps.
 WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "components", "flows", "configs")
 PARENT_ENV = "FMBSEG_PARENT_FLOW_RUN"

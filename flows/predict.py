@@ -19,36 +19,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Params
-from flows.common import PARAMS_FILE, Progress, stage_params
+from flows.common import PARAMS_FILE, Progress, class_lines, stage_params
 
 __all__ = ["class_lines", "prepare", "segment_images", "predict_flow", "register"]
 
 READ_WORKERS = 2  # decoding threads ahead of the model
-
-
-def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
-    """The vocabulary: ``--classes "sky,grass,car"`` (one class per comma) or ``--vocabulary`` (a
-    shipped class list's name or a class file, one class per line, comma-separated synonyms)."""
-    from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-
-    if (classes is None) == (vocabulary is None):
-        raise ValueError("give the class names with exactly one of --classes and --vocabulary")
-    if classes is not None:
-        lines = [c.strip() for c in classes.split(",")]
-        if not any(lines) or not all(lines):
-            raise ValueError(f"--classes {classes!r} holds an empty class name")
-        return lines
-    assert vocabulary is not None
-    if vocabulary in CLASS_FILES:
-        return read_class_file(class_file_path(vocabulary))
-    if Path(vocabulary).is_file():
-        lines = read_class_file(vocabulary)
-        if not lines:
-            raise ValueError(f"vocabulary file {vocabulary} holds no class")
-        return lines
-    raise FileNotFoundError(
-        f"--vocabulary {vocabulary!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor a file"
-    )
 
 
 def prepare(params: Params, sources: list[str], out: str, *, classes: str | None, vocabulary: str | None,

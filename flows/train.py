@@ -26,11 +26,17 @@ from prefect.cache_policies import NO_CACHE
 from components.config import Params, flatten
 from components.io import file_sha256
 from flows import tracking
-from flows.balance import train_index_path
-from flows.common import PARAMS_FILE, cached_clip, cached_dino, stage_params, table_artifact
-from flows.evaluate import inference_spec
-from flows.features import features_root
-from flows.label import output_root
+from flows.common import (
+    PARAMS_FILE,
+    cached_clip,
+    cached_dino,
+    features_root,
+    inference_spec,
+    output_root,
+    stage_params,
+    table_artifact,
+    train_index_path,
+)
 
 __all__ = [
     "CHECKPOINT",
