@@ -68,9 +68,10 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
     ev = params.evaluate
     settings = {name: settings_label(ev.for_benchmark(name).model_dump(mode="json"), ev.protocol)
                 for name in ev.benchmarks}
-    rows = report_rows(metrics, ev.benchmarks, settings)
+    rows = report_rows(metrics, ev.benchmarks, settings, protocol=ev.protocol)
     title = f"# fmbseg results ({params.models.profile} profile)"
-    parts = [title, "", "mIoU (%), ours and the paper's Table 1 (FMbSeg-Stage 2).", "",
+    parts = [title, "", "mIoU (%), ours and the paper's Table 1 (FMbSeg-Stage 2); published: what the authors of "
+             f"the protocol ({ev.protocol or 'none named'}) publish for their own method under it.", "",
              to_markdown(rows, REPORT_COLUMNS)]
     stage1 = read_stage1_metrics(params)
     if stage1:

@@ -36,7 +36,7 @@ def test_report_rows_put_ours_next_to_the_paper():
         ["pv21", "pc59", "ade20k", "coco_object"],
     )
     assert rows[0] == {"benchmark": "pv21", "base": 10.0, "refined": 11.5, "paper_base": 67.73, "paper_refined": 71.02,
-                       "settings": None}
+                       "published": None, "settings": None}
     assert rows[1]["refined"] is None and rows[1]["base"] == 3.25  # evaluated without refinement
     assert rows[2]["base"] is None and rows[2]["paper_base"] == 16.25  # not evaluated
     assert rows[3]["paper_base"] is None  # COCO-Object is not in the paper
@@ -46,13 +46,24 @@ def test_markdown_and_csv():
     rows = report_rows({"pv21": {"mIoU_base": 10.0, "mIoU_refined": 11.456}}, ["pv21", "pc59"])
     markdown = to_markdown(rows, REPORT_COLUMNS)
     lines = markdown.strip().splitlines()
-    assert lines[0] == "| benchmark | base | refined | paper_base | paper_refined | settings |"
-    assert lines[2] == "| pv21 | 10.00 | 11.46 | 67.73 | 71.02 | — |"
-    assert lines[3] == "| pc59 | — | — | 42.72 | 44.34 | — |"
+    assert lines[0] == "| benchmark | base | refined | paper_base | paper_refined | published | settings |"
+    assert lines[2] == "| pv21 | 10.00 | 11.46 | 67.73 | 71.02 | — | — |"
+    assert lines[3] == "| pc59 | — | — | 42.72 | 44.34 | — | — |"
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows, REPORT_COLUMNS))))
     assert parsed[0] == {"benchmark": "pv21", "base": "10.0", "refined": "11.456", "paper_base": "67.73",
-                         "paper_refined": "71.02", "settings": ""}
+                         "paper_refined": "71.02", "published": "", "settings": ""}
     assert parsed[1]["base"] == ""
+
+
+def test_the_protocols_published_numbers_stand_beside_ours():
+    from components.evaluation.paper_numbers import PUBLISHED
+
+    assert PUBLISHED["sclip"]["pv21"] == 59.63 and PUBLISHED["sclip"]["cs171"] == 22.77
+    assert "co80" not in PUBLISHED["sclip"]  # SCLIP reports COCO-Object, not CO-80
+    rows = report_rows({"pv21": {"mIoU_base": 10.0}}, ["pv21", "co80"], protocol="sclip")
+    assert rows[0]["published"] == 59.63 and rows[1]["published"] is None
+    assert report_rows({}, ["pv21"], protocol="fmbseg")[0]["published"] == 67.73  # the paper's base row
+    assert report_rows({}, ["pv21"])[0]["published"] is None
 
 
 def test_settings_label_names_what_changes_a_number():
@@ -90,11 +101,12 @@ def test_report_flow_writes_the_tables(tmp_path, monkeypatch, prefect_harness):
     markdown = report_flow("params.yaml")
     assert (tmp_path / "reports" / "report.md").read_text() == markdown
     # each row says which protocol and settings made it (a benchmark's overrides included)
-    assert ("| pv21 | 50.00 | 52.50 | 67.73 | 71.02 | fmbseg: original size, window 448/224, 1 template, "
+    assert ("| pv21 | 50.00 | 52.50 | 67.73 | 71.02 | 67.73 | fmbseg: original size, window 448/224, 1 template, "
             "bg_threshold 0.3 |") in markdown
-    assert "| pc59 | — | — | 42.72 | 44.34 | fmbseg: short side 448, window 448/224, 1 template |" in markdown
+    assert "| pc59 | — | — | 42.72 | 44.34 | 42.72 | fmbseg: short side 448, window 448/224, 1 template |" in markdown
     assert "| pv21 | stage1_2 | 30.00 | 36.68 |" in markdown
     rows = list(csv.DictReader((tmp_path / "reports" / "report.csv").open()))
     assert [r["benchmark"] for r in rows] == ["pv21", "pc59", "cs171"]
     assert rows[2] == {"benchmark": "cs171", "base": "20.0", "refined": "21.0", "paper_base": "29.88",
-                       "paper_refined": "30.65", "settings": "fmbseg: short side 448, window 448/224, 1 template"}
+                       "paper_refined": "30.65", "published": "29.88",
+                       "settings": "fmbseg: short side 448, window 448/224, 1 template"}

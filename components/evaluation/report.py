@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.evaluation.paper_numbers import STAGE1_VARIANTS, TABLE1, TABLE2
+from components.evaluation.paper_numbers import PUBLISHED, STAGE1_VARIANTS, TABLE1, TABLE2
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -26,7 +26,8 @@ __all__ = [
     "to_csv",
 ]
 
-REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined", "settings")
+REPORT_COLUMNS: tuple[str, ...] = ("benchmark", "base", "refined", "paper_base", "paper_refined", "published",
+                                   "settings")
 STAGE1_COLUMNS: tuple[str, ...] = ("benchmark", "variant", "mIoU", "paper")
 
 Row = dict[str, Any]
@@ -56,14 +57,18 @@ def report_rows(
     metrics: Mapping[str, Mapping[str, float] | None],
     benchmarks: Sequence[str],
     settings: Mapping[str, str] | None = None,
+    protocol: str | None = None,
 ) -> list[Row]:
     """One row per benchmark, in the given order: our mIoU (base, refined) and the paper's (Table 1).
 
     metrics: benchmark -> the evaluate stage's metric dict, or None when the benchmark was not
     evaluated. A value we do not have (not evaluated, or refinement off) is None; so is a paper
     value for a benchmark outside Table 1. settings: benchmark -> what made its numbers
-    (:func:`settings_label`), the row's ``settings`` (None where not given).
+    (:func:`settings_label`), the row's ``settings`` (None where not given). ``published``: what
+    the authors of `protocol` publish for their own method under it (``PUBLISHED``), so a reader
+    sees whether a comparison is like for like; None where they publish none.
     """
+    published = PUBLISHED.get(protocol, {}) if protocol is not None else {}
     rows = []
     for name in benchmarks:
         ours = metrics.get(name) or {}
@@ -74,6 +79,7 @@ def report_rows(
                 "refined": ours.get("mIoU_refined"),
                 "paper_base": TABLE1["base"].get(name),
                 "paper_refined": TABLE1["refined"].get(name),
+                "published": published.get(name),
                 "settings": (settings or {}).get(name),
             }
         )
