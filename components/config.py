@@ -135,6 +135,7 @@ class LabelConfig(_Section):
     shard_size: int = Field(256, ge=1)
     crop_batch: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)
+    external_symlinks: Literal["refuse", "follow"] = "refuse"  # links out of the image folder
 
     @model_validator(mode="after")
     def _semi_needs_labels(self) -> LabelConfig:

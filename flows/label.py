@@ -28,7 +28,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from components.config import ConfigError, LabelConfig, Params
-from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
+from components.datasets.readers import (
+    UnreadableImageError,
+    read_image_rgb,
+    read_label_png,
+    scan_image_folder,
+)
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
 from components.io import atomic_write_bytes, atomic_write_json, file_sha256, fs_path, path_text
 from flows.common import (
@@ -142,10 +147,17 @@ def image_folders(params: Params) -> list[str]:
 
 
 @task(name="list-images", cache_policy=NO_CACHE)
-def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def list_inputs(
+    folders: list[str], workers: int, external_symlinks: str = "refuse"
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
-    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken."""
-    files = [(folder, path) for folder in folders for path in list_images(folder)]
+    and the files that cannot be used ({"path", "reason"}): unreadable, an id already taken, not
+    an image, a dangling link or one out of the folder (``label.external_symlinks``)."""
+    files, not_images = [], []
+    for folder in folders:
+        found, rejected = scan_image_folder(folder, external_symlinks=external_symlinks)
+        files.extend((folder, path) for path in found)
+        not_images.extend({"path": path_text(p.as_posix()), "reason": path_text(why)} for p, why in rejected)
 
     def digest(path: Path) -> str | OSError:
         try:
@@ -156,7 +168,7 @@ def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]],
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         digests = list(pool.map(digest, [path for _, path in files]))
     entries: list[dict[str, str]] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = not_images
     seen: dict[str, str] = {}
     for (folder, path), sha in zip(files, digests, strict=True):
         # ids and paths as valid text (a name need not be UTF-8); fs_path() gives the file back
@@ -438,7 +450,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     gt_dir = params.label.ground_truth_dir if params.label.presence == "ground_truth" else None
     gt_map = class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist() if gt_dir else None
 
-    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers)
+    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers,
+                                           params.label.external_symlinks)
     entries = [ImageEntry(**e) for e in raw_entries]
     plan = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
                        shard_size=params.label.shard_size)
