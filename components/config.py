@@ -104,6 +104,16 @@ class DownloadConfig(_Section):
     synthetic_images: int = Field(8, ge=1)
     seed: int = 0
 
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from components.datasets.registry import BENCHMARKS
+
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known datasets: {', '.join(sorted(BENCHMARKS))}")
+        return names
+
 
 # ----------------------------------------------------------------------------------------- label
 class AmgConfig(_Section):
@@ -136,6 +146,21 @@ class LabelConfig(_Section):
     crop_batch: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)
     external_symlinks: Literal["refuse", "follow"] = "refuse"  # links out of the image folder
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot_per_template(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        if not templates:
+            raise ValueError("needs at least one prompt template, e.g. 'a photo of a {}.'")
+        for template in templates:
+            try:
+                filled = template.format("\0")
+            except (IndexError, KeyError, ValueError):
+                filled = ""
+            if template.count("{}") != 1 or filled.count("\0") != 1:
+                raise ValueError(f"template {template!r} must hold exactly one '{{}}' (where the class name goes) "
+                                 "and no other braces")
+        return templates
 
     @model_validator(mode="after")
     def _semi_needs_labels(self) -> LabelConfig:
@@ -269,6 +294,25 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         model = ann
     return model
+
+
+MAX_VOCABULARY = 254  # 8-bit label maps: index 0 = background, 1..254 = classes, 255 = ignore
+
+
+def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
+    """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
+    first name of a line) twice, and at most MAX_VOCABULARY classes (what 8-bit label maps hold)."""
+    if not lines:
+        raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.split(",")[0].strip().lower()
+        if name in seen:
+            raise ConfigError(f"{source}: class {name!r} appears more than once (lines {seen[name]} and {number})")
+        seen[name] = number
+    if len(lines) > MAX_VOCABULARY:
+        raise ConfigError(f"{source} has {len(lines)} classes; 8-bit label maps hold at most {MAX_VOCABULARY}")
+    return lines
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -13,6 +13,7 @@ while the models run (decoding only; resizing with torch stays on the model thre
 from __future__ import annotations
 
 import glob
+import os
 import threading
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from components.config import ConfigError, LabelConfig, Params
+from components.config import ConfigError, LabelConfig, Params, check_vocabulary
 from components.datasets.readers import (
     UnreadableImageError,
     read_image_rgb,
@@ -104,11 +105,15 @@ def stage1_settings(label: LabelConfig) -> Stage1Settings:
 
 
 def vocabulary_lines(spec: str) -> list[str]:
-    """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines."""
-    if spec in CLASS_FILES:
-        return read_class_file(class_file_path(spec))
-    if Path(spec).is_file():
-        return read_class_file(spec)
+    """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines
+    (checked: UTF-8, not empty, no name twice, at most 254 classes)."""
+    path = class_file_path(spec) if spec in CLASS_FILES else Path(spec)
+    if spec in CLASS_FILES or path.is_file():
+        try:
+            lines = read_class_file(path)
+        except ValueError as err:
+            raise ConfigError(f"label.vocabulary: {err}") from None
+        return check_vocabulary(lines, source=f"label.vocabulary {path}")
     raise ConfigError(
         f"label.vocabulary {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
     )
@@ -143,7 +148,19 @@ def image_folders(params: Params) -> list[str]:
     folders = [images.as_posix()]
     if Path(params.paths.incoming).is_dir():
         folders.append(Path(params.paths.incoming).as_posix())
+    if not any(_holds_a_file(Path(f)) for f in folders):
+        raise ConfigError(f"paths.images {images} holds no files (nor does paths.incoming): nothing to label")
     return folders
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether ``folder`` holds a file that is not hidden, at any depth (stops at the first)."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir(follow_symlinks=False) or _holds_a_file(Path(entry.path)):
+            return True
+    return False
 
 
 @task(name="list-images", cache_policy=NO_CACHE)
