@@ -117,6 +117,16 @@ class DownloadConfig(_Section):
     synthetic_images: int = Field(8, ge=1)
     seed: int = 0
 
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from components.datasets.registry import BENCHMARKS
+
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known datasets: {', '.join(sorted(BENCHMARKS))}")
+        return names
+
 
 # ----------------------------------------------------------------------------------------- label
 class AmgConfig(_Section):
@@ -151,6 +161,22 @@ class LabelConfig(_Section):
     shard_size: int = Field(256, ge=1)
     crop_batch: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)
+    external_symlinks: Literal["refuse", "follow"] = "refuse"  # links out of the image folder
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot_per_template(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        if not templates:
+            raise ValueError("needs at least one prompt template, e.g. 'a photo of a {}.'")
+        for template in templates:
+            try:
+                filled = template.format("\0")
+            except (IndexError, KeyError, ValueError):
+                filled = ""
+            if template.count("{}") != 1 or filled.count("\0") != 1:
+                raise ValueError(f"template {template!r} must hold exactly one '{{}}' (where the class name goes) "
+                                 "and no other braces")
+        return templates
 
     @field_validator("vocabulary")
     @classmethod
@@ -162,12 +188,7 @@ class LabelConfig(_Section):
 
         path = class_file_path(value) if value in CLASS_FILES else Path(value)
         if path.is_file():
-            count = len(read_class_file(path))
-            if count > MAX_LABEL_CLASSES:
-                raise ValueError(
-                    f"{path} has {count} classes; label maps are 8-bit (255 = unlabelled), so a vocabulary holds "
-                    f"at most {MAX_LABEL_CLASSES}: split it or merge synonyms into one line ('a, b')"
-                )
+            check_vocabulary(read_class_file(path), source=str(path))
         return value
 
     @model_validator(mode="after")
@@ -444,6 +465,26 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         model = ann
     return model
+
+
+MAX_VOCABULARY = MAX_LABEL_CLASSES  # 8-bit label maps: classes 0..254, 255 = unlabelled
+
+
+def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
+    """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
+    first name of a line) twice, and at most MAX_VOCABULARY classes (what 8-bit label maps hold)."""
+    if not lines:
+        raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.split(",")[0].strip().lower()
+        if name in seen:
+            raise ConfigError(f"{source}: class {name!r} appears more than once (lines {seen[name]} and {number})")
+        seen[name] = number
+    if len(lines) > MAX_VOCABULARY:
+        raise ConfigError(f"{source} has {len(lines)} classes; label maps are 8-bit (255 = unlabelled), so a "
+                          f"vocabulary holds at most {MAX_VOCABULARY}: split it or merge synonyms into one line ('a, b')")
+    return lines
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import typer
 from prefect import flow, get_run_logger, task
 
-from components.config import OrchestrationConfig, Params
+from components.config import ConfigError, OrchestrationConfig, Params
 from components.io import bytes_sha256, file_sha256
 from flows.common import (
     Progress,
@@ -190,8 +190,12 @@ def write_missing_overlays(job: dict[str, Any], ids: list[str], overlay_dir: str
 # ----------------------------------------------------------------------------- shared flow parts
 def _dataset_root(params: Params, dataset: str) -> Path:
     """``${paths.datasets}/<dataset>``; a missing one is an error naming those that exist."""
+    from components.datasets.registry import BENCHMARKS
+
     base = project_path(params, "datasets")
     root = base / dataset
+    if not root.is_dir() and dataset not in BENCHMARKS:
+        raise ConfigError(f"unknown dataset {dataset!r} (evaluate --dataset); known datasets: {', '.join(sorted(BENCHMARKS))}")
     if not root.is_dir():
         present = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
         raise FileNotFoundError(

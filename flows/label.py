@@ -14,6 +14,7 @@ while the models run (decoding only; resizing with torch stays on the model thre
 from __future__ import annotations
 
 import glob
+import os
 import threading
 import time
 from collections import deque
@@ -28,8 +29,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from components.config import ConfigError, Params
-from components.datasets.readers import UnreadableImageError, list_images, read_image_rgb, read_label_png
+from components.config import ConfigError, Params, check_vocabulary
+from components.datasets.readers import (
+    UnreadableImageError,
+    list_images,
+    read_image_rgb,
+    read_label_png,
+    scan_image_folder,
+)
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
 from components.io import atomic_write_bytes, atomic_write_json, fs_path, path_text
 from flows.common import (
@@ -72,11 +79,15 @@ T = TypeVar("T")
 
 
 def vocabulary_lines(spec: str) -> list[str]:
-    """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines."""
-    if spec in CLASS_FILES:
-        return read_class_file(class_file_path(spec))
-    if Path(spec).is_file():
-        return read_class_file(spec)
+    """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines
+    (checked: UTF-8, not empty, no name twice, at most 255 classes)."""
+    path = class_file_path(spec) if spec in CLASS_FILES else Path(spec)
+    if spec in CLASS_FILES or path.is_file():
+        try:
+            lines = read_class_file(path)
+        except ValueError as err:
+            raise ConfigError(f"label.vocabulary: {err}") from None
+        return check_vocabulary(lines, source=f"label.vocabulary {path}")
     raise ConfigError(
         f"label.vocabulary {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
     )
@@ -111,17 +122,36 @@ def image_folders(params: Params) -> list[str]:
     folders = [images.as_posix()]
     if Path(params.paths.incoming).is_dir():
         folders.append(Path(params.paths.incoming).as_posix())
+    if not any(_holds_a_file(Path(f)) for f in folders):
+        raise ConfigError(f"paths.images {images} holds no files (nor does paths.incoming): nothing to label")
     return folders
 
 
+def _holds_a_file(folder: Path) -> bool:
+    """Whether ``folder`` holds a file that is not hidden, at any depth (stops at the first)."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir(follow_symlinks=False) or _holds_a_file(Path(entry.path)):
+            return True
+    return False
+
+
 @task(name="list-images", cache_policy=NO_CACHE)
-def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def list_inputs(
+    folders: list[str], workers: int, external_symlinks: str = "refuse"
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
-    and the files that cannot be used ({"path", "reason"}): unreadable, or an id already taken.
-    Digests come from the project's hash cache where a file's size and mtime are unchanged."""
+    and the files that cannot be used ({"path", "reason"}): unreadable, an id already taken, not
+    an image, a dangling link or one out of the folder (``label.external_symlinks``). Digests come
+    from the project's hash cache where a file's size and mtime are unchanged."""
     from components.hashcache import HashCache
 
-    files = [(folder, path) for folder in folders for path in list_images(folder)]
+    files, not_images = [], []
+    for folder in folders:
+        found, rejected = scan_image_folder(folder, external_symlinks=external_symlinks)
+        files.extend((folder, path) for path in found)
+        not_images.extend({"path": path_text(p.as_posix()), "reason": path_text(why)} for p, why in rejected)
 
     with HashCache() as hashes:  # an unchanged file is not reread (.fmbseg/hashes.sqlite)
 
@@ -134,7 +164,7 @@ def list_inputs(folders: list[str], workers: int) -> tuple[list[dict[str, str]],
         with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
             digests = list(pool.map(digest, [path for _, path in files]))
     entries: list[dict[str, str]] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = not_images
     seen: dict[str, str] = {}
     for (folder, path), sha in zip(files, digests, strict=True):
         # ids and paths as valid text (a name need not be UTF-8); fs_path() gives the file back
@@ -399,7 +429,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     gt_dir = params.label.ground_truth_dir if params.label.presence == "ground_truth" else None
     gt_map = class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist() if gt_dir else None
 
-    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers)
+    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers,
+                                           params.label.external_symlinks)
     entries = [ImageEntry(**e) for e in raw_entries]
     plan = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
                        shard_size=params.label.shard_size)

@@ -50,6 +50,7 @@ __all__ = [
     "run_exists",
     "StepLogger",
     "log_epoch",
+    "logged_steps",
     "log_checkpoint",
     "log_model",
     "attach_metrics",
@@ -309,6 +310,11 @@ class StepLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.flush()
+
+
+def logged_steps(params: Params, run_id: str, key: str) -> set[int]:
+    """The steps at which metric ``key`` of the run has a value already."""
+    return {m.step for m in _client(params).get_metric_history(run_id, key)}
 
 
 def log_epoch(params: Params, run_id: str, epoch: int, summary: Mapping[str, float]) -> None:

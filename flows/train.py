@@ -107,10 +107,30 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     settings = _train_settings(params)
     log = get_run_logger()
 
+    # A resumed run logs only what MLflow lacks: the state is saved before an epoch is logged, so a
+    # kill in between leaves saved epochs unlogged (re-logged from the state in on_resume), and a
+    # kill mid-epoch leaves steps logged that the resumed epoch computes again (not logged twice).
+    logged_steps = tracking.logged_steps(params, run_id, "loss")
+    logged_epochs = tracking.logged_steps(params, run_id, "epoch/loss")
+
+    def on_step(step: int, loss: float) -> None:
+        if step not in logged_steps:
+            steps.log_step(step, {"loss": loss})
+
     def on_epoch(epoch: int, summary: dict[str, float]) -> None:
         steps.flush()
-        tracking.log_epoch(params, run_id, epoch, summary)
+        if epoch not in logged_epochs:
+            tracking.log_epoch(params, run_id, epoch, summary)
         log.info("epoch %d/%d: %s", epoch + 1, settings.epochs, {k: round(v, 4) for k, v in summary.items()})
+
+    def on_resume(summaries: list[dict[str, float]], losses: list[float]) -> None:
+        for step, loss in enumerate(losses):
+            on_step(step, loss)
+        steps.flush()
+        for epoch, summary in enumerate(summaries):
+            if epoch not in logged_epochs:
+                tracking.log_epoch(params, run_id, epoch, summary)
+                log.info("epoch %d: logged to MLflow from the saved state (the last run stopped first)", epoch + 1)
 
     with tracking.StepLogger(params, run_id) as steps:
         result = train_aligner(
@@ -121,8 +141,9 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
             state_path=state_path(params),
             data_fingerprint=_data_fingerprint(params),
             extra={"mlflow_run_id": run_id},
-            on_step=lambda step, loss: steps.log_step(step, {"loss": loss}),
+            on_step=on_step,
             on_epoch=on_epoch,
+            on_resume=on_resume,
         )
     manifest = _manifest(params)
     path = save_checkpoint(

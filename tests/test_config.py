@@ -204,3 +204,67 @@ def test_a_logit_scale_needs_a_background_threshold():
     ev = parse_params({"evaluate": {"overrides": {"pv21": {"logit_scale": 65.0, "bg_threshold": 0.1}},
                                     "synonyms": "max", "bg_prompts": False}}).evaluate
     assert (ev.for_benchmark("pv21").logit_scale, ev.for_benchmark("pv20").synonyms) == (65.0, "max")
+
+
+# ------------------------------------------------- settings and vocabularies rejected when read
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        ({"label": {"templates": ["a {} next to a {}."]}}, "label.templates"),
+        ({"label": {"templates": ["a photo."]}}, "label.templates"),
+        ({"label": {"templates": []}}, "label.templates"),
+        ({"download": {"datasets": ["pv21", "nosuch"]}}, "download.datasets"),
+    ],
+)
+def test_bad_settings_are_rejected_naming_the_setting(raw, named):
+    with pytest.raises(ConfigError, match=named) as err:
+        parse_params(raw)
+    assert "nosuch" not in str(raw) or "known" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "no class names"),
+        (b"\n\n", "no class names"),
+        ("caf\u00e9\nbread\n".encode("latin-1"), "not UTF-8"),
+        (b"cat\ndog\ncat, kitty\n", "more than once"),
+        ("".join(f"class{i}\n" for i in range(256)).encode(), "at most 255"),
+    ],
+)
+def test_bad_vocabulary_files_are_rejected_naming_the_file(tmp_path, content, message):
+    from flows.label import vocabulary_lines
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        vocabulary_lines(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_a_bom_is_not_part_of_the_first_class_name(tmp_path):
+    from flows.label import vocabulary_lines
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes("\ufeffcat\ndog\n".encode())
+    assert vocabulary_lines(str(path)) == ["cat", "dog"]
+
+
+def test_an_empty_image_folder_is_rejected_before_any_model_loads(tmp_path):
+    from flows.label import image_folders
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "imgs" / ".DS_Store").write_bytes(b"")
+    params = parse_params({"paths": {"images": str(tmp_path / "imgs"), "incoming": str(tmp_path / "none")}})
+    with pytest.raises(ConfigError, match="paths.images") as err:
+        image_folders(params)
+    assert "no files" in str(err.value)
+
+
+def test_evaluate_an_unknown_dataset_names_the_known_ones(tmp_path):
+    from flows.evaluate import _dataset_root
+
+    params = parse_params({"paths": {"datasets": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="unknown dataset 'nosuch'") as err:
+        _dataset_root(params, "nosuch")
+    assert "pv21" in str(err.value) and "fmbseg download nosuch" not in str(err.value)

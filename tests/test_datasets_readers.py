@@ -114,3 +114,47 @@ def test_canonical_dataset_reader(tmp_path):
         CanonicalDataset(root, "train")
     with pytest.raises(KeyError, match="no image 'nope'"):
         ds.image_path("nope")
+
+
+def test_32bit_integer_tiff_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.int64).reshape(16, 16) << 23).astype(np.int32)  # 0 .. 2**31 - 2**23
+    Image.fromarray(ramp).save(tmp_path / "deep32.tif")
+    rgb = read_image_rgb(tmp_path / "deep32.tif")
+    np.testing.assert_array_equal(rgb[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
+
+
+@pytest.mark.parametrize("policy", ["refuse", "follow"])
+def test_scan_lists_every_file_as_an_image_or_a_reason(tmp_path, policy):
+    import os
+
+    from components.datasets.readers import scan_image_folder
+
+    folder, outside = tmp_path / "imgs", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "a.png")
+    Image.new("P", (4, 4)).save(folder / "anim.gif")
+    Image.new("RGB", (4, 4)).save(folder / "sub" / "b.jpg")
+    Image.new("RGB", (4, 4)).save(outside / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+    os.symlink(outside / "c.png", folder / "out.png")
+    os.symlink(folder / "a.png", folder / "alias.png")
+    os.symlink(outside, folder / "linked_dir")
+    os.symlink(folder / "sub", folder / "sub_again")
+    images, skipped = scan_image_folder(folder, external_symlinks=policy)
+    names = sorted(p.relative_to(folder).as_posix() for p in images)
+    reasons = {p.relative_to(folder).as_posix(): why for p, why in skipped}
+    inside = ["a.png", "alias.png", "anim.gif", "sub/b.jpg"]
+    if policy == "refuse":
+        assert names == inside
+        assert "outside the image folder" in reasons["out.png"] and "external_symlinks" in reasons["out.png"]
+        assert "outside the image folder" in reasons["linked_dir"]
+    else:
+        assert names == sorted([*inside, "linked_dir/c.png", "out.png"])
+    assert "dangling" in reasons["dangling.png"]
+    assert "not an image" in reasons["notes.txt"]
+    assert "symlinked folder" in reasons["sub_again"]  # its files are labelled where they are
+    assert ".hidden.png" not in reasons
+    assert read_image_rgb(folder / "anim.gif").shape == (4, 4, 3)

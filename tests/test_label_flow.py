@@ -321,7 +321,7 @@ def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:
         vocabulary_lines("no-such-list")
 
 
-def test_a_file_name_that_is_not_utf8_is_labelled_and_its_id_survives(
+def test_odd_file_names_and_kinds_are_labelled_or_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
 ) -> None:
     import os
@@ -332,14 +332,23 @@ def test_a_file_name_that_is_not_utf8_is_labelled_and_its_id_survives(
     write_synthetic_unlabelled(project / "imgs", num_images=1, seed=0, size=(48, 64))
     raw = os.fsencode(project / "imgs") + b"/caf\xe9 \xef\xbf\xbd.jpg"  # Latin-1 é, then a real U+FFFD
     shutil.copyfile(project / "imgs" / "img_00000.jpg", os.fsdecode(raw))
+    # and files that are neither labelled nor reported on main: a .gif, a dangling link, a link out
+    Image.open(project / "imgs" / "img_00000.jpg").convert("P").save(project / "imgs" / "anim.gif")
+    os.symlink(project / "gone.jpg", project / "imgs" / "dangling.jpg")
+    (tmp_path / "outside.jpg").write_bytes((project / "imgs" / "img_00000.jpg").read_bytes())
+    os.symlink(tmp_path / "outside.jpg", project / "imgs" / "out.jpg")
     monkeypatch.chdir(project)
     summary = run_label("params.yaml")
     from components.features.cache import unique_images
     from components.io import fs_path
 
-    assert summary["images_labelled"] == 2 and summary["images_skipped"] == 0
+    assert summary["images_labelled"] == 3 and summary["images_skipped"] == 2
+    skipped = pq.read_table(project / "pseudo" / "stage1" / "skipped.parquet").to_pylist()
+    reasons = {r["path"]: r["reason"] for r in skipped}
+    assert "dangling" in reasons["imgs/dangling.jpg"] and "outside the image folder" in reasons["imgs/out.jpg"]
     index = pq.read_table(project / "pseudo" / "stage1" / "index.parquet").to_pandas()
-    row = index.loc[index["image_id"] != "img_00000"].iloc[0]
+    assert "anim" in set(index["image_id"])
+    row = index.loc[~index["image_id"].isin(["img_00000", "anim"])].iloc[0]
     assert row["image_id"].encode("utf-8")  # valid text in Parquet, JSON and logs
     assert os.fsencode(fs_path(row["image_path"])) == b"imgs/caf\xe9 \xef\xbf\xbd.jpg"  # and back, exactly
     assert PseudoLabels(project / "pseudo" / "stage1").read(row["image_id"], "stage1_1").shape == (48, 48)

@@ -187,3 +187,50 @@ def test_interrupted_training_resumes_into_the_same_run(project, prefect_harness
     assert version.run_id == run.info.run_id and summary["model_version"] == "fmbseg-aligner/1"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert steps == list(range(3 * 3))  # every step logged exactly once across the two attempts
+
+
+@pytest.mark.slow
+def test_a_sigkill_right_after_an_epochs_state_save_loses_nothing_in_mlflow(
+    project, prefect_harness, mlflow_uri, monkeypatch
+) -> None:
+    """A real SIGKILL at the epoch boundary (state saved, epoch not yet logged, steps still in the
+    logger's buffer); the resumed run's MLflow history equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from flows.features import features_flow
+    from flows.train import train_flow
+
+    write_params(project, **{"features.cache": False, "train.epochs": 3})
+    features_flow("params.yaml")
+    code = (
+        "import os, signal\n"
+        "from flows import tracking\n"
+        "from flows.train import train_flow\n"
+        "tracking.log_epoch = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train_flow('params.yaml')\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (project / "models" / "train_state.pt").exists()
+    resumed = train_flow("params.yaml")
+    assert resumed["resumed_at_epoch"] == 1
+
+    client = mlflow.MlflowClient(mlflow_uri)
+
+    def history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+        return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+                for key in ("loss", "epoch/loss", "epoch/valid_patch_fraction", "epoch/lr")}
+
+    (project / "models" / "aligner.pt").unlink()
+    monkeypatch.setattr("flows.train._run_name", lambda params: "uninterrupted")
+    reference = train_flow("params.yaml")
+    assert reference["resumed_at_epoch"] == 0 and reference["mlflow_run_id"] != resumed["mlflow_run_id"]
+    got, want = history(resumed["mlflow_run_id"]), history(reference["mlflow_run_id"])
+    assert [s for s, _ in got["loss"]] == list(range(9)) and [s for s, _ in got["epoch/loss"]] == [0, 1, 2]
+    assert {k: [s for s, _ in v] for k, v in got.items()} == {k: [s for s, _ in v] for k, v in want.items()}
+    for key in got:  # same values (up to float reduction order: features are computed on the fly)
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-5), key

@@ -135,6 +135,7 @@ def train_aligner(
     extra: Mapping[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_resume: Callable[[list[dict[str, float]], list[float]], None] | None = None,
 ) -> TrainResult:
     """Train M on ``dataset`` against ``prototypes``.
 
@@ -144,7 +145,9 @@ def train_aligner(
     prototypes: [K, D] float text prototypes t_k; labels index them.
     state_path: where the end-of-epoch state goes (None: no resuming); ``extra`` is stored with it.
     on_step(global step, loss) after every optimizer step; on_epoch(epoch, summary) after every
-    epoch, once its state is saved (an exception there interrupts training resumably).
+    epoch, once its state is saved (an exception there interrupts training resumably);
+    on_resume(summaries, losses) when a saved state is restored: the epoch summaries and per-step
+    losses it holds, so that a caller killed before logging them can log what it lacks.
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty: no samples in the train index")
@@ -162,6 +165,7 @@ def train_aligner(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     shuffle = torch.Generator().manual_seed(settings.seed)
     summaries: list[dict[str, float]] = []
+    losses: list[float] = []  # every step's loss so far, by global step (saved with the state)
     start_epoch = 0
     path = Path(state_path) if state_path is not None else None
     state = _load_state(path, key) if path is not None else None
@@ -171,7 +175,10 @@ def train_aligner(
         scheduler.load_state_dict(state["scheduler"])
         shuffle.set_state(state["shuffle"])
         summaries = [dict(s) for s in state["epochs"]]
+        losses = [float(v) for v in state.get("losses", [])]
         start_epoch = int(state["epoch"])
+        if on_resume is not None:
+            on_resume(summaries, losses)
 
     pin = device.type == "cuda"
     sampler = _EpochOrder(len(dataset))
@@ -204,6 +211,7 @@ def train_aligner(
             loss_sum += value
             valid += int((labels != settings.ignore_index).sum())
             total += labels.numel()
+            losses.append(value)
             if on_step is not None:
                 on_step(epoch * steps_per_epoch + i, value)
         seconds = time.perf_counter() - t0
@@ -226,6 +234,7 @@ def train_aligner(
                     "scheduler": scheduler.state_dict(),
                     "shuffle": shuffle.get_state(),
                     "epochs": summaries,
+                    "losses": losses,
                     "extra": dict(extra or {}),
                 },
             )

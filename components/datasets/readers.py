@@ -9,6 +9,7 @@ reason, so that Stage 1 can skip it and report it.
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "UnreadableImageError",
     "list_images",
+    "scan_image_folder",
     "read_image_rgb",
     "read_label_png",
     "CanonicalDataset",
 ]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 # Modes PIL converts to RGB exactly as one expects (palette expanded, alpha dropped, CMYK and YCbCr
 # through PIL's colour conversion). 16/32-bit integer modes are rescaled by hand (PIL clips them).
 _DIRECT_MODES = frozenset(
@@ -65,11 +67,77 @@ def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
     return sorted(out)
 
 
-def _to_rgb(im: Image.Image, path: Path) -> np.ndarray:
+def scan_image_folder(
+    folder: str | Path, *, external_symlinks: str = "refuse"
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under ``folder``, as an image to use or with the reason it is not one.
+
+    Returns (images sorted by path, [(path, reason)] sorted by path). Hidden files and folders
+    (name starting with '.') are left out silently. A symbolic link to a file or folder outside
+    ``folder`` is refused and reported, or followed with ``external_symlinks="follow"``; a link to
+    a folder inside it is reported (its files are listed where they are); a dangling link, and a
+    file whose extension is not in IMAGE_EXTENSIONS, are reported.
+    """
+    if external_symlinks not in ("refuse", "follow"):
+        raise ValueError(f"external_symlinks must be 'refuse' or 'follow', got {external_symlinks!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a directory of images")
+    root = os.path.realpath(folder)
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                target = os.path.realpath(path)
+                if not os.path.exists(target):
+                    skipped.append((path, f"dangling symbolic link to {os.readlink(path)}"))
+                    continue
+                outside = not (target == root or target.startswith(root + os.sep))
+                if outside and external_symlinks == "refuse":
+                    skipped.append((path, f"symbolic link to {target}, outside the image folder (refused; "
+                                          "set label.external_symlinks: follow to label it)"))
+                    continue
+                if os.path.isdir(target) and not outside:
+                    skipped.append((path, f"symlinked folder (to {target}): its files are labelled where they are"))
+                    continue
+            if entry.is_dir():
+                pending.append(path)
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((path, f"not an image file (extension {path.suffix or 'none'!r}; "
+                                      f"supported: {', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            elif entry.is_file():
+                images.append(path)
+            else:
+                skipped.append((path, "not a regular file"))
+    return sorted(images), sorted(skipped)
+
+
+def _int32_format(im: Image.Image) -> str | None:
+    """'signed' / 'unsigned' for a 32-bit integer TIFF (its BitsPerSample and SampleFormat tags),
+    None for anything else (read before any transpose: copies lose the tags)."""
+    tags = getattr(im, "tag_v2", None)
+    if im.mode != "I" or tags is None or tags.get(258) not in (32, (32,)):
+        return None
+    return "unsigned" if tags.get(339) in (1, (1,)) else "signed"
+
+
+def _to_rgb(im: Image.Image, path: Path, int32: str | None = None) -> np.ndarray:
     if im.mode in _WIDE_INT_MODES:
-        # 16-bit data (I;16*, or I as PIL opens 16-bit PNGs): keep the top 8 bits.
         arr = np.asarray(im).astype(np.int64)
-        gray = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+        if int32 is not None:
+            # 32-bit integer TIFF: scale its range onto 8 bits (signed: 0..2^31-1; unsigned: 0..2^32-1).
+            unsigned = int32 == "unsigned"
+            gray = ((arr & 0xFFFFFFFF) >> 24) if unsigned else (np.clip(arr, 0, None) >> 23)
+        else:
+            # 16-bit data (I;16*, or I as PIL opens 16-bit PNGs): keep the top 8 bits.
+            gray = np.clip(arr, 0, 65535) >> 8
+        gray = gray.astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if im.mode not in _DIRECT_MODES:
         raise UnreadableImageError(
@@ -99,9 +167,10 @@ def read_image_rgb(path: str | Path, *, exif_orientation: bool = True) -> np.nda
     try:
         with Image.open(path) as im:
             im.load()
+            int32 = _int32_format(im)
             if exif_orientation:
                 im = ImageOps.exif_transpose(im)
-            return _to_rgb(im, path)
+            return _to_rgb(im, path, int32)
     except UnidentifiedImageError:
         raise UnreadableImageError(path, "not an image (format not recognised)") from None
     except Image.DecompressionBombError as err:

@@ -470,7 +470,14 @@ def read_class_file(path: str | Path) -> list[str]:
     shift every following class index).
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM is no part of the first name
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     for i, line in enumerate(lines):
