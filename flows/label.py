@@ -7,8 +7,9 @@ pending shards on the configured task runner, then merges the finished shards an
 summary. Inside a shard every image goes through four steps on the shard's worker -- CLIP
 tiling, detection, Stage 1.1, Stage 1.2 -- as plain calls, not tasks, so a shard costs one task
 run whatever its size and tensors never leave the worker; each step's seconds are summed into the
-shard's timings (the summary's seconds per image). The shard task takes and returns plain records. Images are decoded on ``label.num_workers`` threads
-while the models run (decoding only; resizing with torch stays on the model thread).
+shard's timings (the summary's seconds per image). The shard task takes and returns plain
+records. Images are decoded on ``label.num_workers`` threads while the models run (decoding only;
+resizing with torch stays on the model thread).
 """
 
 from __future__ import annotations
