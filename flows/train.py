@@ -33,6 +33,7 @@ from flows.common import (
     features_root,
     inference_spec,
     output_root,
+    project_path,
     stage_params,
     table_artifact,
     train_index_path,
@@ -121,7 +122,7 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
         steps.flush()
         if epoch not in logged_epochs:
             tracking.log_epoch(params, run_id, epoch, summary)
-        log.info("epoch %d/%d: %s", epoch + 1, settings.epochs, {k: round(v, 4) for k, v in summary.items()})
+        log.info("epoch %d/%d: %s", epoch + 1, settings.epochs, epoch_line(summary))
 
     def on_resume(summaries: list[dict[str, float]], losses: list[float]) -> None:
         for step, loss in enumerate(losses):
@@ -161,6 +162,28 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     )
     return {"checkpoint": path.as_posix(), "epochs": result.epochs, "start_epoch": result.start_epoch,
             "steps": result.steps}
+
+
+EPOCHS_FILE = "train_epochs.csv"  # one row per epoch: the loss curve `dvc plots show` draws
+
+
+def epoch_line(summary: dict[str, float]) -> str:
+    """An epoch summary as one readable line: ``loss 5.4261, lr 0.05, seconds 0.09``."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
+
+
+def write_epochs_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The epochs of the run (resumed ones included) as CSV, atomically."""
+    import csv
+    import io
+
+    from components.io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _device(params: Params) -> torch.device:
@@ -256,6 +279,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
                "model_version": f"{params.tracking.registered_model}/{version}",
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
+    write_epochs_csv(project_path(params, "metrics") / EPOCHS_FILE, rows)
     print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))
     table_artifact(rows, key="train-epochs", description=f"aligner training, MLflow run {run_id}")
     return summary

@@ -5,6 +5,7 @@ after a settings change from the kept SAM masks, and the semi-supervised presenc
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import time
 from pathlib import Path
@@ -383,3 +384,39 @@ def test_a_second_label_run_on_the_same_output_fails_at_once_and_touches_nothing
     assert "another `fmbseg label` run" in second.stderr and "stage1" in second.stderr
     assert elapsed < 60
     assert sorted(p.name for p in shards.iterdir()) == [".other-run.parquet.abc.parquet.tmp", "other-run.json"]
+
+
+@pytest.mark.slow
+def test_two_concurrent_label_processes_one_labels_the_other_refuses(tmp_path: Path) -> None:
+    """Two real `fmbseg label` processes on one output: the second exits 75 naming the first's pid
+    while the first runs on and finishes its store intact."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_synthetic_unlabelled(project / "imgs", num_images=4, seed=0, size=(48, 64))
+    cli = Path(sys.executable).with_name("fmbseg")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("PREFECT_API_URL", None)  # each process starts Prefect's temporary server: the first holds the lock for it
+    first = subprocess.Popen([str(cli), "label"], cwd=project, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        lock = project / "pseudo" / ".stage1.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        second = subprocess.run([str(cli), "label"], cwd=project, env=env, capture_output=True, text=True)
+        out, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert f"pid {first.pid} holds" in second.stderr
+    assert first.returncode == 0, out[-3000:]
+    summary = json.loads((project / "pseudo" / "stage1" / "summary.json").read_text())
+    assert summary["images_labelled"] == 4

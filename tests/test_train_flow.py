@@ -130,6 +130,8 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     fmbseg("train", "--params", "params.yaml")
     loaded = load_aligner(project / "models" / "aligner.pt")
     assert not (project / "models" / "train_state.pt").exists()
+    curve = (project / "metrics" / "train_epochs.csv").read_text().splitlines()  # the dvc plots loss curve
+    assert curve[0].startswith("epoch,loss") and [line.split(",")[0] for line in curve[1:]] == ["0", "1"]
     assert loaded.class_names == VOCABULARY and loaded.prototypes.shape == (4, 32)
     assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", 112, "mini-clip")
     params = load_params("params.yaml")
