@@ -21,18 +21,16 @@ architecture and cost; the header says so).
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from _shared import ForwardTimer, clock, load_params
 
 from components.aligner.checkpoint import InferenceSpec
 from components.aligner.model import Aligner
-from components.config import Params, deep_merge, parse_params
+from components.config import Params
 from components.datasets.readers import CanonicalDataset
 from components.datasets.synthetic import write_synthetic_benchmark
 from components.evaluation.benchmark import benchmark_prompts, evaluate_batch
@@ -46,46 +44,8 @@ from components.models import (
 )
 from components.segmenter import Segmenter, VocabularySegmenter
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_HW = (375, 500)
 MODULES = ("dino", "aligner", "sam_encoder", "sam_decoder")
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class ForwardTimer:
-    """Wall seconds inside the forwards of named module groups (forward pre / post hooks)."""
-
-    def __init__(self, groups: dict[str, list[torch.nn.Module]], device: torch.device) -> None:
-        self.seconds = dict.fromkeys(groups, 0.0)
-        self.device = device
-        self._start: dict[int, float] = {}
-        for name, modules in groups.items():
-            for module in modules:
-                module.register_forward_pre_hook(self._pre)
-                module.register_forward_hook(functools.partial(self._post, name))
-
-    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
-        self._start[id(module)] = _clock(self.device)
-
-    def _post(self, name: str, module: torch.nn.Module, args: tuple, output: object) -> None:
-        self.seconds[name] += _clock(self.device) - self._start.pop(id(module))
-
-    def reset(self) -> None:
-        self.seconds = dict.fromkeys(self.seconds, 0.0)
-
-
-def load_params(profile: str) -> Params:
-    """params.yaml (+ configs/demo.yaml for the demo profile)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
-    raw["models"]["profile"] = profile
-    return parse_params(raw)
 
 
 def build(params: Params, device: torch.device, dtype: str, data: CanonicalDataset) -> dict[str, Any]:
@@ -127,9 +87,9 @@ def run(name: str, built: dict[str, Any], data: CanonicalDataset, ids: list[str]
     if warmup:
         evaluate_batch(data, ids[:warmup], segment=segment, num_classes=num_classes, variants=variants)
     timer.reset()
-    start = _clock(device)
+    start = clock(device)
     evaluate_batch(data, ids[warmup:], segment=segment, num_classes=num_classes, variants=variants)
-    wall = _clock(device) - start
+    wall = clock(device) - start
     return {"wall": wall, "images": len(ids) - warmup, "forwards": dict(timer.seconds)}
 
 

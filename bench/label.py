@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from _shared import clock, load_params
 from segment_anything import SamAutomaticMaskGenerator
 
-from components.config import deep_merge, parse_params
 from components.datasets.readers import read_image_rgb
 from components.datasets.synthetic import write_synthetic_unlabelled
 from components.labelling.stage1 import (
@@ -67,15 +66,8 @@ from components.models import (
 )
 from flows.label import prefetch, stage1_settings, vocabulary_lines
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_HW = (480, 640)
 STEPS = ("clip", "sam_encoder", "prompts", "amg", "labelling", "io")
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class ForwardTimer:
@@ -90,10 +82,10 @@ class ForwardTimer:
             module.register_forward_hook(self._post)
 
     def _pre(self, module: torch.nn.Module, args: tuple) -> None:
-        self._start = _clock(self.device)
+        self._start = clock(self.device)
 
     def _post(self, module: torch.nn.Module, args: tuple, output: object) -> None:
-        self.seconds += _clock(self.device) - self._start
+        self.seconds += clock(self.device) - self._start
 
 
 class Clocks:
@@ -106,20 +98,16 @@ class Clocks:
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        start = _clock(self.device)
+        start = clock(self.device)
         try:
             yield
         finally:
-            self.steps[name] += _clock(self.device) - start
+            self.steps[name] += clock(self.device) - start
 
 
 def load_settings(profile: str) -> tuple[Any, Stage1Settings]:
-    """params.yaml (+ configs/demo.yaml for the demo profile) -> (Params, Stage1Settings)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
-    raw["models"]["profile"] = profile
-    params = parse_params(raw)
+    """The profile's settings -> (Params, Stage1Settings)."""
+    params = load_params(profile)
     return params, stage1_settings(params.label)
 
 
@@ -151,7 +139,7 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
         return read_image_rgb(path)
 
     labels, detections, entries = [], [], []
-    start = _clock(device)
+    start = clock(device)
     decoded = prefetch(load, paths, workers if mode == "fmbseg" else 0)
     with torch.inference_mode(), autocast_context(device, dtype):
         for i, path in enumerate(paths):
@@ -159,7 +147,7 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
                 prepared = prepare_image(next(decoded), clip_side=side, mean=clip.spec.mean, std=clip.spec.std,
                                          sam_size=settings.sam_size)
             with clocks.step("clip"):
-                t0 = _clock(device)
+                t0 = clock(device)
                 if mode == "fmbseg":
                     feats = clip_features(clip.model, prepared.clip_pixels, grid=settings.grid,
                                           mode=settings.dense_mode, crop_batch=settings.crop_batch)
@@ -167,7 +155,7 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
                 else:
                     cls, patches = straightforward_clip(clip.model, prepared.clip_pixels.to(device), settings.grid,
                                                         settings.dense_mode)
-                clocks.clip_forward += _clock(device) - t0
+                clocks.clip_forward += clock(device) - t0
             with clocks.step("labelling"):
                 found = presence(cls, protos, min_crops=settings.min_crops)
             with clocks.step("sam_encoder"):
@@ -194,7 +182,7 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
         with clocks.step("io"):
             record = ShardRecord(mode, "bench", "bench", entries, rows={e.image_id: i for i, e in enumerate(entries)})
             write_shard(out, record, labels, detections)
-    wall = _clock(device) - start
+    wall = clock(device) - start
     inside = clocks.clip_forward + sam_timer.seconds - sam_before
     return {"wall": wall, "steps": clocks.steps, "inside": inside, "masks": sum(len(r["amg_masks"]) for r in labels)}
 
