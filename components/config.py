@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from components.io import MAX_UINT8_CLASSES
+
 __all__ = [
     "ConfigError",
     "TEMPLATE_SETS",
@@ -143,7 +145,7 @@ class AmgConfig(_Section):
     max_area_frac: float = Field(0.95, ge=0.0, le=1.0)
 
 
-MAX_LABEL_CLASSES = 255  # uint8 label maps: class indices 0..254, 255 = unlabelled / ignore
+MAX_LABEL_CLASSES = MAX_UINT8_CLASSES  # uint8 label maps: class indices 0..254, 255 = unlabelled / ignore
 
 
 class LabelConfig(_Section):

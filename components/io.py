@@ -21,6 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+UNLABELLED = 255
+"""The label-map value of a pixel no class claims: Stage 1's unlabelled, the benchmarks' ignore,
+predict's "no class". Every module that writes or reads label maps uses this one."""
+MAX_UINT8_CLASSES = 255
+"""Classes an 8-bit label map holds next to UNLABELLED: indices 0..254."""
+
 __all__ = [
     "fs_path",
     "path_text",

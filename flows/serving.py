@@ -41,7 +41,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from packaging.requirements import Requirement
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.io import decode_label_png, encode_label_png
+from components.io import MAX_UINT8_CLASSES, UNLABELLED, decode_label_png, encode_label_png
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the key of the aligner checkpoint in the model's artifacts
-NONE_INDEX = 255  # label map value of a pixel that no class claims
-MAX_CLASSES = 255  # indices 0..254 fit a uint8 map next to NONE_INDEX
+NONE_INDEX = UNLABELLED  # label map value of a pixel that no class claims
+MAX_CLASSES = MAX_UINT8_CLASSES  # indices 0..254 fit a uint8 map next to NONE_INDEX
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 SIGNATURE = ModelSignature(

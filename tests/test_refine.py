@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.evaluation.refine import paint_by_score, paint_masks, refine_with_masks
+from components.evaluation.refine import refine_with_masks
+from components.labelmaps import paint_by_score, paint_masks
 
 H, W = 12, 10
 

@@ -47,7 +47,7 @@ from components.datasets.registry import (
     get_benchmark,
     read_class_file,
 )
-from components.io import encode_label_png
+from components.io import UNLABELLED, encode_label_png
 
 __all__ = [
     "IGNORE_INDEX",
@@ -69,7 +69,7 @@ __all__ = [
     "prepare_dataset",
 ]
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = UNLABELLED
 # COCO ids (0-indexed, as stored in stuffthingmaps) of the 11 thing classes COCO never annotated:
 # street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door, blender, hair brush.
 COCOSTUFF_UNUSED_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)

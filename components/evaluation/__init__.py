@@ -16,7 +16,8 @@ from components.evaluation.inference import (
     upsampled_max,
 )
 from components.evaluation.metrics import MeanIoU
-from components.evaluation.refine import PAINT_ORDERS, paint_by_score, paint_masks, refine_with_masks
+from components.evaluation.refine import refine_with_masks
+from components.labelmaps import PAINT_ORDERS, paint_by_score, paint_masks
 
 __all__ = [
     "PAINT_ORDERS",

@@ -41,7 +41,7 @@ from components.evaluation.inference import PromptSet, build_prompt_set
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.overlay import write_overlay
 from components.evaluation.paper_numbers import STAGE1_VARIANTS
-from components.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from components.io import UNLABELLED, atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.labelling.stage1 import (
     Stage1Settings,
     automatic_masks,
@@ -79,7 +79,7 @@ __all__ = [
     "display_names",
 ]
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = UNLABELLED
 STATE_FORMAT = 1
 BACKGROUND_HANDLING: tuple[str, ...] = ("class0", "ignored", "none")
 

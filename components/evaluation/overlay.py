@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from components.io import atomic_write_bytes
+from components.io import UNLABELLED, atomic_write_bytes
 
 __all__ = ["IGNORE_INDEX", "palette", "colorize", "overlay_picture", "write_overlay"]
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = UNLABELLED
 
 _TITLE_HEIGHT = 22
 _SWATCH = 14

@@ -1,150 +1,21 @@
-"""Painting labelled masks into label maps, and FMbSeg Stage 2 (refined).
-
-Shared by the labelling stages and evaluation:
-- Stage 1.1 (DESIGN.md §4): overlapping SAM masks go to the mask with the higher SAM score
-  (`paint_by_score`).
-- Stage 1.2: masks painted larger first, smaller on top (`paint_masks`, order "area_desc").
-- Stage 2 (refined), paper §3.4: every SAM automatic mask takes the majority class of the base
-  prediction inside it and is painted over the base map (`refine_with_masks`).
-
-Painting in a sequence and keeping, at each pixel, the label of the last-painted covering mask are
-the same thing; the functions compute the latter in one pass instead of looping over masks.
+"""FMbSeg Stage 2 (refined), paper §3.4: every SAM automatic mask takes the majority class of the
+base prediction inside it and is painted over the base map (`refine_with_masks`). Painting itself
+is components/labelmaps.py's (shared with Stage 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
-
-import numpy as np
 import torch
 from torch import Tensor
 
-MaskStack = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
-"""Masks as a [M, H, W] bool tensor/array or a sequence of M [H, W] bool tensors/arrays."""
+from components.labelmaps import (
+    MaskStack,
+    area_desc_order,
+    last_painted,
+    stack_masks,
+)
 
-PaintOrder = Literal["area_desc", "given"]
-PAINT_ORDERS: tuple[str, ...] = ("area_desc", "given")
-
-
-def _stack_masks(masks: MaskStack, shape: tuple[int, int], device: torch.device) -> Tensor:
-    """[M, H, W] bool tensor on `device`; raises ValueError on another dtype or spatial size."""
-    if isinstance(masks, (Tensor, np.ndarray)):
-        stack = torch.as_tensor(masks)
-    elif len(masks) == 0:
-        stack = torch.zeros(0, *shape, dtype=torch.bool)
-    else:
-        stack = torch.stack([torch.as_tensor(m).to(device) for m in masks])
-    if stack.dtype != torch.bool:
-        raise ValueError(f"masks must be bool, got {stack.dtype}")
-    if stack.dim() != 3 or tuple(stack.shape[1:]) != tuple(shape):
-        raise ValueError(f"masks must be [M, {shape[0]}, {shape[1]}], got {tuple(stack.shape)}")
-    return stack.to(device)
-
-
-def _device_of(masks: MaskStack) -> torch.device:
-    """Where the masks are: a tensor's (or a sequence's first tensor's) device, else CPU."""
-    if isinstance(masks, Tensor):
-        return masks.device
-    if not isinstance(masks, np.ndarray) and len(masks) and isinstance(masks[0], Tensor):
-        return masks[0].device
-    return torch.device("cpu")
-
-
-def _per_mask_vector(values: Tensor | np.ndarray | Sequence[int], count: int, name: str) -> Tensor:
-    vector = torch.as_tensor(values)
-    if vector.dim() != 1 or vector.shape[0] != count:
-        raise ValueError(f"{name} must have one entry per mask ({count}), got shape {tuple(vector.shape)}")
-    return vector
-
-
-def _last_painted(masks: Tensor, paint_order: Tensor) -> Tensor:
-    """Index of the mask painted last among those covering each pixel.
-
-    masks: [M, H, W] bool; paint_order: [M] int64 permutation, paint_order[0] painted first.
-    Returns [H, W] int64 mask index into `masks`, -1 where no mask covers the pixel.
-    """
-    height, width = masks.shape[1:]
-    if masks.shape[0] == 0:
-        return torch.full((height, width), -1, dtype=torch.int64, device=masks.device)
-    reverse = paint_order.flip(0).to(masks.device)
-    stack = masks[reverse]
-    # argmax returns the first maximum: the first covering mask in reverse paint order.
-    first = stack.view(torch.uint8).argmax(dim=0)
-    return torch.where(stack.any(dim=0), reverse[first], torch.full_like(first, -1))
-
-
-def _area_desc_order(masks: Tensor) -> Tensor:
-    """Paint order larger masks first; equal areas keep their given order. [M] int64."""
-    area = masks.flatten(1).sum(dim=1)
-    return torch.argsort(area, descending=True, stable=True)
-
-
-def _paint_uint8(winner: Tensor, labels: Tensor, fill: int) -> Tensor:
-    """[H, W] uint8: labels[winner], `fill` where winner is -1."""
-    if not 0 <= fill <= 255:
-        raise ValueError(f"fill must be in [0, 255], got {fill}")
-    filled = torch.full(winner.shape, fill, dtype=torch.uint8, device=winner.device)
-    if labels.numel() == 0:
-        return filled
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if int(labels.min()) < 0 or int(labels.max()) > 255:
-        raise ValueError(
-            f"labels must be in [0, 255] for a uint8 map, got [{int(labels.min())}, {int(labels.max())}]"
-        )
-    labels = labels.to(device=winner.device, dtype=torch.uint8)
-    return torch.where(winner >= 0, labels[winner.clamp(min=0)], filled)
-
-
-def paint_masks(
-    masks: MaskStack,
-    labels: Tensor | np.ndarray | Sequence[int],
-    shape: tuple[int, int],
-    *,
-    fill: int = 255,
-    order: PaintOrder = "area_desc",
-) -> Tensor:
-    """Label map from labelled masks, later-painted masks on top.
-
-    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, 255]; shape:
-    (H, W). order "area_desc" (Stage 1.2): larger masks painted first, so at each pixel the smallest
-    covering mask wins (equal areas: the one later in the input); "given": painted in input order,
-    the last covering mask wins. Returns [H, W] uint8 on the masks' device (CPU for numpy input),
-    `fill` (255 = ignore) where no mask covers.
-    """
-    device = _device_of(masks)
-    stack = _stack_masks(masks, shape, device)
-    labels = _per_mask_vector(labels, stack.shape[0], "labels")
-    if order == "area_desc":
-        paint_order = _area_desc_order(stack)
-    elif order == "given":
-        paint_order = torch.arange(stack.shape[0], device=device)
-    else:
-        raise ValueError(f"unknown paint order {order!r}; supported: {PAINT_ORDERS}")
-    return _paint_uint8(_last_painted(stack, paint_order), labels, fill)
-
-
-def paint_by_score(
-    masks: MaskStack,
-    labels: Tensor | np.ndarray | Sequence[int],
-    scores: Tensor | np.ndarray | Sequence[float],
-    shape: tuple[int, int],
-    *,
-    fill: int = 255,
-) -> Tensor:
-    """Label map where overlapping masks go to the higher score (Stage 1.1: SAM predicted IoU).
-
-    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, 255]; scores: [M]
-    floats (equal scores: the mask later in the input wins); shape: (H, W). Returns [H, W] uint8,
-    `fill` where no mask covers.
-    """
-    device = _device_of(masks)
-    stack = _stack_masks(masks, shape, device)
-    labels = _per_mask_vector(labels, stack.shape[0], "labels")
-    scores = _per_mask_vector(scores, stack.shape[0], "scores").to(device)
-    paint_order = torch.argsort(scores, stable=True)
-    return _paint_uint8(_last_painted(stack, paint_order), labels, fill)
+__all__ = ["refine_with_masks"]
 
 
 def _majority_labels(masks: Tensor, base: Tensor, num_classes: int) -> Tensor:
@@ -175,9 +46,9 @@ def refine_with_masks(base: Tensor, masks: MaskStack, num_classes: int) -> Tenso
         raise ValueError(
             f"base values must be in [0, {num_classes}), got [{int(base.min())}, {int(base.max())}]"
         )
-    stack = _stack_masks(masks, tuple(base.shape), base.device)
+    stack = stack_masks(masks, tuple(base.shape), base.device)
     if stack.shape[0] == 0:
         return base.clone()
     labels = _majority_labels(stack, base, num_classes)
-    winner = _last_painted(stack, _area_desc_order(stack))
+    winner = last_painted(stack, area_desc_order(stack))
     return torch.where(winner >= 0, labels[winner.clamp(min=0)], base)

@@ -36,6 +36,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from components.io import (
+    MAX_UINT8_CLASSES,
     atomic_write_bytes,
     atomic_write_text,
     decode_label_png,
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 CLASSES_FILE = "classes.txt"
-MAX_CLASSES = 255  # the store's maps are uint8 with 255 = unlabelled
+MAX_CLASSES = MAX_UINT8_CLASSES  # the store's maps are uint8 with 255 = unlabelled
 NONE = 255
 
 

@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from torch import Tensor
 
-from components.evaluation.refine import paint_by_score, paint_masks
+from components.io import UNLABELLED
 from components.labelling.detect import (
     Presence,
     crop_classes,
@@ -39,6 +39,7 @@ from components.labelling.detect import (
     presence_from_image_labels,
     prompt_patches,
 )
+from components.labelmaps import paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
 from components.models.sam import SamImage
 
@@ -64,7 +65,7 @@ __all__ = [
     "label_image",
 ]
 
-IGNORE = 255
+IGNORE = UNLABELLED
 
 
 @dataclass(frozen=True)
