@@ -43,10 +43,9 @@ from components.datasets.synthetic import write_synthetic_unlabelled
 from components.labelling.stage1 import (
     AmgMask,
     Stage1Settings,
-    automatic_masks,
-    clip_features,
     decode_masks,
     embed_sam,
+    label_image,
     prepare_image,
     presence,
     stage1_1,
@@ -125,6 +124,36 @@ def straightforward_clip(model: Any, clip_pixels: torch.Tensor, grid: int, mode:
     return torch.stack(cls), torch.cat(rows, dim=0)
 
 
+def straightforward_image(image: Any, clip: Any, sam: Any, protos: torch.Tensor, settings: Stage1Settings,
+                         device: torch.device, clocks: Clocks) -> tuple[Any, int, int]:
+    """One image the straightforward way: a CLS pass and a patch pass per crop, and the stock
+    SamAutomaticMaskGenerator (its own encoder pass, every candidate upsampled)."""
+    side = settings.grid * clip.spec.image_size
+    with clocks.step("io"):
+        prepared = prepare_image(image, clip_side=side, mean=clip.spec.mean, std=clip.spec.std,
+                                 sam_size=settings.sam_size)
+    with clocks.step("clip"):
+        t0 = clock(device)
+        cls, patches = straightforward_clip(clip.model, prepared.clip_pixels.to(device), settings.grid,
+                                            settings.dense_mode)
+        clocks.clip_forward += clock(device) - t0
+    with clocks.step("labelling"):
+        found = presence(cls, protos, min_crops=settings.min_crops)
+    with clocks.step("sam_encoder"):
+        embedded = embed_sam(sam, prepared.sam_image)
+    with clocks.step("prompts"):
+        s11 = stage1_1(embedded, patches, protos, found, top_k_points=settings.top_k_points)
+    with clocks.step("amg"):
+        generator = SamAutomaticMaskGenerator(sam, **vars(settings.amg), output_mode="coco_rle")
+        amg = [AmgMask(r["segmentation"]["counts"].encode(), r["predicted_iou"], r["stability_score"], r["area"])
+               for r in generator.generate(prepared.sam_image)]
+    with clocks.step("labelling"):
+        s12 = stage1_2(decode_masks(amg, settings.sam_size), patches, protos, found,
+                       min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
+        result = stage1_result(found, s11, s12, amg, label_size=settings.label_size)
+    return result, prepared.height, prepared.width
+
+
 def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Settings, workers: int,
         device: torch.device, dtype: str, out: Path) -> dict[str, Any]:
     """Label ``paths`` with one pipeline; returns wall seconds, per-step seconds, seconds in models."""
@@ -132,7 +161,6 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
     sam_timer = ForwardTimer([sam.image_encoder, sam.prompt_encoder, sam.mask_decoder], device)
     sam_before = sam_timer.seconds
     clocks = Clocks(device)
-    side = settings.grid * clip.spec.image_size
     vocabulary = models["vocabulary"]
 
     def load(path: Path) -> Any:
@@ -143,47 +171,26 @@ def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Se
     decoded = prefetch(load, paths, workers if mode == "fmbseg" else 0)
     with torch.inference_mode(), autocast_context(device, dtype):
         for i, path in enumerate(paths):
-            with clocks.step("io"):
-                prepared = prepare_image(next(decoded), clip_side=side, mean=clip.spec.mean, std=clip.spec.std,
-                                         sam_size=settings.sam_size)
-            with clocks.step("clip"):
-                t0 = clock(device)
-                if mode == "fmbseg":
-                    feats = clip_features(clip.model, prepared.clip_pixels, grid=settings.grid,
-                                          mode=settings.dense_mode, crop_batch=settings.crop_batch)
-                    cls, patches = feats.cls, feats.patches
-                else:
-                    cls, patches = straightforward_clip(clip.model, prepared.clip_pixels.to(device), settings.grid,
-                                                        settings.dense_mode)
-                clocks.clip_forward += clock(device) - t0
-            with clocks.step("labelling"):
-                found = presence(cls, protos, min_crops=settings.min_crops)
-            with clocks.step("sam_encoder"):
-                embedded = embed_sam(sam, prepared.sam_image)
-            with clocks.step("prompts"):
-                s11 = stage1_1(embedded, patches, protos, found, top_k_points=settings.top_k_points)
-            with clocks.step("amg"):
-                if mode == "fmbseg":
-                    amg = automatic_masks(embedded, settings.amg)
-                else:
-                    generator = SamAutomaticMaskGenerator(sam, **vars(settings.amg), output_mode="coco_rle")
-                    amg = [AmgMask(r["segmentation"]["counts"].encode(), r["predicted_iou"], r["stability_score"],
-                                   r["area"]) for r in generator.generate(prepared.sam_image)]
-            with clocks.step("labelling"):
-                s12 = stage1_2(decode_masks(amg, settings.sam_size), patches, protos, found,
-                               min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
-                result = stage1_result(found, s11, s12, amg, label_size=settings.label_size)
+            if mode == "fmbseg":  # the label stage's own per-image sequence, timed by its steps
+                image = next(decoded)
+                result = label_image(image, clip_model=clip.model, clip_mean=clip.spec.mean, clip_std=clip.spec.std,
+                                     clip_image_size=clip.spec.image_size, sam=sam, prototypes=protos,
+                                     settings=settings, dtype=dtype, seconds=clocks.steps)
+                height, width = image.shape[:2]
+            else:
+                result, height, width = straightforward_image(next(decoded), clip, sam, protos, settings, device,
+                                                              clocks)
             with clocks.step("io"):
                 entry = ImageEntry(path.stem, path.as_posix(), f"{i}")
                 entries.append(entry)
-                labels.append(labels_row(entry, result, height=prepared.height, width=prepared.width,
-                                         sam_size=settings.sam_size))
+                labels.append(labels_row(entry, result, height=height, width=width, sam_size=settings.sam_size))
                 detections.extend(detection_rows(entry.image_id, result, vocabulary))
         with clocks.step("io"):
             record = ShardRecord(mode, "bench", "bench", entries, rows={e.image_id: i for i, e in enumerate(entries)})
             write_shard(out, record, labels, detections)
     wall = clock(device) - start
-    inside = clocks.clip_forward + sam_timer.seconds - sam_before
+    clip_seconds = clocks.steps["clip"] if mode == "fmbseg" else clocks.clip_forward
+    inside = clip_seconds + sam_timer.seconds - sam_before
     return {"wall": wall, "steps": clocks.steps, "inside": inside, "masks": sum(len(r["amg_masks"]) for r in labels)}
 
 

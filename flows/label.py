@@ -201,63 +201,6 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
-# The four steps of one image are plain functions, not tasks: a task run per step per image would
-# cost more than the labelling math (about 12 ms each) and fill the server with ~4 rows per image.
-# Each adds its seconds to the shard's timings under its summary key, so the steps stay visible in
-# the label summary ("seconds/image clip", "sam_encoder", "prompts", "amg", "labelling", "io").
-def clip_tiling(model: Any, clip_pixels: Any, settings: Any, device: str, dtype: str,
-                seconds: dict[str, float]) -> Any:
-    """CLIP: one vision pass over the image's G² crops -> crop embeddings and the dense map."""
-    from components.labelling.stage1 import clip_features
-    from components.models.registry import autocast_context
-
-    with timed(seconds, "clip"), autocast_context(device, dtype):
-        return clip_features(
-            model, clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
-        )
-
-
-def detection(crop_embeddings: Any, prototypes: Any, min_crops: int, image_classes: list[int] | None,
-              seconds: dict[str, float]) -> Any:
-    """Object presence: crop votes with threshold T, or the image-level labels."""
-    from components.labelling.stage1 import presence
-
-    with timed(seconds, "labelling"):
-        return presence(crop_embeddings, prototypes, min_crops=min_crops, image_classes=image_classes)
-
-
-def stage1_1_step(sam: Any, sam_image: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
-    """SAM's image embedding (one encoder pass) and the Stage 1.1 masks from CLIP's point prompts."""
-    from components.labelling.stage1 import embed_sam, stage1_1
-    from components.models.registry import autocast_context
-
-    with autocast_context(device, dtype):
-        with timed(seconds, "sam_encoder"):
-            embedded = embed_sam(sam, sam_image)
-        with timed(seconds, "prompts"):
-            result = stage1_1(embedded, patches, prototypes, found, top_k_points=settings.top_k_points)
-    return embedded, result
-
-
-def stage1_2_step(embedded: Any, kept_masks: Any, patches: Any, prototypes: Any, found: Any, settings: Any,
-                  device: str, dtype: str, seconds: dict[str, float]) -> tuple[Any, Any]:
-    """Stage 1.2: SAM's automatic masks (or the kept ones) labelled by their mean CLIP feature."""
-    from components.labelling.stage1 import automatic_masks, decode_masks, stage1_2
-    from components.models.registry import autocast_context
-
-    with autocast_context(device, dtype):
-        if kept_masks is None:
-            with timed(seconds, "amg"):
-                kept_masks = automatic_masks(embedded, settings.amg)
-        with timed(seconds, "labelling"):
-            result = stage1_2(
-                decode_masks(kept_masks, settings.sam_size), patches, prototypes, found,
-                min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
-            )
-    return kept_masks, result
-
-
 def prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
     """``load(item)`` for each item in order, computed up to ``workers + 1`` items ahead on threads."""
     if workers < 1:
@@ -318,8 +261,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
     import torch
 
-    from components.labelling.detect import Presence
-    from components.labelling.stage1 import Stage1Settings, prepare_image, stage1_result
+    from components.labelling.stage1 import Stage1Settings, label_image
     from components.labelling.store import ImageEntry, ShardRecord, detection_rows, labels_row, write_shard
     from components.models.registry import resolve_device
 
@@ -361,25 +303,20 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         if loaded.image is None:
             skipped.append({"image_id": entry["image_id"], "path": entry["path"], "reason": str(loaded.reason)})
             continue
-        with timed(timings, "io"):  # torch resizing stays on this thread: on the decoding threads it
-            # would compete with the model forwards for torch's intra-op threads
-            prepared = prepare_image(
-                loaded.image, clip_side=settings.grid * bundle.spec.image_size, mean=bundle.spec.mean,
-                std=bundle.spec.std, sam_size=settings.sam_size,
-            )
-        classes = loaded.image_classes
-        features = clip_tiling(bundle.model, prepared.clip_pixels, settings, device, dtype, timings)
-        found: Presence = detection(features.cls, prototypes, settings.min_crops, classes, timings)
-        embedded, s11 = stage1_1_step(sam, prepared.sam_image, features.patches, prototypes, found, settings,
-                                      device, dtype, timings)
-        amg_masks, s12 = stage1_2_step(embedded, kept.get(entry["image_id"]), features.patches, prototypes, found,
-                                       settings, device, dtype, timings)
+        # the per-image sequence (components.labelling.stage1.label_image) runs on this thread,
+        # torch resizing included: on the decoding threads it would compete with the model forwards
+        # for torch's intra-op threads; its steps add their seconds to the shard's timings
+        result = label_image(
+            loaded.image, clip_model=bundle.model, clip_mean=bundle.spec.mean, clip_std=bundle.spec.std,
+            clip_image_size=bundle.spec.image_size, sam=sam, prototypes=prototypes, settings=settings,
+            image_classes=loaded.image_classes, kept_masks=kept.get(entry["image_id"]), dtype=dtype,
+            seconds=timings,
+        )
         with timed(timings, "io"):
-            result = stage1_result(found, s11, s12, amg_masks, label_size=settings.label_size)
             image_entry = ImageEntry(entry["image_id"], entry["path"], entry["sha256"])
             rows[entry["image_id"]] = len(labels)
-            labels.append(labels_row(image_entry, result, height=prepared.height, width=prepared.width,
-                                     sam_size=settings.sam_size))
+            height, width = loaded.image.shape[:2]
+            labels.append(labels_row(image_entry, result, height=height, width=width, sam_size=settings.sam_size))
             detections.extend(detection_rows(entry["image_id"], result, context["vocabulary"]))
     record = ShardRecord(
         shard_id=job["shard_id"],

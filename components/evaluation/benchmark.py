@@ -42,17 +42,7 @@ from components.evaluation.metrics import MeanIoU
 from components.evaluation.overlay import write_overlay
 from components.evaluation.paper_numbers import STAGE1_VARIANTS
 from components.io import UNLABELLED, atomic_write_bytes, atomic_write_json, atomic_write_text
-from components.labelling.stage1 import (
-    Stage1Settings,
-    automatic_masks,
-    clip_features,
-    decode_masks,
-    embed_sam,
-    prepare_image,
-    presence,
-    stage1_1,
-    stage1_2,
-)
+from components.labelling.stage1 import Stage1Settings, label_image
 from components.segmenter import Prediction, size_filter
 
 __all__ = [
@@ -194,23 +184,14 @@ class Stage1Segmenter:
     @torch.no_grad()
     def label(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Tensor:
         """The variant's pseudo label map in the SAM frame: [s, s] uint8 prompt index, 255 = unlabelled."""
-        settings = self.settings
-        prepared = prepare_image(
-            image, clip_side=settings.grid * self.clip_image_size, mean=self.clip_mean, std=self.clip_std,
-            sam_size=settings.sam_size,
+        variant = "stage1_2" if self.variant == "stage1_2" else "stage1_1"  # semi: Stage 1.1 with labels
+        result = label_image(
+            image, clip_model=self.clip_model, clip_mean=self.clip_mean, clip_std=self.clip_std,
+            clip_image_size=self.clip_image_size, sam=self.sam, prototypes=self.prototypes, settings=self.settings,
+            image_classes=list(image_classes) if image_classes is not None else None, variants=(variant,),
         )
-        features = clip_features(
-            self.clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode,
-            crop_batch=settings.crop_batch,
-        )
-        found = presence(features.cls, self.prototypes, min_crops=settings.min_crops,
-                         image_classes=list(image_classes) if image_classes is not None else None)
-        embedded = embed_sam(self.sam, prepared.sam_image)
-        if self.variant == "stage1_2":
-            masks = decode_masks(automatic_masks(embedded, settings.amg), settings.sam_size)
-            return stage1_2(masks, features.patches, self.prototypes, found,
-                            min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac).label
-        return stage1_1(embedded, features.patches, self.prototypes, found, top_k_points=settings.top_k_points).label
+        detail = result.stage1_2_detail if variant == "stage1_2" else result.stage1_1_detail
+        return detail.label
 
     def __call__(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Prediction:
         """[H, W, 3] uint8 RGB -> Prediction(base=[H, W] int64 in [0, C], C = unlabelled, refined=None).

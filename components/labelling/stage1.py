@@ -9,14 +9,17 @@ Frames (all squares, the aspect ratio is not kept):
 - Label maps are painted in the SAM frame and resized to ``label_size`` by pixel-centre nearest
   sampling ("nearest-exact"), which equals resizing every mask that way before painting.
 
-The per-image steps are separate functions so a flow can show and time them one by one;
-:func:`label_image` strings them together for a caller that wants one call per image.
+The per-image steps are separate functions (each with its own test); :func:`label_image` is the
+one sequence of them, timed step by step, that every caller runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import open_clip
@@ -41,6 +44,7 @@ from components.labelling.detect import (
 )
 from components.labelmaps import paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
+from components.models.registry import autocast_context
 from components.models.sam import SamImage
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "resize_label",
     "stage1_result",
     "label_image",
+    "STEP_KEYS",
 ]
 
 IGNORE = UNLABELLED
@@ -310,6 +315,32 @@ def stage1_result(
     )
 
 
+STEP_KEYS: tuple[str, ...] = ("io", "clip", "labelling", "sam_encoder", "prompts", "amg")
+"""Where :func:`label_image` adds each step's seconds (the label summary's "seconds/image" rows)."""
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float] | None, key: str) -> Iterator[None]:
+    if seconds is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+def _skipped_stage1_1(size: int, device: torch.device) -> Stage11Result:
+    return Stage11Result(torch.full((size, size), UNLABELLED, dtype=torch.uint8, device=device),
+                         torch.zeros(0, 0, 2), torch.zeros(0), torch.zeros(0))
+
+
+def _skipped_stage1_2(size: int, device: torch.device) -> Stage12Result:
+    return Stage12Result(torch.full((size, size), UNLABELLED, dtype=torch.uint8, device=device),
+                         torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+
+
 def label_image(
     image_rgb: np.ndarray,
     *,
@@ -322,26 +353,49 @@ def label_image(
     settings: Stage1Settings,
     image_classes: list[int] | None = None,
     kept_masks: list[AmgMask] | None = None,
+    variants: tuple[str, ...] = ("stage1_1", "stage1_2"),
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    seconds: dict[str, float] | None = None,
 ) -> Stage1Result:
-    """FMbSeg Stage 1 on one image: both pseudo label maps and what produced them.
+    """FMbSeg Stage 1 on one image: both pseudo label maps and what produced them. The one place
+    the per-image sequence is written: the label stage's shards, Stage 1's evaluation
+    (Stage1Segmenter) and bench/label.py all call it.
 
     image_rgb: [H, W, 3] uint8 RGB; prototypes: [K, D] text prototypes of the vocabulary;
     clip_image_size: S (the CLIP spec's input side); image_classes: image-level labels (vocabulary
     indices) for the semi-supervised variant, None to detect with CLIP; kept_masks: automatic
-    masks of an earlier run with the same SAM settings (skips the mask generator).
+    masks of an earlier run with the same SAM settings (skips the mask generator). variants: the
+    maps to make; a map left out is all 255 with empty details, and its work is skipped (Stage 1.1
+    alone runs no automatic mask generator, Stage 1.2 alone no point prompts). dtype: autocast of
+    the model forwards (on a GPU). seconds: when given, each step's wall time is added under
+    :data:`STEP_KEYS` ("io": resizing and assembling; "labelling": presence and mask labelling).
     """
-    prepared = prepare_image(
-        image_rgb, clip_side=settings.grid * clip_image_size, mean=clip_mean, std=clip_std, sam_size=settings.sam_size
-    )
-    features = clip_features(
-        clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode, crop_batch=settings.crop_batch
-    )
-    found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes)
-    embedded = embed_sam(sam, prepared.sam_image)
-    s11 = stage1_1(embedded, features.patches, prototypes, found, top_k_points=settings.top_k_points)
-    amg = automatic_masks(embedded, settings.amg) if kept_masks is None else kept_masks
-    s12 = stage1_2(
-        decode_masks(amg, settings.sam_size), features.patches, prototypes, found,
-        min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac,
-    )
-    return stage1_result(found, s11, s12, amg, label_size=settings.label_size)
+    unknown = set(variants) - {"stage1_1", "stage1_2"}
+    if unknown or not variants:
+        raise ValueError(f"variants must be some of stage1_1, stage1_2; got {variants}")
+    device = next(clip_model.parameters()).device
+    with _timed(seconds, "io"):
+        prepared = prepare_image(image_rgb, clip_side=settings.grid * clip_image_size, mean=clip_mean, std=clip_std,
+                                 sam_size=settings.sam_size)
+    with _timed(seconds, "clip"), autocast_context(device, dtype):
+        features = clip_features(clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode,
+                                 crop_batch=settings.crop_batch)
+    with _timed(seconds, "labelling"):
+        found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes)
+    with autocast_context(device, dtype):
+        with _timed(seconds, "sam_encoder"):
+            embedded = embed_sam(sam, prepared.sam_image)
+        s11 = _skipped_stage1_1(settings.sam_size, device)
+        if "stage1_1" in variants:
+            with _timed(seconds, "prompts"):
+                s11 = stage1_1(embedded, features.patches, prototypes, found, top_k_points=settings.top_k_points)
+        s12, amg = _skipped_stage1_2(settings.sam_size, device), kept_masks or []
+        if "stage1_2" in variants:
+            if kept_masks is None:
+                with _timed(seconds, "amg"):
+                    amg = automatic_masks(embedded, settings.amg)
+            with _timed(seconds, "labelling"):
+                s12 = stage1_2(decode_masks(amg, settings.sam_size), features.patches, prototypes, found,
+                               min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
+    with _timed(seconds, "io"):
+        return stage1_result(found, s11, s12, amg, label_size=settings.label_size)
