@@ -33,7 +33,8 @@ from components.aligner.model import Aligner
 from components.config import Params
 from components.datasets.readers import CanonicalDataset
 from components.datasets.synthetic import write_synthetic_benchmark
-from components.evaluation.benchmark import benchmark_prompts, evaluate_batch
+from components.evaluation.benchmark import evaluate_batch
+from components.evaluation.prompts import benchmark_prompts
 from components.models import (
     build_clip,
     build_dino,

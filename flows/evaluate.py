@@ -83,7 +83,7 @@ class _Context(NamedTuple):
 def _stage2_context(job: dict[str, Any]) -> _Context:
     from components.aligner.checkpoint import InferenceSpec, load_aligner
     from components.datasets.readers import CanonicalDataset
-    from components.evaluation.benchmark import background_index, benchmark_prompts, display_names
+    from components.evaluation.prompts import background_index, benchmark_prompts, display_names
     from components.models import get_spec, resolve_device
     from components.segmenter import Segmenter, VocabularySegmenter
 
@@ -115,7 +115,8 @@ def _stage2_context(job: dict[str, Any]) -> _Context:
 
 def _stage1_context(job: dict[str, Any]) -> _Context:
     from components.datasets.readers import CanonicalDataset
-    from components.evaluation.benchmark import Stage1Segmenter, benchmark_prompts, display_names
+    from components.evaluation.prompts import benchmark_prompts, display_names
+    from components.evaluation.stage1 import Stage1Segmenter
     from components.labelling.stage1 import Stage1Settings
     from components.models import prototypes, resolve_device
 
@@ -321,13 +322,9 @@ def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files
 def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
     """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
     from components.aligner.checkpoint import load_aligner
-    from components.evaluation.benchmark import (
-        background_index,
-        display_names,
-        state_key,
-        summarize,
-        write_summary,
-    )
+    from components.evaluation.benchmark import state_key
+    from components.evaluation.prompts import background_index, display_names
+    from components.evaluation.summary import summarize, write_summary
 
     params = stage_params(params_path)
     ev = params.evaluate.for_benchmark(dataset)  # evaluate's settings with the benchmark's overrides
@@ -405,8 +402,10 @@ def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[
 @flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}-{variant}")
 def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.yaml") -> dict[str, float]:
     """Stage 1's pseudo labels of a benchmark against its ground truth; returns the metrics."""
-    from components.evaluation.benchmark import display_names, state_key, summarize, write_summary
+    from components.evaluation.benchmark import state_key
     from components.evaluation.paper_numbers import STAGE1_VARIANTS
+    from components.evaluation.prompts import display_names
+    from components.evaluation.summary import summarize, write_summary
     from flows import tracking
 
     if variant not in STAGE1_VARIANTS:

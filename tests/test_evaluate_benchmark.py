@@ -17,22 +17,19 @@ from components.evaluation.benchmark import (
     BatchResult,
     EvalState,
     Prediction,
-    Stage1Segmenter,
-    background_index,
-    benchmark_prompts,
-    display_names,
     evaluate_batch,
     load_state,
     save_state,
     size_filter,
     state_key,
-    summarize,
     write_overlays,
-    write_summary,
 )
 from components.evaluation.inference import predict_logits
 from components.evaluation.metrics import MeanIoU
+from components.evaluation.prompts import background_index, benchmark_prompts, display_names
 from components.evaluation.refine import refine_with_masks
+from components.evaluation.stage1 import Stage1Segmenter
+from components.evaluation.summary import summarize, write_summary
 
 
 # ------------------------------------------------------------------------------------ references

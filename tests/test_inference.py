@@ -396,7 +396,7 @@ def test_upsampled_max_gives_the_winners_softmax_probability_with_a_logit_scale(
 
 
 def test_max_synonyms_prompt_each_synonym_for_its_class() -> None:
-    from components.evaluation.benchmark import benchmark_prompts
+    from components.evaluation.prompts import benchmark_prompts
 
     meta = {"background": "class0", "extra_background_classes": ["sky, clouds", "plant-other, plant"]}
     classes = ["background", "plant, potted plant", "person"]
