@@ -32,17 +32,34 @@ from segment_anything.utils.amg import (
     batched_mask_to_box,
     calculate_stability_score,
     is_box_near_crop_edge,
-    mask_to_rle_pytorch,
     uncrop_boxes_xyxy,
     uncrop_masks,
     uncrop_points,
 )
 from torchvision.ops.boxes import batched_nms
 
-__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES"]
+__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES", "masks_to_rle"]
 
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
 
+
+def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Uncompressed COCO RLEs of [B, H, W] bool masks, equal to segment_anything's
+    ``mask_to_rle_pytorch``, with one device-to-host copy for the whole batch instead of one
+    ``.cpu()`` (a GPU sync) per mask: the change positions are found on the device, split per mask
+    on the host."""
+    count, height, width = masks.shape
+    flat = masks.permute(0, 2, 1).flatten(1)  # column-major, as COCO counts
+    changes = (flat[:, 1:] ^ flat[:, :-1]).nonzero().cpu().numpy()  # [N, 2] (mask, position), sorted
+    first = flat[:, 0].cpu().numpy()
+    bounds = np.searchsorted(changes[:, 0], np.arange(count + 1))
+    total = height * width
+    out = []
+    for i in range(count):
+        edges = np.concatenate(([0], changes[bounds[i] : bounds[i + 1], 1] + 1, [total]))
+        counts = ([] if not first[i] else [0]) + np.diff(edges).tolist()
+        out.append({"size": [height, width], "counts": counts})
+    return out
 
 class PointMask(NamedTuple):
     """mask: [H, W] bool at the image's size; score: SAM's predicted IoU of that mask."""
@@ -182,7 +199,7 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
             iou_threshold=self.box_nms_thresh,
         )
         data.filter(keep_by_nms)
-        data["rles"] = mask_to_rle_pytorch(data["masks"])
+        data["rles"] = masks_to_rle(data["masks"])
         del data["masks"]
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
