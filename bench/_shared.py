@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-from components.config import Params, deep_merge, parse_params
-
-REPO = Path(__file__).resolve().parents[1]
+from components.config import Params, parse_params
+from flows.common import profile_settings
 
 
 def clock(device: torch.device) -> float:
@@ -45,8 +42,6 @@ class ForwardTimer:
 
 def load_params(profile: str) -> Params:
     """params.yaml (+ configs/demo.yaml for the demo profile)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
+    raw = profile_settings(profile)
     raw["models"]["profile"] = profile
     return parse_params(raw)

@@ -97,9 +97,9 @@ def _count_task_runs(api: str) -> int:
 def _project(root: Path, images: int, shard_size: int) -> Path:
     from components.config import deep_merge
     from components.datasets.synthetic import write_synthetic_unlabelled
+    from flows.common import profile_settings
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw = deep_merge(raw, yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
+    raw = profile_settings("demo")
     raw["models"]["profile"] = "demo"
     raw = deep_merge(raw, {"paths": {"images": "images"}, "label": {"shard_size": shard_size},
                            "features": {"shard_size": shard_size},

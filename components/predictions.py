@@ -42,6 +42,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from components.datasets.readers import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image_rgb
+from components.datasets.registry import display_name
 from components.evaluation.overlay import overlay_picture
 from components.io import atomic_write_bytes, atomic_write_text, encode_label_png, file_sha256
 from components.segmenter import Segmenter, SegmentResult
@@ -178,17 +179,13 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _display(line: str) -> str:
-    return line.split(",")[0].strip()
-
-
 def _record(source: Source, sha256: str, result: SegmentResult, classes: Sequence[str]) -> dict[str, Any]:
     height, width = result.label_map.shape
     present = []
     for k in result.present:
         present.append({
             "index": k,
-            "name": _display(classes[k]),
+            "name": display_name(classes[k]),
             "share": round(float(result.shares[k]), 6),
             "score": round(float(result.scores[k]), 6),
             "rle": mask_rle(result.label_map == k),
@@ -198,7 +195,7 @@ def _record(source: Source, sha256: str, result: SegmentResult, classes: Sequenc
 
 
 def _overlay_jpeg(image: np.ndarray, label: np.ndarray, classes: Sequence[str]) -> bytes:
-    picture = overlay_picture(image, None, {"prediction": label}, [_display(c) for c in classes])
+    picture = overlay_picture(image, None, {"prediction": label}, [display_name(c) for c in classes])
     buf = io.BytesIO()
     picture.save(buf, format="JPEG", quality=90)
     return buf.getvalue()

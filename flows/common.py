@@ -47,11 +47,25 @@ __all__ = [
     "stage1_settings",
     "inference_spec",
     "class_lines",
+    "profile_settings",
 ]
 
 PARAMS_FILE = "params.yaml"
 # the checkout this code runs from (configs/, the shipped params.yaml)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Raw settings of ``base`` (default: this checkout's params.yaml) with configs/demo.yaml merged
+    on top for the ``demo`` profile (what `make demo` runs, and `--profile demo` means)."""
+    import yaml
+
+    from components.config import deep_merge
+
+    raw = yaml.safe_load(Path(base or PROJECT_ROOT / PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    if profile == "demo":
+        raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
+    return raw
 
 
 # ------------------------------------------------------------------ where each stage writes, once

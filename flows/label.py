@@ -479,7 +479,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     from components.config import deep_merge, parse_params
     from components.io import atomic_write_text
     from components.labelling.export import MAX_CLASSES
-    from flows.common import PROJECT_ROOT, class_lines
+    from flows.common import PROJECT_ROOT, class_lines, profile_settings
 
     folder, dest = Path(images).resolve(), Path(out).resolve()
     if not folder.is_dir():
@@ -499,10 +499,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     base = Path(params_path or PARAMS_FILE) if profile is None else PROJECT_ROOT / PARAMS_FILE
     if not base.is_file():
         raise FileNotFoundError(f"settings file {base} does not exist: pass --params FILE or --profile demo|paper")
-    raw = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
-    raw = deep_merge(raw, {
+    raw = deep_merge(profile_settings(profile, base), {
         # the label flow also labels paths.incoming when that folder exists: point it at one that never does
         "paths": {"images": folder.as_posix(), "pseudo": dest.as_posix(),
                   "incoming": (dest / STAGE_DIR / "no-incoming").as_posix()},

@@ -463,6 +463,11 @@ def class_file_path(name: str) -> Path:
     return Path(str(resources.files("components.datasets") / "classes" / f"{name}.txt"))
 
 
+def display_name(line: str) -> str:
+    """The protocol's name of a class line: its first comma-separated synonym ("person, people" -> "person")."""
+    return line.split(",")[0].strip()
+
+
 def read_class_file(path: str | Path) -> list[str]:
     """Class lines of a class file: one class per line, comma-separated synonyms kept in the line.
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from components.datasets.registry import display_name
 from components.evaluation.inference import PromptSet, build_prompt_set
 
 __all__ = ["SYNONYM_RULES", "BACKGROUND_HANDLING", "benchmark_prompts", "background_index", "display_names"]
@@ -59,4 +60,4 @@ def background_index(meta: Mapping[str, Any]) -> int | None:
 
 def display_names(class_lines: Sequence[str]) -> list[str]:
     """The protocol's name of each class: the first of a line's comma-separated synonyms."""
-    return [line.split(",")[0].strip() for line in class_lines]
+    return [display_name(line) for line in class_lines]

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from components.datasets.registry import display_name
 from components.io import (
     MAX_UINT8_CLASSES,
     atomic_write_bytes,
@@ -118,10 +119,6 @@ def coco_annotations(label: np.ndarray, image_id: int, first_id: int) -> list[di
     return annotations
 
 
-def _display(line: str) -> str:
-    return line.split(",")[0].strip()
-
-
 def store_vocabulary(labels: PseudoLabels) -> list[str]:
     """The store's class lines; raises ValueError for more than a uint8 label map holds."""
     vocabulary = labels.vocabulary
@@ -185,7 +182,7 @@ def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], varian
         "info": {"description": f"fmbseg {variant} pseudo labels of {labels.root}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": _display(line)} for k, line in enumerate(vocabulary)],
+        "categories": [{"id": k + 1, "name": display_name(line)} for k, line in enumerate(vocabulary)],
     }
     coco_path = out / f"{variant}.json"
     atomic_write_text(coco_path, json.dumps(coco, separators=(",", ":")) + "\n")  # compact: large at scale

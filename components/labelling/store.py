@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components.datasets.registry import display_name
 from components.io import (
     atomic_path,
     atomic_write_json,
@@ -339,7 +340,7 @@ def detection_rows(image_id: str, result: Stage1Result, class_names: list[str]) 
             {
                 "image_id": image_id,
                 "class_id": k,
-                "class_name": class_names[k].split(",")[0].strip(),
+                "class_name": display_name(class_names[k]),
                 "crops_won": won,
                 "points_xy": s11.points_xy[i].tolist(),
                 "sam_score": float(s11.scores[i]),
