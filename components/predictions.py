@@ -216,14 +216,17 @@ class _Item:
     sha256: str
     image: np.ndarray | None
     error: str | None
+    done: bool = False  # segmented by an earlier run with these settings: not decoded
 
 
-def _load(source: Source, sha256: Callable[[Path], str]) -> _Item:
-    """Hash the file and decode it (the decode only matters when the image is not done)."""
+def _load(source: Source, sha256: Callable[[Path], str], is_done: Callable[[Source, str], bool]) -> _Item:
+    """Hash the file and, unless an earlier run already segmented these bytes, decode it."""
     try:
         sha = sha256(source.path)
     except OSError as err:
         return _Item(source, "", None, f"{type(err).__name__}: {err}")
+    if is_done(source, sha):
+        return _Item(source, sha, None, None, done=True)
     try:
         return _Item(source, sha, read_image_rgb(source.path), None)
     except UnreadableImageError as err:
@@ -290,10 +293,10 @@ def predict_images(
     atomic_write_text(out / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
     done = {r["output"]: r for r in _read_records(records_path)}
 
-    def is_done(item: _Item) -> bool:
-        record = done.get(f"{item.source.stem}.png")
-        return (record is not None and record["sha256"] == item.sha256 and (out / record["output"]).exists()
-                and (not overlays or (out / f"{item.source.stem}_overlay.jpg").exists()))
+    def is_done(source: Source, sha: str) -> bool:
+        record = done.get(f"{source.stem}.png")
+        return (record is not None and record["sha256"] == sha and (out / record["output"]).exists()
+                and (not overlays or (out / f"{source.stem}_overlay.jpg").exists()))
 
     def write(batch: list[_Item], results: list[SegmentResult]) -> int:
         lines = []
@@ -321,12 +324,12 @@ def predict_images(
 
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as readers, ThreadPoolExecutor(max_workers=1) as writer:
         pending: tuple[Future[int], int] | None = None
-        for batch_items in _batches(readers, sources, batch_size, ahead=2, sha256=sha256):
+        for batch_items in _batches(readers, sources, batch_size, ahead=2, sha256=sha256, is_done=is_done):
             todo = []
             for item in batch_items:
                 if item.error is not None:
                     skipped.append((item.source.path.as_posix(), item.error))
-                elif is_done(item):
+                elif item.done:
                     resumed += 1
                 else:
                     todo.append(item)
@@ -344,15 +347,15 @@ def predict_images(
 
 
 def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int,
-             sha256: Callable[[Path], str]) -> Iterator[list[_Item]]:
+             sha256: Callable[[Path], str], is_done: Callable[[Source, str], bool]) -> Iterator[list[_Item]]:
     """Batches of loaded items in listing order (batch i = sources[i*size:(i+1)*size]), `ahead`
     batches loading in `pool` while the caller works."""
     chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
     queue: list[list[Future[_Item]]] = []
     for chunk in chunks[:ahead]:
-        queue.append([pool.submit(_load, s, sha256) for s in chunk])
+        queue.append([pool.submit(_load, s, sha256, is_done) for s in chunk])
     for index in range(len(chunks)):
         futures = queue.pop(0)
         if index + ahead < len(chunks):
-            queue.append([pool.submit(_load, s, sha256) for s in chunks[index + ahead]])
+            queue.append([pool.submit(_load, s, sha256, is_done) for s in chunks[index + ahead]])
         yield [f.result() for f in futures]

@@ -97,7 +97,7 @@ def test_outputs_at_original_sizes_with_records_and_skips(segmenter, tmp_path):
             assert overlay.format == "JPEG"
 
 
-def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path):
+def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path, monkeypatch):
     write_inputs(tmp_path / "in")
     sources = list_sources([tmp_path / "in"])
     whole = tmp_path / "whole"
@@ -120,8 +120,14 @@ def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path):
     assert resumed.resumed == 2 and resumed.segmented == 2
     assert files(interrupted) == files(whole)
 
+    import components.predictions as predictions
+
+    decoded: list[Path] = []
+    read = predictions.read_image_rgb
+    monkeypatch.setattr(predictions, "read_image_rgb", lambda path: decoded.append(path) or read(path))
     again = predict_images(segmenter, sources, NEW_VOCABULARY, interrupted, key="k", batch_size=2)
     assert again.segmented == 0 and again.resumed == 4 and files(interrupted) == files(whole)
+    assert [p.name for p in decoded] == ["corrupt.jpg"]  # done images are hashed, not decoded again
 
     Image.fromarray(photo(40, 60, 9)).save(tmp_path / "in" / "plain.jpg")  # new content: only it is redone
     changed = predict_images(segmenter, sources, NEW_VOCABULARY, interrupted, key="k", batch_size=2)
