@@ -36,6 +36,7 @@ REAL = {
     "dino": ["dinov2_vitl14", "dinov2_vitl14_reg", "dinov2_vitb14"],
 }
 MINI = {"clip": ["mini-clip"], "sam": ["mini-sam"], "dino": ["mini-dino", "mini-dino-reg"]}
+WORLD = {family: [f"world-{family}"] for family in ("clip", "sam", "dino")}  # stand-ins trained on the demo world
 BUILDERS = {"clip": build_clip, "sam": build_sam, "dino": build_dino}
 
 
@@ -51,8 +52,8 @@ def empty_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_spec_names_and_families():
     for family in ("clip", "sam", "dino"):
-        assert list_specs(family) == REAL[family] + MINI[family]
-    assert list_specs() == [n for f in ("clip", "sam", "dino") for n in REAL[f] + MINI[f]]
+        assert list_specs(family) == REAL[family] + MINI[family] + WORLD[family]
+    assert list_specs() == [n for f in ("clip", "sam", "dino") for n in REAL[f] + MINI[f] + WORLD[f]]
     with pytest.raises(ValueError, match="clip, sam, dino"):
         list_specs("vit")
 

@@ -2,9 +2,11 @@
 
 Like segment_anything's ``sam_model_registry``, a name picks a spec and the spec's family picks a
 builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vitl14`` and a few
-smaller siblings) load published weights (weights.py); miniature specs (``mini-*``) build the *same
-classes* -- open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
-``Dinov2WithRegistersModel`` -- with a few layers and seeded random weights, for tests and the demo.
+smaller siblings) load published weights (weights.py); miniature specs build the *same classes* --
+open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
+``Dinov2WithRegistersModel`` -- with a few layers: ``mini-*`` with seeded random weights (tests),
+``world-*`` trained on the demo world (components/models/standins/; the demo profile), their small
+files bundled with the project and retrained by ``fmbseg weights train-demo``.
 Architectures of the miniatures (and of DINOv2, for random-weight benchmarks) are JSON files in
 ``components/models/configs/``. Every builder returns a frozen model: ``eval()`` and
 ``requires_grad_(False)``.
@@ -49,6 +51,7 @@ __all__ = [
     "IMAGENET_STD",
     "get_spec",
     "list_specs",
+    "init_model",
     "build_clip",
     "build_sam",
     "build_dino",
@@ -177,8 +180,15 @@ def _dino(name: str, repo: str, *, embed_dim: int) -> ModelSpec:
     )
 
 
-def _mini(name: str, family: Family, *, image_size: int, patch_size: int, embed_dim: int) -> ModelSpec:
+STANDIN_DIR = Path(__file__).with_name("standins") / "weights"
+
+
+def _mini(
+    name: str, family: Family, *, image_size: int, patch_size: int, embed_dim: int, trained: bool = False
+) -> ModelSpec:
     mean, std = (OPENAI_MEAN, OPENAI_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    file = f"{name}.safetensors"
+    weights = (WeightFile(names=(file,), local_dir="world", bundled=STANDIN_DIR / file),) if trained else ()
     return ModelSpec(
         name=name,
         family=family,
@@ -189,7 +199,21 @@ def _mini(name: str, family: Family, *, image_size: int, patch_size: int, embed_
         mean=mean,
         std=std,
         architecture=f"{name}.json",
+        weights=weights,
     )
+
+
+def _world(family: Family) -> ModelSpec:
+    """The world stand-in of a family; its geometry is read from its architecture file."""
+    with open(CONFIG_DIR / f"world-{family}.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    if family == "clip":
+        size, patch, dim = cfg["vision_cfg"]["image_size"], cfg["vision_cfg"]["patch_size"], cfg["embed_dim"]
+    elif family == "sam":
+        size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
+    else:
+        size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["hidden_size"]
+    return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=True)
 
 
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
@@ -200,6 +224,7 @@ _SPECS: dict[str, ModelSpec] = {
         _clip("ViT-L-14-336/openai", "ViT-L-14-336", "openai", image_size=336, patch_size=14, embed_dim=768),
         _clip("ViT-B-16/openai", "ViT-B-16", "openai", image_size=224, patch_size=16, embed_dim=512),
         _mini("mini-clip", "clip", image_size=64, patch_size=16, embed_dim=32),
+        _world("clip"),
         _sam(
             "vit_h",
             "sam_vit_h_4b8939.pth",
@@ -219,11 +244,13 @@ _SPECS: dict[str, ModelSpec] = {
             size=375042383,
         ),
         _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
+        _world("sam"),
         _dino("dinov2_vitl14", "facebook/dinov2-large", embed_dim=1024),
         _dino("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", embed_dim=1024),
         _dino("dinov2_vitb14", "facebook/dinov2-base", embed_dim=768),
         _mini("mini-dino", "dino", image_size=224, patch_size=14, embed_dim=32),
         _mini("mini-dino-reg", "dino", image_size=224, patch_size=14, embed_dim=32),
+        _world("dino"),
     )
 }
 
@@ -277,6 +304,31 @@ def _tokenizer(context_length: int) -> open_clip.SimpleTokenizer:
     return open_clip.SimpleTokenizer(context_length=context_length)
 
 
+def init_model(name: str) -> torch.nn.Module:
+    """The seeded random init of a miniature spec's architecture (or of a real DINOv2's), in train
+    mode with gradients on: what ``mini-*`` specs run with and what the stand-ins train from."""
+    spec = get_spec(name)
+    if not spec.miniature and spec.family != "dino":
+        raise ValueError(f"{name!r} is a real {spec.family} spec; it has no seeded init (use build_{spec.family})")
+    cfg = _read_config(spec)
+    with _seeded(spec.seed):
+        if spec.family == "clip":
+            return open_clip.CLIP(**cfg)
+        if spec.family == "sam":
+            return _build_mini_sam(cfg)
+        return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
+def _miniature(spec: ModelSpec, weights_dir: str | os.PathLike[str] | None) -> torch.nn.Module:
+    """A miniature: its seeded init, plus its trained file for a world stand-in."""
+    model = init_model(spec.name)
+    if spec.weights:
+        from components.models.standins.store import load_trained
+
+        load_trained(model, resolve_weight(spec.name, spec.weights[0], weights_dir))
+    return model
+
+
 def build_clip(
     name: str,
     *,
@@ -291,8 +343,7 @@ def build_clip(
     """
     spec = _spec_of(name, "clip")
     if spec.miniature:
-        with _seeded(spec.seed):
-            model = open_clip.CLIP(**_read_config(spec))
+        model = _miniature(spec, weights_dir)
     else:
         path = None if random_weights else resolve_weight(name, spec.weights[0], weights_dir)
         cfg = open_clip.get_model_config(spec.architecture)
@@ -362,8 +413,7 @@ def build_sam(
     """
     spec = _spec_of(name, "sam")
     if spec.miniature:
-        with _seeded(spec.seed):
-            sam = _build_mini_sam(_read_config(spec))
+        sam = _miniature(spec, weights_dir)
     else:
         state = (
             None if random_weights else load_state_dict(resolve_weight(name, spec.weights[0], weights_dir))
@@ -391,13 +441,11 @@ def build_dino(
     ``random_weights=True`` builds the architecture with random weights -- for benchmarks only.
     """
     spec = _spec_of(name, "dino")
-    if spec.miniature or random_weights:
-        cfg = _read_config(spec)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        with _seeded(spec.seed):
-            model = AutoModel.from_config(config)
-        if not spec.miniature:
-            _warn_random(spec)
+    if spec.miniature:
+        model = _miniature(spec, weights_dir)
+    elif random_weights:
+        model = init_model(name)
+        _warn_random(spec)
     else:
         config_path, weights_path = (resolve_weight(name, f, weights_dir) for f in spec.weights)
         model, info = AutoModel.from_pretrained(

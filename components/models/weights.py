@@ -8,11 +8,13 @@ for, in this order, in
    be copied there by hand, e.g. on an offline machine);
 2. the Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
    ``~/.cache/huggingface/hub``) for files hosted on the hub (CLIP via open_clip's hf-hub tags,
-   DINOv2) -- where :func:`fetch_weights` puts them, and where an earlier download is reused.
+   DINOv2) -- where :func:`fetch_weights` puts them, and where an earlier download is reused;
+3. a copy bundled with the project (the world stand-ins' small trained files,
+   components/models/standins/weights/), for files that have one.
 
 A missing file raises :class:`MissingWeightsError` naming the file, every path looked in and the
 command that fetches it; a real spec never falls back to random weights. Miniature specs need no
-files. Checkpoints load with ``torch.load(..., map_location="cpu", weights_only=True)`` or
+files unless they are trained stand-ins. Checkpoints load with ``torch.load(..., map_location="cpu", weights_only=True)`` or
 safetensors. This module takes specs, never names: the registry imports it, never the reverse.
 """
 
@@ -67,6 +69,7 @@ class WeightFile:
     url / sha256: direct download and the hex sha256 of the published file (None: not recorded).
     hub_repo: Hugging Face repo that holds the file under one of ``names``.
     size: bytes of the published file where recorded, else None.
+    bundled: a copy shipped with the project, looked in last (the world stand-ins' files).
     """
 
     names: tuple[str, ...]
@@ -75,6 +78,7 @@ class WeightFile:
     sha256: str | None = None
     hub_repo: str | None = None
     size: int | None = None
+    bundled: Path | None = None
 
     @property
     def name(self) -> str:
@@ -126,6 +130,8 @@ def candidate_paths(file: WeightFile, weights_dir: str | os.PathLike[str] | None
     places = [str(root / name) for name in file.names]
     if file.hub_repo is not None:
         places += [f"hub cache {hub_cache_dir()} ({file.hub_repo}/{name})" for name in file.names]
+    if file.bundled is not None:
+        places.append(f"bundled {file.bundled}")
     return places
 
 
@@ -140,11 +146,15 @@ def find_weight(file: WeightFile, weights_dir: str | os.PathLike[str] | None = N
             found = _hub_cached(file.hub_repo, name)
             if found is not None and found.is_file():
                 return found
+    if file.bundled is not None and file.bundled.is_file():
+        return file.bundled
     return None
 
 
-def fetch_command(spec_name: str) -> str:
-    """The shell command that downloads a spec's weights."""
+def fetch_command(spec_name: str, file: WeightFile | None = None) -> str:
+    """The shell command that downloads (or, for a world stand-in, retrains) a spec's weights."""
+    if file is not None and file.bundled is not None:
+        return "fmbseg weights train-demo"
     return f"fmbseg weights fetch {spec_name}"
 
 
@@ -160,7 +170,7 @@ def resolve_weight(
     raise MissingWeightsError(
         f"missing weights for model spec {spec_name!r}: file {file.name!r}{size} was not found.\n"
         f"Looked in:\n{looked}\n"
-        f"Fetch it with:  {fetch_command(spec_name)}\n"
+        f"Fetch it with:  {fetch_command(spec_name, file)}\n"
         f"(or every paper model at once:  {FETCH_PROFILE_COMMAND}). "
         f"The weights dir is ${WEIGHTS_DIR_ENV} (default ~/.cache/fmbseg)."
     )
@@ -188,7 +198,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def weights_status(
     specs: Iterable[ModelSpec], *, weights_dir: str | os.PathLike[str] | None = None
 ) -> list[WeightStatus]:
-    """One row per weight file of each spec (miniature specs have none)."""
+    """One row per weight file of each spec (random miniatures have none)."""
     rows = []
     for spec in specs:
         for file in spec.weights:
@@ -281,7 +291,7 @@ def fetch_weights(
     specs = list(specs)
     for spec in specs:
         missing = [f for f in spec.weights if find_weight(f, weights_dir) is None]
-        if not missing:
+        if not missing or spec.miniature:  # a stand-in's file is trained (fmbseg weights train-demo), not fetched
             continue
         with _hub_progress(progress):
             _FETCHERS[spec.family](spec, missing, default_weights_dir(weights_dir), progress)

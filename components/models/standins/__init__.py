@@ -1,0 +1,1 @@
+"""Stand-in foundation models trained on the demo world (components/datasets/world.py)."""
