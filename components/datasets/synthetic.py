@@ -6,12 +6,19 @@ Context category ids, Cityscapes labelIds, ADE indices). The converters, readers
 stage run on them unchanged. ``synthetic_scenes`` is the pure, seeded plan: the tests read the
 planted regions from it and check converted labels pixel by pixel.
 
+Regions are painted with the demo world's look of their class (components/datasets/world.py), so
+"car" looks the same in every twin and the world stand-in models see the twins' classes. Pixels no
+class describes (COCO's unlabelled 255, Context's unannotated 0, ADE's "other") look like the
+world's void; VOC's background is painted as two COCO-Stuff stuff classes (sky over grass, wall
+over floor...), which PV-21's background prompts name.
+
 Sources that share images (COCO val2017 images and the stuffthingmaps, VOC 2010 images and the
 Context JSON, Cityscapes leftImg8bit and gtFine) share one plan, so images and labels agree.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,6 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from components.datasets.convert import (
+    CITYSCAPES_ID_TO_TRAINID,
     COCOSTUFF_NUM_RAW,
     COCOSTUFF_UNUSED_IDS,
     CONTEXT59_CATEGORY_IDS,
@@ -30,6 +38,7 @@ from components.datasets.convert import (
 from components.datasets.download import STAMP_NAME
 from components.datasets.extract import atomic_directory
 from components.datasets.registry import class_file_path, get_benchmark, get_source, read_class_file
+from components.datasets.world import VOID, paint
 
 __all__ = [
     "PlantedRegion",
@@ -117,9 +126,44 @@ def _random_box(
     return (y0, x0, y0 + bh, x0 + bw)
 
 
-def _colour(value: int) -> np.ndarray:
-    digest = hashlib.sha256(str(value).encode()).digest()
-    return np.frombuffer(digest[:3], dtype=np.uint8).astype(np.int64)
+# Cityscapes labelIds outside the 19 evaluated classes (cityscapesscripts.helpers.labels names).
+_CITY_OTHER_NAMES = {
+    0: "unlabeled", 1: "ego vehicle", 2: "rectification border", 3: "out of roi", 4: "static",
+    5: "dynamic", 6: "ground", 9: "parking", 10: "rail track", 14: "guard rail", 15: "bridge",
+    16: "tunnel", 18: "polegroup", 29: "caravan", 30: "trailer",
+}  # fmt: skip
+BACKGROUND = -1  # VOC's background: painted as stuff classes, labelled 0
+
+
+@functools.cache
+def _lines(name: str) -> list[str]:
+    return read_class_file(class_file_path(name))
+
+
+def _class_name(family: str, value: int) -> str:
+    """The class line a raw label value of ``family`` means (VOID where none)."""
+    if family in ("coco", "coco_train"):
+        if value == 255:
+            return VOID
+        return _lines("cocostuff171")[_COCO_USED.index(value)]
+    if family == "voc":
+        return _lines("voc21")[value]
+    if family == "context":
+        return VOID if value == 0 else _lines("context59")[CONTEXT59_CATEGORY_IDS.index(value)]
+    if family == "cityscapes":
+        train_id = CITYSCAPES_ID_TO_TRAINID[value]
+        return _CITY_OTHER_NAMES[value] if train_id == 255 else _lines("cityscapes19")[train_id]
+    if family == "ade20k":
+        return VOID if value == 0 else _lines("ade150")[value - 1]
+    raise ValueError(f"no synthetic plan for {family!r}")
+
+
+# VOC backgrounds: pairs of COCO-Stuff stuff classes, top over bottom
+_BACKDROPS: tuple[tuple[str, str], ...] = (
+    ("sky-other, sky", "grass"), ("wall-other, wall", "floor-other, floor"), ("sky-other, sky", "sea"),
+    ("tree", "dirt"), ("wall-brick", "pavement"), ("building-other, building", "road"),
+    ("curtain", "carpet"), ("sky-other, sky", "sand"), ("wall-wood", "floor-wood"), ("fence", "grass"),
+)  # fmt: skip
 
 
 def _paint(
@@ -128,6 +172,7 @@ def _paint(
     fill: int,
     values: list[int],
     *,
+    family: str,
     voc_boundaries: bool = False,
 ) -> tuple[tuple[PlantedRegion, ...], np.ndarray, np.ndarray]:
     h, w = size
@@ -143,11 +188,19 @@ def _paint(
         if voc_boundaries:  # VOC marks a one-pixel band along object outlines as 255 ("void")
             label[y0, x0:x1] = label[y1 - 1, x0:x1] = 255
             label[y0:y1, x0] = label[y0:y1, x1 - 1] = 255
-    palette = {v: _colour(v) for v in np.unique(colour_map).tolist()}
-    image = np.zeros((h, w, 3), dtype=np.int64)
-    for v, c in palette.items():
-        image[colour_map == v] = c
-    image = np.clip(image + rng.integers(-12, 13, size=image.shape), 0, 255).astype(np.uint8)
+    if family == "voc":  # background: a backdrop of two stuff classes split at a random row
+        top, bottom = _BACKDROPS[int(rng.integers(len(_BACKDROPS)))]
+        split = int(rng.integers(h // 4, 3 * h // 4 + 1))
+        background = colour_map == 0
+        colour_map[background] = BACKGROUND
+        colour_map[:split][background[:split]] = BACKGROUND - 1
+        names = {BACKGROUND - 1: top, BACKGROUND: bottom}
+    else:
+        names = {}
+    values_here = np.unique(colour_map)
+    index = np.searchsorted(values_here, colour_map)
+    region_names = [names[v] if v in names else _class_name(family, v) for v in values_here.tolist()]
+    image = paint(index, region_names, rng)
     return tuple(regions), label, image
 
 
@@ -167,14 +220,14 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             forced = [[0, 12, 89, 91, 181, 255], [255], [], []][k % 4]
             fill = int(rng.choice(_COCO_STUFF))
             values = _values(rng, _COCO_THINGS + _COCO_STUFF + [255], 4, forced)
-            regions, label, image = _paint(rng, size, fill, values)
+            regions, label, image = _paint(rng, size, fill, values, family=family)
             scene_split = split if k < n else ("train2017" if family == "coco" else "val2017")
             scenes.append(SyntheticScene(f"{num:012d}", scene_split, regions, label, image))
     elif family == "voc":
         for k in range(n + 1):
             forced = [[1, 20], [15], [], []][k % 4]
             values = _values(rng, list(range(1, 21)), 3, forced)
-            regions, label, image = _paint(rng, size, 0, values, voc_boundaries=True)
+            regions, label, image = _paint(rng, size, 0, values, family=family, voc_boundaries=True)
             scenes.append(
                 SyntheticScene(f"2007_{100 + k:06d}", "val" if k < n else "train", regions, label, image)
             )
@@ -184,7 +237,7 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             pool = list(CONTEXT59_CATEGORY_IDS) + [0]
             values = _values(rng, pool, 4, forced)
             fill = 0 if k % 2 == 0 else int(rng.choice(CONTEXT59_CATEGORY_IDS))
-            regions, label, image = _paint(rng, size, fill, values)
+            regions, label, image = _paint(rng, size, fill, values, family=family)
             scenes.append(
                 SyntheticScene(f"2008_{200 + k:06d}", "val" if k < n else "train", regions, label, image)
             )
@@ -193,7 +246,7 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
         for k in range(n + 1):
             forced = [[0, 33, 9, 26, 23], [1, 24, 25], [], []][k % 4]
             values = _values(rng, list(range(34)), 5, forced)
-            regions, label, image = _paint(rng, size, 7, values)
+            regions, label, image = _paint(rng, size, 7, values, family=family)
             city = cities[k % 3] if k < n else "aachen"
             split = "val" if k < n else "train"
             scenes.append(SyntheticScene(f"{city}_{k:06d}_000019", split, regions, label, image))
@@ -202,7 +255,7 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             forced = [[0, 1, 150], [0, 75], [], []][k % 4]
             values = _values(rng, list(range(151)), 4, forced)
             fill = int(rng.integers(1, 151))
-            regions, label, image = _paint(rng, size, fill, values)
+            regions, label, image = _paint(rng, size, fill, values, family=family)
             scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
             scenes.append(
                 SyntheticScene(scene_id, "validation" if k < n else "training", regions, label, image)
