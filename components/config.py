@@ -82,7 +82,7 @@ class ModelsConfig(_Section):
     profiles: dict[str, ModelProfile] = Field(
         default_factory=lambda: {
             "paper": ModelProfile(clip="ViT-L-14-336/openai", sam="vit_h", dino="dinov2_vitl14"),
-            "demo": ModelProfile(clip="mini-clip", sam="mini-sam", dino="mini-dino"),
+            "demo": ModelProfile(clip="world-clip", sam="world-sam", dino="world-dino"),
         }
     )
     device: str = "auto"
@@ -117,7 +117,14 @@ class DownloadConfig(_Section):
     datasets: tuple[str, ...] = ("coco_train", "pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
     synthetic: bool = False
     synthetic_images: int = Field(8, ge=1)
+    synthetic_train_images: int | None = Field(None, ge=1)  # coco_train's twin (the unlabelled set); None: synthetic_images
     seed: int = 0
+
+    def twin_images(self, dataset: str) -> int:
+        """Images of ``dataset``'s synthetic twin."""
+        if dataset == "coco_train" and self.synthetic_train_images is not None:
+            return self.synthetic_train_images
+        return self.synthetic_images
 
     @field_validator("datasets")
     @classmethod
@@ -335,8 +342,15 @@ class EvaluateConfig(EvaluateSettings):
     keys given there change, ``amg`` key by key)."""
 
     benchmarks: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
+    stage1_benchmarks: tuple[str, ...] = ("pv21",)  # Stage 1 pseudo labels scored on these (Table 2; evaluate-stage1)
     protocol: str | None = None
     overrides: dict[str, EvaluateSettings] = Field(default_factory=dict)
+
+    @field_validator("stage1_benchmarks")
+    @classmethod
+    def _stage1_labelled(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        _known_benchmarks(dict.fromkeys(names))
+        return names
 
     @field_validator("overrides")
     @classmethod

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "The side-by-side table of trained models (ablations) from MLflow."),
     "weights": ("weights", "Model weights: what a profile needs, and fetching it."),
     "pipeline": ("pipeline", "Run the whole pipeline (dvc repro) as one Prefect flow."),
-    "demo": ("pipeline", "The whole pipeline on synthetic data with miniature models."),
+    "demo": ("pipeline", "The whole pipeline on synthetic data with the demo world's stand-in models."),
     "nightly": ("nightly", "Run the nightly relabel-and-retrain job once, now."),
     "schedule": ("nightly", "Schedule the nightly job as a Prefect deployment (or serve it)."),
 }

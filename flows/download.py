@@ -54,9 +54,8 @@ def download_flow(dataset: str, params_path: str = "params.yaml") -> str:
     spec = get_benchmark(dataset)
     raw_dir = params.paths.raw
     if params.download.synthetic:
-        raw_dirs = {s: write_twin(s, raw_dir, params.download.synthetic_images, params.download.seed)
-                    for s in spec.sources}
-        expect = params.download.synthetic_images
+        expect = params.download.twin_images(dataset)
+        raw_dirs = {s: write_twin(s, raw_dir, expect, params.download.seed) for s in spec.sources}
     else:
         overrides = params.datasets
         unknown = set(overrides) - {s for s in _all_sources()}

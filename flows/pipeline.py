@@ -187,7 +187,7 @@ def _demo(workspace: Path) -> None:
     from flows.server import prefect_server
 
     t0 = time.monotonic()
-    print(f"[demo] workspace {workspace} (miniature models with random weights, synthetic data)")
+    print(f"[demo] workspace {workspace} (stand-in models trained on a toy world, synthetic twins of the benchmarks)")
     prepare_workspace(workspace, PROJECT_ROOT / "configs" / "demo.yaml")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     with prefect_server(home=workspace / ".prefect", log=workspace / ".prefect" / "server.log") as api_url, _api(api_url):
@@ -199,8 +199,8 @@ def _demo(workspace: Path) -> None:
     report = workspace / "reports" / "report.md"
     if report.exists():
         print(report.read_text())
-    print(f"[demo] done in {time.monotonic() - t0:.0f} s. The numbers come from random miniature models: they "
-          "show the machinery, not the method.")
+    print(f"[demo] done in {time.monotonic() - t0:.0f} s. The numbers come from miniature stand-ins trained on a toy "
+          "world: they show the machinery working end to end; the method's real numbers need the paper profile.")
     store = workspace.resolve()
     ui = "make ui STORE=demo" if store == (PROJECT_ROOT / "demo").resolve() else f"make ui STORE={store}"
     print(f"[demo] browse the runs: {ui}  (MLflow UI on http://127.0.0.1:5000, store sqlite:///{store / 'mlflow.db'})")
@@ -225,5 +225,5 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         workspace: Path = typer.Option(PROJECT_ROOT / "demo", help="where the demo workspace is written"),
     ) -> None:
-        """The whole pipeline on synthetic data with miniature models, in a scratch workspace."""
+        """The whole pipeline on synthetic data with the demo world's stand-in models, in a scratch workspace."""
         _demo(workspace)

@@ -1,8 +1,9 @@
 """`fmbseg report` (the report DVC stage): every benchmark x {base, refined}, next to the paper.
 
 Reads ``metrics/<benchmark>.json`` for each of ``evaluate.benchmarks`` (and, when present, the
-Stage 1 scores ``metrics/stage1/<benchmark>_<variant>.json``), writes ``reports/report.md`` and
-``reports/report.csv``, prints the markdown. With ``--model`` the two files are also attached to
+Stage 1 scores ``metrics/stage1/<benchmark>_<variant>.json``), writes ``reports/report.md``,
+``reports/report.csv`` and ``reports/stage1.csv`` (benchmark, variant, mIoU, paper), prints the
+markdown. With ``--model`` the two files are also attached to
 that checkpoint's MLflow run.
 """
 
@@ -38,7 +39,7 @@ def read_stage1_metrics(params: Params) -> dict[tuple[str, str], dict[str, float
 
     stage1_dir = project_path(params, "metrics") / "stage1"
     out: dict[tuple[str, str], dict[str, float]] = {}
-    for name in params.evaluate.benchmarks:
+    for name in dict.fromkeys([*params.evaluate.stage1_benchmarks, *params.evaluate.benchmarks]):
         for variant in STAGE1_VARIANTS:
             path = stage1_dir / f"{name}_{variant}.json"
             if path.exists():
@@ -79,12 +80,13 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
                   to_markdown(stage1_rows(stage1), STAGE1_COLUMNS)]
     markdown = "\n".join(parts)
     reports = project_path(params, "reports")
-    md_path, csv_path = reports / "report.md", reports / "report.csv"
+    md_path, csv_path, stage1_path = reports / "report.md", reports / "report.csv", reports / "stage1.csv"
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, to_csv(rows, REPORT_COLUMNS))
+    atomic_write_text(stage1_path, to_csv(stage1_rows(stage1), STAGE1_COLUMNS))
     markdown_artifact(markdown, key="report", description="every benchmark x {base, refined}, next to the paper")
     if model_path is not None:
-        _attach_report(params, Path(model_path), [md_path, csv_path])
+        _attach_report(params, Path(model_path), [md_path, csv_path, stage1_path])
     return markdown
 
 

@@ -1,4 +1,5 @@
-"""`fmbseg weights status|fetch`: every weight file a profile needs, present or missing."""
+"""`fmbseg weights status|fetch|train-demo`: every weight file a profile needs, present or missing;
+fetching the published ones; retraining the demo world's stand-ins."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
     @weights.command("status")
     def status_cmd(names: list[str] = names_arg, profile: str = profile_opt, params: Path = params_opt) -> None:
         """List every weight file the profile (or the named specs) needs, present or missing, with sizes."""
+        from components.models.registry import get_spec
         from components.models.weights import weights_status
 
         label, specs, weights_dir = profile_specs(params, profile)
@@ -60,13 +62,16 @@ def register(app: typer.Typer) -> None:
         rows = weights_status(_specs(specs), weights_dir=weights_dir)
         typer.echo(f"profile {label}: {', '.join(specs)}")
         if not rows:
-            typer.echo("  no weight files needed (miniature models are built with seeded random weights)")
+            typer.echo("  no weight files needed (these miniatures are built with seeded random weights)")
         for row in rows:
             mark = "present" if row.present else "MISSING"
             typer.echo(f"  {mark:8} {row.spec:22} {row.file:36} {_human(row.size):>9}  {row.path}")
         missing = [r for r in rows if not r.present]
         if missing:
-            typer.echo(f"{len(missing)} file(s) missing: fmbseg weights fetch --profile {label}")
+            trained = {r.spec for r in missing if get_spec(r.spec).miniature}  # stand-ins: trained, not fetched
+            hints = ([f"fmbseg weights fetch --profile {label}"] if len(trained) < len(missing) else []) + (
+                ["fmbseg weights train-demo"] if trained else [])
+            typer.echo(f"{len(missing)} file(s) missing: {' and '.join(hints)}")
             raise typer.Exit(1)
 
     @weights.command("fetch")
@@ -79,3 +84,27 @@ def register(app: typer.Typer) -> None:
         rows = fetch_weights(_specs(specs), weights_dir=weights_dir, progress=True)
         for row in rows:
             typer.echo(f"  {'present' if row.present else 'MISSING':8} {row.spec:22} {row.file:36} {row.path}")
+
+    @weights.command("train-demo")
+    def train_demo_cmd(
+        out: Path = typer.Option(None, "--out", help="folder for the files (default: <weights dir>/world, "
+                                 "which wins over the copies bundled with the project)"),
+        only: list[str] = typer.Option(None, "--only", help="clip | sam (default: both)"),
+        seed: int = typer.Option(0, help="training seed (the bundled files: 0)"),
+        params: Path = params_opt,
+    ) -> None:
+        """Retrain the demo world's stand-in models (world-clip, world-sam) from their seeded inits,
+        on the CPU (a few minutes); they reproduce the files bundled in components/models/standins/weights."""
+        from components.models.standins import TRAINED_FAMILIES, train_standin
+        from components.models.weights import default_weights_dir
+
+        families = list(only) if only else list(TRAINED_FAMILIES)
+        unknown = [f for f in families if f not in TRAINED_FAMILIES]
+        if unknown:
+            raise typer.BadParameter(f"--only {unknown[0]!r}: trained stand-ins are {', '.join(TRAINED_FAMILIES)}")
+        folder = out if out is not None else default_weights_dir(load_params(params).models.weights_dir) / "world"
+        for family in families:
+            typer.echo(f"training world-{family} (seed {seed}) ...")
+            path, metrics = train_standin(family, folder, seed=seed)
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            typer.echo(f"  {path} ({_human(path.stat().st_size)}): {shown}")

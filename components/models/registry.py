@@ -203,8 +203,9 @@ def _mini(
     )
 
 
-def _world(family: Family) -> ModelSpec:
-    """The world stand-in of a family; its geometry is read from its architecture file."""
+def _world(family: Family, *, trained: bool = True) -> ModelSpec:
+    """The world stand-in of a family; its geometry is read from its architecture file.
+    ``trained=False``: a seeded architecture whose random features suffice (measured; README)."""
     with open(CONFIG_DIR / f"world-{family}.json", encoding="utf-8") as f:
         cfg = json.load(f)
     if family == "clip":
@@ -213,7 +214,7 @@ def _world(family: Family) -> ModelSpec:
         size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
     else:
         size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["hidden_size"]
-    return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=True)
+    return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=trained)
 
 
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
@@ -250,7 +251,7 @@ _SPECS: dict[str, ModelSpec] = {
         _dino("dinov2_vitb14", "facebook/dinov2-base", embed_dim=768),
         _mini("mini-dino", "dino", image_size=224, patch_size=14, embed_dim=32),
         _mini("mini-dino-reg", "dino", image_size=224, patch_size=14, embed_dim=32),
-        _world("dino"),
+        _world("dino", trained=False),
     )
 }
 
