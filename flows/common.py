@@ -92,30 +92,16 @@ def features_root(params: Params) -> Path:
 
 # ------------------------------------------------------- settings the components take, built once
 def stage1_settings(label: LabelConfig) -> Stage1Settings:
-    """params.yaml ``label`` -> the components' Stage1Settings."""
-    from components.labelling.stage1 import AmgSettings, Stage1Settings
+    """params.yaml ``label`` -> the components' Stage1Settings: the fields they share, by name (the
+    size filter, which params.yaml keeps under ``amg``, is Stage1Settings' own pair of fields)."""
+    from dataclasses import fields
 
-    amg = label.amg
-    return Stage1Settings(
-        grid=label.grid,
-        dense_mode=label.dense_mode,
-        min_crops=label.min_crops,
-        top_k_points=label.top_k_points,
-        sam_size=label.sam_size,
-        label_size=label.label_size,
-        amg=AmgSettings(
-            points_per_side=amg.points_per_side,
-            points_per_batch=amg.points_per_batch,
-            pred_iou_thresh=amg.pred_iou_thresh,
-            stability_score_thresh=amg.stability_score_thresh,
-            stability_score_offset=amg.stability_score_offset,
-            box_nms_thresh=amg.box_nms_thresh,
-            min_mask_region_area=amg.min_mask_region_area,
-        ),
-        min_area_frac=amg.min_area_frac,
-        max_area_frac=amg.max_area_frac,
-        crop_batch=label.crop_batch,
-    )
+    from components.labelling.stage1 import Stage1Settings
+
+    data = label.model_dump(mode="json")
+    for key in ("min_area_frac", "max_area_frac"):
+        data[key] = data["amg"].pop(key)
+    return Stage1Settings.from_dict({f.name: data[f.name] for f in fields(Stage1Settings)})
 
 
 def inference_spec(params: Params, benchmark: str | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,27 @@ def test_weights_status_paper_lists_missing_files(tmp_path, repo_root, monkeypat
     assert "fmbseg weights fetch --profile paper" in result.output
 
 
-def test_weights_status_demo_needs_nothing(repo_root):
+def test_weights_status_demo_finds_the_bundled_stand_ins(repo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("FMBSEG_WEIGHTS_DIR", str(tmp_path))  # empty: only the copies bundled with the project
     result = runner.invoke(app, ["weights", "status", "--profile", "demo", "--params", str(repo_root / "params.yaml")])
     assert result.exit_code == 0, result.output
-    assert "no weight files needed" in result.output
+    bundled = repo_root / "components" / "models" / "standins" / "weights"
+    for name in ("world-clip", "world-sam"):
+        assert f"present  {name}" in result.output and str(bundled / f"{name}.safetensors") in result.output
+
+
+def test_weights_status_names_train_demo_for_a_missing_stand_in(repo_root, tmp_path, monkeypatch):
+    import components.models.registry as registry
+
+    spec = registry.get_spec("world-clip")
+    file = spec.weights[0]
+    moved = dataclasses.replace(spec, weights=(dataclasses.replace(file, bundled=tmp_path / "absent.safetensors"),))
+    monkeypatch.setitem(registry._SPECS, "world-clip", moved)
+    monkeypatch.setenv("FMBSEG_WEIGHTS_DIR", str(tmp_path))
+    result = runner.invoke(app, ["weights", "status", "--profile", "demo", "--params", str(repo_root / "params.yaml")])
+    assert result.exit_code == 1
+    assert "MISSING  world-clip" in result.output
+    assert result.output.strip().endswith("missing: fmbseg weights train-demo")  # trained, not fetched
 
 
 @pytest.mark.parametrize("profile", ["nope"])
