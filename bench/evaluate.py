@@ -3,8 +3,9 @@ wall time spent inside model forwards.
 
 Runs the component loop the flow runs (``evaluate_batch``: decode image and label from disk,
 predict, count into the confusion matrix) on N synthetic PV-21 images of VOC size (500 x 375, so
-the PV-21 prompt set of 21 classes + 91 stuff prompts), with the profile's models and params.yaml's
-``evaluate`` settings (the demo profile merges configs/demo.yaml on top) and an aligner of
+the PV-21 prompt set of 21 classes + 91 stuff prompts), with the profile's models and PV-21's
+effective ``evaluate`` settings -- ``evaluate.protocol`` and ``evaluate.overrides`` applied, built by
+the segmenter the evaluate stage scores (the demo profile merges configs/demo.yaml on top) and an aligner of
 params.yaml's ``aligner`` kind with random weights. The text prototypes are computed once, untimed.
 
 - base: sliding windows (all windows of an image in one DINOv2 forward) -> aligner -> cosine ->
@@ -34,7 +35,6 @@ from components.config import Params
 from components.datasets.readers import CanonicalDataset
 from components.datasets.synthetic import write_synthetic_benchmark
 from components.evaluation.benchmark import evaluate_batch
-from components.evaluation.prompts import benchmark_prompts
 from components.models import (
     build_clip,
     build_dino,
@@ -60,20 +60,21 @@ def build(params: Params, device: torch.device, dtype: str, data: CanonicalDatas
     torch.manual_seed(0)
     aligner = Aligner(get_spec(names.dino).embed_dim, get_spec(names.clip).embed_dim,
                       kind=params.aligner.kind, num_heads=params.aligner.num_heads).to(device).eval()
-    ev = params.evaluate
-    inference = InferenceSpec(sam=names.sam, templates=tuple(ev.templates), short_side=ev.short_side,
-                              window=ev.window, stride=ev.stride, amg=ev.amg.model_dump())
-    segmenter = Segmenter(aligner=aligner, dino=dino, dino_spec=get_spec(names.dino), clip=clip, inference=inference,
-                          sam=lambda: sam, device=device, dtype=dtype)
-    vocabulary = segmenter.vocabulary(data.classes, benchmark_prompts(data.classes, data.meta))  # untimed
+    ev = params.evaluate.for_benchmark("pv21")  # the protocol's settings for PV-21 (evaluate.protocol, overrides)
+    segmenter = Segmenter(aligner=aligner, dino=dino, dino_spec=get_spec(names.dino), clip=clip,
+                          inference=InferenceSpec.from_settings(ev, names.sam), sam=lambda: sam, device=device,
+                          dtype=dtype)
+    settings = {"synonyms": ev.synonyms, "bg_prompts": ev.bg_prompts, "bg_threshold": ev.bg_threshold,
+                "logit_scale": ev.logit_scale}
+    # the text prototypes: computed once here, untimed
     timer = ForwardTimer(
         {"dino": [dino], "aligner": [aligner], "sam_encoder": [sam.image_encoder],
          "sam_decoder": [sam.prompt_encoder, sam.mask_decoder]},
         device,
     )
     return {
-        "base": VocabularySegmenter(segmenter, vocabulary, refine=False),
-        "refined": VocabularySegmenter(segmenter, vocabulary, refine=True),
+        "base": VocabularySegmenter.for_benchmark(segmenter, data.classes, data.meta, refine=False, **settings),
+        "refined": VocabularySegmenter.for_benchmark(segmenter, data.classes, data.meta, refine=True, **settings),
         "timer": timer,
         "random": sorted(n for n, r in random.items() if r),
     }
@@ -113,8 +114,8 @@ def main() -> None:
         data = CanonicalDataset(root, "val")
         built = build(params, device, dtype, data)
         names = params.models.selected
-        ev = params.evaluate
-        print(f"# evaluate bench: profile {args.profile} (dino {names.dino}, sam {names.sam}, clip {names.clip}), "
+        ev = params.evaluate.for_benchmark("pv21")
+        print(f"# evaluate bench: protocol {params.evaluate.protocol}, profile {args.profile} (dino {names.dino}, sam {names.sam}, clip {names.clip}), "
               f"device {device}, dtype {dtype if device.type == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}")
         print(f"# {args.images} timed images of {IMAGE_HW[1]}x{IMAGE_HW[0]} (+{args.warmup} warm-up), short side "
               f"{ev.short_side}, window {ev.window} / stride {ev.stride}, AMG {ev.amg.points_per_side}^2 points, "

@@ -420,3 +420,27 @@ class VocabularySegmenter:
         return self.segmenter.predict(image, self.vocabulary, refine=self.refine, bg_threshold=self.bg_threshold,
                                       background_index=self.background_index, logit_scale=self.logit_scale)
 
+    @classmethod
+    def for_benchmark(
+        cls,
+        segmenter: Segmenter,
+        class_lines: Sequence[str],
+        meta: Mapping[str, Any],
+        *,
+        refine: bool,
+        synonyms: str = "mean",
+        bg_prompts: bool = True,
+        bg_threshold: float | None = None,
+        logit_scale: float | None = None,
+    ) -> VocabularySegmenter:
+        """A benchmark's segmenter under its effective evaluate settings (``evaluate.for_benchmark``):
+        its prompts (components/evaluation/prompts.py: synonyms, background prompts) and background
+        rule. What the evaluate stage and bench/evaluate.py both score."""
+        from components.evaluation.prompts import background_index, benchmark_prompts
+
+        prompts = benchmark_prompts(class_lines, meta, synonyms=synonyms, background_prompts=bg_prompts)
+        return cls(
+            segmenter, segmenter.vocabulary(class_lines, prompts), refine=refine, bg_threshold=bg_threshold,
+            background_index=background_index(meta) if bg_threshold is not None else None, logit_scale=logit_scale,
+        )
+

@@ -111,9 +111,7 @@ def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     settings, ``evaluate.overrides`` included, win over the checkpoint's record there)."""
     from components.aligner.checkpoint import InferenceSpec
 
-    ev = params.evaluate.for_benchmark(benchmark)
-    return InferenceSpec(sam=params.models.selected.sam, templates=tuple(ev.templates), short_side=ev.short_side,
-                         window=ev.window, stride=ev.stride, amg=ev.amg.model_dump(mode="json"))
+    return InferenceSpec.from_settings(params.evaluate.for_benchmark(benchmark), params.models.selected.sam)
 
 
 def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

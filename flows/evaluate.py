@@ -83,7 +83,7 @@ class _Context(NamedTuple):
 def _stage2_context(job: dict[str, Any]) -> _Context:
     from components.aligner.checkpoint import InferenceSpec, load_aligner
     from components.datasets.readers import CanonicalDataset
-    from components.evaluation.prompts import background_index, benchmark_prompts, display_names
+    from components.evaluation.prompts import display_names
     from components.models import get_spec, resolve_device
     from components.segmenter import Segmenter, VocabularySegmenter
 
@@ -101,13 +101,9 @@ def _stage2_context(job: dict[str, Any]) -> _Context:
         device=device,
         dtype=job["dtype"],
     )
-    prompts = benchmark_prompts(dataset.classes, dataset.meta, synonyms=job["synonyms"],
-                                background_prompts=job["bg_prompts"])
-    vocabulary = segmenter.vocabulary(dataset.classes, prompts)
-    segment = VocabularySegmenter(
-        segmenter, vocabulary, refine=refine, bg_threshold=job["bg_threshold"],
-        background_index=background_index(dataset.meta) if job["bg_threshold"] is not None else None,
-        logit_scale=job["logit_scale"],
+    segment = VocabularySegmenter.for_benchmark(
+        segmenter, dataset.classes, dataset.meta, refine=refine, synonyms=job["synonyms"],
+        bg_prompts=job["bg_prompts"], bg_threshold=job["bg_threshold"], logit_scale=job["logit_scale"],
     )
     variants = REFINED_VARIANTS if refine else BASE_VARIANTS
     return _Context(dataset, segment, len(dataset.classes), display_names(dataset.classes), variants, False)

@@ -73,6 +73,13 @@ class InferenceSpec:
         return out
 
     @classmethod
+    def from_settings(cls, settings: Any, sam: str) -> InferenceSpec:
+        """From a benchmark's effective evaluate settings (components.config.EvaluateSettings, e.g.
+        ``params.evaluate.for_benchmark(name)``) and the SAM spec of the profile."""
+        return cls(sam=sam, templates=tuple(settings.templates), short_side=settings.short_side,
+                   window=settings.window, stride=settings.stride, amg=settings.amg.model_dump(mode="json"))
+
+    @classmethod
     def from_dict(cls, raw: Mapping[str, object]) -> InferenceSpec:
         """The inverse of :meth:`to_dict`; an unknown or missing key is an error naming the valid ones."""
         names = [f.name for f in fields(cls)]
