@@ -17,6 +17,7 @@ from components.labelling.detect import (
     mask_coverage,
     mask_mean_features,
     patch_centres_xy,
+    presence_from_class_labels,
     presence_from_image_labels,
     prompt_patches,
 )
@@ -63,6 +64,26 @@ def test_presence_from_image_labels_ignores_the_threshold() -> None:
     assert found.crops_won.tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         presence_from_image_labels(votes, [5], num_classes=5)
+
+
+def test_presence_from_class_labels_matches_a_loop_over_classes_and_prompts() -> None:
+    torch.manual_seed(1)
+    crops, protos = torch.randn(9, 6), torch.randn(12, 6)
+    prompt_classes = torch.tensor([0, 1, 2, 3, 0, 0, 0, 0, 4, 0, 0, 1])  # classes 0 and 1: several prompts
+    cos = [[float(torch.dot(crops[c], protos[k]) / (crops[c].norm() * protos[k].norm())) for k in range(12)]
+           for c in range(9)]
+    wins = [0] * 12
+    for c in range(9):
+        wins[max(range(12), key=lambda k: cos[c][k])] += 1
+    for labels in ([0, 2], [1, 3, 4], [0, 1, 2, 3, 4], []):
+        expected = []
+        for cls in labels:
+            prompts = [k for k in range(12) if int(prompt_classes[k]) == cls]
+            winners = [k for k in prompts if wins[k] > 0]
+            expected += winners or [max(prompts, key=lambda k: max(cos[c][k] for c in range(9)))]
+        found = presence_from_class_labels(crops, protos, labels, prompt_classes)
+        assert found.classes.tolist() == sorted(expected)
+        assert found.crops_won.tolist() == [wins[k] for k in sorted(expected)]
 
 
 def test_top_points_land_in_the_planted_hot_region() -> None:

@@ -24,6 +24,7 @@ from flows.pipeline import PROJECT_ROOT, dvc_command, prepare_workspace, run_log
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = ["pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k"]
+STAGE1_VARIANTS = ["stage1_1", "stage1_2", "semi"]
 
 
 def _md5(path: Path) -> str:
@@ -95,6 +96,7 @@ def test_repro_runs_every_stage_and_tracks_one_run(ws, first_run):
     ran = _ran(first_run["output"])
     expected = {"sync", "label", "balance", "features", "train", "report"}
     expected |= {f"download@{d}" for d in ["coco_train", *BENCHMARKS]} | {f"evaluate@{b}" for b in BENCHMARKS}
+    expected |= {f"evaluate-stage1@pv21-{v}" for v in STAGE1_VARIANTS}
     assert expected <= ran
     assert (ws / "models" / "aligner.pt").stat().st_size > 0
     assert (ws / "data" / "pseudo" / "train_index.parquet").exists()
@@ -107,6 +109,25 @@ def test_repro_runs_every_stage_and_tracks_one_run(ws, first_run):
     runs = _runs(ws)
     assert len(runs) == 1
     assert {f"{b}/mIoU_base" for b in BENCHMARKS} <= set(runs[0].data.metrics)
+
+
+def test_the_demo_world_transmits_signal_through_every_stage(ws, first_run):
+    """The demo profile's scores stay far above chance (1/K): a pipeline that stops transmitting
+    signal (a flipped frame, a lost normalisation, a wrong label index) fails here. Floors: the
+    scores measured on the demo world (README "The demo world") less a margin."""
+    import csv
+
+    stage1 = {(r["benchmark"], r["variant"]): float(r["mIoU"])
+              for r in csv.DictReader((ws / "reports" / "stage1.csv").open())}
+    assert set(stage1) == {("pv21", v) for v in STAGE1_VARIANTS}
+    assert max(stage1.values()) >= STAGE1_FLOOR, stage1
+    base = {b: json.loads(first_run["metrics"][b])["mIoU_base"] for b in BENCHMARKS}
+    refined = {b: json.loads(first_run["metrics"][b])["mIoU_refined"] for b in BENCHMARKS}
+    assert base["pv21"] >= PV21_BASE_FLOOR, base
+    assert sum(base.values()) / len(base) >= MEAN_BASE_FLOOR, base
+    assert sum(refined.values()) / len(refined) >= sum(base.values()) / len(base) - 2.0, (base, refined)
+    report = list(csv.DictReader((ws / "reports" / "report.csv").open()))
+    assert {r["benchmark"] for r in report} == set(BENCHMARKS)
 
 
 def test_second_repro_does_nothing(ws, first_run):

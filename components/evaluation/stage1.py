@@ -60,6 +60,7 @@ class Stage1Segmenter:
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.sam, self.prototypes, self.settings = sam, prototypes, settings
         self.num_classes = num_classes
+        self.prompt_classes = class_map.to(torch.int64)  # semi: image labels name classes, of several prompts
         # prompt index -> dataset class, and 255 (unlabelled) -> the extra column C
         lookup = torch.full((256,), num_classes, dtype=torch.int64)
         lookup[: class_map.shape[0]] = class_map.cpu()
@@ -72,7 +73,8 @@ class Stage1Segmenter:
         result = label_image(
             image, clip_model=self.clip_model, clip_mean=self.clip_mean, clip_std=self.clip_std,
             clip_image_size=self.clip_image_size, sam=self.sam, prototypes=self.prototypes, settings=self.settings,
-            image_classes=list(image_classes) if image_classes is not None else None, variants=(variant,),
+            image_classes=list(image_classes) if image_classes is not None else None,
+            prompt_classes=self.prompt_classes if image_classes is not None else None, variants=(variant,),
         )
         detail = result.stage1_2_detail if variant == "stage1_2" else result.stage1_1_detail
         return detail.label

@@ -22,6 +22,7 @@ __all__ = [
     "crop_classes",
     "detect_present",
     "presence_from_image_labels",
+    "presence_from_class_labels",
     "prompt_patches",
     "patch_centres_xy",
     "mask_coverage",
@@ -88,6 +89,38 @@ def presence_from_image_labels(crop_class: Tensor, image_classes: list[int] | Te
         raise ValueError(f"image-level labels must be in [0, {num_classes}), got {classes.tolist()}")
     counts = torch.bincount(crop_class.long(), minlength=num_classes)
     return Presence(classes, counts[classes])
+
+
+def presence_from_class_labels(
+    crop_embeddings: Tensor, prototypes: Tensor, image_classes: list[int] | Tensor, prompt_classes: Tensor
+) -> Presence:
+    """Semi-supervised presence when a class has several prompts (PV-21's background: "background"
+    and COCO-Stuff's stuff classes): the image-level labels name classes, Stage 1 needs prompts.
+
+    Of a labelled class's prompts, those that win a crop (argmax over every prompt) are present; if
+    none does, the one prompt most similar to any crop. A class with one prompt: that prompt, as in
+    :func:`presence_from_image_labels`.
+
+    crop_embeddings: [C, D]; prototypes: [K', D] prompt prototypes; image_classes: dataset class
+    ids; prompt_classes: [K'] int64 dataset class of each prompt. Returns :class:`Presence` over
+    prompt indices.
+    """
+    sims = F.normalize(crop_embeddings.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+    votes = sims.argmax(dim=1)
+    counts = torch.bincount(votes, minlength=prototypes.shape[0])
+    prompt_classes = prompt_classes.to(sims.device)
+    labelled = torch.isin(prompt_classes, torch.as_tensor(image_classes, dtype=torch.int64, device=sims.device))
+    won = labelled & (counts > 0)
+    # per labelled class without a winning prompt: its prompt of highest max-over-crops similarity
+    best = sims.max(dim=0).values.masked_fill(~labelled, float("-inf"))
+    num_classes = int(prompt_classes.max()) + 1
+    class_best = torch.full((num_classes,), float("-inf"), device=sims.device).scatter_reduce(
+        0, prompt_classes, best, reduce="amax")
+    has_winner = torch.zeros(num_classes, dtype=torch.bool, device=sims.device).index_put_(
+        (prompt_classes[won],), torch.tensor(True, device=sims.device))
+    fallback = labelled & ~has_winner[prompt_classes] & (best == class_best[prompt_classes])
+    chosen = torch.nonzero(won | fallback).flatten()
+    return Presence(chosen, counts[chosen])
 
 
 def prompt_patches(patches: Tensor, prototypes: Tensor, k: int) -> Tensor:

@@ -39,6 +39,7 @@ from components.labelling.detect import (
     mask_coverage,
     mask_mean_features,
     patch_centres_xy,
+    presence_from_class_labels,
     presence_from_image_labels,
     prompt_patches,
 )
@@ -203,11 +204,21 @@ def clip_features(model: open_clip.CLIP, clip_pixels: Tensor, *, grid: int, mode
 
 
 def presence(
-    crop_embeddings: Tensor, prototypes: Tensor, *, min_crops: int, image_classes: list[int] | None = None
+    crop_embeddings: Tensor,
+    prototypes: Tensor,
+    *,
+    min_crops: int,
+    image_classes: list[int] | None = None,
+    prompt_classes: Tensor | None = None,
 ) -> Presence:
     """Classes taken as present: CLIP crop votes with threshold T (``image_classes`` None), or the
-    image-level labels (semi-supervised variant, no threshold). Appendix §1.1.3."""
-    votes = crop_classes(crop_embeddings, prototypes.to(crop_embeddings.device))
+    image-level labels (semi-supervised variant, no threshold). Appendix §1.1.3. With
+    ``prompt_classes`` ([K] class of each prompt), ``image_classes`` are classes and each names
+    its prompts by :func:`presence_from_class_labels`."""
+    prototypes = prototypes.to(crop_embeddings.device)
+    if image_classes is not None and prompt_classes is not None:
+        return presence_from_class_labels(crop_embeddings, prototypes, image_classes, prompt_classes)
+    votes = crop_classes(crop_embeddings, prototypes)
     if image_classes is None:
         return detect_present(votes, prototypes.shape[0], min_crops)
     return presence_from_image_labels(votes, image_classes, prototypes.shape[0])
@@ -352,6 +363,7 @@ def label_image(
     prototypes: Tensor,
     settings: Stage1Settings,
     image_classes: list[int] | None = None,
+    prompt_classes: Tensor | None = None,
     kept_masks: list[AmgMask] | None = None,
     variants: tuple[str, ...] = ("stage1_1", "stage1_2"),
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
@@ -363,7 +375,9 @@ def label_image(
 
     image_rgb: [H, W, 3] uint8 RGB; prototypes: [K, D] text prototypes of the vocabulary;
     clip_image_size: S (the CLIP spec's input side); image_classes: image-level labels (vocabulary
-    indices) for the semi-supervised variant, None to detect with CLIP; kept_masks: automatic
+    indices) for the semi-supervised variant, None to detect with CLIP; prompt_classes: [K] the
+    class of each prompt, when image_classes name classes that own several prompts (PV-21's
+    background: :func:`presence_from_class_labels`); kept_masks: automatic
     masks of an earlier run with the same SAM settings (skips the mask generator). variants: the
     maps to make; a map left out is all 255 with empty details, and its work is skipped (Stage 1.1
     alone runs no automatic mask generator, Stage 1.2 alone no point prompts). dtype: autocast of
@@ -381,7 +395,8 @@ def label_image(
         features = clip_features(clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode,
                                  crop_batch=settings.crop_batch)
     with _timed(seconds, "labelling"):
-        found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes)
+        found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes,
+                         prompt_classes=prompt_classes)
     with autocast_context(device, dtype):
         with _timed(seconds, "sam_encoder"):
             embedded = embed_sam(sam, prepared.sam_image)
