@@ -57,10 +57,13 @@ def _synonyms(line: str) -> list[str]:
 
 
 @functools.cache
-def _concept_table() -> tuple[dict[str, str], tuple[str, ...]]:
-    """(synonym -> concept key, all concept keys in order). A key is the first name of the first
-    line that founded the concept."""
+def _concept_table() -> tuple[dict[str, str], dict[tuple[str, ...], str], tuple[str, ...]]:
+    """(synonym -> concept key, a shipped line's synonyms -> its concept key, all concept keys in
+    order). A key is the first name of the first line that founded the concept; a line whose
+    matches were all claimed by other lines of its list founds its own (ADE's "monitor" beside its
+    "television receiver")."""
     owner: dict[str, str] = {}
+    lines: dict[tuple[str, ...], str] = {}
     keys: list[str] = []
     for list_name in WORLD_LISTS:
         taken: set[str] = set()  # concepts already claimed by a line of this list
@@ -71,25 +74,28 @@ def _concept_table() -> tuple[dict[str, str], tuple[str, ...]]:
             if not matches:
                 keys.append(key)
             taken.add(key)
+            lines.setdefault(tuple(names), key)
             for n in names:
                 owner.setdefault(n, key)
-    return owner, tuple(keys)
+    return owner, lines, tuple(keys)
 
 
 def concept_key(name: str) -> str:
-    """The concept a class line (or one synonym) means: the concept of its longest known synonym, as
-    the lists were matched; an unknown name is its own concept."""
+    """The concept a class line (or one synonym) means: a shipped line's own concept, else the
+    concept of its longest known synonym; an unknown name is its own concept."""
     names = _synonyms(name)
     if not names:
         raise ValueError(f"empty class name {name!r}")
-    owner, _ = _concept_table()
+    owner, lines, _ = _concept_table()
+    if tuple(names) in lines:  # a shipped line: the concept it was matched to
+        return lines[tuple(names)]
     matches = [(len(n), owner[n]) for n in names if n in owner]
     return max(matches)[1] if matches else names[0]
 
 
 def concepts() -> tuple[str, ...]:
     """Every concept of the shipped lists, in :data:`WORLD_LISTS` order."""
-    return _concept_table()[1]
+    return _concept_table()[2]
 
 
 @dataclass(frozen=True)
