@@ -2,13 +2,13 @@
 
 Training (:func:`train_clip`) draws seeded world scenes (components/datasets/world.py), cuts crops
 of them -- the 2×2 tiling Stage 1.1 uses (the whole 96×128 scene resized to a 2S square, an aspect
-distortion), the whole scene at S, and random boxes of several scales and aspects, each resized to
-S -- and optimises two terms with one learnable ``logit_scale`` (open_clip's):
+distortion) and random boxes of several scales and aspects, each resized to S -- and optimises two terms with one learnable ``logit_scale`` (open_clip's):
 
-- contrastive: InfoNCE between the crops' embeddings (``encode_image``) and one caption per world
-  concept ("a photo of a {}." or one of OpenAI's 80 ImageNet templates, around a random synonym of
-  a random class line of the concept, over every shipped class list); a crop's positive is the
-  caption of its dominant concept, both directions (texts average over their positive crops).
+- contrastive: InfoNCE between the crops' embeddings (``encode_image``) and one caption for each
+  concept the step's crops show, topped up with captions of random other concepts as negatives
+  ("a photo of a {}." or one of OpenAI's 80 ImageNet templates, around a random synonym of a random
+  class line of the concept, over every shipped class list); a crop's positive is the caption of
+  its dominant concept, both directions (a caption averages over its positive crops).
 - dense: the patch features of the ``fmbseg`` mode (``clip_dense.dense_features``: the last block
   without its MLP, the features Stage 1 prompts SAM with and labels masks by) classify the concept
   at each patch centre against the same captions (cross-entropy of logit_scale · cosine).
@@ -69,21 +69,24 @@ EVAL_LISTS: tuple[str, ...] = ("voc20", "context59", "cocostuff171", "cityscapes
 BACKGROUND = "background"  # a VOC / COCO-object line that no region of the world looks like
 TEMPLATE = "a photo of a {}."
 GRID = 2  # the Stage 1.1 tiling (label.grid)
-DEFAULT_STEPS = 450
+DEFAULT_STEPS = 1000
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """scenes / crops_per_scene: a step's batch is scenes × crops (4 tiling crops, 1 whole scene,
-    the rest random boxes). min_dominant: a crop enters the contrastive term when its dominant
-    concept covers at least this share of it. p_plain: chance a caption uses ``TEMPLATE``."""
+    """scenes / crops_per_scene: a step's batch is scenes × crops (4 tiling crops, the rest random
+    boxes). min_dominant: a crop enters the contrastive term when its dominant
+    concept covers at least this share of it. p_plain: chance a caption uses ``TEMPLATE``.
+    negatives: captions per step (the concepts shown, topped up with random others).
+    scale_lr_factor: the logit scale's learning rate over ``lr``."""
 
     steps: int = DEFAULT_STEPS
     scenes: int = 8
-    crops_per_scene: int = 8
-    lr: float = 4e-3
-    scale_lr_factor: float = 10.0
+    crops_per_scene: int = 5
+    lr: float = 3e-3
+    scale_lr_factor: float = 1.0
     clip_grad: float = 1.0
+    negatives: int = 64
     weight_decay: float = 0.05
     warmup: int = 40
     dense_weight: float = 1.0
@@ -156,7 +159,9 @@ def _patch_labels(concept_map: np.ndarray, box: tuple[int, int, int, int], grid:
     return concept_map[np.ix_(ys, xs)]
 
 
-def _dominant(concept_map: np.ndarray, box: tuple[int, int, int, int], num_concepts: int) -> tuple[int, float]:
+def _dominant(
+    concept_map: np.ndarray, box: tuple[int, int, int, int], num_concepts: int
+) -> tuple[int, float]:
     """(dominant concept, its share) of a crop."""
     y0, x0, h, w = box
     counts = np.bincount(concept_map[y0 : y0 + h, x0 : x0 + w].ravel(), minlength=num_concepts)
@@ -168,18 +173,28 @@ def _tiling_boxes(shape: tuple[int, int], grid: int) -> list[tuple[int, int, int
     """Source boxes (y0, x0, h, w) of the G×G tiling of a whole image (row-major)."""
     h, w = shape
     return [
-        (r * h // grid, c * w // grid, (r + 1) * h // grid - r * h // grid, (c + 1) * w // grid - c * w // grid)
+        (
+            r * h // grid,
+            c * w // grid,
+            (r + 1) * h // grid - r * h // grid,
+            (c + 1) * w // grid - c * w // grid,
+        )
         for r in range(grid)
         for c in range(grid)
     ]
 
 
 def scene_crops(
-    scene: world.WorldScene, rng: np.random.Generator, count: int, size: int, patch_grid: int, num_concepts: int
+    scene: world.WorldScene,
+    rng: np.random.Generator,
+    count: int,
+    size: int,
+    patch_grid: int,
+    num_concepts: int,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """``count`` crops of one scene: the 2×2 tiling (cut from the scene resized to a 2·size square,
-    as Stage 1.1 does), the whole scene, then random boxes (side 25-100 % of the scene's, height and
-    width drawn apart: any aspect).
+    as Stage 1.1 does), then random boxes (side 25-100 % of the scene's, height and width drawn
+    apart: any scale and aspect).
 
     Returns pixels [count, 3, size, size], patch concepts [count, g, g], dominant concept [count]
     and its share [count].
@@ -187,9 +202,11 @@ def scene_crops(
     concept_map = scene.concept_map
     shape = concept_map.shape
     tiles = _normalise(scene.image, GRID * size)[0]
-    tiles = tiles.reshape(3, GRID, size, GRID, size).permute(1, 3, 0, 2, 4).reshape(GRID * GRID, 3, size, size)
-    boxes = _tiling_boxes(shape, GRID) + [(0, 0, *shape)]
-    pixels = [tiles, _normalise(scene.image, size)]
+    tiles = (
+        tiles.reshape(3, GRID, size, GRID, size).permute(1, 3, 0, 2, 4).reshape(GRID * GRID, 3, size, size)
+    )
+    boxes = _tiling_boxes(shape, GRID)
+    pixels = [tiles]
     while len(boxes) < count:
         h = int(rng.integers(shape[0] // 4, shape[0] + 1))
         w = int(rng.integers(shape[1] // 4, shape[1] + 1))
@@ -234,8 +251,8 @@ def _losses(
     keep: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(contrastive, dense) losses of one batch. pixels [B, 3, S, S]; tokens [K, L] one caption per
-    concept; patch_labels [B, g, g] and dominant [B] concept indices; keep [B] bool (crops with a
-    dominant concept)."""
+    concept of the step; patch_labels [B, g, g] and dominant [B] index those K captions; keep [B]
+    bool (crops with a dominant concept)."""
     feats = dense_features(model, pixels, "fmbseg")
     text = F.normalize(model.encode_text(tokens), dim=-1)
     scale = model.logit_scale.exp().clamp(max=100.0)
@@ -252,6 +269,21 @@ def _losses(
     return contrastive, dense
 
 
+def _step_concepts(
+    rng: np.random.Generator, seen: np.ndarray, num_concepts: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The concepts whose captions a step encodes: those its crops show, topped up with random
+    others to ``count`` (more negatives). Returns (concepts [K] ascending, index of each concept
+    in them [num_concepts], -1 for the rest)."""
+    shown = np.unique(seen)
+    others = np.setdiff1d(np.arange(num_concepts), shown)
+    extra = rng.choice(others, size=min(len(others), max(0, count - len(shown))), replace=False)
+    chosen = np.sort(np.concatenate([shown, extra]))
+    where = np.full(num_concepts, -1, np.int64)
+    where[chosen] = np.arange(len(chosen))
+    return chosen, where
+
+
 def _schedule(step: int, settings: TrainSettings) -> float:
     """Learning-rate factor: linear warm-up, then cosine to zero."""
     if step < settings.warmup:
@@ -265,22 +297,32 @@ def _train(model: open_clip.CLIP, captions: Captions, settings: TrainSettings, s
     size = model.visual.image_size[0]
     patch_grid = model.visual.grid_size[0]
     k = len(captions.concepts)
-    optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay, settings.scale_lr_factor), lr=settings.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, settings.weight_decay, settings.scale_lr_factor),
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+    )
     model.train()
     history: list[tuple[float, float]] = []
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * group["lr_factor"] * _schedule(step, settings)
         parts = [
-            scene_crops(world.world_scene(rng, captions.concepts), rng, settings.crops_per_scene, size, patch_grid, k)
+            scene_crops(
+                world.world_scene(rng, captions.concepts), rng, settings.crops_per_scene, size, patch_grid, k
+            )
             for _ in range(settings.scenes)
         ]
         pixels = torch.cat([p[0] for p in parts])
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         dominant = torch.from_numpy(np.concatenate([p[2] for p in parts]))
         keep = torch.from_numpy(np.concatenate([p[3] for p in parts]) >= settings.min_dominant)
-        tokens = sample_captions(captions, rng, settings.p_plain)
-        contrastive, dense = _losses(model, pixels, tokens, labels, dominant, keep)
+        chosen, where = _step_concepts(
+            rng, np.concatenate([dominant.numpy(), labels.numpy().ravel()]), k, settings.negatives
+        )
+        tokens = sample_captions(captions, rng, settings.p_plain)[torch.from_numpy(chosen)]
+        where = torch.from_numpy(where)
+        contrastive, dense = _losses(model, pixels, tokens, where[labels], where[dominant], keep)
         loss = contrastive + settings.dense_weight * dense
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,7 +330,12 @@ def _train(model: open_clip.CLIP, captions: Captions, settings: TrainSettings, s
         optimizer.step()
         history.append((contrastive.item(), dense.item()))
         if step % 50 == 0 or step == settings.steps - 1:
-            log.info("step %d: contrastive %.3f dense %.3f scale %.1f", step, *history[-1], model.logit_scale.exp().item())
+            log.info(
+                "step %d: contrastive %.3f dense %.3f scale %.1f",
+                step,
+                *history[-1],
+                model.logit_scale.exp().item(),
+            )
     tail = np.array(history[-20:])
     return {"contrastive_loss": float(tail[:, 0].mean()), "dense_loss": float(tail[:, 1].mean())}
 
@@ -329,7 +376,9 @@ def train_clip(
 # ----------------------------------------------------------------------------------- evaluation
 def _list_vocabulary(list_name: str) -> list[str]:
     """A benchmark's class lines that a scene can show (all but "background")."""
-    return [line for line in read_class_file(class_file_path(list_name)) if world.concept_key(line) != BACKGROUND]
+    return [
+        line for line in read_class_file(class_file_path(list_name)) if world.concept_key(line) != BACKGROUND
+    ]
 
 
 @torch.no_grad()
