@@ -69,7 +69,7 @@ EVAL_LISTS: tuple[str, ...] = ("voc20", "context59", "cocostuff171", "cityscapes
 BACKGROUND = "background"  # a VOC / COCO-object line that no region of the world looks like
 TEMPLATE = "a photo of a {}."
 GRID = 2  # the Stage 1.1 tiling (label.grid)
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 1100
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class TrainSettings:
     weight_decay: float = 0.05
     warmup: int = 40
     dense_weight: float = 1.0
-    min_dominant: float = 0.4
-    p_plain: float = 0.5
+    min_dominant: float = 0.5
+    p_plain: float = 0.7
 
 
 # ------------------------------------------------------------------------------------ captions
