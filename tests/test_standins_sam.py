@@ -10,11 +10,12 @@ from components.models.registry import build_sam, init_model
 from components.models.standins import sam as standin
 from components.models.standins.store import read_metadata, save_trained
 
-# The bundled file's held-out scores (evaluate_sam(seed=1), the defaults), less a margin.
-MIN_MIOU_1PT = 0.0
-MIN_MIOU_5PT = 0.0
-MIN_IOU_CORR = 0.0
-MIN_AMG_PRECISION = 0.0
+# The bundled file's held-out scores (evaluate_sam(seed=0), the defaults: 0.40, 0.46, 0.58, 0.53
+# when trained), less a margin for a retrained file.
+MIN_MIOU_1PT = 0.33
+MIN_MIOU_5PT = 0.38
+MIN_IOU_CORR = 0.45
+MIN_AMG_RECALL = 0.42
 
 FAST = dict(settings=standin.TrainSettings(steps=2, images=2, single=2, multi=1, warmup=1), eval_scenes=0)
 
@@ -46,7 +47,9 @@ def test_batched_decode_equals_the_stock_mask_decoder():
     rng = np.random.default_rng(0)
     scenes = [standin.frame_scene(rng, 128, square=s) for s in (True, False)]
     prompters = [standin.Prompter(s) for s in scenes]
-    points = torch.as_tensor(np.stack([p.concept(rng, 3)[0] for p in prompters for _ in range(2)]), dtype=torch.float32)
+    points = torch.as_tensor(
+        np.stack([p.concept(rng, 3)[0] for p in prompters for _ in range(2)]), dtype=torch.float32
+    )
     index = torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
         embeddings = sam.image_encoder(standin._frame_batch(sam, scenes))
@@ -83,8 +86,9 @@ def test_prompts_target_the_region_or_the_whole_concept():
 
 def test_a_saved_file_round_trips_through_build_sam(tmp_path):
     sam, metrics = standin.train_sam(seed=0, **FAST)
-    path = save_trained(sam, init_model(standin.SPEC).state_dict(), tmp_path / "world" / "world-sam.safetensors",
-                        metrics)
+    path = save_trained(
+        sam, init_model(standin.SPEC).state_dict(), tmp_path / "world" / "world-sam.safetensors", metrics
+    )
     assert read_metadata(path)["steps"] == 2
     loaded = build_sam(standin.SPEC, weights_dir=tmp_path)
     expected = sam.state_dict()
@@ -93,8 +97,10 @@ def test_a_saved_file_round_trips_through_build_sam(tmp_path):
 
 @pytest.mark.slow
 def test_the_bundled_file_segments_held_out_scenes():
-    metrics = standin.evaluate_sam(build_sam(standin.SPEC), seed=1)
+    metrics = standin.evaluate_sam(build_sam(standin.SPEC), seed=0)
     assert metrics["miou_1pt"] >= MIN_MIOU_1PT
     assert metrics["miou_5pt"] >= MIN_MIOU_5PT
     assert metrics["iou_corr"] >= MIN_IOU_CORR
-    assert metrics["amg_precision"] >= MIN_AMG_PRECISION
+    assert metrics["amg_recall"] >= MIN_AMG_RECALL
+    stored = read_metadata(standin.STANDIN_FILE)
+    assert stored["eval/miou_1pt"] == pytest.approx(metrics["miou_1pt"], abs=0.02)
