@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test test-fast demo ui lint bench clean-demo
+.PHONY: install test test-fast test-standins demo ui lint bench clean-demo
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not standins" $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not standins" $(PYTEST_ARGS)
+
+# `fmbseg weights train-demo` reproduces the bundled stand-in files (both retrained side by side, ~10 min)
+test-standins: install
+	$(PY) -m pytest -m standins $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/fmbseg demo

@@ -69,7 +69,7 @@ EVAL_LISTS: tuple[str, ...] = ("voc20", "context59", "cocostuff171", "cityscapes
 BACKGROUND = "background"  # a VOC / COCO-object line that no region of the world looks like
 TEMPLATE = "a photo of a {}."
 GRID = 2  # the Stage 1.1 tiling (label.grid)
-DEFAULT_STEPS = 1100
+DEFAULT_STEPS = 3000
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,12 @@ _TRAIN, _EVAL = 0, 1  # seed streams: SeedSequence(seed, spawn_key=(stream,))
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """steps: optimiser steps (the default trains in <= 150 s on one CPU thread);
+    """steps: optimiser steps (the default: about 10 minutes on one CPU thread; 760 steps gave a 1-point
+    mIoU of 0.40, 3000 steps 0.62);
     images: scenes per step; single / multi: 1-point and n-point prompts per scene;
     square_frac: share of scenes resized to the demo's square, the rest of random size and aspect."""
 
-    steps: int = 760
+    steps: int = 3000
     images: int = 8
     single: int = 12
     multi: int = 4
@@ -151,7 +152,7 @@ class Prompter:
 
 def _frame_batch(sam: Sam, scenes: list[FrameScene]) -> torch.Tensor:
     """[B, 3, S, S] normalised, padded input of ``scenes`` (``Sam.preprocess``)."""
-    images = [torch.from_numpy(np.ascontiguousarray(s.image)).permute(2, 0, 1)[None].float() for s in scenes]
+    images = [torch.from_numpy(np.array(s.image)).permute(2, 0, 1)[None].float() for s in scenes]
     return torch.cat([sam.preprocess(x) for x in images])
 
 
