@@ -22,6 +22,7 @@ from components.config import deep_merge, flatten, load_params
 from components.features.cache import FeatureCache
 from components.io import encode_label_png, file_sha256
 from components.labelling.store import ImageEntry, PseudoLabels, ShardRecord, merge_outputs, write_shard
+from components.models.registry import get_spec
 from flows import tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +65,18 @@ def write_stage1(project: Path, num_images: int = NUM_IMAGES) -> None:
     merge_outputs(root, entries=entries, done=[record], skipped=[], vocabulary=VOCABULARY)
 
 
+# the random miniatures: these tests check the stage's mechanics, whatever the models see
+MINI = {"clip": "mini-clip", "sam": "mini-sam", "dino": "mini-dino"}
+DINO_DIM, CLIP_DIM = get_spec(MINI["dino"]).embed_dim, get_spec(MINI["clip"]).embed_dim
+
+
 def write_params(project: Path, **overrides: object) -> Path:
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                      yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
-    for dotted, value in overrides.items():
+    raw["models"]["profiles"]["demo"] = dict(MINI)
+    # the small batches and shards these tests count with (the demo itself trains 8 epochs, batches of 8)
+    small = {"train.epochs": 2, "train.batch_size": 4, "features.batch_size": 4, "features.shard_size": 8}
+    for dotted, value in {**small, **overrides}.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -122,7 +131,7 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     manifest = json.loads((features / "manifest.json").read_text())
     assert manifest["cache"] and manifest["num_images"] == NUM_IMAGES and manifest["grid"] == [8, 8]
     shards = sorted(features.glob("shards/*.npy"))
-    assert len(shards) == 1 and FeatureCache(features).read("img03").shape == (8, 8, 32)  # shard_size 8 (demo)
+    assert len(shards) == 1 and FeatureCache(features).read("img03").shape == (8, 8, DINO_DIM)
     stamps = [p.stat().st_mtime_ns for p in shards]
     fmbseg("features", "--params", "params.yaml")  # nothing new: no shard is rewritten
     assert [p.stat().st_mtime_ns for p in sorted(features.glob("shards/*.npy"))] == stamps
@@ -132,7 +141,7 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     assert not (project / "models" / "train_state.pt").exists()
     curve = (project / "metrics" / "train_epochs.csv").read_text().splitlines()  # the dvc plots loss curve
     assert curve[0].startswith("epoch,loss") and [line.split(",")[0] for line in curve[1:]] == ["0", "1"]
-    assert loaded.class_names == VOCABULARY and loaded.prototypes.shape == (4, 32)
+    assert loaded.class_names == VOCABULARY and loaded.prototypes.shape == (4, CLIP_DIM)
     assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", 112, "mini-clip")
     params = load_params("params.yaml")
     assert loaded.params == flatten(params)
