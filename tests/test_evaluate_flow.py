@@ -123,7 +123,7 @@ def test_evaluate_every_benchmark_then_report(tmp_path, monkeypatch, prefect_har
     report_csv = list(csv.DictReader((tmp_path / "reports" / "report.csv").open()))
     assert [r["benchmark"] for r in report_csv] == list(ALL_BENCHMARKS)
     assert report_csv[4]["paper_base"] == ""  # COCO-Object: not in the paper
-    assert artifacts(client, run_id, "report") == ["report.csv", "report.md"]
+    assert artifacts(client, run_id, "report") == ["report.csv", "report.md", "stage1.csv"]
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:  # each flow run is named after what it did
