@@ -19,6 +19,13 @@ import click
 import typer
 from typer.core import TyperGroup
 
+# A stage run alone (no PREFECT_API_URL) starts Prefect's ephemeral server, whose default 20 s
+# start-up limit a loaded 2-core machine overruns (seen in CI: "Timed out while attempting to connect
+# to ephemeral Prefect API server"); wait as long as flows/server.py waits for the pipeline's server.
+# Set before any command module imports Prefect (its settings are read then); a user's value is kept.
+EPHEMERAL_STARTUP_S = 120
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
+
 # command -> (module under flows/, one-line help shown by `fmbseg --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("download", "Download (or locate) a dataset's sources, verify them and convert them."),

@@ -76,6 +76,23 @@ def test_commands_load_only_their_own_module():
     assert sync_out.stdout.strip().endswith("['prefect']")
 
 
+def test_a_stage_run_alone_waits_for_the_ephemeral_prefect_server():
+    """Without PREFECT_API_URL a stage starts Prefect's ephemeral server: its 20 s default start-up
+    limit failed a `fmbseg label` on a loaded CI machine, so the CLI raises it (a user's value stays)."""
+    import os
+
+    from flows.cli import EPHEMERAL_STARTUP_S
+
+    code = ("import flows.cli; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    env = {k: v for k, v in os.environ.items() if k != key}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == str(EPHEMERAL_STARTUP_S)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, key: "7"})
+    assert out.stdout.strip() == "7"
+
+
 def test_version_and_short_help():
     from importlib import metadata
 
