@@ -83,6 +83,8 @@ class ModelsConfig(_Section):
         default_factory=lambda: {
             "paper": ModelProfile(clip="ViT-L-14-336/openai", sam="vit_h", dino="dinov2_vitl14"),
             "demo": ModelProfile(clip="world-clip", sam="world-sam", dino="world-dino"),
+            # random miniatures of the same classes: tests of a stage's mechanics, whatever the models see
+            "mini": ModelProfile(clip="mini-clip", sam="mini-sam", dino="mini-dino"),
         }
     )
     device: str = "auto"

@@ -34,8 +34,7 @@ from flows.label import run_label
 PARAMS = {
     "paths": {"images": "imgs", "incoming": "incoming", "pseudo": "pseudo", "reports": "reports"},
     # the random miniatures: these tests check the stage's mechanics, whatever the models see
-    "models": {"profile": "mini", "profiles": {"mini": {"clip": "mini-clip", "sam": "mini-sam", "dino": "mini-dino"}},
-               "device": "cpu", "dtype": "fp32"},
+    "models": {"profile": "mini", "device": "cpu", "dtype": "fp32"},
     "label": {
         "vocabulary": "voc21",
         "grid": 2,

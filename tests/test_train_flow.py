@@ -65,15 +65,16 @@ def write_stage1(project: Path, num_images: int = NUM_IMAGES) -> None:
     merge_outputs(root, entries=entries, done=[record], skipped=[], vocabulary=VOCABULARY)
 
 
-# the random miniatures: these tests check the stage's mechanics, whatever the models see
-MINI = {"clip": "mini-clip", "sam": "mini-sam", "dino": "mini-dino"}
-DINO_DIM, CLIP_DIM = get_spec(MINI["dino"]).embed_dim, get_spec(MINI["clip"]).embed_dim
+# the random miniatures (params.yaml's `mini` profile): these tests check the stage's mechanics,
+# whatever the models see
+MINI = load_params(REPO / "params.yaml").models.profiles["mini"]
+DINO_DIM, CLIP_DIM = get_spec(MINI.dino).embed_dim, get_spec(MINI.clip).embed_dim
 
 
 def write_params(project: Path, **overrides: object) -> Path:
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                      yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
-    raw["models"]["profiles"]["demo"] = dict(MINI)
+    raw["models"]["profile"] = "mini"
     # the small batches and shards these tests count with (the demo itself trains 8 epochs, batches of 8)
     small = {"train.epochs": 2, "train.batch_size": 4, "features.batch_size": 4, "features.shard_size": 8}
     for dotted, value in {**small, **overrides}.items():
