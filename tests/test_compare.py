@@ -29,5 +29,19 @@ def test_ablation_table_shows_the_varying_params_and_every_miou():
     assert math.isclose(table["cs171/mIoU_base"][2], 3.0)
 
 
+def test_a_run_evaluated_on_some_benchmarks_gets_no_mean():
+    """The demo's ablation is evaluated on pv21 alone: a mean of one benchmark beside the mean of
+    seven would read as comparable."""
+    runs = pd.DataFrame({
+        "run_id": ["r1", "r2"],
+        "params.aligner.kind": ["linear", "transformer"],
+        "metrics.pv21/mIoU_base": [10.0, 30.0],
+        "metrics.cs171/mIoU_base": [float("nan"), 3.0],
+    })
+    table = ablation_table(runs)
+    assert math.isnan(table["mean/mIoU_base"][0]) and table["mean/mIoU_base"][1] == 16.5
+    assert table["pv21/mIoU_base"].tolist() == [10.0, 30.0]
+
+
 def test_no_runs_no_table():
     assert ablation_table(pd.DataFrame()).empty
