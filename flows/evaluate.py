@@ -6,8 +6,9 @@ on one canonical benchmark, base and SAM-refined (paper §4.2, Table 1). Outputs
 in ``reports/overlays/<benchmark>/``, all attached to the checkpoint's MLflow run.
 
 evaluate-stage1: Stage 1's pseudo labels of the benchmark's images, with the benchmark's own
-vocabulary, scored against the ground truth (Table 2): ``metrics/stage1/<benchmark>_<variant>.json``
-and its per-class CSV, logged to an MLflow run ``stage1-<variant>`` of their own.
+vocabulary, scored against the ground truth (Table 2), every variant in one pass over the images:
+``metrics/stage1/<benchmark>_<variant>.json`` and its per-class CSV per variant, each logged to an
+MLflow run ``stage1-<variant>`` of its own.
 
 Both send images to tasks in batches of ``evaluate.batch_size`` ids. A task builds its models once
 per worker process and returns only partial confusion matrices; the flow adds them into a state
@@ -61,7 +62,7 @@ REFINED_VARIANTS = ("base", "refined")
 
 
 def state_path(params: Params, name: str) -> Path:
-    """Where the resume state of one evaluation lives (``name``: a benchmark, or stage1/<bench>_<variant>)."""
+    """Where the resume state of one evaluation lives (``name``: a benchmark, or stage1/<benchmark>)."""
     return project_path(params, "reports") / ".eval_state" / f"{name}.pt"
 
 
@@ -122,7 +123,7 @@ def _stage1_context(job: dict[str, Any]) -> _Context:
     sam = cached_sam(job["sam"], str(device), job["weights_dir"])
     prompts = benchmark_prompts(dataset.classes, dataset.meta)
     segment = Stage1Segmenter(
-        variant=job["variant"],
+        variants=job["variants"],
         clip_model=clip.model,
         clip_mean=clip.spec.mean,
         clip_std=clip.spec.std,
@@ -134,8 +135,8 @@ def _stage1_context(job: dict[str, Any]) -> _Context:
         settings=Stage1Settings.from_dict(job["stage1"]),
     )
     # one column more than classes: Stage 1's unlabelled pixels (summarize(unlabelled_column=True))
-    return _Context(dataset, segment, len(dataset.classes) + 1, display_names(dataset.classes), BASE_VARIANTS,
-                    job["variant"] == "semi")
+    return _Context(dataset, segment, len(dataset.classes) + 1, display_names(dataset.classes),
+                    tuple(job["variants"]), segment.needs_image_classes)
 
 
 _context_lock = threading.Lock()
@@ -376,13 +377,13 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
 
 
 # -------------------------------------------------------------------------- evaluate-stage1 (Table 2)
-def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[str, Any]:
+def _stage1_job(params: Params, dataset: str, root: Path, variants: Sequence[str]) -> dict[str, Any]:
     """What a task needs to run Stage 1 on the benchmark (plain JSON types)."""
 
     settings = stage1_settings(params.label)
     return {
         "kind": "stage1",
-        "variant": variant,
+        "variants": list(variants),
         "dataset": dataset,
         "root": str(root),
         "split": params.evaluate.for_benchmark(dataset).split,
@@ -395,49 +396,65 @@ def _stage1_job(params: Params, dataset: str, root: Path, variant: str) -> dict[
     }
 
 
-@flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}-{variant}")
-def evaluate_stage1_flow(dataset: str, variant: str, params_path: str = "params.yaml") -> dict[str, float]:
-    """Stage 1's pseudo labels of a benchmark against its ground truth; returns the metrics."""
-    from components.evaluation.benchmark import state_key
+def stage1_variants(variants: Sequence[str] | None) -> tuple[str, ...]:
+    """The Stage 1 variants to score (None or empty: all of them); ValueError naming the known ones."""
     from components.evaluation.paper_numbers import STAGE1_VARIANTS
+
+    chosen = tuple(variants or STAGE1_VARIANTS)
+    if any(v not in STAGE1_VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"Stage 1 variants {list(chosen)}: each at most once, of {', '.join(STAGE1_VARIANTS)}")
+    return chosen
+
+
+@flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}")
+def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
+                         params_path: str = "params.yaml") -> dict[str, dict[str, float]]:
+    """Stage 1's pseudo labels of a benchmark against its ground truth, ``variants`` (default: all
+    of STAGE1_VARIANTS) scored in one pass over the images; returns variant -> metrics."""
+    from components.evaluation.benchmark import state_key
     from components.evaluation.prompts import display_names
-    from components.evaluation.summary import summarize, write_summary
+    from components.evaluation.summary import EvalSummary, summarize, write_summary
     from flows import tracking
 
-    if variant not in STAGE1_VARIANTS:
-        raise ValueError(f"unknown Stage 1 variant {variant!r}; supported: {', '.join(STAGE1_VARIANTS)}")
+    variants = stage1_variants(variants)
     params = stage_params(params_path)
     data, root, ids = _open_dataset(params, dataset)
-    job = _stage1_job(params, dataset, root, variant)
+    job = _stage1_job(params, dataset, root, variants)
     counted = {k: v for k, v in job.items() if k not in ("root", "device", "weights_dir")}
-    name = f"{dataset}_{variant}"
-    state_file = state_path(params, f"stage1/{name}")
+    state_file = state_path(params, f"stage1/{dataset}")
     state = _score(
         job, ids,
         key=state_key("stage1", {**counted, **_dataset_identity(root)}),
         state_file=state_file,
         num_classes=len(data.classes) + 1,
-        variants=BASE_VARIANTS,
+        variants=variants,
         batch_size=params.evaluate.for_benchmark(dataset).batch_size,
-        label=f"stage1 {name}",
+        label=f"stage1 {dataset}",
         orchestration=params.orchestration,
     )
     summary = summarize(state, display_names(data.classes), unlabelled_column=True)
-    # Stage 1 has one prediction per variant: plain names ("mIoU", "IoU") instead of "_base".
-    metrics = {k.removesuffix("_base"): v for k, v in summary.metrics.items()}
-    per_class = [{k.removesuffix("_base"): v for k, v in row.items()} for row in summary.per_class]
     stage1_dir = project_path(params, "metrics") / "stage1"
-    metrics_file, per_class_file = stage1_dir / f"{name}.json", stage1_dir / f"{name}_per_class.csv"
-    write_summary(type(summary)(metrics, per_class), metrics_file, per_class_file)
-    table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
-                   description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
-    tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
-            "protocol": str(params.evaluate.protocol)}
-    with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
-        tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
-                                [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
+    results: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        # one prediction per variant: plain names ("mIoU", "IoU") in its own files
+        suffix = f"_{variant}"
+        metrics = {k.removesuffix(suffix): v for k, v in summary.metrics.items()
+                   if k.endswith(suffix) or k in ("images", "skipped")}
+        per_class = [{k.removesuffix(suffix): v for k, v in row.items() if k == "class" or k.endswith(suffix)}
+                     for row in summary.per_class]
+        name = f"{dataset}_{variant}"
+        metrics_file, per_class_file = stage1_dir / f"{name}.json", stage1_dir / f"{name}_per_class.csv"
+        write_summary(EvalSummary(metrics, per_class), metrics_file, per_class_file)
+        table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
+                       description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
+        tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
+                "protocol": str(params.evaluate.protocol)}
+        with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
+            tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
+                                    [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
+        results[variant] = metrics
     state_file.unlink(missing_ok=True)
-    return metrics
+    return results
 
 
 # -------------------------------------------------------------------------------------- the CLI
@@ -458,15 +475,21 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate-stage1")
     def evaluate_stage1_cmd(
         dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
-        variant: str = typer.Option(..., help="stage1_1 | stage1_2 | semi (Stage 1.1 with ground-truth image labels)"),
+        variant: list[str] = typer.Option(None, help="stage1_1 | stage1_2 | semi (Stage 1.1 with ground-truth "
+                                                    "image labels); repeatable; default: all three, in one pass"),
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
     ) -> None:
         """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
         from flows.common import make_task_runner
 
+        try:
+            variants = stage1_variants(variant)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--variant") from None
         runner = make_task_runner(stage_params(params).orchestration)
-        metrics = evaluate_stage1_flow.with_options(task_runner=runner)(dataset, variant, str(params))
-        _echo(f"{dataset} {variant}", metrics)
+        results = evaluate_stage1_flow.with_options(task_runner=runner)(dataset, variants, str(params))
+        for name, metrics in results.items():
+            _echo(f"{dataset} {name}", metrics)
 
 
 def _echo(label: str, metrics: dict[str, float]) -> None:

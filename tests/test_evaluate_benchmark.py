@@ -254,7 +254,7 @@ def test_stage1_segmenter_refuses_more_prompts_than_8bit_label_maps_hold():
         min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
     )
     with pytest.raises(ValueError, match="256 prompts; Stage 1's label maps are 8-bit"):
-        Stage1Segmenter(variant="stage1_1", clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3, clip_std=(1.0,) * 3,
+        Stage1Segmenter(variants=("stage1_1",), clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3, clip_std=(1.0,) * 3,
                         clip_image_size=32, sam=None, prototypes=torch.zeros(256, 4),  # type: ignore[arg-type]
                         class_map=torch.arange(256), num_classes=256, settings=settings)
 
@@ -348,8 +348,7 @@ def naive_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("variant", ["stage1_1", "stage1_2", "semi"])
-def test_stage1_segmenter_maps_prompts_and_unlabelled(mini_models, tmp_path, variant):
+def _stage1_segmenter(mini_models, tmp_path, variants):
     from components.labelling.stage1 import AmgSettings, Stage1Settings
     from components.models import prototypes
 
@@ -365,25 +364,49 @@ def test_stage1_segmenter_maps_prompts_and_unlabelled(mini_models, tmp_path, var
         min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
     )
     segment = Stage1Segmenter(
-        variant=variant, clip_model=clip.model, clip_mean=clip.spec.mean, clip_std=clip.spec.std,
+        variants=variants, clip_model=clip.model, clip_mean=clip.spec.mean, clip_std=clip.spec.std,
         clip_image_size=clip.spec.image_size, sam=mini_models["sam"],
         prototypes=prototypes(clip.model, clip.tokenizer, prompts.names), class_map=prompts.class_map,
         num_classes=21, settings=settings,
     )
+    return segment, image, truth, prompts
+
+
+@pytest.mark.parametrize("variant", ["stage1_1", "stage1_2", "semi"])
+def test_stage1_segmenter_maps_prompts_and_unlabelled(mini_models, tmp_path, variant):
+    segment, image, truth, prompts = _stage1_segmenter(mini_models, tmp_path, (variant,))
     classes = sorted(int(c) for c in np.unique(truth) if c != 255) if variant == "semi" else None
-    label = segment.label(image, classes).numpy()
+    label = segment.label(image, classes)[variant].numpy()
     assert label.shape == (64, 64)
     prediction = segment(image, classes)
-    assert prediction.refined is None
+    assert list(prediction) == [variant]
     mapping = np.array(prompts.class_map.tolist() + [21] * (256 - len(prompts.names)))
     mapping[255] = 21
     expected = mapping[naive_nearest(label, *image.shape[:2])]
-    np.testing.assert_array_equal(prediction.base.numpy(), expected)
+    np.testing.assert_array_equal(prediction[variant].numpy(), expected)
     if variant == "semi":
         # prompts of the labelled classes only (background's may be a stuff prompt: class 0 too)
         assert set(mapping[np.unique(label)].tolist()) <= set(classes) | {21}
-        with pytest.raises(ValueError, match="exactly for 'semi'"):
+        with pytest.raises(ValueError, match="exactly when 'semi'"):
             segment(image)
     else:
-        with pytest.raises(ValueError, match="exactly for 'semi'"):
+        with pytest.raises(ValueError, match="exactly when 'semi'"):
             segment(image, [0])
+
+
+def test_stage1_segmenter_scores_every_variant_in_one_pass_as_each_alone(mini_models, tmp_path):
+    """The three variants from one segmenter (Stage 1.1 and 1.2 from one label_image call) are the
+    maps each variant gives alone."""
+    variants = ("stage1_1", "stage1_2", "semi")
+    together, image, truth, _ = _stage1_segmenter(mini_models, tmp_path / "all", variants)
+    classes = sorted(int(c) for c in np.unique(truth) if c != 255)
+    maps = together(image, classes)
+    assert list(maps) == list(variants)
+    for variant in variants:
+        alone, *_ = _stage1_segmenter(mini_models, tmp_path / variant, (variant,))
+        single = alone(image, classes if variant == "semi" else None)[variant]
+        torch.testing.assert_close(maps[variant], single, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="distinct Stage 1 variants"):
+        _stage1_segmenter(mini_models, tmp_path / "bad", ("stage1_1", "stage1_1"))
+
+

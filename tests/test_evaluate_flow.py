@@ -193,13 +193,16 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path, monkeypatch, prefec
 
 
 def test_evaluate_stage1_variants(tmp_path, monkeypatch, prefect_harness, mlflow_uri):
+    """One run scores the three variants in one pass: a metrics file, a per-class file and an MLflow
+    run each."""
     from flows.evaluate import evaluate_stage1_flow
 
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, ("pv21",), num_images=2)
     client = mlflow.MlflowClient(mlflow_uri)
-    for variant in ("stage1_1", "stage1_2", "semi"):
-        metrics = sequential(evaluate_stage1_flow)("pv21", variant)
+    results = sequential(evaluate_stage1_flow)("pv21")
+    assert list(results) == ["stage1_1", "stage1_2", "semi"]
+    for variant, metrics in results.items():
         path = tmp_path / "metrics" / "stage1" / f"pv21_{variant}.json"
         assert json.loads(path.read_text()) == metrics
         assert set(metrics) == {"mIoU", "mAcc", "aAcc", "images", "skipped"} and metrics["images"] == 2
@@ -214,8 +217,10 @@ def test_evaluate_stage1_variants(tmp_path, monkeypatch, prefect_harness, mlflow
         assert runs[0].data.metrics["pv21/mIoU"] == pytest.approx(metrics["mIoU"])
         assert artifacts(client, runs[0].info.run_id, "stage1/pv21") == sorted(
             [f"pv21_{variant}.json", f"pv21_{variant}_per_class.csv"])
+    # one variant alone scores the same numbers
+    assert sequential(evaluate_stage1_flow)("pv21", ["stage1_2"]) == {"stage1_2": results["stage1_2"]}
     with pytest.raises(ValueError, match="stage1_1, stage1_2, semi"):
-        evaluate_stage1_flow("pv21", "stage1_3")
+        evaluate_stage1_flow("pv21", ["stage1_3"])
 
 
 def test_evaluate_names_what_is_missing(tmp_path, monkeypatch, prefect_harness, mlflow_uri):

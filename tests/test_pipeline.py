@@ -102,7 +102,7 @@ def test_repro_runs_every_stage_and_tracks_one_run(ws, first_run):
     ran = _ran(first_run["output"])
     expected = {"sync", "label", "balance", "features", "train", "report"}
     expected |= {f"download@{d}" for d in ["coco_train", *BENCHMARKS]} | {f"evaluate@{b}" for b in BENCHMARKS}
-    expected |= {f"evaluate-stage1@pv21-{v}" for v in STAGE1_VARIANTS}
+    expected.add("evaluate-stage1@pv21")  # its three variants in one pass
     assert expected <= ran
     assert (ws / "models" / "aligner.pt").stat().st_size > 0
     assert (ws / "data" / "pseudo" / "train_index.parquet").exists()

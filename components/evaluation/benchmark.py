@@ -63,7 +63,7 @@ STATE_FORMAT = 1
 _UNREADABLE = (UnreadableImageError, OSError, ValueError)
 
 
-SegmentFn = Callable[[np.ndarray], Prediction]
+SegmentFn = Callable[[np.ndarray], "Prediction | Mapping[str, Tensor]"]
 """[H, W, 3] uint8 RGB image -> :class:`Prediction` (e.g. a components.segmenter.VocabularySegmenter)."""
 
 
@@ -88,15 +88,16 @@ class BatchResult(NamedTuple):
 
 
 def _check_variants(variants: Sequence[str]) -> None:
-    unknown = [v for v in variants if v not in Prediction._fields]
-    if unknown or not variants:
-        raise ValueError(f"variants must be a non-empty subset of {Prediction._fields}, got {list(variants)}")
+    if not variants or len(set(variants)) != len(variants):
+        raise ValueError(f"variants must be distinct names, at least one; got {list(variants)}")
 
 
-def _variant_maps(prediction: Prediction, variants: Sequence[str], image_id: str) -> dict[str, Tensor]:
+def _variant_maps(prediction: Prediction | Mapping[str, Tensor], variants: Sequence[str], image_id: str) -> dict[str, Tensor]:
+    """The scored variants' maps of one prediction: the fields of a Prediction ("base", "refined"),
+    or the entries of a mapping (Stage1Segmenter's "stage1_1", "stage1_2", "semi")."""
     maps = {}
     for variant in variants:
-        pred = getattr(prediction, variant)
+        pred = prediction.get(variant) if isinstance(prediction, Mapping) else getattr(prediction, variant, None)
         if pred is None:
             raise ValueError(f"the segmenter returned no {variant!r} prediction for {image_id!r}")
         maps[variant] = pred.cpu()
@@ -140,7 +141,8 @@ def evaluate_batch(
 ) -> BatchResult:
     """Score `segment` on the images `ids` of `dataset`.
 
-    variants: the Prediction fields scored ("base", and "refined" when the segmenter refines).
+    variants: the predictions scored: Prediction fields ("base", and "refined" when the segmenter
+    refines), or the keys of the mapping `segment` returns (Stage 1's variants).
     image_level_labels: call ``segment(image, image_classes=...)`` with the classes present in the
     ground truth (the semi-supervised Stage 1.1 of Table 2); otherwise ``segment(image)``.
     A pair that cannot be scored is recorded in ``skipped`` with the reason and left out: an image

@@ -1,9 +1,10 @@
 """Stage 1's pseudo labels scored as a segmenter (paper Table 2): one image's Stage 1.1, Stage 1.2
-or semi-supervised map from components.labelling.stage1.label_image, as a Prediction."""
+and semi-supervised maps from components.labelling.stage1.label_image, one class map per variant."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,27 +15,28 @@ from torch import Tensor, nn
 from components.evaluation.paper_numbers import STAGE1_VARIANTS
 from components.io import MAX_UINT8_CLASSES
 from components.labelling.stage1 import Stage1Settings, label_image
-from components.segmenter import Prediction
 
 __all__ = ["Stage1Segmenter"]
 
 
 class Stage1Segmenter:
-    """Stage 1's pseudo label map of one image as a prediction, to score it (paper Table 2).
+    """Stage 1's pseudo label maps of one image as predictions, to score them (paper Table 2).
 
-    variant: "stage1_1" | "stage1_2" | "semi". clip_model / clip_mean / clip_std / clip_image_size:
-    the CLIP of Stage 1; sam: SAM; prototypes: [K', D] prompt prototypes; class_map: [K'] int64
-    prompt -> dataset class; num_classes: C; settings: Stage 1's settings (params.yaml ``label``).
-    Only the steps the variant needs run (Stage 1.1 alone skips the automatic masks). The label
-    map (SAM frame) is resized to the image by nearest sampling; unlabelled pixels (255) become
-    class C, an extra "unlabelled" column of the confusion matrix (``summarize(...,
-    unlabelled_column=True)``), so they count as misses.
+    variants: some of "stage1_1", "stage1_2", "semi", all scored from the same image: Stage 1.1 and
+    Stage 1.2 come from one label_image call (one CLIP pass, one SAM image embedding, the automatic
+    masks only when Stage 1.2 is asked for); "semi" is Stage 1.1 once more with the ground truth's
+    image-level labels as presence. clip_model / clip_mean / clip_std / clip_image_size: the CLIP of
+    Stage 1; sam: SAM; prototypes: [K', D] prompt prototypes; class_map: [K'] int64 prompt -> dataset
+    class; num_classes: C; settings: Stage 1's settings (params.yaml ``label``). Label maps (SAM
+    frame) are resized to the image by nearest sampling; unlabelled pixels (255) become class C, an
+    extra "unlabelled" column of the confusion matrix (``summarize(..., unlabelled_column=True)``),
+    so they count as misses.
     """
 
     def __init__(
         self,
         *,
-        variant: str,
+        variants: Sequence[str],
         clip_model: nn.Module,
         clip_mean: Sequence[float],
         clip_std: Sequence[float],
@@ -45,8 +47,9 @@ class Stage1Segmenter:
         num_classes: int,
         settings: Stage1Settings,
     ) -> None:
-        if variant not in STAGE1_VARIANTS:
-            raise ValueError(f"unknown Stage 1 variant {variant!r}; supported: {list(STAGE1_VARIANTS)}")
+        unknown = [v for v in variants if v not in STAGE1_VARIANTS]
+        if unknown or not variants or len(set(variants)) != len(variants):
+            raise ValueError(f"variants must be distinct Stage 1 variants of {list(STAGE1_VARIANTS)}; got {list(variants)}")
         if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
             raise ValueError(
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
@@ -55,7 +58,7 @@ class Stage1Segmenter:
         if prototypes.shape[0] > MAX_UINT8_CLASSES:
             raise ValueError(f"{prototypes.shape[0]} prompts; Stage 1's label maps are 8-bit (255 = unlabelled), "
                              f"so at most {MAX_UINT8_CLASSES}")
-        self.variant = variant
+        self.variants = tuple(variants)
         self.clip_model, self.clip_image_size = clip_model, clip_image_size
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.sam, self.prototypes, self.settings = sam, prototypes, settings
@@ -66,28 +69,44 @@ class Stage1Segmenter:
         lookup[: class_map.shape[0]] = class_map.cpu()
         self.lookup = lookup
 
-    @torch.no_grad()
-    def label(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Tensor:
-        """The variant's pseudo label map in the SAM frame: [s, s] uint8 prompt index, 255 = unlabelled."""
-        variant = "stage1_2" if self.variant == "stage1_2" else "stage1_1"  # semi: Stage 1.1 with labels
-        result = label_image(
+    @property
+    def needs_image_classes(self) -> bool:
+        """Whether calls must pass the ground truth's image-level labels (``semi`` is scored)."""
+        return "semi" in self.variants
+
+    def _label_image(self, image: np.ndarray, maps: tuple[str, ...], image_classes: Sequence[int] | None) -> Any:
+        return label_image(
             image, clip_model=self.clip_model, clip_mean=self.clip_mean, clip_std=self.clip_std,
             clip_image_size=self.clip_image_size, sam=self.sam, prototypes=self.prototypes, settings=self.settings,
             image_classes=list(image_classes) if image_classes is not None else None,
-            prompt_classes=self.prompt_classes if image_classes is not None else None, variants=(variant,),
+            prompt_classes=self.prompt_classes if image_classes is not None else None, variants=maps,
         )
-        detail = result.stage1_2_detail if variant == "stage1_2" else result.stage1_1_detail
-        return detail.label
 
-    def __call__(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> Prediction:
-        """[H, W, 3] uint8 RGB -> Prediction(base=[H, W] int64 in [0, C], C = unlabelled, refined=None).
+    @torch.no_grad()
+    def label(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Each variant's pseudo label map in the SAM frame: variant -> [s, s] uint8 prompt index,
+        255 = unlabelled."""
+        labels: dict[str, Tensor] = {}
+        detected = tuple(v for v in ("stage1_1", "stage1_2") if v in self.variants)
+        if detected:
+            result = self._label_image(image, detected, None)
+            for variant in detected:
+                labels[variant] = (result.stage1_1_detail if variant == "stage1_1" else result.stage1_2_detail).label
+        if "semi" in self.variants:
+            labels["semi"] = self._label_image(image, ("stage1_1",), image_classes).stage1_1_detail.label
+        return {v: labels[v] for v in self.variants}
 
-        image_classes: the dataset classes present (ground truth), required by "semi" and refused
-        by the others (which detect presence with CLIP).
+    def __call__(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """[H, W, 3] uint8 RGB -> variant -> [H, W] int64 class map in [0, C] (C = unlabelled).
+
+        image_classes: the dataset classes present (ground truth), required when "semi" is scored
+        and refused otherwise (the other variants detect presence with CLIP).
         """
-        if (self.variant == "semi") != (image_classes is not None):
-            raise ValueError(f"variant {self.variant!r}: image_classes must be given exactly for 'semi'")
-        label = self.label(image, image_classes)
+        if self.needs_image_classes != (image_classes is not None):
+            raise ValueError(f"variants {list(self.variants)}: image_classes must be given exactly when 'semi' is scored")
         height, width = image.shape[:2]
-        resized = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0]
-        return Prediction(self.lookup[resized.long().cpu()], None)
+        out = {}
+        for variant, label in self.label(image, image_classes).items():
+            resized = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0]
+            out[variant] = self.lookup[resized.long().cpu()]
+        return out
