@@ -139,8 +139,11 @@ def test_evaluate_batch_rejects_broken_input(pv20, tmp_path):
         evaluate_batch(pv20, pv20.ids[:1], segment=lambda im: Prediction(torch.zeros(im.shape[:2], dtype=torch.int64),
                                                                           None),
                        num_classes=20, variants=("base", "refined"))
-    with pytest.raises(ValueError, match="variants"):
+    with pytest.raises(ValueError, match="no 'coarse' prediction"):  # neither a Prediction field nor a key
         evaluate_batch(pv20, pv20.ids[:1], segment=wrong_size, num_classes=20, variants=("coarse",))
+    for variants in ((), ("base", "base")):
+        with pytest.raises(ValueError, match="distinct names"):
+            evaluate_batch(pv20, pv20.ids[:1], segment=wrong_size, num_classes=20, variants=variants)
 
 
 def test_write_overlays_matches_the_loops_pictures(pv20, tmp_path):
