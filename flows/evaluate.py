@@ -396,22 +396,13 @@ def _stage1_job(params: Params, dataset: str, root: Path, variants: Sequence[str
     }
 
 
-def stage1_variants(variants: Sequence[str] | None) -> tuple[str, ...]:
-    """The Stage 1 variants to score (None or empty: all of them); ValueError naming the known ones."""
-    from components.evaluation.paper_numbers import STAGE1_VARIANTS
-
-    chosen = tuple(variants or STAGE1_VARIANTS)
-    if any(v not in STAGE1_VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
-        raise ValueError(f"Stage 1 variants {list(chosen)}: each at most once, of {', '.join(STAGE1_VARIANTS)}")
-    return chosen
-
-
 @flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}")
 def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
                          params_path: str = "params.yaml") -> dict[str, dict[str, float]]:
     """Stage 1's pseudo labels of a benchmark against its ground truth, ``variants`` (default: all
     of STAGE1_VARIANTS) scored in one pass over the images; returns variant -> metrics."""
     from components.evaluation.benchmark import state_key
+    from components.evaluation.paper_numbers import stage1_variants
     from components.evaluation.prompts import display_names
     from components.evaluation.summary import EvalSummary, summarize, write_summary
     from flows import tracking
@@ -480,6 +471,7 @@ def register(app: typer.Typer) -> None:
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
     ) -> None:
         """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
+        from components.evaluation.paper_numbers import stage1_variants
         from flows.common import make_task_runner
 
         try:

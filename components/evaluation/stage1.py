@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from components.evaluation.paper_numbers import STAGE1_VARIANTS
+from components.evaluation.paper_numbers import stage1_variants
 from components.io import MAX_UINT8_CLASSES
 from components.labelling.stage1 import Stage1Settings, label_image
 
@@ -22,7 +22,7 @@ __all__ = ["Stage1Segmenter"]
 class Stage1Segmenter:
     """Stage 1's pseudo label maps of one image as predictions, to score them (paper Table 2).
 
-    variants: some of "stage1_1", "stage1_2", "semi", all scored from the same image: Stage 1.1 and
+    variants: some of "stage1_1", "stage1_2", "semi" (empty: all), all scored from the same image: Stage 1.1 and
     Stage 1.2 come from one label_image call (one CLIP pass, one SAM image embedding, the automatic
     masks only when Stage 1.2 is asked for); "semi" is Stage 1.1 once more with the ground truth's
     image-level labels as presence. clip_model / clip_mean / clip_std / clip_image_size: the CLIP of
@@ -47,9 +47,7 @@ class Stage1Segmenter:
         num_classes: int,
         settings: Stage1Settings,
     ) -> None:
-        unknown = [v for v in variants if v not in STAGE1_VARIANTS]
-        if unknown or not variants or len(set(variants)) != len(variants):
-            raise ValueError(f"variants must be distinct Stage 1 variants of {list(STAGE1_VARIANTS)}; got {list(variants)}")
+        variants = stage1_variants(variants)
         if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
             raise ValueError(
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
@@ -58,7 +56,7 @@ class Stage1Segmenter:
         if prototypes.shape[0] > MAX_UINT8_CLASSES:
             raise ValueError(f"{prototypes.shape[0]} prompts; Stage 1's label maps are 8-bit (255 = unlabelled), "
                              f"so at most {MAX_UINT8_CLASSES}")
-        self.variants = tuple(variants)
+        self.variants = variants
         self.clip_model, self.clip_image_size = clip_model, clip_image_size
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.sam, self.prototypes, self.settings = sam, prototypes, settings
