@@ -22,10 +22,15 @@ import numpy as np
 from PIL import Image
 
 UNLABELLED = 255
-"""The label-map value of a pixel no class claims: Stage 1's unlabelled, the benchmarks' ignore,
-predict's "no class". Every module that writes or reads label maps uses this one."""
+"""The label-map value of a pixel no class claims in an 8-bit map: Stage 1's unlabelled, the
+benchmarks' ignore, predict's "no class". Every module that writes or reads label maps uses this
+one, or :func:`unlabelled_for` where the vocabulary may be larger."""
 MAX_UINT8_CLASSES = 255
 """Classes an 8-bit label map holds next to UNLABELLED: indices 0..254."""
+UNLABELLED_16 = 65535
+""""No class" in a 16-bit label map (vocabularies of 256 to 65535 classes: PC-459, ADE-847)."""
+MAX_LABEL_CLASSES = 65535
+"""Classes a 16-bit label map holds next to UNLABELLED_16: indices 0..65534."""
 
 __all__ = [
     "fs_path",
@@ -38,9 +43,37 @@ __all__ = [
     "atomic_write_json",
     "file_sha256",
     "bytes_sha256",
+    "UNLABELLED",
+    "UNLABELLED_16",
+    "MAX_UINT8_CLASSES",
+    "MAX_LABEL_CLASSES",
+    "label_dtype",
+    "unlabelled_for",
+    "unlabelled_of",
     "encode_label_png",
     "decode_label_png",
 ]
+
+
+def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """The dtype of a label map over ``num_classes`` classes: uint8 up to 255 classes (255 = no
+    class), uint16 up to 65535 (65535 = no class). The one rule every stage follows."""
+    if not 1 <= num_classes <= MAX_LABEL_CLASSES:
+        raise ValueError(f"a vocabulary needs 1 to {MAX_LABEL_CLASSES} classes, got {num_classes}")
+    return np.uint8 if num_classes <= MAX_UINT8_CLASSES else np.uint16
+
+
+def unlabelled_for(num_classes: int) -> int:
+    """The "no class" value of a label map over ``num_classes`` classes: 255 or 65535."""
+    return UNLABELLED if label_dtype(num_classes) is np.uint8 else UNLABELLED_16
+
+
+def unlabelled_of(label: Any) -> int:
+    """The "no class" value of a label map by its dtype (numpy or torch): 255 for 8-bit maps,
+    65535 for wider ones (uint16 arrays; int32/int64 tensors holding 16-bit maps)."""
+    dtype = getattr(label, "dtype", None)
+    return UNLABELLED if dtype in (np.uint8, np.dtype(np.uint8)) or str(dtype) == "torch.uint8" else UNLABELLED_16
+
 
 
 def _file_mode() -> int:
@@ -186,20 +219,28 @@ def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
-    """Encode a label map as a lossless grayscale PNG.
+    """Encode a label map as a lossless grayscale PNG: 8-bit for uint8, 16-bit for uint16.
 
-    label: [H, W] uint8, class index per pixel, 255 = unlabelled / ignore.
+    label: [H, W] uint8 (255 = unlabelled / ignore) or uint16 (65535 = unlabelled / ignore),
+    class index per pixel.
     """
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise ValueError(f"a label map must be [H, W] uint8, got shape {label.shape} dtype {label.dtype}")
+    if label.ndim != 2 or label.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"a label map must be [H, W] uint8 or uint16, got shape {label.shape} dtype {label.dtype}"
+        )
     buf = io.BytesIO()
-    Image.fromarray(label).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(label).save(buf, format="PNG", compress_level=1)  # mode L or I;16
     return buf.getvalue()
 
 
 def decode_label_png(data: bytes) -> np.ndarray:
-    """Decode a PNG written by :func:`encode_label_png` into [H, W] uint8."""
+    """Decode a label PNG into [H, W] uint8 (8-bit L or P) or uint16 (16-bit grayscale)."""
     with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I;16", "I;16B", "I"):
+            array = np.asarray(im)
+            if array.size and (int(array.min()) < 0 or int(array.max()) > UNLABELLED_16):
+                raise ValueError(f"a 16-bit label PNG holds values 0..65535, got {array.min()}..{array.max()}")
+            return array.astype(np.uint16)
         if im.mode not in ("L", "P"):
-            raise ValueError(f"a label PNG must be single-channel (L or P), got mode {im.mode}")
+            raise ValueError(f"a label PNG must be single-channel (L, P or 16-bit I), got mode {im.mode}")
         return np.asarray(im, dtype=np.uint8).copy()

@@ -38,13 +38,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from components.datasets.readers import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image_rgb
 from components.datasets.registry import display_name
 from components.evaluation.overlay import overlay_picture
-from components.io import atomic_write_bytes, atomic_write_text, encode_label_png, file_sha256
+from components.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    decode_label_png,
+    encode_label_png,
+    file_sha256,
+)
 from components.segmenter import Segmenter, SegmentResult
 
 __all__ = [
@@ -148,23 +153,8 @@ def list_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
     return unique
 
 
-def encode_label_map(label: np.ndarray) -> bytes:
-    """PNG of a label map: [H, W] uint8 (8-bit grayscale) or uint16 (16-bit grayscale)."""
-    if label.ndim == 2 and label.dtype == np.uint16:
-        buf = io.BytesIO()
-        Image.fromarray(label).save(buf, format="PNG", compress_level=1)  # mode I;16
-        return buf.getvalue()
-    return encode_label_png(label)
-
-
-def decode_label_map(data: bytes) -> np.ndarray:
-    """The inverse of :func:`encode_label_map`: [H, W] uint8 or uint16."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode in ("I;16", "I"):
-            return np.asarray(im).astype(np.uint16)
-        if im.mode not in ("L", "P"):
-            raise ValueError(f"a label PNG must be single-channel, got mode {im.mode}")
-        return np.asarray(im, dtype=np.uint8).copy()
+encode_label_map = encode_label_png  # the one PNG codec of label maps (8- or 16-bit)
+decode_label_map = decode_label_png
 
 
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from components.evaluation.inference import (
     resize_short_side,
 )
 from components.evaluation.refine import refine_with_masks
+from components.io import label_dtype, unlabelled_for
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.dino import patch_features
 from components.models.preprocess import resize_normalize
@@ -115,9 +116,7 @@ class Vocabulary:
 def no_class_index(num_classes: int) -> int:
     """The label of "no class" in a label map of `num_classes` classes: 255 (uint8) up to 255
     classes, else 65535 (uint16)."""
-    if not 1 <= num_classes <= 65535:
-        raise ValueError(f"a vocabulary needs 1 to 65535 classes, got {num_classes}")
-    return 255 if num_classes <= 255 else 65535
+    return unlabelled_for(num_classes)
 
 
 def size_filter(records: Sequence[Mapping[str, Any]], image_area: int, min_area_frac: float,
@@ -380,7 +379,7 @@ class Segmenter:
         vocabulary = self.vocabulary(classes)
         arrays = [_as_rgb(im) for im in images]
         num = vocabulary.num_classes
-        dtype = np.uint8 if no_class_index(num) == 255 else np.uint16
+        dtype = label_dtype(num)
         results = []
         for prediction, score in self._predict(arrays, vocabulary, refine=refine, bg_threshold=None,
                                                background_index=None):

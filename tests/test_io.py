@@ -92,3 +92,16 @@ def test_path_text_is_valid_utf8_and_reversible(name):
     assert fs_path(text) == name
     if not any("\udc80" <= c <= "\udcff" or c == "\ufffd" for c in name):
         assert text == name  # ordinary names keep their ids
+
+
+def test_label_maps_are_8_bit_up_to_255_classes_and_16_bit_beyond():
+    from components.io import label_dtype, unlabelled_for, unlabelled_of
+
+    assert label_dtype(255) is np.uint8 and unlabelled_for(255) == 255
+    assert label_dtype(256) is np.uint16 and unlabelled_for(847) == 65535
+    with pytest.raises(ValueError, match="1 to 65535"):
+        label_dtype(65536)
+    wide = np.array([[0, 458, 846], [65535, 300, 1]], np.uint16)
+    decoded = decode_label_png(encode_label_png(wide))
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, wide)
+    assert unlabelled_of(decoded) == 65535 and unlabelled_of(np.zeros(2, np.uint8)) == 255
