@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from components.io import MAX_UINT8_CLASSES
+from components.io import MAX_LABEL_CLASSES as _MAX_LABEL_CLASSES
 
 __all__ = [
     "ConfigError",
@@ -154,7 +154,7 @@ class AmgConfig(_Section):
     max_area_frac: float = Field(0.95, ge=0.0, le=1.0)
 
 
-MAX_LABEL_CLASSES = MAX_UINT8_CLASSES  # uint8 label maps: class indices 0..254, 255 = unlabelled / ignore
+MAX_LABEL_CLASSES = _MAX_LABEL_CLASSES  # label maps: uint8 up to 255 classes (255 = unlabelled), uint16 up to 65535
 
 
 class LabelConfig(_Section):
@@ -485,12 +485,12 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-MAX_VOCABULARY = MAX_LABEL_CLASSES  # 8-bit label maps: classes 0..254, 255 = unlabelled
+MAX_VOCABULARY = MAX_LABEL_CLASSES  # 16-bit label maps: classes 0..65534, 65535 = unlabelled
 
 
 def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
     """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
-    first name of a line) twice, and at most MAX_VOCABULARY classes (what 8-bit label maps hold)."""
+    first name of a line) twice, and at most MAX_VOCABULARY classes (what 16-bit label maps hold)."""
     if not lines:
         raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
     seen: dict[str, int] = {}
@@ -500,7 +500,7 @@ def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
             raise ConfigError(f"{source}: class {name!r} appears more than once (lines {seen[name]} and {number})")
         seen[name] = number
     if len(lines) > MAX_VOCABULARY:
-        raise ConfigError(f"{source} has {len(lines)} classes; label maps are 8-bit (255 = unlabelled), so a "
+        raise ConfigError(f"{source} has {len(lines)} classes; label maps are at most 16-bit (65535 = unlabelled), so a "
                           f"vocabulary holds at most {MAX_VOCABULARY}: split it or merge synonyms into one line ('a, b')")
     return lines
 

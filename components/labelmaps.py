@@ -1,5 +1,10 @@
-"""Painting labelled masks into label maps (unlabelled = components.io.UNLABELLED): the ground
-floor of labelling and evaluation, which both paint.
+"""Painting labelled masks into label maps: the ground floor of labelling and evaluation, which
+both paint.
+
+A map's "no class" value is the ``fill`` it is painted with (components.io.unlabelled_for: 255 for
+vocabularies up to 255 classes, 65535 beyond), and the fill sets the tensor's dtype: uint8 for 255,
+int32 holding 16-bit values for 65535 (torch's uint16 lacks the ops the stages use);
+:func:`as_label_array` gives the uint8 / uint16 array the files store.
 
 - Stage 1.1 (DESIGN.md §4): overlapping SAM masks go to the mask with the higher SAM score
   (`paint_by_score`).
@@ -19,10 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from components.io import UNLABELLED
+from components.io import UNLABELLED, UNLABELLED_16
 
-__all__ = ["MaskStack", "PaintOrder", "PAINT_ORDERS", "paint_masks",
-           "paint_by_score", "stack_masks", "last_painted", "area_desc_order"]
+__all__ = ["MaskStack", "PaintOrder", "PAINT_ORDERS", "paint_masks", "paint_by_score", "stack_masks",
+           "last_painted", "area_desc_order", "label_tensor_dtype", "as_label_array"]
 
 
 MaskStack = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
@@ -85,20 +90,34 @@ def area_desc_order(masks: Tensor) -> Tensor:
     return torch.argsort(area, descending=True, stable=True)
 
 
-def _paint_uint8(winner: Tensor, labels: Tensor, fill: int) -> Tensor:
-    """[H, W] uint8: labels[winner], `fill` where winner is -1."""
-    if not 0 <= fill <= UNLABELLED:
-        raise ValueError(f"fill must be in [0, 255], got {fill}")
-    filled = torch.full(winner.shape, fill, dtype=torch.uint8, device=winner.device)
+def label_tensor_dtype(fill: int) -> torch.dtype:
+    """The tensor dtype of a label map whose "no class" value is ``fill``: uint8 for 8-bit maps
+    (fill <= 255), int32 for 16-bit ones."""
+    if not 0 <= fill <= UNLABELLED_16:
+        raise ValueError(f"fill must be in [0, {UNLABELLED_16}], got {fill}")
+    return torch.uint8 if fill <= UNLABELLED else torch.int32
+
+
+def as_label_array(label: Tensor) -> np.ndarray:
+    """A label-map tensor as the array files store: uint8 stays uint8, a wider one becomes uint16."""
+    array = label.cpu().numpy()
+    return array if array.dtype == np.uint8 else array.astype(np.uint16)
+
+
+def _paint(winner: Tensor, labels: Tensor, fill: int) -> Tensor:
+    """[H, W] label map (dtype of :func:`label_tensor_dtype`): labels[winner], `fill` where winner is -1."""
+    dtype = label_tensor_dtype(fill)
+    top = UNLABELLED if dtype == torch.uint8 else UNLABELLED_16
+    filled = torch.full(winner.shape, fill, dtype=dtype, device=winner.device)
     if labels.numel() == 0:
         return filled
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers, got {labels.dtype}")
-    if int(labels.min()) < 0 or int(labels.max()) > 255:
+    if int(labels.min()) < 0 or int(labels.max()) > top:
         raise ValueError(
-            f"labels must be in [0, 255] for a uint8 map, got [{int(labels.min())}, {int(labels.max())}]"
+            f"labels must be in [0, {top}] for a map filled with {fill}, got [{int(labels.min())}, {int(labels.max())}]"
         )
-    labels = labels.to(device=winner.device, dtype=torch.uint8)
+    labels = labels.to(device=winner.device, dtype=dtype)
     return torch.where(winner >= 0, labels[winner.clamp(min=0)], filled)
 
 
@@ -112,11 +131,11 @@ def paint_masks(
 ) -> Tensor:
     """Label map from labelled masks, later-painted masks on top.
 
-    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, 255]; shape:
-    (H, W). order "area_desc" (Stage 1.2): larger masks painted first, so at each pixel the smallest
-    covering mask wins (equal areas: the one later in the input); "given": painted in input order,
-    the last covering mask wins. Returns [H, W] uint8 on the masks' device (CPU for numpy input),
-    `fill` (255 = ignore) where no mask covers.
+    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, fill's range];
+    shape: (H, W). order "area_desc" (Stage 1.2): larger masks painted first, so at each pixel the
+    smallest covering mask wins (equal areas: the one later in the input); "given": painted in input
+    order, the last covering mask wins. Returns [H, W] on the masks' device (CPU for numpy input),
+    uint8 for fill 255, int32 for fill 65535, `fill` where no mask covers.
     """
     device = _device_of(masks)
     stack = stack_masks(masks, shape, device)
@@ -127,7 +146,7 @@ def paint_masks(
         paint_order = torch.arange(stack.shape[0], device=device)
     else:
         raise ValueError(f"unknown paint order {order!r}; supported: {PAINT_ORDERS}")
-    return _paint_uint8(last_painted(stack, paint_order), labels, fill)
+    return _paint(last_painted(stack, paint_order), labels, fill)
 
 
 def paint_by_score(
@@ -140,13 +159,13 @@ def paint_by_score(
 ) -> Tensor:
     """Label map where overlapping masks go to the higher score (Stage 1.1: SAM predicted IoU).
 
-    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, 255]; scores: [M]
-    floats (equal scores: the mask later in the input wins); shape: (H, W). Returns [H, W] uint8,
-    `fill` where no mask covers.
+    masks: [M, H, W] bool (or a sequence of [H, W] bool); labels: [M] ints in [0, fill's range];
+    scores: [M] floats (equal scores: the mask later in the input wins); shape: (H, W). Returns
+    [H, W] (dtype as :func:`paint_masks`), `fill` where no mask covers.
     """
     device = _device_of(masks)
     stack = stack_masks(masks, shape, device)
     labels = _per_mask_vector(labels, stack.shape[0], "labels")
     scores = _per_mask_vector(scores, stack.shape[0], "scores").to(device)
     paint_order = torch.argsort(scores, stable=True)
-    return _paint_uint8(last_painted(stack, paint_order), labels, fill)
+    return _paint(last_painted(stack, paint_order), labels, fill)

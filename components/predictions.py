@@ -270,8 +270,6 @@ def predict_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     classes = list(classes)
-    if overlays and len(classes) > 255:
-        raise ValueError(f"overlays colour at most 255 classes, the vocabulary has {len(classes)}")
     segmenter.vocabulary(classes)  # a bad vocabulary fails before any file is touched
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ T = TypeVar("T")
 
 def vocabulary_lines(spec: str) -> list[str]:
     """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines
-    (checked: UTF-8, not empty, no name twice, at most 255 classes)."""
+    (checked: UTF-8, not empty, no name twice, at most 65535 classes)."""
     path = class_file_path(spec) if spec in CLASS_FILES else Path(spec)
     if spec in CLASS_FILES or path.is_file():
         try:
@@ -491,7 +491,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
                          "labelled as images on the next run)")
     lines = class_lines(classes, vocabulary)
     if len(lines) > MAX_CLASSES:
-        raise ValueError(f"Stage 1 label maps are uint8 (255 = none): at most {MAX_CLASSES} classes, got {len(lines)}")
+        raise ValueError(f"Stage 1 label maps are at most 16-bit (65535 = none): at most {MAX_CLASSES} classes, got {len(lines)}")
     if profile is not None and params_path is not None:
         raise ValueError("give at most one of --profile and --params")
     if profile is not None and profile not in PROFILES:

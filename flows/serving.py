@@ -16,8 +16,9 @@ The frame in: one row per image, columns
   classes; ``"person, people;"``: one). A ``;`` anywhere selects the second form.
 
 The frame out, one row per input row: ``label_map``, a base64-encoded grayscale PNG at the image's
-size holding each pixel's index into that row's classes (255 = none), and ``present``, the names of
-the classes in it (as :func:`parse_classes` reads them). At most 255 classes per row. A row that cannot be
+size holding each pixel's index into that row's classes (8-bit, 255 = none; 16-bit with 65535 = none
+for a row of more than 255 classes), and ``present``, the names of the classes in it (as
+:func:`parse_classes` reads them). A row that cannot be
 read fails the whole call with an error that names the row (0-based). The one parameter,
 ``refine`` (default false), asks for the SAM-refined maps instead of the base ones.
 """
@@ -41,7 +42,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from packaging.requirements import Requirement
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.io import MAX_UINT8_CLASSES, UNLABELLED, decode_label_png, encode_label_png
+from components.io import MAX_LABEL_CLASSES, UNLABELLED, decode_label_png, encode_label_png
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -60,8 +61,8 @@ __all__ = [
 ]
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the key of the aligner checkpoint in the model's artifacts
-NONE_INDEX = UNLABELLED  # label map value of a pixel that no class claims
-MAX_CLASSES = MAX_UINT8_CLASSES  # indices 0..254 fit a uint8 map next to NONE_INDEX
+NONE_INDEX = UNLABELLED  # label map value of a pixel that no class claims (65535 in a 16-bit map)
+MAX_CLASSES = MAX_LABEL_CLASSES  # uint8 maps up to 255 classes, uint16 beyond
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 SIGNATURE = ModelSignature(
@@ -88,7 +89,7 @@ def parse_classes(text: str) -> list[str]:
     if not names:
         raise ValueError(f"no class names in {text!r}: write them comma-separated, e.g. 'sky, tree'")
     if len(names) > MAX_CLASSES:
-        raise ValueError(f"{len(names)} classes; at most {MAX_CLASSES} per row (255 marks 'none')")
+        raise ValueError(f"{len(names)} classes; at most {MAX_CLASSES} per row (65535 marks 'none')")
     return names
 
 
@@ -119,12 +120,14 @@ def decode_image(text: str) -> np.ndarray:
 
 
 def encode_label_map(label_map: np.ndarray) -> str:
-    """[H, W] uint8 class indices (255 = none) -> base64 grayscale PNG (the ``label_map`` column)."""
+    """[H, W] uint8 class indices (255 = none), or uint16 past 255 classes (65535 = none) -> base64
+    grayscale PNG, 8- or 16-bit (the ``label_map`` column)."""
     return base64.b64encode(encode_label_png(label_map)).decode("ascii")
 
 
 def decode_label_map(text: str) -> np.ndarray:
-    """The ``label_map`` column -> [H, W] uint8 class indices into the row's classes, 255 = none."""
+    """The ``label_map`` column -> [H, W] class indices into the row's classes: uint8 with 255 =
+    none, or uint16 with 65535 = none for a row of more than 255 classes."""
     return decode_label_png(base64.b64decode(text, validate=True))
 
 

@@ -105,7 +105,7 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     params = stage_params(params_path)
     labels = PseudoLabels(output_root(params))
     dataset, encoder = _training_data(params, labels)
-    settings = _train_settings(params)
+    settings = _train_settings(params, num_classes=prototypes.shape[0])
     log = get_run_logger()
 
     # A resumed run logs only what MLflow lacks: the state is saved before an epoch is logged, so a
@@ -206,16 +206,18 @@ def _manifest(params: Params) -> dict[str, Any]:
     return manifest
 
 
-def _train_settings(params: Params) -> Any:
-    """params.yaml ``train`` + ``aligner`` -> the component's TrainSettings."""
+def _train_settings(params: Params, *, num_classes: int) -> Any:
+    """params.yaml ``train`` + ``aligner`` -> the component's TrainSettings; ``num_classes`` (the
+    pseudo labels' vocabulary) sets the unlabelled value (255, or 65535 for 16-bit label maps)."""
     from components.aligner.train import TrainSettings
+    from components.io import unlabelled_for
     from components.models.registry import get_spec
 
     a, t = params.aligner, params.train
     return TrainSettings(
         in_dim=get_spec(params.models.selected.dino).embed_dim, kind=a.kind, num_heads=a.num_heads, loss=t.loss,
         temperature=t.temperature, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
-        batch_size=t.batch_size, seed=t.seed,
+        batch_size=t.batch_size, seed=t.seed, ignore_index=unlabelled_for(num_classes),
     )
 
 
@@ -264,7 +266,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     device = _device(params)
     prototypes = text_prototypes(params.models.selected.clip, str(device), params.models.weights_dir,
                                  labels.vocabulary, list(params.label.templates))
-    resume = pending_resume(state_path(params), _train_settings(params), prototypes, _data_fingerprint(params))
+    resume = pending_resume(state_path(params), _train_settings(params, num_classes=prototypes.shape[0]), prototypes, _data_fingerprint(params))
     run_to_resume = (resume or {}).get("mlflow_run_id")
     if run_to_resume is not None and not tracking.run_exists(params, run_to_resume):
         run_to_resume = None

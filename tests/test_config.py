@@ -131,15 +131,15 @@ def test_global_bg_threshold_needs_every_benchmark_to_have_background():
     assert ok.evaluate.for_benchmark("pv21").bg_threshold == 0.3
 
 
-def test_a_vocabulary_too_large_for_8bit_label_maps_is_refused_when_read(tmp_path, monkeypatch):
-    # label maps are uint8 with 255 = unlabelled: class indices 0..254, so at most 255 classes
+def test_a_vocabulary_too_large_for_16bit_label_maps_is_refused_when_read(tmp_path, monkeypatch):
+    # label maps are uint8 up to 255 classes, uint16 (65535 = unlabelled) beyond: at most 65535 classes
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "big.txt").write_text("".join(f"class {k}\n" for k in range(256)))
-    (tmp_path / "fits.txt").write_text("".join(f"class {k}\n" for k in range(255)))
+    (tmp_path / "big.txt").write_text("".join(f"class {k}\n" for k in range(65536)))
+    (tmp_path / "fits.txt").write_text("".join(f"class {k}\n" for k in range(847)))
     with pytest.raises(ConfigError) as err:
         parse_params({"label": {"vocabulary": "big.txt"}})
-    assert "label.vocabulary" in str(err.value) and "big.txt has 256 classes" in str(err.value)
-    assert "at most 255" in str(err.value)
+    assert "label.vocabulary" in str(err.value) and "big.txt has 65536 classes" in str(err.value)
+    assert "at most 65535" in str(err.value)
     assert parse_params({"label": {"vocabulary": "fits.txt"}}).label.vocabulary == "fits.txt"
     assert parse_params({"label": {"vocabulary": "missing.txt"}})  # named by the label stage, as before
 
@@ -229,7 +229,7 @@ def test_bad_settings_are_rejected_naming_the_setting(raw, named):
         (b"\n\n", "no class names"),
         ("caf\u00e9\nbread\n".encode("latin-1"), "not UTF-8"),
         (b"cat\ndog\ncat, kitty\n", "more than once"),
-        ("".join(f"class{i}\n" for i in range(256)).encode(), "at most 255"),
+        ("".join(f"class{i}\n" for i in range(65536)).encode(), "at most 65535"),
     ],
 )
 def test_bad_vocabulary_files_are_rejected_naming_the_file(tmp_path, content, message):

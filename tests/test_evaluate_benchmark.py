@@ -33,12 +33,12 @@ from components.evaluation.summary import summarize, write_summary
 
 
 # ------------------------------------------------------------------------------------ references
-def naive_confusion(pairs, num_classes: int) -> np.ndarray:
-    """Pixel by pixel over (prediction, ground truth) pairs, 255 in the ground truth skipped."""
+def naive_confusion(pairs, num_classes: int, ignore: int = 255) -> np.ndarray:
+    """Pixel by pixel over (prediction, ground truth) pairs, `ignore` in the ground truth skipped."""
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     for pred, target in pairs:
         for p, t in zip(pred.ravel().tolist(), target.ravel().tolist(), strict=True):
-            if t != 255:
+            if t != ignore:
                 confusion[t, p] += 1
     return confusion
 
@@ -247,7 +247,9 @@ def test_benchmark_prompts_follow_meta(pv20, tmp_path):
         background_index({"background": "sometimes"})
 
 
-def test_stage1_segmenter_refuses_more_prompts_than_8bit_label_maps_hold():
+def test_stage1_segmenter_maps_16_bit_prompt_indices_and_their_unlabelled():
+    """Past 255 prompts the Stage 1 maps are 16-bit: prompt 299 -> its class, 65535 -> the unlabelled
+    column C."""
     from components.labelling.stage1 import AmgSettings, Stage1Settings
 
     settings = Stage1Settings(
@@ -256,10 +258,45 @@ def test_stage1_segmenter_refuses_more_prompts_than_8bit_label_maps_hold():
                         stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0),
         min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
     )
-    with pytest.raises(ValueError, match="256 prompts; Stage 1's label maps are 8-bit"):
-        Stage1Segmenter(variants=("stage1_1",), clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3, clip_std=(1.0,) * 3,
-                        clip_image_size=32, sam=None, prototypes=torch.zeros(256, 4),  # type: ignore[arg-type]
-                        class_map=torch.arange(256), num_classes=256, settings=settings)
+    class_map = torch.arange(300) // 2  # two prompts per class
+    segment = Stage1Segmenter(variants=("stage1_1",), clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3,
+                              clip_std=(1.0,) * 3, clip_image_size=32, sam=None,  # type: ignore[arg-type]
+                              prototypes=torch.zeros(300, 4), class_map=class_map, num_classes=150, settings=settings)
+    assert segment.lookup[torch.tensor([0, 255, 299, 65535])].tolist() == [0, 127, 149, 150]
+
+
+class _Wide:
+    """A 300-class benchmark in memory: 16-bit ground truth with 65535 = ignore."""
+
+    def __init__(self, labels: dict[str, np.ndarray]) -> None:
+        self.labels = labels
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        return np.full((*self.labels[image_id].shape, 3), int(image_id), dtype=np.uint8)
+
+    def read_label(self, image_id: str) -> np.ndarray:
+        return self.labels[image_id]
+
+
+def test_evaluate_batch_scores_16_bit_ground_truth_like_a_pixel_loop(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = {str(i): rng.choice([3, 256, 299, 65535], size=(6, 5)).astype(np.uint16) for i in range(3)}
+    data = _Wide(labels)
+
+    def segment(image: np.ndarray) -> Prediction:
+        truth = labels[str(int(image[0, 0, 0]))].astype(np.int64)
+        base = np.where(truth == 65535, 7, np.where(truth == 256, 299, truth))  # 256 read as 299
+        return Prediction(torch.from_numpy(base), None)
+
+    result = evaluate_batch(data, list(labels), segment=segment, num_classes=300, variants=("base",),
+                            class_names=[f"c{k}" for k in range(300)], overlay_ids=["0"], overlay_dir=tmp_path)
+    pairs = [(segment(data.read_image(i)).base.numpy(), labels[i].astype(np.int64)) for i in labels]
+    expected = naive_confusion(pairs, 300, ignore=65535)
+    np.testing.assert_array_equal(np.array(result.confusion["base"]), expected)
+    assert result.done == list(labels) and (tmp_path / "0.png").is_file()
+    labels["1"][0, 0] = 300  # past the classes, not the ignore value
+    again = evaluate_batch(data, ["1"], segment=segment, num_classes=300, variants=("base",))
+    assert "[300]" in again.skipped["1"] and "65535 = ignore" in again.skipped["1"]
 
 
 def test_size_filter_keeps_areas_in_range():

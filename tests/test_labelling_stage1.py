@@ -8,9 +8,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from components.io import UNLABELLED as IGNORE
 from components.labelling.detect import Presence
 from components.labelling.stage1 import (
-    IGNORE,
     AmgMask,
     AmgSettings,
     Stage1Settings,
@@ -206,6 +206,23 @@ def test_label_image_end_to_end_on_miniature_models(mini_models: dict) -> None:
     semi = _label(mini_models, image, settings, image_classes=[4, 2])
     assert semi.presence.classes.tolist() == [2, 4]
     assert set(np.unique(semi.stage1_1).tolist()) <= {2, 4, IGNORE}
+
+
+def test_label_image_writes_16_bit_maps_past_255_prompts(mini_models: dict) -> None:
+    """A 300-prompt vocabulary (the five classes last, at 295..299): both maps are uint16 with 65535 =
+    unlabelled, and every labelled pixel names a present prompt, whatever its index."""
+    rng = np.random.default_rng(1)
+    fillers = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((295, mini_models["prototypes"].shape[1]))).float(), dim=1)
+    wide = {**mini_models, "prototypes": torch.cat([fillers, mini_models["prototypes"]])}
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    result = _label(wide, image, _settings(min_crops=0))
+    present = set(result.presence.classes.tolist())
+    assert present and max(present) < 300
+    for label in (result.stage1_1, result.stage1_2):
+        assert label.dtype == np.uint16 and label.shape == (48, 48)
+        assert set(np.unique(label).tolist()) <= present | {65535}
+    semi = _label(wide, image, _settings(), image_classes=[297, 299])
+    assert set(np.unique(semi.stage1_1).tolist()) <= {297, 299, 65535} and (semi.stage1_1 != 65535).any()
 
 
 def test_label_image_with_a_threshold_no_class_is_present(mini_models: dict) -> None:

@@ -102,6 +102,26 @@ def test_paint_edge_cases_and_errors() -> None:
         paint_masks(masks, [1, 2], (3, 2))
     with pytest.raises(ValueError, match=r"\[0, 255\]"):
         paint_masks(masks, [300], (3, 2))
+    with pytest.raises(ValueError, match="fill must be"):
+        paint_masks(masks, [1], (3, 2), fill=70000)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_16_bit_paint_matches_the_8_bit_paint_of_the_same_masks(seed: int) -> None:
+    """A vocabulary past 255 classes paints with fill 65535 into an int32 map: the same winners as
+    the 8-bit paint, labels up to 65534 kept, and :func:`as_label_array` stores it as uint16."""
+    from components.labelmaps import as_label_array
+
+    masks = random_masks(seed)
+    labels = list(range(1, len(masks) + 1))
+    scores = np.random.default_rng(seed).random(len(masks)).astype(np.float32)
+    for paint, kw in ((paint_masks, {"order": "area_desc"}), (paint_by_score, {"scores": scores})):
+        narrow = paint(masks, labels, shape=(H, W), **kw).numpy()
+        wide = paint(masks, [label + 300 for label in labels], shape=(H, W), fill=65535, **kw)
+        assert wide.dtype == torch.int32
+        stored = as_label_array(wide)
+        assert stored.dtype == np.uint16
+        np.testing.assert_array_equal(stored, np.where(narrow == 255, 65535, narrow.astype(np.uint16) + 300))
 
 
 def naive_refine(base: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -82,6 +82,37 @@ def test_training_learns_the_classes() -> None:
     assert accuracy(result.model, data, text) > 0.95
 
 
+def test_16_bit_unlabelled_patches_train_the_same_weights_as_8_bit_ones() -> None:
+    """A vocabulary past 255 classes marks unlabelled patches 65535: with the matching ignore_index the
+    trained weights equal those of the same data marked 255; a mismatch with the dataset is refused."""
+    narrow, wide = FeatureSamples(10), FeatureSamples(10)
+    wide.targets = wide.targets.masked_fill(wide.targets == 255, 65535)
+    wide.ignore_index = 65535
+    a = train_aligner(narrow, prototypes(), settings(epochs=1), device="cpu").model
+    b = train_aligner(wide, prototypes(), settings(epochs=1, ignore_index=65535), device="cpu").model
+    assert_same_weights(a, b)
+    with pytest.raises(ValueError, match="the loss ignores 255"):
+        train_aligner(wide, prototypes(), settings(epochs=1), device="cpu")
+
+
+def test_samples_of_16_bit_label_maps_pool_with_65535_as_unlabelled() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from components.aligner.data import AlignerSamples
+
+    label = np.full((8, 8), 65535, np.uint16)
+    label[:4] = 299
+    label[4:, :2] = 256
+    maps = type("Maps", (), {"read": lambda self, i, v: label})()
+    inputs = type("Zeros", (), {"sample": lambda self, i, p: {"features": torch.zeros(4, 4, 3)}})()
+    index = pd.DataFrame({"image_id": ["x"], "image_path": ["x.png"], "variant": ["stage1_1"]})
+    samples = AlignerSamples(index, inputs=inputs, labels=maps, grid=(4, 4), num_classes=300)
+    assert samples.ignore_index == 65535
+    pooled = samples[0]["labels"]
+    assert (pooled[:2] == 299).all() and (pooled[2:, 0] == 256).all() and (pooled[2:, 1:] == 65535).all()
+
+
 def test_resume_after_interruption_gives_the_same_weights(tmp_path) -> None:
     data, text, cfg = FeatureSamples(12), prototypes(), settings()
     reference = train_aligner(data, text, cfg).model

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from components.aligner.pooling import pool_labels
+from components.io import unlabelled_for
 
 __all__ = ["InputSource", "LabelSource", "AlignerSamples"]
 
@@ -30,7 +31,8 @@ class InputSource(Protocol):
 
 
 class LabelSource(Protocol):
-    """Pseudo label maps: ``read(image_id, variant)`` -> [L, L] uint8, 255 = unlabelled."""
+    """Pseudo label maps: ``read(image_id, variant)`` -> [L, L] uint8 with 255 = unlabelled, or uint16
+    with 65535 for a vocabulary of more than 255 classes (components.io.unlabelled_for)."""
 
     def read(self, image_id: str, variant: str) -> np.ndarray: ...
 
@@ -39,7 +41,8 @@ class AlignerSamples(Dataset):
     """``samples[i]`` -> ``{"features" | "pixels": ..., "labels": [h, w] int64}``.
 
     samples: train index rows (columns image_id, image_path, variant). grid: (h, w) patch grid of
-    the encoder input. num_classes: K; labels outside [0, K) other than ``ignore_index`` are an error.
+    the encoder input. num_classes: K; labels outside [0, K) other than ``ignore_index`` are an error;
+    ``ignore_index`` None: the unlabelled value of a K-class map (255, or 65535 beyond 255 classes).
     """
 
     def __init__(
@@ -50,7 +53,7 @@ class AlignerSamples(Dataset):
         labels: LabelSource,
         grid: tuple[int, int],
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int | None = None,
     ) -> None:
         missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
         if missing:
@@ -60,13 +63,13 @@ class AlignerSamples(Dataset):
         self.labels = labels
         self.grid = grid
         self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.ignore_index = unlabelled_for(num_classes) if ignore_index is None else ignore_index
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image_id, image_path, variant = self._rows[i]
-        label_map = torch.from_numpy(self.labels.read(image_id, variant))
+        label_map = torch.from_numpy(self.labels.read(image_id, variant).astype(np.int64))
         pooled = pool_labels(label_map, self.grid, self.ignore_index, num_classes=self.num_classes)
         return {**self.inputs.sample(image_id, image_path), "labels": pooled}

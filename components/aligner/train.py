@@ -151,6 +151,10 @@ def train_aligner(
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty: no samples in the train index")
+    pooled_ignore = getattr(dataset, "ignore_index", settings.ignore_index)
+    if pooled_ignore != settings.ignore_index:
+        raise ValueError(f"the samples mark unlabelled patches {pooled_ignore} but the loss ignores "
+                         f"{settings.ignore_index}: both follow the vocabulary's label maps (components.io.unlabelled_for)")
     device = torch.device(device)
     loss_fn = get_loss(settings.loss)
     text = prototypes.detach().float().to(device)

@@ -35,11 +35,12 @@ from torch import Tensor
 from components.datasets.readers import UnreadableImageError
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.overlay import write_overlay
-from components.io import UNLABELLED, atomic_write_bytes
+from components.io import UNLABELLED, atomic_write_bytes, unlabelled_of
 from components.segmenter import Prediction, size_filter
 
 __all__ = [
     "IGNORE_INDEX",
+    "IGNORED_TARGET",
     "STATE_FORMAT",
     "Prediction",
     "SegmentFn",
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = UNLABELLED
+IGNORED_TARGET = -1
+"""The metric's ignore value: a ground truth's own (255 in 8-bit maps, 65535 in 16-bit ones) becomes
+-1, which no confusion matrix of any size has as a class."""
 STATE_FORMAT = 1
 
 # What the readers raise for a file that is missing, truncated or not an image: the image reader's
@@ -106,24 +110,25 @@ def _variant_maps(prediction: Prediction | Mapping[str, Tensor], variants: Seque
 
 def _overlay(overlay_dir: str | Path, image_id: str, image: np.ndarray, label: np.ndarray,
              maps: Mapping[str, Tensor], class_names: Sequence[str]) -> Path:
-    predictions = {v: m.numpy().astype(np.uint8) for v, m in maps.items()}
+    predictions = {v: m.numpy().astype(label.dtype) for v, m in maps.items()}
     return write_overlay(Path(overlay_dir) / f"{image_id}.png", image, label, predictions, class_names)
 
 
 def _image_classes(label: np.ndarray) -> list[int]:
-    """Classes present in a [H, W] uint8 ground truth (255 = ignore left out), ascending."""
+    """Classes present in a [H, W] ground truth (its ignore value, 255 or 65535, left out), ascending."""
     present = np.unique(label)
-    return [int(c) for c in present if c != IGNORE_INDEX]
+    return [int(c) for c in present if c != unlabelled_of(label)]
 
 
 def _pair_problem(image: np.ndarray, label: np.ndarray, num_classes: int) -> str:
     """Why an (image, label) pair cannot be scored, or ''."""
     if image.shape[:2] != label.shape:
         return f"the image is {image.shape[:2]} but its label is {label.shape}"
-    wild = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+    ignore = unlabelled_of(label)
+    wild = np.unique(label[(label >= num_classes) & (label != ignore)])
     if wild.size:
         return (f"the label has values {wild[:8].tolist()} outside the benchmark's {num_classes} classes "
-                f"(0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+                f"(0..{num_classes - 1}, {ignore} = ignore)")
     return ""
 
 
@@ -147,14 +152,15 @@ def evaluate_batch(
     ground truth (the semi-supervised Stage 1.1 of Table 2); otherwise ``segment(image)``.
     A pair that cannot be scored is recorded in ``skipped`` with the reason and left out: an image
     or label that cannot be read, an image and label of different sizes, a label with values
-    >= num_classes (other than 255). For ids in
+    >= num_classes (other than the ignore value: 255, or 65535 in the 16-bit maps of more than 255
+    classes), a label of the wrong width. For ids in
     `overlay_ids`, an overlay picture (image | ground truth | each variant, legend from
     `class_names`) is written to ``overlay_dir/<id>.png`` from the same prediction.
     """
     _check_variants(variants)
     if overlay_ids and overlay_dir is None:
         raise ValueError("overlay_ids given without an overlay_dir")
-    metrics = {v: MeanIoU(num_classes, ignore_index=IGNORE_INDEX) for v in variants}
+    metrics = {v: MeanIoU(num_classes, ignore_index=IGNORED_TARGET) for v in variants}
     done: list[str] = []
     skipped: dict[str, str] = {}
     wanted_overlays = set(overlay_ids)
@@ -171,7 +177,7 @@ def evaluate_batch(
             continue
         prediction = segment(image, image_classes=_image_classes(label)) if image_level_labels else segment(image)
         maps = _variant_maps(prediction, variants, image_id)
-        target = torch.from_numpy(label)
+        target = torch.from_numpy(np.where(label == unlabelled_of(label), IGNORED_TARGET, label.astype(np.int64)))
         for variant, pred in maps.items():
             metrics[variant].update(pred, target)
         done.append(image_id)

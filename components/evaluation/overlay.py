@@ -1,12 +1,13 @@
 """Overlay pictures for eyeballing predictions: image | ground truth | prediction(s), with a legend.
 
 Label maps are blended over the image in the PASCAL VOC colour map (class c gets the colour of the
-bit-interleaved index c, the colours every segmentation viewer uses); ignored pixels (255) show the
-image unchanged. The legend lists every class present in the ground truth or a prediction.
+bit-interleaved index c, the colours every segmentation viewer uses); ignored pixels (255, or 65535 in
+a 16-bit map) show the image unchanged. The legend lists every class present in the ground truth or a prediction.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,44 +15,50 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from components.io import UNLABELLED, atomic_write_bytes
+from components.io import UNLABELLED, atomic_write_bytes, unlabelled_of
 
 __all__ = ["IGNORE_INDEX", "palette", "colorize", "overlay_picture", "write_overlay"]
 
 IGNORE_INDEX = UNLABELLED
+_LABEL_DTYPES = (np.uint8, np.uint16)
 
 _TITLE_HEIGHT = 22
 _SWATCH = 14
 _PAD = 6
 
 
-def palette() -> np.ndarray:
-    """[256, 3] uint8: the PASCAL VOC colour map (bits of the class index interleaved into R, G, B)."""
-    index = np.arange(256)
-    colours = np.zeros((256, 3), dtype=np.int64)
+@functools.cache
+def palette(size: int = 256) -> np.ndarray:
+    """[size, 3] uint8: the PASCAL VOC colour map (bits of the class index interleaved into R, G,
+    B; 24 bits, so 16-bit class maps get distinct colours too). Read-only (cached)."""
+    index = np.arange(size)
+    colours = np.zeros((size, 3), dtype=np.int64)
     for bit in range(8):
         for channel in range(3):
             colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    return colours.astype(np.uint8)
+    colours = colours.astype(np.uint8)
+    colours.flags.writeable = False
+    return colours
 
 
 def colorize(label: np.ndarray) -> np.ndarray:
-    """[H, W] uint8 class map (255 = ignore) -> [H, W, 3] uint8 RGB in the VOC colour map."""
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise ValueError(f"a label map must be [H, W] uint8, got shape {label.shape} dtype {label.dtype}")
-    return palette()[label]
+    """[H, W] uint8 (255 = ignore) or uint16 (65535 = ignore) class map -> [H, W, 3] uint8 RGB in
+    the VOC colour map."""
+    if label.ndim != 2 or label.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"a label map must be [H, W] uint8 or uint16, got shape {label.shape} dtype {label.dtype}")
+    return palette(256 if label.dtype == np.uint8 else 65536)[label]
 
 
 def _blend(image: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
     """[H, W, 3] uint8: the label colours blended over the image; ignored pixels left as they are."""
     mixed = image.astype(np.float32) * (1.0 - alpha) + colorize(label).astype(np.float32) * alpha
-    keep = (label == IGNORE_INDEX)[..., None]
+    keep = (label == unlabelled_of(label))[..., None]
     return np.where(keep, image, mixed.round().astype(np.uint8))
 
 
 def _check_label(name: str, label: np.ndarray, shape: tuple[int, int]) -> None:
-    if label.dtype != np.uint8 or label.shape != shape:
-        raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}] uint8, got {label.shape} {label.dtype}")
+    if label.dtype not in _LABEL_DTYPES or label.shape != shape:
+        raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}] uint8 or uint16, got {label.shape} {label.dtype}")
 
 
 def overlay_picture(
@@ -65,8 +72,9 @@ def overlay_picture(
 ) -> Image.Image:
     """One RGB picture: image | ground truth | each prediction, titled, and a legend underneath.
 
-    image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore), or None for no ground
-    truth panel (new images); predictions: title -> [H, W] uint8 class map (e.g. {"base": ...,
+    image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore; uint16 with 65535 for
+    more than 255 classes), or None for no ground truth panel (new images); predictions: title ->
+    [H, W] class map of the same dtype (e.g. {"base": ...,
     "refined": ...}); class_names: one name per class index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -77,8 +85,10 @@ def overlay_picture(
     for title, pred in predictions.items():
         _check_label(f"prediction {title!r}", pred, shape)
     labels = dict(predictions) if ground_truth is None else {"ground truth": ground_truth, **predictions}
+    if len({label.dtype for label in labels.values()}) > 1:
+        raise ValueError("the ground truth and the predictions must all be uint8 or all uint16 maps")
     present = np.unique(np.concatenate([p.ravel() for p in labels.values()]))
-    present = present[present != IGNORE_INDEX]
+    present = present[present != unlabelled_of(present)]
     if present.size and int(present.max()) >= len(class_names):
         raise ValueError(f"class index {int(present.max())} has no name ({len(class_names)} class names)")
 
@@ -100,7 +110,7 @@ def overlay_picture(
         x = i * (width + _PAD)
         draw.text((x + 2, 4), title, fill="black", font=font)
         canvas.paste(panel, (x, _TITLE_HEIGHT))
-    colours = palette()
+    colours = palette(256 if present.dtype == np.uint8 else 65536)
     y = _TITLE_HEIGHT + height + _PAD
     for row in legend:
         for x, index in row:

@@ -13,7 +13,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from components.evaluation.paper_numbers import stage1_variants
-from components.io import MAX_UINT8_CLASSES
+from components.io import unlabelled_for
 from components.labelling.stage1 import Stage1Settings, label_image
 
 __all__ = ["Stage1Segmenter"]
@@ -28,7 +28,7 @@ class Stage1Segmenter:
     image-level labels as presence. clip_model / clip_mean / clip_std / clip_image_size: the CLIP of
     Stage 1; sam: SAM; prototypes: [K', D] prompt prototypes; class_map: [K'] int64 prompt -> dataset
     class; num_classes: C; settings: Stage 1's settings (params.yaml ``label``). Label maps (SAM
-    frame) are resized to the image by nearest sampling; unlabelled pixels (255) become class C, an
+    frame) are resized to the image by nearest sampling; unlabelled pixels (255 or 65535) become class C, an
     extra "unlabelled" column of the confusion matrix (``summarize(..., unlabelled_column=True)``),
     so they count as misses.
     """
@@ -53,17 +53,14 @@ class Stage1Segmenter:
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
                 f"{tuple(class_map.shape)}"
             )
-        if prototypes.shape[0] > MAX_UINT8_CLASSES:
-            raise ValueError(f"{prototypes.shape[0]} prompts; Stage 1's label maps are 8-bit (255 = unlabelled), "
-                             f"so at most {MAX_UINT8_CLASSES}")
         self.variants = variants
         self.clip_model, self.clip_image_size = clip_model, clip_image_size
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.sam, self.prototypes, self.settings = sam, prototypes, settings
         self.num_classes = num_classes
         self.prompt_classes = class_map.to(torch.int64)  # semi: image labels name classes, of several prompts
-        # prompt index -> dataset class, and 255 (unlabelled) -> the extra column C
-        lookup = torch.full((256,), num_classes, dtype=torch.int64)
+        # prompt index -> dataset class, and unlabelled (255, or 65535 past 255 prompts) -> the extra column C
+        lookup = torch.full((unlabelled_for(prototypes.shape[0]) + 1,), num_classes, dtype=torch.int64)
         lookup[: class_map.shape[0]] = class_map.cpu()
         self.lookup = lookup
 
@@ -82,8 +79,8 @@ class Stage1Segmenter:
 
     @torch.no_grad()
     def label(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
-        """Each variant's pseudo label map in the SAM frame: variant -> [s, s] uint8 prompt index,
-        255 = unlabelled."""
+        """Each variant's pseudo label map in the SAM frame: variant -> [s, s] prompt index, 255 =
+        unlabelled (uint8; int32 with 65535 past 255 prompts)."""
         labels: dict[str, Tensor] = {}
         detected = tuple(v for v in ("stage1_1", "stage1_2") if v in self.variants)
         if detected:

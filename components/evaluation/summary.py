@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from components.evaluation.benchmark import IGNORE_INDEX, EvalState
+from components.evaluation.benchmark import IGNORED_TARGET, EvalState
 from components.evaluation.metrics import MeanIoU
 from components.io import atomic_write_json, atomic_write_text
 
@@ -49,8 +49,8 @@ def summarize(state: EvalState, class_names: Sequence[str], *, unlabelled_column
         if size != num_scored + int(unlabelled_column):
             raise ValueError(f"{num_scored} class names for a {size}-class confusion matrix "
                              f"(unlabelled_column={unlabelled_column})")
-        meter = MeanIoU(size, ignore_index=IGNORE_INDEX)
-        meter.load_state_dict({"num_classes": size, "ignore_index": IGNORE_INDEX, "confusion": confusion})
+        meter = MeanIoU(size, ignore_index=IGNORED_TARGET)
+        meter.load_state_dict({"num_classes": size, "ignore_index": IGNORED_TARGET, "confusion": confusion})
         result = meter.compute()
         class_iou, class_acc = result["IoU"][:num_scored], result["Acc"][:num_scored]
         result.update(mIoU=_nanmean(class_iou), mAcc=_nanmean(class_acc))

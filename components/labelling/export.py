@@ -6,7 +6,7 @@ Layout of an export folder OUT for a store (``PseudoLabels``) and its variants (
 - ``OUT/<variant>/<image id>.png``: the variant's label map at the image's original size (the
   store keeps ``label.label_size`` squares; they are resized by pixel-centre nearest sampling, as
   Stage 1 resizes its own maps), 8-bit grayscale, class index into ``OUT/classes.txt``, 255 = no
-  class. The image id is the image's path under its folder without extension, so the folder mirrors
+  class (16-bit with 65535 for a vocabulary of more than 255 classes). The image id is the image's path under its folder without extension, so the folder mirrors
   the image folder's tree.
 - ``OUT/<variant>.json``: the same labels as a COCO file that ``pycocotools.coco.COCO`` loads:
   ``images`` (id 1..N in image-id order, ``file_name`` = the image's path under its folder,
@@ -37,11 +37,12 @@ from pycocotools import mask as mask_utils
 
 from components.datasets.registry import display_name
 from components.io import (
-    MAX_UINT8_CLASSES,
+    MAX_LABEL_CLASSES,
     atomic_write_bytes,
     atomic_write_text,
     decode_label_png,
     encode_label_png,
+    unlabelled_of,
 )
 from components.labelling.store import VARIANTS, PseudoLabels
 
@@ -58,8 +59,7 @@ __all__ = [
 ]
 
 CLASSES_FILE = "classes.txt"
-MAX_CLASSES = MAX_UINT8_CLASSES  # the store's maps are uint8 with 255 = unlabelled
-NONE = 255
+MAX_CLASSES = MAX_LABEL_CLASSES  # the store's maps: uint8 with 255 = unlabelled, uint16 with 65535 past 255 classes
 
 
 class ExportSummary(NamedTuple):
@@ -99,12 +99,14 @@ def resize_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def coco_annotations(label: np.ndarray, image_id: int, first_id: int) -> list[dict[str, Any]]:
-    """One COCO annotation per class present in ``label`` ([H, W] uint8, 255 = none), ids from
+    """One COCO annotation per class present in ``label`` ([H, W] uint8 with 255 = none, or uint16 with
+    65535), ids from
     ``first_id``: compressed RLE (counts as a string), area, bbox [x, y, w, h], category id = class
     index + 1, iscrowd 0."""
     annotations = []
+    none = unlabelled_of(label)
     for k in np.unique(label).tolist():
-        if k == NONE:
+        if k == none:
             continue
         rle = mask_utils.encode(np.asfortranarray((label == k).astype(np.uint8)))
         annotations.append({
@@ -120,11 +122,11 @@ def coco_annotations(label: np.ndarray, image_id: int, first_id: int) -> list[di
 
 
 def store_vocabulary(labels: PseudoLabels) -> list[str]:
-    """The store's class lines; raises ValueError for more than a uint8 label map holds."""
+    """The store's class lines; raises ValueError for more than a 16-bit label map holds."""
     vocabulary = labels.vocabulary
     if len(vocabulary) > MAX_CLASSES:
         raise ValueError(
-            f"{labels.root} has {len(vocabulary)} classes; Stage 1 label maps are uint8 with 255 = unlabelled, "
+            f"{labels.root} has {len(vocabulary)} classes; Stage 1 label maps are at most 16-bit (65535 = unlabelled), "
             f"so a store holds at most {MAX_CLASSES}"
         )
     return vocabulary

@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from torch import Tensor
 
-from components.io import UNLABELLED
+from components.io import unlabelled_for
 from components.labelling.detect import (
     Presence,
     crop_classes,
@@ -43,13 +43,12 @@ from components.labelling.detect import (
     presence_from_image_labels,
     prompt_patches,
 )
-from components.labelmaps import paint_by_score, paint_masks
+from components.labelmaps import as_label_array, label_tensor_dtype, paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
 from components.models.registry import autocast_context
 from components.models.sam import SamImage
 
 __all__ = [
-    "IGNORE",
     "AmgSettings",
     "Stage1Settings",
     "PreparedImage",
@@ -71,7 +70,6 @@ __all__ = [
     "STEP_KEYS",
 ]
 
-IGNORE = UNLABELLED
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,8 @@ class AmgMask(NamedTuple):
 
 
 class Stage11Result(NamedTuple):
-    """label: [sam_size, sam_size] uint8 (255 = unlabelled); for the K' present classes:
+    """label: [sam_size, sam_size] label map (components.labelmaps: uint8 with 255 = unlabelled up to
+    255 prompts, else int32 with 65535); for the K' present classes:
     points_xy [K', k, 2] float32 SAM-frame prompts, scores [K'] SAM predicted IoU, area_frac [K']."""
 
     label: Tensor
@@ -170,7 +169,8 @@ class Stage12Result(NamedTuple):
 class Stage1Result(NamedTuple):
     """Everything Stage 1 produces for one image.
 
-    stage1_1, stage1_2: [label_size, label_size] uint8 label maps, 255 = unlabelled.
+    stage1_1, stage1_2: [label_size, label_size] label maps, uint8 with 255 = unlabelled (uint16
+    with 65535 for a vocabulary of more than 255 prompts).
     presence: the present classes and their crop wins; stage1_1_detail / stage1_2_detail: the
     per-class and per-mask records; amg_masks: the automatic masks (before the size filter).
     """
@@ -244,7 +244,8 @@ def stage1_1(
     rows_cols = prompt_patches(patches, prototypes.to(patches.device)[found.classes.to(patches.device)], top_k_points)
     points = patch_centres_xy(rows_cols, (h, w), size[0]).cpu()
     decoded = sam_image.masks_from_point_sets(points)  # all classes in one prompt-decoder call
-    label = paint_by_score(decoded.masks, found.classes.cpu(), decoded.scores, size, fill=IGNORE)
+    fill = unlabelled_for(prototypes.shape[0])
+    label = paint_by_score(decoded.masks, found.classes.cpu(), decoded.scores, size, fill=fill)
     area_frac = decoded.masks.flatten(1).float().mean(dim=1)
     return Stage11Result(label, points, decoded.scores, area_frac)
 
@@ -292,24 +293,25 @@ def stage1_2(
     keep = (area_frac >= min_area_frac) & (area_frac <= max_area_frac)
     mask_labels = torch.full((count,), -1, dtype=torch.int64)
     mask_scores = torch.full((count,), float("nan"), dtype=torch.float32)
+    fill = unlabelled_for(prototypes.shape[0])
     if found.classes.numel() == 0 or not bool(keep.any()):
-        return Stage12Result(torch.full((height, width), IGNORE, dtype=torch.uint8), mask_labels, mask_scores)
+        return Stage12Result(torch.full((height, width), fill, dtype=label_tensor_dtype(fill)), mask_labels, mask_scores)
     kept = masks[keep]
     device = patches.device
     coverage = mask_coverage(kept.to(device), tuple(patches.shape[:2]))
     labelled = label_masks(mask_mean_features(coverage, patches), prototypes.to(device), found.classes.to(device))
     mask_labels[keep] = labelled.labels.cpu()
     mask_scores[keep] = labelled.scores.float().cpu()
-    label = paint_masks(kept, labelled.labels.cpu(), (height, width), fill=IGNORE, order="area_desc")
+    label = paint_masks(kept, labelled.labels.cpu(), (height, width), fill=fill, order="area_desc")
     return Stage12Result(label, mask_labels, mask_scores)
 
 
 def resize_label(label: Tensor, size: int) -> np.ndarray:
-    """[H, W] uint8 label map -> [size, size] uint8 by pixel-centre nearest sampling."""
-    if tuple(label.shape) == (size, size):
-        return label.cpu().numpy()
-    resized = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest-exact")
-    return resized[0, 0].to(torch.uint8).cpu().numpy()
+    """[H, W] label map (uint8, or int32 holding 16-bit values) -> [size, size] uint8 / uint16 array
+    by pixel-centre nearest sampling."""
+    if tuple(label.shape) != (size, size):
+        label = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0].to(label.dtype)
+    return as_label_array(label)
 
 
 def stage1_result(
@@ -342,14 +344,17 @@ def _timed(seconds: dict[str, float] | None, key: str) -> Iterator[None]:
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
 
 
-def _skipped_stage1_1(size: int, device: torch.device) -> Stage11Result:
-    return Stage11Result(torch.full((size, size), UNLABELLED, dtype=torch.uint8, device=device),
-                         torch.zeros(0, 0, 2), torch.zeros(0), torch.zeros(0))
+def _unlabelled_map(size: int, num_prompts: int, device: torch.device) -> Tensor:
+    fill = unlabelled_for(num_prompts)
+    return torch.full((size, size), fill, dtype=label_tensor_dtype(fill), device=device)
 
 
-def _skipped_stage1_2(size: int, device: torch.device) -> Stage12Result:
-    return Stage12Result(torch.full((size, size), UNLABELLED, dtype=torch.uint8, device=device),
-                         torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+def _skipped_stage1_1(size: int, num_prompts: int, device: torch.device) -> Stage11Result:
+    return Stage11Result(_unlabelled_map(size, num_prompts, device), torch.zeros(0, 0, 2), torch.zeros(0), torch.zeros(0))
+
+
+def _skipped_stage1_2(size: int, num_prompts: int, device: torch.device) -> Stage12Result:
+    return Stage12Result(_unlabelled_map(size, num_prompts, device), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
 
 
 def label_image(
@@ -379,7 +384,7 @@ def label_image(
     class of each prompt, when image_classes name classes that own several prompts (PV-21's
     background: :func:`presence_from_class_labels`); kept_masks: automatic
     masks of an earlier run with the same SAM settings (skips the mask generator). variants: the
-    maps to make; a map left out is all 255 with empty details, and its work is skipped (Stage 1.1
+    maps to make; a map left out is all unlabelled with empty details, and its work is skipped (Stage 1.1
     alone runs no automatic mask generator, Stage 1.2 alone no point prompts). dtype: autocast of
     the model forwards (on a GPU). seconds: when given, each step's wall time is added under
     :data:`STEP_KEYS` ("io": resizing and assembling; "labelling": presence and mask labelling).
@@ -400,11 +405,11 @@ def label_image(
     with autocast_context(device, dtype):
         with _timed(seconds, "sam_encoder"):
             embedded = embed_sam(sam, prepared.sam_image)
-        s11 = _skipped_stage1_1(settings.sam_size, device)
+        s11 = _skipped_stage1_1(settings.sam_size, prototypes.shape[0], device)
         if "stage1_1" in variants:
             with _timed(seconds, "prompts"):
                 s11 = stage1_1(embedded, features.patches, prototypes, found, top_k_points=settings.top_k_points)
-        s12, amg = _skipped_stage1_2(settings.sam_size, device), kept_masks or []
+        s12, amg = _skipped_stage1_2(settings.sam_size, prototypes.shape[0], device), kept_masks or []
         if "stage1_2" in variants:
             if kept_masks is None:
                 with _timed(seconds, "amg"):

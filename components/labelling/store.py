@@ -294,7 +294,8 @@ class PseudoLabels:
         return {c: table.column(c)[offset].as_py() for c in columns}
 
     def read(self, image_id: str, variant: str) -> np.ndarray:
-        """Label map of one image: [L, L] uint8, class index per pixel, 255 = unlabelled."""
+        """Label map of one image: [L, L] uint8 (255 = unlabelled), or uint16 (65535) for a vocabulary
+        of more than 255 classes; class index per pixel."""
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; supported: {VARIANTS}")
         return decode_label_png(self._row(image_id, [variant])[variant])
