@@ -83,7 +83,7 @@ def _all_sources() -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command("download")
     def download_cmd(
-        dataset: str = typer.Argument(..., help="coco_train, pv21, pv20, pc59, co80, coco_object, cs171, cityscapes, ade20k"),
+        dataset: str = typer.Argument(..., help="coco_train, pv21, pv20, pc59, pc60, pc459, co80, coco_object, cs171, cityscapes, ade20k, ade847"),
         params: Path = typer.Option(Path("params.yaml"), "--params", help="settings file"),
     ) -> None:
         """Download (or locate) a dataset's sources, verify them and convert to the canonical layout."""

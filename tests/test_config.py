@@ -187,7 +187,8 @@ def test_every_shipped_protocol_is_valid(repo_root):
     names = shipped_protocols()
     assert "fmbseg" in names
     assert set(names) >= {"fmbseg", "tcl", "sclip", "clearclip", "proxyclip", "trident"}
-    everything = ["pv21", "pv20", "pc59", "co80", "coco_object", "cs171", "cityscapes", "ade20k"]
+    everything = ["pv21", "pv20", "pc59", "pc60", "pc459", "co80", "coco_object", "cs171", "cityscapes", "ade20k",
+                  "ade847"]
     for name in names:
         ev = parse_params({"evaluate": {"protocol": name, "benchmarks": everything}}).evaluate
         for benchmark in everything:
@@ -196,6 +197,10 @@ def test_every_shipped_protocol_is_valid(repo_root):
     city, pv21, pv20 = (sclip.for_benchmark(n) for n in ("cityscapes", "pv21", "pv20"))
     assert (city.short_side, city.window, city.stride, len(city.templates), city.synonyms) == (560, 224, 112, 80, "max")
     assert (pv21.bg_threshold, pv21.logit_scale, pv20.bg_threshold) == (0.1, 65.0, None)
+    pc60 = {name: parse_params({"evaluate": {"protocol": name}}).evaluate.for_benchmark("pc60") for name in names}
+    assert [(pc60[n].bg_threshold, pc60[n].logit_scale) for n in ("sclip", "clearclip", "proxyclip", "trident")] == [
+        (0.1, 50.0), (0.15, 50.0), (0.15, 40.0), (0.15, 40.0)]
+    assert (pc60["trident"].short_side, pc60["sclip"].short_side, pc60["fmbseg"].bg_threshold) == (576, 336, None)
 
 
 def test_a_logit_scale_needs_a_background_threshold():

@@ -29,6 +29,7 @@ from components.datasets.synthetic import (
     write_synthetic_source,
     write_synthetic_unlabelled,
 )
+from components.io import label_dtype, unlabelled_for
 
 # COCO-Stuff labels.txt (github.com/nightrome/cocostuff), index = value in the stuffthingmaps
 # (COCO id - 1); 255 is 'unlabeled'. Spaces inside a name are written "_". The reference the
@@ -71,6 +72,9 @@ CITYSCAPES_NAMES = [
 CONTEXT_NAMES = {2: "aeroplane", 9: "bag", 284: "person", 360: "sky", 458: "wood"}
 
 
+ADE847_IDS = json.loads((Path(__file__).parents[1] / "components" / "datasets" / "ade847_ids.json").read_text())
+
+
 def first_names(class_file: str) -> list[str]:
     return [line.split(",")[0].strip() for line in read_class_file(class_file_path(class_file))]
 
@@ -109,12 +113,18 @@ def _reference_label(name: str, raw: np.ndarray) -> np.ndarray:
             elif name == "pv20":
                 out[y, x] = 255 if v in (0, 255) else v - 1
             elif name == "pc59":
-                out[y, x] = 255 if v == 0 else sorted(MMSEG_CONTEXT_MAPPING).index(v)
+                out[y, x] = sorted(MMSEG_CONTEXT_MAPPING).index(v) if v in MMSEG_CONTEXT_MAPPING else 255
+            elif name == "pc60":  # background 0 is every pixel none of the 59 classes covers
+                out[y, x] = sorted(MMSEG_CONTEXT_MAPPING).index(v) + 1 if v in MMSEG_CONTEXT_MAPPING else 0
             elif name == "cityscapes":
                 city_name = CITYSCAPES_NAMES[v]
                 out[y, x] = city19.index(city_name) if city_name in city19 else 255
             elif name == "ade20k":
                 out[y, x] = 255 if v == 0 else v - 1
+            elif name == "pc459":  # LabelMap value k = labels.txt line k; 0 unlabelled
+                out[y, x] = 65535 if v == 0 else v - 1
+            elif name == "ade847":  # MaskFormer's id of each ADE-847 class, in label order
+                out[y, x] = ADE847_IDS.index(v) if v in ADE847_IDS else 65535
     return out
 
 
@@ -137,6 +147,7 @@ def test_converter_matches_the_planted_regions(synthetic_root, name):
         "pv21": "voc2012",
         "pv20": "voc2012",
         "pc59": "context_json",
+        "pc60": "context_json",
         "cityscapes": "cityscapes_gtfine",
     }
     scenes = synthetic_scenes(label_source.get(name, spec.sources[-1]), num_images=4, seed=3)
@@ -145,11 +156,11 @@ def test_converter_matches_the_planted_regions(synthetic_root, name):
     assert ds.ids == sorted(s.id for s in evaluated)
     for scene in evaluated:
         got = ds.read_label(scene.id)
-        assert got.dtype == np.uint8 and got.shape == scene.raw_label.shape
+        assert got.dtype == label_dtype(spec.num_classes) and got.shape == scene.raw_label.shape
         np.testing.assert_array_equal(got, _reference_label(name, scene.raw_label))
         assert ds.read_image(scene.id).shape == (*scene.raw_label.shape, 3)
     values = set(np.unique(np.stack([ds.read_label(i) for i in ds.ids])).tolist())
-    assert values <= set(range(spec.num_classes)) | {255}
+    assert values <= set(range(spec.num_classes)) | {unlabelled_for(spec.num_classes)}
     assert len(ds.classes) == spec.num_classes
     assert ds.meta["num_classes"] == spec.num_classes and ds.meta["num_images"] == 4
     assert ds.meta["background"] == spec.background and ds.meta["reduce_zero_label"] == spec.reduce_zero_label
@@ -200,6 +211,7 @@ def test_class_files_have_the_protocol_sizes_and_orders():
             2,
         )
     assert all_names(context[0]) == ["airplane", "aeroplane"]
+    assert read_class_file(class_file_path("context60")) == ["background", *context]
     ade = first_names("ade150")
     assert len(ade) == 150 and ade[0] == "wall" and ade[12] == "person" and ade[149] == "flag"
     assert first_names("cityscapes19") == [
@@ -304,3 +316,20 @@ def test_prepare_dataset_uses_local_roots_in_place(tmp_path):
         prepare_dataset(
             "pv20", data_dir=tmp_path / "data", overrides={"voc2012": {"root": str(user / "voc")}}
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "planted"),
+    [("pc459", {0, 283, 457, 458, 65535}), ("ade847", {0, 255, 300, 846, 65535})],
+)
+def test_16_bit_benchmarks_keep_labels_past_255_and_ignore_65535(synthetic_root, name, planted):
+    # PC-459 plants accordion (label 0), person (283), wood (457), wool (458) and unlabelled
+    # pixels; ADE-847 its first, 256th ("pier", 255: an 8-bit map would read it as ignore),
+    # 301st and last class and indices outside the 847.
+    ds = CanonicalDataset(synthetic_root / "datasets" / name, "val")
+    labels = [ds.read_label(i) for i in ds.ids]
+    assert all(label.dtype == np.uint16 for label in labels)
+    assert planted <= set(np.unique(np.stack(labels)).tolist())
+    assert ds.meta["ignore_index"] == 65535
+    with Image.open(ds.label_path(ds.ids[0])) as im:
+        assert im.mode.startswith("I;16")  # a 16-bit grayscale PNG

@@ -60,6 +60,13 @@ def test_the_protocols_published_numbers_stand_beside_ours():
 
     assert PUBLISHED["sclip"]["pv21"] == 59.63 and PUBLISHED["sclip"]["cs171"] == 22.77
     assert "co80" not in PUBLISHED["sclip"]  # SCLIP reports COCO-Object, not CO-80
+    assert PUBLISHED["sclip"]["pc60"] == 31.74 and PUBLISHED["trident"]["pc60"] == 38.6
+    assert "pv21" not in PUBLISHED["clearclip"]  # ClearCLIP's README table: no background benchmarks
+    from components.config import shipped_protocols
+    from components.datasets.registry import BENCHMARKS
+
+    assert set(PUBLISHED) <= set(shipped_protocols())
+    assert all(set(numbers) <= set(BENCHMARKS) for numbers in PUBLISHED.values())
     rows = report_rows({"pv21": {"mIoU_base": 10.0}}, ["pv21", "co80"], protocol="sclip")
     assert rows[0]["published"] == 59.63 and rows[1]["published"] is None
     assert report_rows({}, ["pv21"], protocol="fmbseg")[0]["published"] == 67.73  # the paper's base row

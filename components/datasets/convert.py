@@ -1,8 +1,8 @@
 """Raw benchmark formats -> the canonical layout (DESIGN §3), with the published label conventions.
 
 Every converter lists the samples of its split (image path + a function that yields the canonical
-label) and one writer builds ``images/<split>/``, ``labels/<split>/`` (uint8 PNG, 255 = ignore),
-``classes.txt`` and ``meta.json`` in a temporary directory that replaces ``out_dir`` when complete.
+label) and one writer builds ``images/<split>/``, ``labels/<split>/`` (uint8 PNG with 255 = ignore;
+uint16 PNG with 65535 = ignore past 255 classes, components.io), ``classes.txt`` and ``meta.json`` in a temporary directory that replaces ``out_dir`` when complete.
 
 Label conventions (the ones TCL / mmseg evaluate with):
 - COCO-Stuff stuffthingmaps hold 0-indexed COCO ids: things 0..90 (11 ids without annotations),
@@ -13,7 +13,16 @@ Label conventions (the ones TCL / mmseg evaluate with):
   PV-21 keeps them; PV-20 reduces the zero label (0 -> 255, k -> k-1).
 - PASCAL Context: class masks painted from trainval_merged.json in annotation order (later
   annotations over earlier, as the Detail API's getMask does); the 59 category ids -> 0..58 in
-  sorted id order; unannotated pixels -> 255.
+  sorted id order; unannotated pixels -> 255 (PC-59) or the scored background class 0, the 59
+  classes -> 1..59 (PC-60).
+- PASCAL Context full (PC-459, CAT-Seg / SAN / ODISE): trainval.tar.gz's ``trainval/<id>.mat``
+  ``LabelMap`` (uint16, 0 unlabelled, 1..459 = labels.txt) -> 0 -> 65535, k -> k-1; the images of
+  the Detail JSON's val phase, as PC-59 / PC-60.
+- ADE20K full (ADE-847, MaskFormer's prepare_ade20k_full_sem_seg): ``<name>_seg.png`` decodes to
+  the object index (R / 10) * 256 + G; the 847 indices of ade847_ids.json -> 0..846 in that order,
+  every other index (unannotated 0 included) -> 65535. The field also shrinks images whose sides
+  both exceed 512 to a short side of 512 before scoring; not reproduced (labels are scored at the
+  annotation's own resolution, like every other benchmark here).
 - Cityscapes gtFine labelIds -> the 19 trainIds of cityscapesscripts; other ids -> 255.
 - ADE20K: 0 ('other') -> 255, k -> k-1.
 Values outside a format's range raise an error naming the file: they mean a wrong or damaged file.
@@ -21,6 +30,7 @@ Values outside a format's range raise an error naming the file: they mean a wron
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,10 +39,12 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import scipy.io
 from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
@@ -47,12 +59,14 @@ from components.datasets.registry import (
     get_benchmark,
     read_class_file,
 )
-from components.io import UNLABELLED, encode_label_png
+from components.io import UNLABELLED, UNLABELLED_16, encode_label_png, unlabelled_for
 
 __all__ = [
     "IGNORE_INDEX",
     "COCOSTUFF_UNUSED_IDS",
     "CONTEXT59_CATEGORY_IDS",
+    "CONTEXT459_NUM_CLASSES",
+    "ade847_object_ids",
     "CITYSCAPES_ID_TO_TRAINID",
     "LinkMode",
     "Sample",
@@ -64,6 +78,9 @@ __all__ = [
     "cityscapes_lut",
     "context_lut",
     "context_class_mask",
+    "context_full_lut",
+    "ade_full_lut",
+    "ade_full_object_index",
     "convert_benchmark",
     "convert_image_folder",
     "prepare_dataset",
@@ -81,6 +98,7 @@ CONTEXT59_CATEGORY_IDS: tuple[int, ...] = (
     144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347,
     349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458,
 )  # fmt: skip
+CONTEXT459_NUM_CLASSES = 459  # PASCAL Context's full labels.txt: values 1..459 of a LabelMap
 # Cityscapes labelIds 0..33 -> trainIds (cityscapesscripts.helpers.labels); 255 = ignored.
 CITYSCAPES_ID_TO_TRAINID: dict[int, int] = {
     0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255, 11: 2,
@@ -94,7 +112,8 @@ _INVALID = -1
 
 # ------------------------------------------------------------------------------ label mappings
 def apply_lut(raw: np.ndarray, lut: np.ndarray, *, what: str) -> np.ndarray:
-    """Map a raw label map through ``lut`` (int, -1 = value not allowed) -> [H, W] uint8.
+    """Map a raw label map through ``lut`` (int, -1 = value not allowed) -> [H, W] uint8, or
+    uint16 where the LUT maps to values past 255 (a 16-bit benchmark: 65535 = ignore).
 
     raw: [H, W] non-negative integer label map. Raises ValueError naming ``what`` and the
     offending values when a value is out of the LUT or marked not allowed.
@@ -115,7 +134,7 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, *, what: str) -> np.ndarray:
         raise ValueError(
             f"{what}: unexpected raw label values {values}; the file is not in the expected format"
         )
-    return mapped.astype(np.uint8)
+    return mapped.astype(np.uint8 if int(lut.max()) <= UNLABELLED else np.uint16)
 
 
 def cocostuff_lut(target: Literal["cs171", "co80", "coco_object"]) -> np.ndarray:
@@ -168,12 +187,55 @@ def cityscapes_lut() -> np.ndarray:
     return lut
 
 
-def context_lut() -> np.ndarray:
-    """Context category ids (0 = not annotated) -> 59 classes in sorted id order, 0 -> 255."""
+def context_lut(*, with_background: bool = False) -> np.ndarray:
+    """Context category ids (0 = not annotated) -> the 59 classes in sorted id order.
+
+    PC-59: 0 -> 255, ids -> 0..58. PC-60 (with_background): 0 is the scored background class 0,
+    ids -> 1..59 (mmseg PascalContextDataset).
+    """
     lut = np.full(max(CONTEXT59_CATEGORY_IDS) + 1, _INVALID, dtype=np.int64)
-    lut[0] = IGNORE_INDEX
-    lut[list(CONTEXT59_CATEGORY_IDS)] = np.arange(len(CONTEXT59_CATEGORY_IDS))
+    first = 1 if with_background else 0
+    lut[0] = 0 if with_background else IGNORE_INDEX
+    lut[list(CONTEXT59_CATEGORY_IDS)] = np.arange(first, first + len(CONTEXT59_CATEGORY_IDS))
     return lut
+
+
+def context_full_lut() -> np.ndarray:
+    """PASCAL Context full LabelMap values (0 unlabelled, 1..459) -> PC-459 labels: 0 -> 65535, k -> k-1."""
+    lut = np.full(CONTEXT459_NUM_CLASSES + 1, UNLABELLED_16, dtype=np.int64)
+    lut[1:] = np.arange(CONTEXT459_NUM_CLASSES)
+    return lut
+
+
+@functools.cache
+def ade847_object_ids() -> tuple[int, ...]:
+    """The ADE20K-full object index of each ADE-847 class, in label order (MaskFormer's
+    ADE20K_SEM_SEG_FULL_CATEGORIES ``id`` fields, shipped as ade847_ids.json)."""
+    path = resources.files("components.datasets") / "ade847_ids.json"
+    ids = tuple(int(i) for i in json.loads(path.read_text(encoding="utf-8")))
+    if len(ids) != 847 or len(set(ids)) != 847:
+        raise AssertionError(f"{path} must hold 847 distinct object indices, got {len(ids)}")
+    return ids
+
+
+# (R / 10) * 256 + G with R, G in 0..255: object indices 0..25 * 256 + 255
+_ADE_FULL_MAX_INDEX = (255 // 10) * 256 + 255
+
+
+def ade_full_lut() -> np.ndarray:
+    """ADE20K-full object indices -> ADE-847 labels (0..846); every other index -> 65535."""
+    lut = np.full(_ADE_FULL_MAX_INDEX + 1, UNLABELLED_16, dtype=np.int64)
+    lut[list(ade847_object_ids())] = np.arange(847)
+    return lut
+
+
+def ade_full_object_index(seg: np.ndarray) -> np.ndarray:
+    """An ADE20K-full ``_seg.png`` ([H, W, 3] uint8 RGB) -> [H, W] int64 object index
+    (R / 10) * 256 + G, 0 where nothing is annotated (ADE20K's utils_ade20k.loadAde20K)."""
+    if seg.ndim != 3 or seg.shape[2] < 3:
+        raise ValueError(f"an ADE20K _seg.png is RGB, got shape {seg.shape}")
+    r, g = seg[..., 0].astype(np.int64), seg[..., 1].astype(np.int64)
+    return (r // 10) * 256 + g
 
 
 def context_class_mask(annotations: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
@@ -258,7 +320,9 @@ def _voc_samples(raw_dirs: Mapping[str, Path], *, with_background: bool) -> list
     return samples
 
 
-def _context_samples(raw_dirs: Mapping[str, Path]) -> list[Sample]:
+def _context_val(raw_dirs: Mapping[str, Path]) -> tuple[Path, dict[str, Any], list[tuple[dict[str, Any], Path]]]:
+    """The Detail JSON, its data, and (entry, image path) of every image of its val phase: the one
+    image list of PC-59, PC-60 and PC-459."""
     json_path = raw_dirs["context_json"] / "trainval_merged.json"
     images = _require_dir(
         raw_dirs["voc2010"] / "VOCdevkit" / "VOC2010" / "JPEGImages",
@@ -266,22 +330,50 @@ def _context_samples(raw_dirs: Mapping[str, Path]) -> list[Sample]:
     )
     with open(json_path, encoding="utf-8") as f:
         data = json.load(f)
-    per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for ann in data["annos_segmentation"]:
-        per_image[ann["image_id"]].append(ann)
-    lut = context_lut()
-    samples = []
+    val = []
     for img in sorted(data["images"], key=lambda i: i["file_name"]):
         if img["phase"] != "val":
             continue
         image = images / img["file_name"]
         if not image.exists():
             raise FileNotFoundError(f"{json_path.name} lists {img['file_name']} but {image} is missing")
+        val.append((img, image))
+    return json_path, data, val
+
+
+def _context_samples(raw_dirs: Mapping[str, Path], *, with_background: bool) -> list[Sample]:
+    json_path, data, val = _context_val(raw_dirs)
+    per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for ann in data["annos_segmentation"]:
+        per_image[ann["image_id"]].append(ann)
+    lut = context_lut(with_background=with_background)
+    samples = []
+    for img, image in val:
         anns = per_image.get(img["image_id"], [])
 
         def label(anns: list[dict[str, Any]] = anns, img: dict[str, Any] = img) -> np.ndarray:
             mask = context_class_mask(anns, img["height"], img["width"])
             return apply_lut(mask, lut, what=f"{json_path.name} image {img['file_name']}")
+
+        samples.append(Sample(Path(img["file_name"]).stem, image, label))
+    return samples
+
+
+def _context_full_samples(raw_dirs: Mapping[str, Path]) -> list[Sample]:
+    mats = _require_dir(raw_dirs["context_full"] / "trainval", "trainval.tar.gz not extracted")
+    _, _, val = _context_val(raw_dirs)
+    lut = context_full_lut()
+    samples = []
+    for img, image in val:
+        mat = mats / f"{Path(img['file_name']).stem}.mat"
+        if not mat.exists():
+            raise FileNotFoundError(f"{img['file_name']} is in the val phase but {mat} is missing")
+
+        def label(mat: Path = mat, img: dict[str, Any] = img) -> np.ndarray:
+            raw = scipy.io.loadmat(mat)["LabelMap"]
+            if raw.shape != (img["height"], img["width"]):
+                raise ValueError(f"{mat}: a {raw.shape} LabelMap, the image is {(img['height'], img['width'])}")
+            return apply_lut(raw, lut, what=str(mat))
 
         samples.append(Sample(Path(img["file_name"]).stem, image, label))
     return samples
@@ -324,6 +416,29 @@ def _ade20k_samples(raw_dirs: Mapping[str, Path]) -> list[Sample]:
     return samples
 
 
+def _ade_full_label(path: Path, lut: np.ndarray) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode != "RGB":
+            raise ValueError(f"{path}: an ADE20K _seg.png is RGB, got mode {im.mode}")
+        seg = np.asarray(im)
+    return apply_lut(ade_full_object_index(seg), lut, what=str(path))
+
+
+def _ade_full_samples(raw_dirs: Mapping[str, Path]) -> list[Sample]:
+    root = _require_dir(
+        raw_dirs["ade20k_full"] / "ADE20K_2021_17_01" / "images" / "ADE" / "validation",
+        "ADE20K_2021_17_01.zip not extracted",
+    )
+    lut = ade_full_lut()
+    samples = []
+    for image in sorted(root.glob("**/ADE_val_*.jpg")):
+        seg = image.with_name(f"{image.stem}_seg.png")
+        if not seg.exists():
+            raise FileNotFoundError(f"{image} has no annotation {seg}")
+        samples.append(Sample(image.stem, image, functools.partial(_ade_full_label, seg, lut)))
+    return samples
+
+
 def _image_folder_samples(folder: Path) -> list[Sample]:
     samples: dict[str, Sample] = {}
     for path in list_images(folder):
@@ -341,9 +456,11 @@ CONVERTERS: dict[str, Converter] = {
     "coco_thing80": lambda spec, raw: _coco_samples(raw, "co80"),
     "coco_object": lambda spec, raw: _coco_samples(raw, "coco_object"),
     "voc": lambda spec, raw: _voc_samples(raw, with_background=spec.background == "class0"),
-    "context": lambda spec, raw: _context_samples(raw),
+    "context": lambda spec, raw: _context_samples(raw, with_background=spec.background == "class0"),
     "cityscapes": lambda spec, raw: _cityscapes_samples(raw),
     "ade20k": lambda spec, raw: _ade20k_samples(raw),
+    "context_full": lambda spec, raw: _context_full_samples(raw),
+    "ade_full": lambda spec, raw: _ade_full_samples(raw),
     "unlabelled": lambda spec, raw: _image_folder_samples(
         _require_dir(raw[spec.sources[0]] / spec.source_split, f"{spec.sources[0]} not extracted")
     ),
@@ -425,7 +542,8 @@ def convert_benchmark(
     limit: keep the first ``limit`` images in id order (quick runs); meta.json records it.
     expect_count: fail (writing nothing) unless the split has exactly this many images.
     link_mode: how images enter the layout: copy (default), hardlink or symlink.
-    Labels: [H, W] uint8 PNG, 255 = ignore, conventions of the module docstring.
+    Labels: [H, W] uint8 PNG, 255 = ignore (uint16, 65535 = ignore, past 255 classes), conventions
+    of the module docstring.
     """
     spec = get_benchmark(name)
     raw_dirs = {source: Path(path) for source, path in raw_dirs.items()}
@@ -443,7 +561,7 @@ def convert_benchmark(
         "source_split": spec.source_split,
         "labelled": spec.labelled,
         "num_classes": spec.num_classes,
-        "ignore_index": IGNORE_INDEX,
+        "ignore_index": unlabelled_for(spec.num_classes),
         "background": spec.background,
         "reduce_zero_label": spec.reduce_zero_label,
         "class_file": spec.class_file,
@@ -498,7 +616,7 @@ def convert_image_folder(
         "source_split": None,
         "labelled": False,
         "num_classes": len(class_names),
-        "ignore_index": IGNORE_INDEX,
+        "ignore_index": unlabelled_for(len(class_names)),
         "background": "none",
         "reduce_zero_label": False,
         "class_file": None,

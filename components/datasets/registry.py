@@ -44,6 +44,10 @@ BackgroundHandling = Literal["class0", "ignored", "none"]
 
 GB = 1_000_000_000
 MB = 1_000_000
+# Images of the Detail JSON's val phase, the one list of PC-59 / PC-60 / PC-459: 5104, as counted by
+# PyTorch-Encoding issue 155 and mmseg issue 394, and CAT-Seg's pascalcontext_val.txt (VOC2010's
+# Main/val.txt, 5105 ids, without 2010_001606). Papers write 5105.
+CONTEXT_VAL_IMAGES = 5_104
 
 
 class UnknownDatasetError(ValueError):
@@ -198,7 +202,7 @@ SOURCES: dict[str, SourceSpec] = {
             checksum_note="PASCAL publishes no checksum; md5 as recorded by torchvision's VOC datasets.",
             license=_VOC_LICENSE,
             homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2010/",
-            benchmarks=("pc59",),
+            benchmarks=("pc59", "pc60", "pc459"),
         ),
         SourceSpec(
             name="context_json",
@@ -216,7 +220,27 @@ SOURCES: dict[str, SourceSpec] = {
             ),
             license="PASCAL Context annotations: research use (https://cs.stanford.edu/~roozbeh/pascal-context/).",
             homepage="https://cs.stanford.edu/~roozbeh/pascal-context/",
-            benchmarks=("pc59",),
+            benchmarks=("pc59", "pc60", "pc459"),
+        ),
+        SourceSpec(
+            name="context_full",
+            filename="trainval.tar.gz",
+            urls=(
+                "https://www.cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz",
+                "https://roozbehm.info/pascal-context/trainval.tar.gz",
+            ),
+            archive="tar.gz",
+            marker="trainval",
+            approx_bytes=40 * MB,
+            extracted_bytes=600 * MB,
+            checksum_note=(
+                "PASCAL Context publishes no checksum or exact size and no project records one; the "
+                "lock file pins the first download. The first URL has been down at times; the second "
+                "is the authors' own mirror (CAT-Seg's README)."
+            ),
+            license="PASCAL Context annotations: research use (https://cs.stanford.edu/~roozbeh/pascal-context/).",
+            homepage="https://cs.stanford.edu/~roozbeh/pascal-context/",
+            benchmarks=("pc459",),
         ),
         SourceSpec(
             name="cityscapes_leftimg",
@@ -269,6 +293,26 @@ SOURCES: dict[str, SourceSpec] = {
             license="ADE20K / MIT Scene Parsing: research and educational use (https://groups.csail.mit.edu/vision/datasets/ADE20K/).",
             homepage="http://sceneparsing.csail.mit.edu/",
             benchmarks=("ade20k",),
+        ),
+        SourceSpec(
+            name="ade20k_full",
+            filename="ADE20K_2021_17_01.zip",
+            urls=(),
+            archive="zip",
+            marker="ADE20K_2021_17_01/images/ADE/validation",
+            approx_bytes=4_000 * MB,
+            extracted_bytes=4_500 * MB,
+            checksum_note="ADE20K (full) needs a login and publishes no checksum; the lock file pins the sha256 of the first archive used.",
+            license="ADE20K: non-commercial research and educational use (https://groups.csail.mit.edu/vision/datasets/ADE20K/).",
+            homepage="https://ade20k.csail.mit.edu/",
+            benchmarks=("ade847",),
+            manual_instructions=(
+                "ADE20K (full) needs a free account. Request access at "
+                "https://ade20k.csail.mit.edu/request_data/, download 'ADE20K_2021_17_01.zip' from "
+                "the personal link you are sent and place it at {path} (or set "
+                "datasets.ade20k_full.root to the zip or to an extracted folder that contains "
+                "ADE20K_2021_17_01/images/ADE/validation), then run the command again."
+            ),
         ),
     )
 }
@@ -334,10 +378,47 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             reduce_zero_label=True,
             class_file="context59",
             labelled=True,
-            expected_images=5_105,
+            expected_images=CONTEXT_VAL_IMAGES,
             protocol=(
                 "PASCAL Context val (trainval_merged.json, phase 'val'): the 59 classes in sorted "
                 "category-id order (mmseg PascalContextDataset59); unannotated pixels -> 255."
+            ),
+        ),
+        BenchmarkSpec(
+            name="pc60",
+            display_name="PC-60",
+            sources=("voc2010", "context_json"),
+            converter="context",
+            split="val",
+            source_split="val",
+            num_classes=60,
+            background="class0",
+            reduce_zero_label=False,
+            class_file="context60",
+            labelled=True,
+            expected_images=CONTEXT_VAL_IMAGES,
+            protocol=(
+                "PASCAL Context val (trainval_merged.json, phase 'val'): background 0 (every pixel no "
+                "annotation covers) + the 59 classes as 1..59 in sorted category-id order (mmseg "
+                "PascalContextDataset)."
+            ),
+        ),
+        BenchmarkSpec(
+            name="pc459",
+            display_name="PC-459",
+            sources=("voc2010", "context_json", "context_full"),
+            converter="context_full",
+            split="val",
+            source_split="val",
+            num_classes=459,
+            background="ignored",
+            reduce_zero_label=True,
+            class_file="context459",
+            labelled=True,
+            expected_images=CONTEXT_VAL_IMAGES,
+            protocol=(
+                "PASCAL Context full (trainval.tar.gz LabelMaps) on the val images of PC-59: the 459 "
+                "labels.txt classes, 0 (unlabelled) -> 65535, k -> k-1; 16-bit labels (CAT-Seg / SAN)."
             ),
         ),
         BenchmarkSpec(
@@ -418,6 +499,25 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             expected_images=2_000,
             protocol="ADEChallengeData2016 validation, 150 classes with reduce-zero-label (0 'other' -> 255).",
         ),
+        BenchmarkSpec(
+            name="ade847",
+            display_name="ADE-847",
+            sources=("ade20k_full",),
+            converter="ade_full",
+            split="val",
+            source_split="validation",
+            num_classes=847,
+            background="none",
+            reduce_zero_label=False,
+            class_file="ade847",
+            labelled=True,
+            expected_images=2_000,
+            protocol=(
+                "ADE20K_2021_17_01 validation, the 847 classes of MaskFormer / CAT-Seg: object index "
+                "(R / 10) * 256 + G of each _seg.png -> its position among the 847; the rest -> 65535; "
+                "16-bit labels at the annotation's resolution."
+            ),
+        ),
     )
 }
 
@@ -429,8 +529,11 @@ CLASS_FILES: tuple[str, ...] = (
     "voc21",
     "voc20",
     "context59",
+    "context60",
+    "context459",
     "cityscapes19",
     "ade150",
+    "ade847",
 )
 
 

@@ -2,7 +2,7 @@
 
 Every scene is a background fill plus a few labelled rectangles (later ones painted over earlier
 ones), in the source's own raw label space (COCO-Stuff ids, VOC indices with 255 boundaries,
-Context category ids, Cityscapes labelIds, ADE indices). The converters, readers and every later
+Context category ids, Cityscapes labelIds, ADE indices, ADE20K-full object indices). The converters, readers and every later
 stage run on them unchanged. ``synthetic_scenes`` is the pure, seeded plan: the tests read the
 planted regions from it and check converted labels pixel by pixel.
 
@@ -12,8 +12,10 @@ class describes (COCO's unlabelled 255, Context's unannotated 0, ADE's "other") 
 world's void; VOC's background is painted as two COCO-Stuff stuff classes (sky over grass, wall
 over floor...), which PV-21's background prompts name.
 
-Sources that share images (COCO val2017 images and the stuffthingmaps, VOC 2010 images and the
-Context JSON, Cityscapes leftImg8bit and gtFine) share one plan, so images and labels agree.
+Sources that share images (COCO val2017 images and the stuffthingmaps, VOC 2010 images, the
+Context JSON and the full Context LabelMaps, Cityscapes leftImg8bit and gtFine) share one plan, so
+images and labels agree. Context scenes also plant classes outside the 59: the JSON (59 classes,
+as the real one) leaves them unannotated, the full LabelMaps keep them (PC-459).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -33,6 +36,7 @@ from components.datasets.convert import (
     COCOSTUFF_NUM_RAW,
     COCOSTUFF_UNUSED_IDS,
     CONTEXT59_CATEGORY_IDS,
+    ade847_object_ids,
     convert_benchmark,
 )
 from components.datasets.download import STAMP_NAME
@@ -59,9 +63,11 @@ _FAMILY: dict[str, str] = {
     "voc2012": "voc",
     "voc2010": "context",
     "context_json": "context",
+    "context_full": "context",
     "cityscapes_leftimg": "cityscapes",
     "cityscapes_gtfine": "cityscapes",
     "ade20k": "ade20k",
+    "ade20k_full": "ade_full",
 }
 SYNTHETIC_SOURCES: tuple[str, ...] = tuple(_FAMILY)
 
@@ -133,6 +139,7 @@ _CITY_OTHER_NAMES = {
     16: "tunnel", 18: "polegroup", 29: "caravan", 30: "trailer",
 }  # fmt: skip
 BACKGROUND = -1  # VOC's background: painted as stuff classes, labelled 0
+_ADE_SCENES = ("urban/street", "home_or_hotel/bedroom")  # ADE20K-full's scene folders
 
 
 @functools.cache
@@ -149,12 +156,21 @@ def _class_name(family: str, value: int) -> str:
     if family == "voc":
         return _lines("voc21")[value]
     if family == "context":
-        return VOID if value == 0 else _lines("context59")[CONTEXT59_CATEGORY_IDS.index(value)]
+        if value == 0:
+            return VOID
+        if value in CONTEXT59_CATEGORY_IDS:
+            return _lines("context59")[CONTEXT59_CATEGORY_IDS.index(value)]
+        return _lines("context459")[value - 1]
     if family == "cityscapes":
         train_id = CITYSCAPES_ID_TO_TRAINID[value]
         return _CITY_OTHER_NAMES[value] if train_id == 255 else _lines("cityscapes19")[train_id]
     if family == "ade20k":
         return VOID if value == 0 else _lines("ade150")[value - 1]
+    if family == "ade_full":
+        ids = ade847_object_ids()
+        if value == 0:
+            return VOID
+        return _lines("ade847")[ids.index(value)] if value in ids else f"ade20k object {value}"
     raise ValueError(f"no synthetic plan for {family!r}")
 
 
@@ -233,7 +249,9 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             )
     elif family == "context":
         for k in range(n + 1):
-            forced = [[2, 458, 0], [284, 0], [], []][k % 4]
+            # Scene 0: first and last of the 59 (2, 458), unannotated 0 and accordion (1, the
+            # first of the 459, outside the 59); scene 1: wool (459, the last of the 459).
+            forced = [[2, 458, 0, 1], [284, 0, 459], [], []][k % 4]
             pool = list(CONTEXT59_CATEGORY_IDS) + [0]
             values = _values(rng, pool, 4, forced)
             fill = 0 if k % 2 == 0 else int(rng.choice(CONTEXT59_CATEGORY_IDS))
@@ -255,6 +273,20 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             forced = [[0, 1, 150], [0, 75], [], []][k % 4]
             values = _values(rng, list(range(151)), 4, forced)
             fill = int(rng.integers(1, 151))
+            regions, label, image = _paint(rng, size, fill, values, family=family)
+            scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
+            scenes.append(
+                SyntheticScene(scene_id, "validation" if k < n else "training", regions, label, image)
+            )
+    elif family == "ade_full":
+        ids = list(ade847_object_ids())
+        # Scene 0: ADE-847's first, 256th (label 255, "pier") and last class, and unannotated
+        # pixels; scene 1: an object index outside the 847 (2) beside label 300.
+        outside = [i for i in range(1, 12) if i not in ids]
+        for k in range(n + 1):
+            forced = [[ids[0], ids[255], ids[846], 0], [outside[0], ids[300]], [], []][k % 4]
+            values = _values(rng, ids + outside[:3] + [0], 4, forced)
+            fill = int(rng.choice(ids))
             regions, label, image = _paint(rng, size, fill, values, family=family)
             scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
             scenes.append(
@@ -318,16 +350,17 @@ def _write_context_json(scenes: list[SyntheticScene], path: Path) -> None:
                 "phase": scene.split,
             }
         )
-        # A region of raw value 0 is a hole: no annotation there. The annotations of earlier regions
-        # leave it out; overlaps between annotated regions stay (the later one paints over).
+        # A region of raw value 0, or of a class outside the 59 (the JSON holds the 59 only), is a
+        # hole: no annotation there. The annotations of earlier regions leave it out; overlaps
+        # between annotated regions stay (the later one paints over).
         for i, region in enumerate(scene.regions):
-            if region.raw_value == 0:
+            if region.raw_value not in CONTEXT59_CATEGORY_IDS:
                 continue
             mask = np.zeros((h, w), dtype=bool)
             y0, x0, y1, x1 = region.box
             mask[y0:y1, x0:x1] = True
             for later in scene.regions[i + 1 :]:
-                if later.raw_value == 0:
+                if later.raw_value not in CONTEXT59_CATEGORY_IDS:
                     ly0, lx0, ly1, lx1 = later.box
                     mask[ly0:ly1, lx0:lx1] = False
             if not mask.any():
@@ -384,6 +417,24 @@ def _write_source_tree(source_name: str, root: Path, scenes: list[SyntheticScene
             _save_jpeg(s.image, root / "VOCdevkit" / "VOC2010" / "JPEGImages" / f"{s.id}.jpg")
     elif source_name == "context_json":
         _write_context_json(scenes, root / "trainval_merged.json")
+    elif source_name == "context_full":  # trainval.tar.gz: one LabelMap .mat per image, labels.txt
+        for s in scenes:
+            path = root / "trainval" / f"{s.id}.mat"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scipy.io.savemat(path, {"LabelMap": s.raw_label.astype(np.uint16)}, do_compression=True)
+        names = [line.split(",")[0].strip() for line in _lines("context459")]
+        (root / "labels.txt").write_text("".join(f"{i + 1}: {n}\n" for i, n in enumerate(names)))
+    elif source_name == "ade20k_full":  # ADE20K_2021_17_01: images/ADE/<split>/<scene>/<name>{.jpg,_seg.png}
+        for k, s in enumerate(scenes):
+            folder = root / "ADE20K_2021_17_01" / "images" / "ADE" / s.split / _ADE_SCENES[k % 2]
+            _save_jpeg(s.image, folder / f"{s.id}.jpg")
+            seg = np.zeros((*s.raw_label.shape, 3), dtype=np.uint8)  # R = index / 256 * 10, G = index % 256
+            seg[..., 0] = (s.raw_label // 256) * 10
+            seg[..., 1] = s.raw_label % 256
+            for r, region in enumerate(s.regions):  # B: an instance number per region (not read)
+                y0, x0, y1, x1 = region.box
+                seg[y0:y1, x0:x1, 2] = r
+            _save_png(seg, folder / f"{s.id}_seg.png")
     elif source_name == "cityscapes_leftimg":
         for s in scenes:
             city = s.id.split("_")[0]

@@ -42,10 +42,24 @@ PUBLISHED: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
         "fmbseg": TABLE1["base"],
         # SCLIP's README ("With the default setup in this repo", ViT-B/16), wangf3014/SCLIP@b56bd30;
-        # its COCO-Stuff10k and PASCAL Context60 rows are not among our benchmarks. ClearCLIP,
-        # ProxyCLIP and Trident publish their tables as pictures only: not transcribed.
+        # its COCO-Stuff10k row is not among our benchmarks (PASCAL Context60 is pc60).
         "sclip": MappingProxyType({"pv21": 59.63, "pv20": 81.54, "pc59": 34.46, "coco_object": 33.52,
-                                   "cs171": 22.77, "cityscapes": 32.34, "ade20k": 16.45}),
+                                   "cs171": 22.77, "cityscapes": 32.34, "ade20k": 16.45,
+                                   "pc60": 31.74}),
+        # ClearCLIP's README picture (assets/results.png, Table 2, CLIP ViT-B/16 + ClearCLIP),
+        # mc-lan/ClearCLIP@ad68a40: the five benchmarks without background only.
+        "clearclip": MappingProxyType({"pv20": 80.9, "pc59": 35.9, "cs171": 23.9, "cityscapes": 30.0,
+                                       "ade20k": 16.7}),
+        # Trident's README picture (assets/data_result.png, CLIP ViT-B/16 rows), YuHengsss/Trident@a93b346:
+        # Trident's own row, and ProxyCLIP's and TCL's rows as that table quotes their papers
+        # (ProxyCLIP's README publishes no numbers; TCL's shows a radar chart only).
+        "trident": MappingProxyType({"pv21": 67.1, "pc60": 38.6, "coco_object": 41.1, "pv20": 84.5,
+                                     "pc59": 42.2, "cs171": 28.3, "cityscapes": 42.9, "ade20k": 21.9}),
+        "proxyclip": MappingProxyType({"pv21": 61.3, "pc60": 35.3, "coco_object": 37.5, "pv20": 80.3,
+                                       "pc59": 39.1, "cs171": 26.5, "cityscapes": 38.1, "ade20k": 20.2}),
+        "tcl": MappingProxyType({"pv21": 51.2, "pc60": 24.3, "coco_object": 30.4, "pv20": 77.5,
+                                 "pc59": 30.3, "cs171": 19.6, "cityscapes": 23.5, "ade20k": 14.9}),
+        # None of these publishes PC-459 or ADE-847 numbers in its README.
     }
 )
 """protocol (configs/protocols/<name>) -> benchmark -> the mIoU its authors publish for their own
