@@ -180,7 +180,8 @@ def read_image_rgb(path: str | Path, *, exif_orientation: bool = True) -> np.nda
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
-    """A canonical label map: [H, W] uint8 class index per pixel, 255 = ignore."""
+    """A canonical label map: [H, W] uint8 class index per pixel, 255 = ignore (uint16 with
+    65535 = ignore past 255 classes: PC-459, ADE-847)."""
     return decode_label_png(Path(path).read_bytes())
 
 
@@ -238,7 +239,7 @@ class CanonicalDataset:
         return read_image_rgb(self.image_path(image_id), exif_orientation=False)
 
     def read_label(self, image_id: str) -> np.ndarray:
-        """[H, W] uint8 class index per pixel, 255 = ignore."""
+        """[H, W] uint8 class index per pixel, 255 = ignore (uint16, 65535 = ignore, past 255 classes)."""
         return read_label_png(self.label_path(image_id))
 
     @cached_property
