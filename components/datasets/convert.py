@@ -2,7 +2,8 @@
 
 Every converter lists the samples of its split (image path + a function that yields the canonical
 label) and one writer builds ``images/<split>/``, ``labels/<split>/`` (uint8 PNG with 255 = ignore;
-uint16 PNG with 65535 = ignore past 255 classes, components.io), ``classes.txt`` and ``meta.json`` in a temporary directory that replaces ``out_dir`` when complete.
+uint16 PNG with 65535 = ignore past 255 classes, components.io), ``classes.txt`` and ``meta.json``
+in a temporary directory that replaces ``out_dir`` when complete.
 
 Label conventions (the ones TCL / mmseg evaluate with):
 - COCO-Stuff stuffthingmaps hold 0-indexed COCO ids: things 0..90 (11 ids without annotations),

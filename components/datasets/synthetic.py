@@ -2,7 +2,8 @@
 
 Every scene is a background fill plus a few labelled rectangles (later ones painted over earlier
 ones), in the source's own raw label space (COCO-Stuff ids, VOC indices with 255 boundaries,
-Context category ids, Cityscapes labelIds, ADE indices, ADE20K-full object indices). The converters, readers and every later
+Context category ids, Cityscapes labelIds, ADE indices, ADE20K-full object indices). The
+converters, readers and every later
 stage run on them unchanged. ``synthetic_scenes`` is the pure, seeded plan: the tests read the
 planted regions from it and check converted labels pixel by pixel.
 
@@ -268,25 +269,21 @@ def _plan(family: str, rng: np.random.Generator, n: int, size: tuple[int, int]) 
             city = cities[k % 3] if k < n else "aachen"
             split = "val" if k < n else "train"
             scenes.append(SyntheticScene(f"{city}_{k:06d}_000019", split, regions, label, image))
-    elif family == "ade20k":
+    elif family in ("ade20k", "ade_full"):  # one layout of ids and splits, two label spaces
+        if family == "ade20k":
+            pool, fills = list(range(151)), None  # fill: any class 1..150
+            edge_cases = [[0, 1, 150], [0, 75]]
+        else:
+            # ADE-847's first, 256th (label 255, "pier") and last class and unannotated pixels;
+            # then an object index outside the 847 beside label 300.
+            ids = list(ade847_object_ids())
+            outside = [i for i in range(1, 12) if i not in ids][:3]
+            pool, fills = ids + outside + [0], ids
+            edge_cases = [[ids[0], ids[255], ids[846], 0], [outside[0], ids[300]]]
         for k in range(n + 1):
-            forced = [[0, 1, 150], [0, 75], [], []][k % 4]
-            values = _values(rng, list(range(151)), 4, forced)
-            fill = int(rng.integers(1, 151))
-            regions, label, image = _paint(rng, size, fill, values, family=family)
-            scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
-            scenes.append(
-                SyntheticScene(scene_id, "validation" if k < n else "training", regions, label, image)
-            )
-    elif family == "ade_full":
-        ids = list(ade847_object_ids())
-        # Scene 0: ADE-847's first, 256th (label 255, "pier") and last class, and unannotated
-        # pixels; scene 1: an object index outside the 847 (2) beside label 300.
-        outside = [i for i in range(1, 12) if i not in ids]
-        for k in range(n + 1):
-            forced = [[ids[0], ids[255], ids[846], 0], [outside[0], ids[300]], [], []][k % 4]
-            values = _values(rng, ids + outside[:3] + [0], 4, forced)
-            fill = int(rng.choice(ids))
+            forced = [*edge_cases, [], []][k % 4]
+            values = _values(rng, pool, 4, forced)
+            fill = int(rng.integers(1, 151)) if fills is None else int(rng.choice(fills))
             regions, label, image = _paint(rng, size, fill, values, family=family)
             scene_id = f"ADE_val_{k + 1:08d}" if k < n else "ADE_train_00000001"
             scenes.append(
