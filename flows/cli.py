@@ -19,6 +19,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from flows.parent import PARENT_ENV
+
 # A stage run alone (no PREFECT_API_URL) starts Prefect's ephemeral server, whose default 20 s
 # start-up limit a loaded 2-core machine overruns (seen in CI: "Timed out while attempting to connect
 # to ephemeral Prefect API server"); wait as long as flows/server.py waits for the pipeline's server.
@@ -66,7 +68,7 @@ class _LazyGroup(TyperGroup):
         module.register(sub)
         group = typer.main.get_group(sub)
         command = group.get_command(ctx, cmd_name)
-        return _checked_settings(command, self._set_items) if command is not None else None
+        return _checked_settings(_in_parent_flow_run(command), self._set_items) if command is not None else None
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # `-S KEY=VALUE` after the command name belongs to the stage command (see _checked_settings)
@@ -129,6 +131,27 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"-S {item!r}: the value is not valid YAML ({err})") from None
     return overrides
+
+
+def _in_parent_flow_run(command: Any) -> Any:
+    """With ``FMBSEG_PARENT_FLOW_RUN`` set (a stage that `dvc repro` runs for the pipeline or the
+    nightly flow), the command's flows run as subflows of that flow run (flows/parent.py).
+    _checked_settings wraps this wrapper: the settings are checked first, and a bad one exits before
+    any call to the Prefect server."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return command
+    run = command.callback
+
+    @functools.wraps(run)
+    def linked(*args: Any, **kwargs: Any) -> Any:
+        from flows.parent import parent_flow_run
+
+        with parent_flow_run(parent):
+            return run(*args, **kwargs)
+
+    command.callback = linked
+    return command
 
 
 def _fail(message: str) -> typer.Exit:
@@ -209,16 +232,10 @@ app = typer.Typer(
 
 @app.callback()
 def _main(
-    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the installed fmbseg version and exit."),
 ) -> None:
     """Annotation-free open-vocabulary semantic segmentation from CLIP, SAM and DINOv2."""
-    parent = os.environ.get("FMBSEG_PARENT_FLOW_RUN")
-    if parent:  # a stage started by the pipeline/nightly flow: its flow run carries the parent's id
-        from prefect import tags
-
-        ctx.with_resource(tags(f"parent-flow-run:{parent}"))
 
 
 def main(*args: Any) -> None:

@@ -19,7 +19,8 @@ import typer
 from prefect import flow, get_run_logger, runtime, task
 
 from components.config import load_params
-from flows.pipeline import PARENT_ENV, dvc_command, run_logged, stage_env
+from flows.parent import PARENT_ENV
+from flows.pipeline import dvc_command, run_logged, stage_env
 
 __all__ = ["nightly_flow", "schedule_nightly", "register"]
 

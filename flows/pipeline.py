@@ -2,8 +2,10 @@
 
 DVC is the DAG of record: it decides which stages are stale and runs each as `fmbseg <stage>`
 (itself a Prefect flow). This flow never re-implements that DAG; it starts one Prefect server for
-all stages (unless ``PREFECT_API_URL`` names one), runs `dvc repro` in a subprocess and tags every
-stage's flow run with its own id so that the UI shows them together.
+all stages (unless ``PREFECT_API_URL`` names one), runs `dvc repro` in a subprocess and hands each
+stage its flow run id (``FMBSEG_PARENT_FLOW_RUN``): every stage's flow run is then a subflow of this
+one (flows/parent.py), nested under it in the UI and drawn in its run graph, and tagged
+``parent-flow-run:<id>``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 
 from components.config import deep_merge, load_params, parse_params
 from flows.common import PROJECT_ROOT
+from flows.parent import PARENT_ENV
 
 __all__ = [
     "PROJECT_ROOT",
@@ -40,7 +43,6 @@ __all__ = [
 
 # What a pipeline workspace needs: the DAG, its settings and the code its stages list as deps.
 WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "components", "flows", "configs")
-PARENT_ENV = "FMBSEG_PARENT_FLOW_RUN"
 
 
 def dvc_command() -> str:
