@@ -40,10 +40,11 @@ def area_desc(masks: np.ndarray) -> list[int]:
     return sorted(range(len(masks)), key=lambda m: -areas[m])  # stable: equal areas keep input order
 
 
+@pytest.mark.parametrize("count", [9, 300])  # paint ranks in 8 bits; past 255 masks in 16 bits
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("order", ["area_desc", "given"])
-def test_paint_masks_matches_loop(seed: int, order: str) -> None:
-    masks = random_masks(seed)
+def test_paint_masks_matches_loop(seed: int, order: str, count: int) -> None:
+    masks = random_masks(seed, count)
     labels = [int(v) for v in np.random.default_rng(seed + 10).integers(0, 30, len(masks))]
     paint_order = area_desc(masks) if order == "area_desc" else list(range(len(masks)))
     want = naive_paint(masks, labels, paint_order, fill=255)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.utils.amg import batched_mask_to_box
 
 from components.models.registry import build_sam
-from components.models.sam import PointMask, SamImage
+from components.models.sam import PointMask, SamImage, mask_boxes
 
 # Random weights predict low IoUs (about -0.02 … 0.1) and small logits: these settings keep some
 # candidates and drop others at every filter.
@@ -90,10 +91,12 @@ def test_batched_point_sets_equal_one_decoder_call_per_set(sam, image):
     assert empty.masks.shape == (0, 96, 128) and empty.scores.shape == (0,)
 
 
+@pytest.mark.parametrize("points_per_batch", [16, 64])  # four batches; one batch (taken as it is, not copied)
 @pytest.mark.parametrize("output_mode", ["binary_mask", "coco_rle", "uncompressed_rle"])
-def test_automatic_masks_equal_stock_generator(sam, image, output_mode):
-    ours = SamImage(sam, image).automatic_masks(**AMG, output_mode=output_mode)
-    stock = SamAutomaticMaskGenerator(sam, **AMG, output_mode=output_mode).generate(image)
+def test_automatic_masks_equal_stock_generator(sam, image, output_mode, points_per_batch):
+    settings = {**AMG, "points_per_batch": points_per_batch}
+    ours = SamImage(sam, image).automatic_masks(**settings, output_mode=output_mode)
+    stock = SamAutomaticMaskGenerator(sam, **settings, output_mode=output_mode).generate(image)
     assert len(ours) > 0
     _records_equal(ours, stock)
 
@@ -149,3 +152,18 @@ def test_bad_input(sam, image):
         embedded.automatic_masks(output_mode="polygon")
     with pytest.raises(ValueError, match=r"\[P, 2\]"):
         embedded.masks_from_points(np.zeros((0, 2)))
+
+
+def test_mask_boxes_equal_stock_boxes():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 9, 13, generator=generator) > 0.8
+    masks[0] = False  # empty
+    masks[1] = False
+    masks[1, 4, 7] = True  # one pixel
+    masks[2] = True  # full
+    masks[3, :, 0] = True  # touches the edges only
+    masks[3, 8, :] = True
+    ours, stock = mask_boxes(masks), batched_mask_to_box(masks)
+    assert ours.dtype == stock.dtype and torch.equal(ours, stock)
+    empty = torch.zeros(0, 9, 13, dtype=torch.bool)
+    assert torch.equal(mask_boxes(empty), batched_mask_to_box(empty))

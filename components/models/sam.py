@@ -29,7 +29,6 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
     batch_iterator,
-    batched_mask_to_box,
     calculate_stability_score,
     is_box_near_crop_edge,
     uncrop_boxes_xyxy,
@@ -38,7 +37,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms
 
-__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES", "masks_to_rle"]
+__all__ = ["PointMask", "PointMasks", "SamImage", "OUTPUT_MODES", "mask_boxes", "masks_to_rle"]
 
 OUTPUT_MODES: tuple[str, ...] = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -60,6 +59,23 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
         counts = ([] if not first[i] else [0]) + np.diff(edges).tolist()
         out.append({"size": [height, width], "counts": counts})
     return out
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """XYXY boxes of [N, H, W] bool masks ([0, 0, 0, 0] for an empty one), equal to
+    segment_anything's ``batched_mask_to_box``, with the rows' and columns' coverage reduced by
+    ``amax`` (``torch.max`` along a dimension also computes the arg-max indices, which it drops:
+    two to four times the cost on the generator's candidate stack). [N, 4] int64."""
+    count, height, width = masks.shape
+    if masks.numel() == 0:
+        return torch.zeros(count, 4, device=masks.device)
+    edges = []
+    for covered, side in ((masks.amax(dim=-2), width), (masks.amax(dim=-1), height)):  # [N, W], [N, H]
+        coords = covered * torch.arange(side, device=masks.device)[None, :]
+        edges.append(((coords + side * ~covered).amin(dim=-1), coords.amax(dim=-1)))
+    (left, right), (top, bottom) = edges
+    empty = (right < left) | (bottom < top)
+    return torch.stack([left, top, right, bottom], dim=-1) * ~empty[:, None]
+
 
 class PointMask(NamedTuple):
     """mask: [H, W] bool at the image's size; score: SAM's predicted IoU of that mask."""
@@ -169,11 +185,23 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
         if self.stability_score_thresh > 0.0:
             data.filter(data["stability_score"] >= self.stability_score_thresh)
         data["masks"] = data["masks"] > model.mask_threshold
-        data["boxes"] = batched_mask_to_box(data["masks"])
+        data["boxes"] = mask_boxes(data["masks"])
         keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
         if not torch.all(keep):
             data.filter(keep)
         data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+        return data
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        """The stock step for the one crop this generator allows (crop_n_layers = 0): the crop's
+        data as it is. The stock loop gathers crops with ``MaskData.cat``, which deep-copies the
+        first crop's data (every run-length list, item by item) only to have a copy; nothing
+        else differs, since with one crop there is no duplicate removal between crops."""
+        if self.crop_n_layers != 0:
+            raise ValueError("crop_n_layers must be 0 (crops need new SAM embeddings)")
+        height, width = image.shape[:2]
+        data = self._process_crop(image, [0, 0, width, height], 0, (height, width))
+        data.to_numpy()
         return data
 
     def _process_crop(
@@ -184,14 +212,20 @@ class _EmbeddedMaskGenerator(SamAutomaticMaskGenerator):
         orig_size: tuple[int, ...],
     ) -> MaskData:
         """The stock crop step (amg.py's functions in its order) on the embedded image, with the
-        run-length encoding moved after duplicate removal so only the kept masks are encoded."""
+        run-length encoding moved after duplicate removal so only the kept masks are encoded, and
+        the first batch taken as it is (``MaskData.cat`` into an empty MaskData deep-copies it)."""
         x0, y0, x1, y1 = crop_box
         cropped_im_size = image[y0:y1, x0:x1, :].shape[:2]
         points_scale = np.array(cropped_im_size)[None, ::-1]
         points_for_image = self.point_grids[crop_layer_idx] * points_scale
-        data = MaskData()
+        data: MaskData | None = None
         for (points,) in batch_iterator(self.points_per_batch, points_for_image):
-            data.cat(self._process_batch(points, cropped_im_size, crop_box, orig_size))
+            batch = self._process_batch(points, cropped_im_size, crop_box, orig_size)
+            if data is None:
+                data = batch
+            else:
+                data.cat(batch)
+        assert data is not None  # a point grid has at least one point
         keep_by_nms = batched_nms(
             data["boxes"].float(),
             data["iou_preds"],
