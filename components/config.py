@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -29,6 +29,10 @@ from components.io import MAX_LABEL_CLASSES as _MAX_LABEL_CLASSES
 
 __all__ = [
     "ConfigError",
+    "SUB_PATHS",
+    "PathsConfig",
+    "derived_paths",
+    "without_derived_paths",
     "TEMPLATE_SETS",
     "EvaluateSettings",
     "template_set",
@@ -52,9 +56,28 @@ class _Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- paths
+# Each stage's own output (and the files inside one that a later stage reads), as a place under a
+# base path: key -> (the base's key, its name there). A params file that leaves a key out gets
+# this place under its own base, so params files written before the key existed keep working.
+SUB_PATHS: dict[str, tuple[str, str]] = {
+    "stage1": ("pseudo", "stage1"),                      # label: the Stage 1 store
+    "train_index": ("pseudo", "train_index.parquet"),    # balance: the training index
+    "checkpoint": ("models", "aligner.pt"),              # train: the self-describing checkpoint
+    "train_state": ("models", "train_state.pt"),         # train: end-of-epoch state while it runs
+    "train_epochs": ("metrics", "train_epochs.csv"),     # train: the loss curve (dvc plots)
+    "stage1_metrics": ("metrics", "stage1"),             # evaluate-stage1: <benchmark>_<variant>.json
+    "overlays": ("reports", "overlays"),                 # evaluate: <benchmark>/<image>.png
+    "eval_state": ("reports", ".eval_state"),            # evaluate: resume state of a run
+    "report_md": ("reports", "report.md"),               # report: the tables
+    "report_csv": ("reports", "report.csv"),
+    "stage1_csv": ("reports", "stage1.csv"),
+}
+
+
 class PathsConfig(_Section):
     """Where every stage reads and writes, relative to the project root. Written once, here;
-    dvc.yaml templates them (``${paths.pseudo}``) and the code reads them from this object."""
+    dvc.yaml templates them (``${paths.stage1}``) and the code reads them from this object, never
+    composing one from another. The keys of :data:`SUB_PATHS` left out follow their base."""
 
     data: str = "data"
     raw: str = "data/raw"
@@ -66,6 +89,47 @@ class PathsConfig(_Section):
     models: str = "models"
     metrics: str = "metrics"
     reports: str = "reports"
+    # filled from SUB_PATHS when absent (:meth:`_sub_paths_follow_their_base`)
+    stage1: str
+    train_index: str
+    checkpoint: str
+    train_state: str
+    train_epochs: str
+    stage1_metrics: str
+    overlays: str
+    eval_state: str
+    report_md: str
+    report_csv: str
+    stage1_csv: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sub_paths_follow_their_base(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {**derived_paths(data), **data}
+
+
+def derived_paths(paths: dict[str, Any]) -> dict[str, str]:
+    """The keys of :data:`SUB_PATHS`, each placed under its base as ``paths`` (a raw ``paths``
+    section) gives it, or under the base's default: ``{"stage1": "<pseudo>/stage1", ...}``."""
+    out = {}
+    for key, (base, name) in SUB_PATHS.items():
+        root = paths.get(base, PathsConfig.model_fields[base].default)
+        out[key] = (PurePosixPath(str(root)) / name).as_posix()
+    return out
+
+
+def without_derived_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Raw params without the sub-paths that only restate :data:`SUB_PATHS` (``paths.stage1`` =
+    ``<paths.pseudo>/stage1``); the same settings once parsed, but an overlay merged on top of them
+    that moves a base (``paths.pseudo``) then moves those sub-paths with it."""
+    paths = raw.get("paths")
+    if not isinstance(paths, dict):
+        return raw
+    derived = derived_paths(paths)
+    kept = {k: v for k, v in paths.items() if not (k in derived and v == derived[k])}
+    return {**raw, "paths": kept}
 
 
 # ---------------------------------------------------------------------------------------- models

@@ -12,13 +12,13 @@ from typing import Any
 import typer
 from prefect import flow
 
-from flows.common import PARAMS_FILE, TRAIN_INDEX, output_root, stage_params, table_artifact, train_index_path
+from flows.common import PARAMS_FILE, output_root, project_path, stage_params, table_artifact
 
-__all__ = ["TRAIN_INDEX", "train_index_path", "balance_flow", "register"]
+__all__ = ["balance_flow", "register"]
 
 @flow(name="balance", flow_run_name="balance", log_prints=True)
 def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Write ``${paths.pseudo}/train_index.parquet``; returns counts per variant."""
+    """Write ``${paths.train_index}``; returns counts per variant."""
     import pyarrow as pa
 
     from components.labelling.balance import balance_index
@@ -30,7 +30,7 @@ def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     records = labels.index.loc[:, ["image_id", "image_path", "shard", "row"]].copy()
     records["shard"] = [(root / shard).as_posix() for shard in records["shard"]]
     index = balance_index(records, params.balance.ratio, params.balance.seed)
-    path = train_index_path(params.paths.pseudo)
+    path = project_path(params, "train_index")
     write_table(path, pa.Table.from_pandas(index, preserve_index=False))
     counts = {variant: int(n) for variant, n in index["variant"].value_counts().sort_index().items()}
     summary = {"images": len(records), "samples": len(index), **counts,

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.config import LabelConfig, OrchestrationConfig, Params, load_params
+from components.config import SUB_PATHS, LabelConfig, OrchestrationConfig, Params, load_params
 
 if TYPE_CHECKING:
     from components.labelling.stage1 import Stage1Settings
@@ -40,10 +40,7 @@ __all__ = [
     "project_path",
     "PROJECT_ROOT",
     "STAGE_DIR",
-    "TRAIN_INDEX",
     "output_root",
-    "train_index_path",
-    "features_root",
     "stage1_settings",
     "inference_spec",
     "class_lines",
@@ -57,37 +54,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Raw settings of ``base`` (default: this checkout's params.yaml) with configs/demo.yaml merged
-    on top for the ``demo`` profile (what `make demo` runs, and `--profile demo` means)."""
+    on top for the ``demo`` profile (what `make demo` runs, and `--profile demo` means): settings to
+    build on, so the sub-paths that only follow their base are left out (an overlay that moves
+    ``paths.pseudo`` moves ``paths.stage1`` with it; :func:`components.config.without_derived_paths`)."""
     import yaml
 
-    from components.config import deep_merge
+    from components.config import deep_merge, without_derived_paths
 
     raw = yaml.safe_load(Path(base or PROJECT_ROOT / PARAMS_FILE).read_text(encoding="utf-8")) or {}
     if profile == "demo":
         raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
-    return raw
+    return without_derived_paths(raw)
 
 
 # ------------------------------------------------------------------ where each stage writes, once
-# Stage flows learn an upstream stage's output from here, never by importing its flow, so that
-# editing one flow does not make DVC rerun the stages after it.
-STAGE_DIR = "stage1"
-TRAIN_INDEX = "train_index.parquet"
+# Stage flows learn an upstream stage's output from params.yaml ``paths`` (components/config.py
+# declares each one once), never by importing its flow, so that editing one flow does not make DVC
+# rerun the stages after it.
+STAGE_DIR = SUB_PATHS["stage1"][1]  # the Stage 1 store's name under ``paths.pseudo``
 
 
 def output_root(params: Params) -> Path:
-    """The label stage's DVC out: ``${paths.pseudo}/stage1``."""
-    return Path(params.paths.pseudo) / STAGE_DIR
-
-
-def train_index_path(pseudo_dir: str | Path) -> Path:
-    """The balance stage's DVC out: ``${paths.pseudo}/train_index.parquet``."""
-    return Path(pseudo_dir) / TRAIN_INDEX
-
-
-def features_root(params: Params) -> Path:
-    """The features stage's DVC out: ``${paths.features}``."""
-    return Path(params.paths.features)
+    """The label stage's DVC out: ``${paths.stage1}``."""
+    return Path(params.paths.stage1)
 
 
 # ------------------------------------------------------- settings the components take, built once

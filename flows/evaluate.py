@@ -2,12 +2,12 @@
 
 evaluate: the aligner checkpoint (self-describing: the DINOv2 and CLIP specs travel in it) scored
 on one canonical benchmark, base and SAM-refined (paper §4.2, Table 1). Outputs:
-``metrics/<benchmark>.json`` (DVC metrics), ``metrics/<benchmark>_per_class.csv``, overlay pictures
-in ``reports/overlays/<benchmark>/``, all attached to the checkpoint's MLflow run.
+``${paths.metrics}/<benchmark>.json`` (DVC metrics), ``${paths.metrics}/<benchmark>_per_class.csv``,
+overlay pictures in ``${paths.overlays}/<benchmark>/``, all attached to the checkpoint's MLflow run.
 
 evaluate-stage1: Stage 1's pseudo labels of the benchmark's images, with the benchmark's own
 vocabulary, scored against the ground truth (Table 2), every variant in one pass over the images:
-``metrics/stage1/<benchmark>_<variant>.json`` and its per-class CSV per variant, each logged to an
+``${paths.stage1_metrics}/<benchmark>_<variant>.json`` and its per-class CSV per variant, each logged to an
 MLflow run ``stage1-<variant>`` of its own.
 
 Both send images to tasks in batches of ``evaluate.batch_size`` ids. A task builds its models once
@@ -63,7 +63,7 @@ REFINED_VARIANTS = ("base", "refined")
 
 def state_path(params: Params, name: str) -> Path:
     """Where the resume state of one evaluation lives (``name``: a benchmark, or stage1/<benchmark>)."""
-    return project_path(params, "reports") / ".eval_state" / f"{name}.pt"
+    return project_path(params, "eval_state") / f"{name}.pt"
 
 
 def _artifact_key(*parts: str) -> str:
@@ -325,7 +325,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
 
     params = stage_params(params_path)
     ev = params.evaluate.for_benchmark(dataset)  # evaluate's settings with the benchmark's overrides
-    model = Path(model_path) if model_path else project_path(params, "models") / "aligner.pt"
+    model = Path(model_path) if model_path else project_path(params, "checkpoint")
     run_id = load_aligner(model).run_id  # fails early, naming the stage to run, when there is no model
     data, root, ids = _open_dataset(params, dataset)
     if ev.bg_threshold is not None and background_index(data.meta) is None:
@@ -334,7 +334,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     counted = {k: v for k, v in job.items() if k not in ("root", "model_path", "model_sha256", "device", "weights_dir")}
     if not ev.refine:
         counted["inference"] = {k: v for k, v in counted["inference"].items() if k not in ("amg", "sam")}
-    overlay_dir = project_path(params, "reports") / "overlays" / dataset
+    overlay_dir = project_path(params, "overlays") / dataset
     overlay_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even with evaluate.overlays 0
     overlay_ids = ids[: ev.overlays]
     state_file = state_path(params, dataset)
@@ -424,7 +424,7 @@ def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
         orchestration=params.orchestration,
     )
     summary = summarize(state, display_names(data.classes), unlabelled_column=True)
-    stage1_dir = project_path(params, "metrics") / "stage1"
+    stage1_dir = project_path(params, "stage1_metrics")
     results: dict[str, dict[str, float]] = {}
     for variant in variants:
         # one prediction per variant: plain names ("mIoU", "IoU") in its own files
@@ -454,7 +454,7 @@ def register(app: typer.Typer) -> None:
     def evaluate_cmd(
         dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
-        model: Path = typer.Option(None, help="aligner checkpoint (default: ${paths.models}/aligner.pt)"),
+        model: Path = typer.Option(None, help="aligner checkpoint (default: ${paths.checkpoint})"),
     ) -> None:
         """Score the aligner on one benchmark, base and SAM-refined (the evaluate@<dataset> stage)."""
         from flows.common import make_task_runner

@@ -1,6 +1,6 @@
 """`fmbseg export`: a Stage 1 store as PNG label maps + COCO JSON (the `export` flow).
 
-The store is ``${paths.pseudo}/stage1`` of params.yaml, or ``--store``. What lands in the output
+The store is ``${paths.stage1}`` of params.yaml, or ``--store``. What lands in the output
 folder is ``components.labelling.export``. A missing store, an unknown variant or a store of more
 classes than a uint8 map holds is reported in one line before anything is written (exit 2).
 """
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
         out: Path = typer.Option(..., "--out", help="output folder"),
-        store: Path = typer.Option(None, "--store", help="a Stage 1 store (default: ${paths.pseudo}/stage1)"),
+        store: Path = typer.Option(None, "--store", help="a Stage 1 store (default: ${paths.stage1})"),
         variant: str = typer.Option("both", "--variant", help=VARIANT_HELP),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (for the default store)"),
     ) -> None:

@@ -24,15 +24,14 @@ from flows.common import (
     PARAMS_FILE,
     Progress,
     cached_dino,
-    features_root,
     make_task_runner,
+    project_path,
     shard_resources,
     stage_params,
     table_artifact,
-    train_index_path,
 )
 
-__all__ = ["features_root", "list_cache_images", "features_shard", "features_flow", "run_features", "register"]
+__all__ = ["list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 
 
 @task(name="hash-images", cache_policy=NO_CACHE)
@@ -74,14 +73,14 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     start = time.perf_counter()
     log = get_run_logger()
     params = stage_params(params_path)
-    root = features_root(params)
+    root = project_path(params, "features")
     dino, feats = params.models.selected.dino, params.features
     if not feats.cache:
         manifest = write_uncached_manifest(root, dino=dino, image_size=feats.image_size, precision=params.models.dtype)
         print(f"features.cache is false: training computes {dino} features on the fly; wrote {root}/manifest.json")
         return manifest
 
-    images = list_cache_images(str(train_index_path(params.paths.pseudo)), feats.num_workers)
+    images = list_cache_images(str(project_path(params, "train_index")), feats.num_workers)
     settings = settings_hash(dino, feats.image_size, precision=params.models.dtype)
     plan = plan_cache(root, images, settings=settings, shard_size=feats.shard_size)
     todo = sum(len(s.images) for s in plan.todo)
@@ -136,7 +135,7 @@ def run_features(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     from components.io import output_lock
 
     params = stage_params(params_path)
-    with output_lock(features_root(params), stage="features"):
+    with output_lock(project_path(params, "features"), stage="features"):
         return features_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
 

@@ -2,7 +2,7 @@
 
 The model is a checkpoint path, ``runs:/<run_id>`` or ``models:/<name>@<alias>`` (resolved by
 ``tracking.resolve_model_uri``; default: the registered champion when the store has one, else
-``${paths.models}/aligner.pt``). The checkpoint describes itself (DINOv2, CLIP, SAM, window
+``${paths.checkpoint}``). The checkpoint describes itself (DINOv2, CLIP, SAM, window
 protocol), so a model of any profile runs from any project; params.yaml supplies only the device,
 dtype and weights folder. What lands in the output folder, and how a rerun resumes, is
 ``components.predictions``. Everything a user can get wrong (sources, classes, model) is checked
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
                                             "per line, comma-separated synonyms"),
         model: str = typer.Option(None, "--model",
                                   help="checkpoint path, runs:/<run_id> or models:/<name>@<alias> (default: the "
-                                       "registered champion, else ${paths.models}/aligner.pt)"),
+                                       "registered champion, else ${paths.checkpoint})"),
         refine: bool = typer.Option(False, "--refine", help="SAM-refined label maps"),
         overlays: bool = typer.Option(False, "--overlays", help="also write <name>_overlay.jpg with a legend"),
         batch_size: int = typer.Option(8, "--batch-size", help="images per model batch"),

@@ -1,10 +1,10 @@
 """`fmbseg report` (the report DVC stage): every benchmark x {base, refined}, next to the paper.
 
-Reads ``metrics/<benchmark>.json`` for each of ``evaluate.benchmarks`` (and, when present, the
-Stage 1 scores ``metrics/stage1/<benchmark>_<variant>.json``), writes ``reports/report.md``,
-``reports/report.csv`` and ``reports/stage1.csv`` (benchmark, variant, mIoU, paper), prints the
-markdown. With ``--model`` the two files are also attached to
-that checkpoint's MLflow run.
+Reads ``${paths.metrics}/<benchmark>.json`` for each of ``evaluate.benchmarks`` (and, when
+present, the Stage 1 scores ``${paths.stage1_metrics}/<benchmark>_<variant>.json``), writes
+``${paths.report_md}``, ``${paths.report_csv}`` and ``${paths.stage1_csv}`` (benchmark, variant,
+mIoU, paper), prints the markdown. With ``--model`` the three files are also attached to that
+checkpoint's MLflow run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def read_stage1_metrics(params: Params) -> dict[tuple[str, str], dict[str, float
     """(benchmark, variant) -> the evaluate-stage1 metrics JSON, for every such file present."""
     from components.evaluation.paper_numbers import STAGE1_VARIANTS
 
-    stage1_dir = project_path(params, "metrics") / "stage1"
+    stage1_dir = project_path(params, "stage1_metrics")
     out: dict[tuple[str, str], dict[str, float]] = {}
     for name in dict.fromkeys([*params.evaluate.stage1_benchmarks, *params.evaluate.benchmarks]):
         for variant in STAGE1_VARIANTS:
@@ -79,8 +79,7 @@ def report_flow(params_path: str = "params.yaml", model_path: str | None = None)
         parts += ["## Stage 1 pseudo labels", "", "mIoU (%), ours and the paper's Table 2.", "",
                   to_markdown(stage1_rows(stage1), STAGE1_COLUMNS)]
     markdown = "\n".join(parts)
-    reports = project_path(params, "reports")
-    md_path, csv_path, stage1_path = reports / "report.md", reports / "report.csv", reports / "stage1.csv"
+    md_path, csv_path, stage1_path = (project_path(params, key) for key in ("report_md", "report_csv", "stage1_csv"))
     atomic_write_text(md_path, markdown)
     atomic_write_text(csv_path, to_csv(rows, REPORT_COLUMNS))
     atomic_write_text(stage1_path, to_csv(stage1_rows(stage1), STAGE1_COLUMNS))

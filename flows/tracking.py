@@ -531,14 +531,14 @@ def resolve_model_uri(uri: str | None, params: Params, *, dst_dir: str | os.Path
     that run, or ``runs:/<run_id>/<artifact path>``); ``models:/<name>@<alias>`` or
     ``models:/<name>/<version>`` (the checkpoint of the registered version's run); None: the
     ``champion`` of ``tracking.registered_model`` when the store has one, else
-    ``${paths.models}/aligner.pt``. Artifacts are downloaded under ``dst_dir`` (default: a folder
+    ``${paths.checkpoint}``. Artifacts are downloaded under ``dst_dir`` (default: a folder
     per run in the system's temp dir). Raises ValueError for a malformed URI or an unknown
     run / model / alias, FileNotFoundError for a path that does not exist.
     """
     if uri is None:
         champion = _champion_run(params)
         if champion is None:
-            return Path(params.paths.models) / CHECKPOINT_FILE
+            return Path(params.paths.checkpoint)
         return _run_checkpoint(params, champion, f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
     if uri.startswith("runs:/"):
         run_id, _, artifact = uri.removeprefix("runs:/").strip("/").partition("/")

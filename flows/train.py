@@ -4,10 +4,10 @@ The flow computes the text prototypes of Stage 1's vocabulary with the frozen CL
 opens one MLflow run for the model (reopening the interrupted run when training resumes), trains the
 aligner on the training index -- features from the cache, or from DINOv2 on the fly when
 ``features.cache`` is false -- logging the loss per step and a summary per epoch, then writes the
-self-describing checkpoint ``${paths.models}/aligner.pt`` with the run id in it, logs it as the
-run's artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered as a new
-version of ``tracking.registered_model``. ``${paths.models}/train_state.pt`` holds the end-of-epoch
-state while training runs.
+self-describing checkpoint ``${paths.checkpoint}`` with the run id in it, logs it as the run's
+artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered as a new version of
+``tracking.registered_model``. ``${paths.train_state}`` holds the end-of-epoch state while training
+runs; ``${paths.train_epochs}`` gets one row per epoch.
 """
 
 from __future__ import annotations
@@ -30,18 +30,14 @@ from flows.common import (
     PARAMS_FILE,
     cached_clip,
     cached_dino,
-    features_root,
     inference_spec,
     output_root,
     project_path,
     stage_params,
     table_artifact,
-    train_index_path,
 )
 
 __all__ = [
-    "CHECKPOINT",
-    "TRAIN_STATE",
     "checkpoint_path",
     "state_path",
     "text_prototypes",
@@ -50,23 +46,19 @@ __all__ = [
     "register",
 ]
 
-CHECKPOINT = "aligner.pt"
-TRAIN_STATE = "train_state.pt"
-
-
 def checkpoint_path(params: Params) -> Path:
-    """The stage's DVC out: ``${paths.models}/aligner.pt``."""
-    return Path(params.paths.models) / CHECKPOINT
+    """The stage's DVC out: ``${paths.checkpoint}``."""
+    return project_path(params, "checkpoint")
 
 
 def state_path(params: Params) -> Path:
-    """Where an unfinished training keeps its end-of-epoch state: ``${paths.models}/train_state.pt``."""
-    return Path(params.paths.models) / TRAIN_STATE
+    """Where an unfinished training keeps its end-of-epoch state: ``${paths.train_state}``."""
+    return project_path(params, "train_state")
 
 
 def _input_paths(params: Params) -> list[Path]:
     """The stage's data inputs (their dvc.lock hashes become tags of the run)."""
-    return [train_index_path(params.paths.pseudo), output_root(params), features_root(params)]
+    return [project_path(params, "train_index"), output_root(params), project_path(params, "features")]
 
 
 def _data_fingerprint(params: Params) -> str:
@@ -75,8 +67,9 @@ def _data_fingerprint(params: Params) -> str:
     from components.features.cache import INDEX_FILE, MANIFEST_FILE
     from components.labelling.store import INDEX_FILE as STAGE1_INDEX
 
-    files = [train_index_path(params.paths.pseudo), output_root(params) / STAGE1_INDEX,
-             features_root(params) / MANIFEST_FILE, features_root(params) / INDEX_FILE]
+    features = project_path(params, "features")
+    files = [project_path(params, "train_index"), output_root(params) / STAGE1_INDEX,
+             features / MANIFEST_FILE, features / INDEX_FILE]
     h = hashlib.sha256()
     for path in files:
         h.update(f"{path.as_posix()}\0{file_sha256(path) if path.exists() else '-'}\0".encode())
@@ -164,9 +157,6 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
             "steps": result.steps}
 
 
-EPOCHS_FILE = "train_epochs.csv"  # one row per epoch: the loss curve `dvc plots show` draws
-
-
 def epoch_line(summary: dict[str, float]) -> str:
     """An epoch summary as one readable line: ``loss 5.4261, lr 0.05, seconds 0.09``."""
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
@@ -196,12 +186,12 @@ def _manifest(params: Params) -> dict[str, Any]:
     """The feature manifest, checked against the settings (a stale cache is an error, not a silent mix)."""
     from components.features.cache import read_manifest
 
-    manifest = read_manifest(features_root(params))
+    manifest = read_manifest(project_path(params, "features"))
     wanted = {"dino": params.models.selected.dino, "image_size": params.features.image_size,
               "cache": params.features.cache}
     found = {k: manifest[k] for k in wanted}
     if found != wanted:
-        raise ValueError(f"{features_root(params)} holds features for {found}, the settings ask for {wanted}: "
+        raise ValueError(f"{project_path(params, 'features')} holds features for {found}, the settings ask for {wanted}: "
                          "run `fmbseg features` (or `dvc repro features`) first")
     return manifest
 
@@ -234,13 +224,13 @@ def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
     side = manifest["image_size"] // spec.patch_size
     encoder = None
     if manifest["cache"]:
-        inputs: Any = FeatureCache(features_root(params))
+        inputs: Any = FeatureCache(project_path(params, "features"))
     else:
         inputs = PixelSource(".", image_size=manifest["image_size"], mean=spec.mean, std=spec.std)
         device = _device(params)
         encoder = DinoEncoder(cached_dino(spec.name, str(device), params.models.weights_dir), device=device,
                               dtype=params.models.dtype)
-    samples = pd.read_parquet(train_index_path(params.paths.pseudo))
+    samples = pd.read_parquet(project_path(params, "train_index"))
     dataset = AlignerSamples(samples, inputs=inputs, labels=labels, grid=(side, side),
                              num_classes=len(labels.vocabulary))
     return dataset, encoder
@@ -256,7 +246,7 @@ def _run_name(params: Params) -> str:
 
 @flow(name="train", flow_run_name="train", log_prints=True)
 def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """Train the aligner into ``${paths.models}/aligner.pt`` with one MLflow run that logs and
+    """Train the aligner into ``${paths.checkpoint}`` with one MLflow run that logs and
     registers it as a pyfunc model; returns a summary."""
     from components.aligner.train import pending_resume
     from components.labelling.store import PseudoLabels
@@ -281,7 +271,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
                "model_version": f"{params.tracking.registered_model}/{version}",
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
-    write_epochs_csv(project_path(params, "metrics") / EPOCHS_FILE, rows)
+    write_epochs_csv(project_path(params, "train_epochs"), rows)
     print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))
     table_artifact(rows, key="train-epochs", description=f"aligner training, MLflow run {run_id}")
     return summary

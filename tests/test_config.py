@@ -273,3 +273,53 @@ def test_evaluate_an_unknown_dataset_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown dataset 'nosuch'") as err:
         _dataset_root(params, "nosuch")
     assert "pv21" in str(err.value) and "fmbseg download nosuch" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ paths, declared once
+def test_every_stage_output_is_its_own_key_and_dvc_yaml_composes_none(repo_root):
+    """dvc.yaml names each stage output by its own ``paths`` key: only a foreach item (one file or
+    folder per dataset) is composed there, and the shipped values are SUB_PATHS' layout."""
+    import re
+
+    from components.config import SUB_PATHS, derived_paths
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert set(SUB_PATHS) <= set(raw["paths"])
+    assert {k: raw["paths"][k] for k in SUB_PATHS} == derived_paths(raw["paths"])
+    dvc = (repo_root / "dvc.yaml").read_text()
+    composed = re.findall(r"\$\{paths\.\w+\}/[^$\s:]+", dvc)
+    assert composed == [], composed
+    assert set(re.findall(r"\$\{paths\.(\w+)\}", dvc)) >= set(SUB_PATHS) - {"train_state", "eval_state"}
+
+
+def test_a_params_file_without_the_sub_paths_places_them_under_its_bases():
+    """Old params files (no ``paths.stage1`` ...) keep working: each sub-path follows its base."""
+    paths = parse_params({"paths": {"pseudo": "elsewhere/pseudo", "models": "ckpt", "reports": "out"}}).paths
+    assert (paths.stage1, paths.train_index) == ("elsewhere/pseudo/stage1", "elsewhere/pseudo/train_index.parquet")
+    assert (paths.checkpoint, paths.train_state) == ("ckpt/aligner.pt", "ckpt/train_state.pt")
+    assert (paths.overlays, paths.report_md, paths.stage1_csv) == ("out/overlays", "out/report.md", "out/stage1.csv")
+    assert (paths.train_epochs, paths.stage1_metrics) == ("metrics/train_epochs.csv", "metrics/stage1")
+    assert Params().paths.stage1 == "data/pseudo/stage1"
+
+
+def test_a_sub_path_given_is_used_as_is():
+    paths = parse_params({"paths": {"pseudo": "p", "stage1": "/mnt/store", "checkpoint": "best.pt"}}).paths
+    assert (paths.stage1, paths.train_index, paths.checkpoint) == ("/mnt/store", "p/train_index.parquet", "best.pt")
+    with pytest.raises(ConfigError, match="paths.stage1"):
+        parse_params({"paths": {"stage1": 3}})
+
+
+def test_settings_to_build_on_move_the_sub_paths_with_their_base(repo_root):
+    """profile_settings leaves out the sub-paths that only follow their base, so an overlay that
+    moves ``paths.pseudo`` (`fmbseg label --images --out`) moves the Stage 1 store with it, while
+    a sub-path set elsewhere stays where it is set."""
+    from components.config import deep_merge, without_derived_paths
+    from flows.common import profile_settings
+
+    raw = profile_settings("demo")
+    assert parse_params(raw) == parse_params(deep_merge(yaml.safe_load((repo_root / "params.yaml").read_text()),
+                                                        yaml.safe_load((repo_root / "configs/demo.yaml").read_text())))
+    moved = parse_params(deep_merge(raw, {"paths": {"pseudo": "out"}})).paths
+    assert (moved.stage1, moved.train_index) == ("out/stage1", "out/train_index.parquet")
+    kept = without_derived_paths({"paths": {"pseudo": "p", "stage1": "/mnt/store", "train_index": "p/train_index.parquet"}})
+    assert kept == {"paths": {"pseudo": "p", "stage1": "/mnt/store"}}
