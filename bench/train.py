@@ -35,7 +35,7 @@ from PIL import Image
 
 from components.aligner.data import AlignerSamples
 from components.aligner.losses import get_loss
-from components.aligner.train import TrainSettings, train_aligner
+from components.aligner.train import train_aligner
 from components.config import Params, deep_merge, parse_params
 from components.features.cache import (
     FeatureCache,
@@ -46,8 +46,10 @@ from components.features.cache import (
     write_shard,
 )
 from components.features.encode import DinoEncoder
+from components.io import unlabelled_for
 from components.models.registry import build_dino, get_spec, resolve_device
 from components.models.weights import MissingWeightsError
+from flows.common import train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_M = 5 * 37 * 37  # 5 images a batch x 1369 patches (ViT-L/14 at 518 px)
@@ -124,9 +126,8 @@ def bench_training(params: Params, work: Path, steps: int, device: torch.device)
                              grid=cache.grid, num_classes=NUM_CLASSES)
     prototypes = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, text_dim), dim=-1)
     t = params.train
-    settings = TrainSettings(in_dim=cache.dim, kind=params.aligner.kind, num_heads=params.aligner.num_heads,
-                             loss=t.loss, temperature=t.temperature, lr=t.lr, momentum=t.momentum,
-                             weight_decay=t.weight_decay, epochs=1, batch_size=batch, seed=0)
+    train = t.model_copy(update={"epochs": 1, "seed": 0})
+    settings = train_settings(params.aligner, train, in_dim=cache.dim, ignore_index=unlabelled_for(NUM_CLASSES))
     stamps: list[float] = []
     train_aligner(dataset, prototypes, settings, device=device, num_workers=t.num_workers,
                   on_step=lambda step, loss: stamps.append(time.perf_counter()))

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from components.aligner.settings import AlignerKind, LossName
 from components.io import MAX_LABEL_CLASSES as _MAX_LABEL_CLASSES
 
 __all__ = [
@@ -297,12 +298,17 @@ class FeaturesConfig(_Section):
 
 # ------------------------------------------------------------------------------- aligner / train
 class AlignerConfig(_Section):
-    kind: Literal["transformer", "mlp", "linear"] = "transformer"
+    """The aligner's fields of components.aligner.settings.TrainSettings (same names, same types)."""
+
+    kind: AlignerKind = "transformer"
     num_heads: int = Field(8, ge=1)
 
 
 class TrainConfig(_Section):
-    loss: Literal["tsupcon", "prototype", "supcon"] = "tsupcon"
+    """The training fields of components.aligner.settings.TrainSettings (same names, same types),
+    plus ``num_workers`` (data loading, which cannot change the weights)."""
+
+    loss: LossName = "tsupcon"
     temperature: float = Field(1.0, gt=0.0)
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0)

@@ -17,9 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.config import SUB_PATHS, LabelConfig, OrchestrationConfig, Params, load_params
+from components.config import (
+    SUB_PATHS,
+    AlignerConfig,
+    LabelConfig,
+    OrchestrationConfig,
+    Params,
+    TrainConfig,
+    load_params,
+)
 
 if TYPE_CHECKING:
+    from components.aligner.settings import TrainSettings
     from components.labelling.stage1 import Stage1Settings
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "STAGE_DIR",
     "output_root",
     "stage1_settings",
+    "train_settings",
     "inference_spec",
     "class_lines",
     "profile_settings",
@@ -91,6 +101,18 @@ def stage1_settings(label: LabelConfig) -> Stage1Settings:
     for key in ("min_area_frac", "max_area_frac"):
         data[key] = data["amg"].pop(key)
     return Stage1Settings.from_dict({f.name: data[f.name] for f in fields(Stage1Settings)})
+
+
+def train_settings(aligner: AlignerConfig, train: TrainConfig, *, in_dim: int, ignore_index: int) -> TrainSettings:
+    """params.yaml ``aligner`` + ``train`` -> the components' TrainSettings: the fields they share,
+    by name; ``in_dim`` (the encoder's width) and ``ignore_index`` (the label maps' unlabelled
+    value) come from the models and the data, not from params.yaml."""
+    from dataclasses import fields
+
+    from components.aligner.settings import TrainSettings
+
+    data = {**aligner.model_dump(), **train.model_dump(), "in_dim": in_dim, "ignore_index": ignore_index}
+    return TrainSettings(**{f.name: data[f.name] for f in fields(TrainSettings)})
 
 
 def inference_spec(params: Params, benchmark: str | None = None) -> Any:

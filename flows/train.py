@@ -35,6 +35,7 @@ from flows.common import (
     project_path,
     stage_params,
     table_artifact,
+    train_settings,
 )
 
 __all__ = [
@@ -199,16 +200,11 @@ def _manifest(params: Params) -> dict[str, Any]:
 def _train_settings(params: Params, *, num_classes: int) -> Any:
     """params.yaml ``train`` + ``aligner`` -> the component's TrainSettings; ``num_classes`` (the
     pseudo labels' vocabulary) sets the unlabelled value (255, or 65535 for 16-bit label maps)."""
-    from components.aligner.train import TrainSettings
     from components.io import unlabelled_for
     from components.models.registry import get_spec
 
-    a, t = params.aligner, params.train
-    return TrainSettings(
-        in_dim=get_spec(params.models.selected.dino).embed_dim, kind=a.kind, num_heads=a.num_heads, loss=t.loss,
-        temperature=t.temperature, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
-        batch_size=t.batch_size, seed=t.seed, ignore_index=unlabelled_for(num_classes),
-    )
+    return train_settings(params.aligner, params.train, in_dim=get_spec(params.models.selected.dino).embed_dim,
+                          ignore_index=unlabelled_for(num_classes))
 
 
 def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:

@@ -323,3 +323,27 @@ def test_settings_to_build_on_move_the_sub_paths_with_their_base(repo_root):
     assert (moved.stage1, moved.train_index) == ("out/stage1", "out/train_index.parquet")
     kept = without_derived_paths({"paths": {"pseudo": "p", "stage1": "/mnt/store", "train_index": "p/train_index.parquet"}})
     assert kept == {"paths": {"pseudo": "p", "stage1": "/mnt/store"}}
+
+
+def test_train_settings_are_the_components_own_by_field_name():
+    """flows/common.py builds TrainSettings by name from aligner + train, and the config's Literal
+    types are the component's (declared once, in components/aligner/settings.py)."""
+    from dataclasses import fields
+    from typing import get_args
+
+    from components.aligner.losses import LOSSES
+    from components.aligner.model import ALIGNER_KINDS
+    from components.aligner.settings import AlignerKind, LossName, TrainSettings
+    from components.config import AlignerConfig, TrainConfig
+    from flows.common import train_settings
+
+    assert AlignerConfig.model_fields["kind"].annotation is AlignerKind
+    assert TrainConfig.model_fields["loss"].annotation is LossName
+    assert tuple(LOSSES) == get_args(LossName) and ALIGNER_KINDS == get_args(AlignerKind)
+    params = parse_params({"aligner": {"kind": "mlp", "num_heads": 2}, "train": {"loss": "supcon", "lr": 0.3, "seed": 7}})
+    settings = train_settings(params.aligner, params.train, in_dim=64, ignore_index=65535)
+    assert isinstance(settings, TrainSettings)
+    assert (settings.kind, settings.num_heads, settings.loss, settings.lr, settings.seed) == ("mlp", 2, "supcon", 0.3, 7)
+    assert (settings.in_dim, settings.ignore_index, settings.epochs) == (64, 65535, params.train.epochs)
+    from_config = {f.name for f in fields(TrainSettings)} - {"in_dim", "ignore_index"}
+    assert from_config <= set(AlignerConfig.model_fields) | set(TrainConfig.model_fields)

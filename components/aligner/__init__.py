@@ -1,17 +1,29 @@
-"""Stage 2: the alignment module, its losses (TSupCon, Eq. 1-4) and patch-level label pooling."""
+"""Stage 2: the alignment module, its losses (TSupCon, Eq. 1-4) and patch-level label pooling.
 
-from components.aligner.losses import LOSSES, LossFn, get_loss, prototype_loss, supcon_loss, tsupcon_loss
-from components.aligner.model import ALIGNER_KINDS, Aligner
-from components.aligner.pooling import pool_labels
+The names below load on first use, so that components.aligner.settings (plain values, what
+components/config.py builds on) is importable without torch.
+"""
 
-__all__ = [
-    "ALIGNER_KINDS",
-    "LOSSES",
-    "Aligner",
-    "LossFn",
-    "get_loss",
-    "pool_labels",
-    "prototype_loss",
-    "supcon_loss",
-    "tsupcon_loss",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ALIGNER_KINDS": "settings",
+    "LOSSES": "losses",
+    "Aligner": "model",
+    "LossFn": "losses",
+    "get_loss": "losses",
+    "pool_labels": "pooling",
+    "prototype_loss": "losses",
+    "supcon_loss": "losses",
+    "tsupcon_loss": "losses",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

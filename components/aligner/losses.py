@@ -28,6 +28,8 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from components.aligner.settings import LossName
+
 __all__ = ["LOSSES", "LossFn", "get_loss", "prototype_loss", "supcon_loss", "tsupcon_loss"]
 
 
@@ -196,7 +198,7 @@ class LossFn(Protocol):
     ) -> torch.Tensor: ...
 
 
-LOSSES: dict[str, LossFn] = {"tsupcon": tsupcon_loss, "prototype": prototype_loss, "supcon": supcon_loss}
+LOSSES: dict[LossName, LossFn] = {"tsupcon": tsupcon_loss, "prototype": prototype_loss, "supcon": supcon_loss}
 
 
 def get_loss(name: str) -> LossFn:

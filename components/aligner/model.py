@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ALIGNER_KINDS", "Aligner"]
+from components.aligner.settings import ALIGNER_KINDS, AlignerKind
 
-ALIGNER_KINDS = ("transformer", "mlp", "linear")
+__all__ = ["ALIGNER_KINDS", "Aligner"]
 
 
 class _SelfAttention(nn.Module):
@@ -54,7 +54,7 @@ class Aligner(nn.Module):
     ``aligner_config()`` returns the keyword arguments that rebuild the module, for checkpoints.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, kind: str = "transformer", num_heads: int = 8) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, kind: AlignerKind = "transformer", num_heads: int = 8) -> None:
         super().__init__()
         if kind not in ALIGNER_KINDS:
             raise ValueError(f"unknown aligner kind {kind!r}; known kinds: {list(ALIGNER_KINDS)}")

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,30 +28,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from components.aligner.losses import get_loss
 from components.aligner.model import Aligner
+from components.aligner.settings import TrainSettings
 from components.io import atomic_write_bytes
 
 __all__ = ["TrainSettings", "TrainResult", "Encoder", "resume_key", "pending_resume", "train_aligner"]
 
 # pixels [B, 3, S, S] float on the training device -> patch features [B, h, w, C] float
 Encoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that determines the trained weights, besides the data and the prototypes."""
-
-    in_dim: int  # encoder width C
-    kind: str  # aligner kind: transformer | mlp | linear
-    num_heads: int
-    loss: str  # tsupcon | prototype | supcon
-    temperature: float  # τ: every similarity is divided by it
-    lr: float
-    momentum: float
-    weight_decay: float
-    epochs: int
-    batch_size: int  # images per step
-    seed: int  # model init and shuffling
-    ignore_index: int = 255
 
 
 class TrainResult(NamedTuple):
