@@ -218,6 +218,13 @@ class AmgConfig(_Section):
     min_area_frac: float = Field(0.001, ge=0.0, le=1.0)
     max_area_frac: float = Field(0.95, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _size_filter_keeps_something(self) -> AmgConfig:
+        if self.min_area_frac > self.max_area_frac:
+            raise ValueError(f"min_area_frac {self.min_area_frac} > max_area_frac {self.max_area_frac}: "
+                             "the size filter would drop every mask")
+        return self
+
 
 MAX_LABEL_CLASSES = _MAX_LABEL_CLASSES  # label maps: uint8 up to 255 classes (255 = unlabelled), uint16 up to 65535
 
@@ -273,6 +280,16 @@ class LabelConfig(_Section):
             raise ValueError("label.presence 'ground_truth' needs label.ground_truth_dir (a canonical layout root)")
         return self
 
+    @model_validator(mode="after")
+    def _a_class_can_win_enough_crops(self) -> LabelConfig:
+        # G x G crops vote; a class is present when it wins MORE than T of them (evaluate-stage1
+        # scores this CLIP presence even when label.presence is ground_truth)
+        crops = self.grid * self.grid
+        if self.min_crops >= crops:
+            raise ValueError(f"label.min_crops {self.min_crops} must be below label.grid² = {crops} crops: a class "
+                             "is present when it wins more than min_crops of them, so none ever would")
+        return self
+
 
 # --------------------------------------------------------------------------------------- balance
 class BalanceConfig(_Section):
@@ -281,6 +298,11 @@ class BalanceConfig(_Section):
 
 
 # -------------------------------------------------------------------------------------- features
+# The patch side of every DINOv2 of the registry (a test holds the two together): checked here
+# without loading the registry, which imports the model libraries.
+DINO_PATCH = 14
+
+
 class FeaturesConfig(_Section):
     image_size: int = Field(518, ge=14)
     batch_size: int = Field(16, ge=1)
@@ -291,8 +313,8 @@ class FeaturesConfig(_Section):
     @field_validator("image_size")
     @classmethod
     def _multiple_of_patch(cls, v: int) -> int:
-        if v % 14:
-            raise ValueError(f"features.image_size must be a multiple of DINOv2's patch size 14, got {v}")
+        if v % DINO_PATCH:
+            raise ValueError(f"features.image_size must be a multiple of DINOv2's patch size {DINO_PATCH}, got {v}")
         return v
 
 
@@ -450,6 +472,20 @@ class EvaluateConfig(EvaluateSettings):
         return self
 
     @model_validator(mode="after")
+    def _windows_cover_every_pixel(self) -> EvaluateConfig:
+        # each benchmark's effective settings: a layer (override, protocol) may set one of the two
+        names = [None, *self.benchmarks, *self.overrides]
+        if self.protocol is not None:
+            names += list(load_protocol(self.protocol).overrides)
+        for name in dict.fromkeys(names):
+            settings = self.for_benchmark(name)
+            if settings.stride > settings.window:
+                where = "" if name is None else f" for {name} (its protocol and overrides applied)"
+                raise ValueError(f"evaluate.stride {settings.stride} > evaluate.window {settings.window}{where} leaves "
+                                 "pixels that no sliding window covers; set stride <= window")
+        return self
+
+    @model_validator(mode="after")
     def _bg_threshold_needs_background(self) -> EvaluateConfig:
         from components.datasets.registry import BENCHMARKS
 
@@ -588,6 +624,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  - unknown key {key!r}{hint} valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"  - missing key {key!r}")
+        elif e["type"] == "value_error":  # a validator's own message names the settings and values
+            lines.append(f"  - {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             owner = _model_at(loc)
             expected = ""

@@ -325,6 +325,48 @@ def test_settings_to_build_on_move_the_sub_paths_with_their_base(repo_root):
     assert kept == {"paths": {"pseudo": "p", "stage1": "/mnt/store"}}
 
 
+# --------------------------------------------- combinations that cannot work, refused when read
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"evaluate": {"protocol": None, "stride": 500}}, ["evaluate.stride 500 > evaluate.window 448"]),
+        ({"evaluate": {"protocol": None, "overrides": {"pv20": {"window": 112}}}},
+         ["evaluate.stride 224 > evaluate.window 112 for pv20"]),
+        ({"evaluate": {"protocol": None, "stride": 0}}, ["evaluate.stride", "greater than or equal to 1"]),
+        ({"label": {"grid": 2, "min_crops": 4}}, ["label.min_crops 4", "label.grid² = 4 crops"]),
+        ({"label": {"amg": {"min_area_frac": 0.5, "max_area_frac": 0.1}}}, ["label.amg: min_area_frac 0.5 > max_area_frac"]),
+        ({"evaluate": {"amg": {"min_area_frac": 0.5, "max_area_frac": 0.1}}}, ["evaluate.amg: min_area_frac"]),
+        ({"features": {"image_size": 100}}, ["features.image_size must be a multiple of DINOv2's patch size 14"]),
+        ({"train": {"batch_size": 0}}, ["train.batch_size"]),
+        ({"features": {"batch_size": 0}}, ["features.batch_size"]),
+        ({"evaluate": {"batch_size": 0}}, ["evaluate.batch_size"]),
+        ({"label": {"crop_batch": 0}}, ["label.crop_batch"]),
+        ({"label": {"amg": {"points_per_batch": 0}}}, ["label.amg.points_per_batch"]),
+        ({"train": {"loss": "infonce"}}, ["train.loss", "tsupcon", "prototype", "supcon"]),
+    ],
+)
+def test_combinations_that_cannot_work_fail_when_read(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    for text in expected:
+        assert text in str(err.value)
+    assert "; got {" not in str(err.value)  # a section's message, not the section's whole input
+
+
+def test_the_edges_of_those_combinations_are_valid():
+    parse_params({"evaluate": {"protocol": None, "window": 224, "stride": 224},
+                  "label": {"grid": 2, "min_crops": 3, "amg": {"min_area_frac": 0.2, "max_area_frac": 0.2}}})
+    # a benchmark's override may change both sides of the pair
+    parse_params({"evaluate": {"protocol": None, "overrides": {"pv20": {"window": 112, "stride": 56}}}})
+
+
+def test_the_dino_patch_that_features_image_size_is_checked_against_is_every_dinov2s():
+    from components.config import DINO_PATCH
+    from components.models.registry import get_spec, list_specs
+
+    assert {get_spec(name).patch_size for name in list_specs("dino")} == {DINO_PATCH}
+
+
 def test_train_settings_are_the_components_own_by_field_name():
     """flows/common.py builds TrainSettings by name from aligner + train, and the config's Literal
     types are the component's (declared once, in components/aligner/settings.py)."""
