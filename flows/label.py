@@ -4,26 +4,21 @@ The flow lists and hashes the images (``paths.images`` and, when present, ``path
 plans shards against the completion records already on disk (components/labelling/plan.py: only
 new or changed images, or all of them after a settings change), maps ``label_shard`` over the
 pending shards on the configured task runner, then merges the finished shards and writes the
-summary. Inside a shard every image goes through four steps on the shard's worker -- CLIP
-tiling, detection, Stage 1.1, Stage 1.2 -- as plain calls, not tasks, so a shard costs one task
-run whatever its size and tensors never leave the worker; each step's seconds are summed into the
-shard's timings (the summary's seconds per image). The shard task takes and returns plain
-records. Images are decoded on ``label.num_workers`` threads while the models run (decoding only;
-resizing with torch stays on the model thread).
+summary. A shard's work is components/labelling/shard.py's ``label_shard``, on the models this
+worker process built once (flows.common's caches): every image goes through the per-image
+sequence as plain calls, not tasks, so a shard costs one task run whatever its size and tensors
+never leave the worker; each step's seconds are summed into the shard's timings (the summary's
+seconds per image). The shard task takes and returns plain records.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any
 
 import typer
 from prefect import flow, get_run_logger, task
@@ -31,15 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from components.config import ConfigError, Params, check_vocabulary
-from components.datasets.readers import (
-    UnreadableImageError,
-    list_images,
-    read_image_rgb,
-    read_label_png,
-    scan_image_folder,
-)
+from components.datasets.readers import list_images, read_image_rgb
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
-from components.io import atomic_write_bytes, atomic_write_json, fs_path, path_text
+from components.io import atomic_write_bytes, atomic_write_json, fs_path
 from flows.common import (
     PARAMS_FILE,
     STAGE_DIR,
@@ -52,11 +41,7 @@ from flows.common import (
     stage1_settings,
     stage_params,
     table_artifact,
-    timed,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "STAGE_DIR",
@@ -66,7 +51,6 @@ __all__ = [
     "settings_hashes",
     "image_folders",
     "list_inputs",
-    "prefetch",
     "run_shard",
     "label_shard",
     "label_flow",
@@ -75,8 +59,6 @@ __all__ = [
     "own_folder_settings",
     "register",
 ]
-
-T = TypeVar("T")
 
 
 def vocabulary_lines(spec: str) -> list[str]:
@@ -142,43 +124,11 @@ def _holds_a_file(folder: Path) -> bool:
 def list_inputs(
     folders: list[str], workers: int, external_symlinks: str = "refuse"
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Every image file under ``folders`` with its id and sha256 ({"image_id", "path", "sha256"}),
-    and the files that cannot be used ({"path", "reason"}): unreadable, an id already taken, not
-    an image, a dangling link or one out of the folder (``label.external_symlinks``). Digests come
-    from the project's hash cache where a file's size and mtime are unchanged."""
-    from components.hashcache import HashCache
+    """The images under ``folders`` with id and sha256, and the files that cannot be used
+    (components.labelling.shard.list_inputs)."""
+    from components.labelling import shard
 
-    files, not_images = [], []
-    for folder in folders:
-        found, rejected = scan_image_folder(folder, external_symlinks=external_symlinks)
-        files.extend((folder, path) for path in found)
-        not_images.extend({"path": path_text(p.as_posix()), "reason": path_text(why)} for p, why in rejected)
-
-    with HashCache() as hashes:  # an unchanged file is not reread (.fmbseg/hashes.sqlite)
-
-        def digest(path: Path) -> str | OSError:
-            try:
-                return hashes.sha256(path)
-            except OSError as err:
-                return err
-
-        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-            digests = list(pool.map(digest, [path for _, path in files]))
-    entries: list[dict[str, str]] = []
-    skipped: list[dict[str, str]] = not_images
-    seen: dict[str, str] = {}
-    for (folder, path), sha in zip(files, digests, strict=True):
-        # ids and paths as valid text (a name need not be UTF-8); fs_path() gives the file back
-        image_id = path_text(path.relative_to(folder).with_suffix("").as_posix())
-        text = path_text(path.as_posix())
-        if isinstance(sha, OSError):
-            skipped.append({"path": text, "reason": f"cannot read the file: {path_text(str(sha))}"})
-        elif image_id in seen:
-            skipped.append({"path": text, "reason": f"duplicate image id {image_id!r} (also {seen[image_id]})"})
-        else:
-            seen[image_id] = text
-            entries.append({"image_id": image_id, "path": text, "sha256": sha})
-    return entries, skipped
+    return shard.list_inputs(folders, workers, external_symlinks)
 
 
 # ------------------------------------------------------------------------------ inside one shard
@@ -201,136 +151,39 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
-def prefetch(load: Callable[[Any], T], items: list[Any], workers: int) -> Iterator[T]:
-    """``load(item)`` for each item in order, computed up to ``workers + 1`` items ahead on threads."""
-    if workers < 1:
-        yield from map(load, items)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue: deque[Future[T]] = deque()
-        for item in items:
-            queue.append(pool.submit(load, item))
-            if len(queue) > workers:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-
-
-def _ground_truth_classes(gt_root: str, image_id: str, index_map: Any) -> list[int] | None:
-    """Image-level labels of ``image_id`` from a canonical layout's labels/<split>/<id>.png, or None
-    when it has no label file."""
-    import torch
-
-    from components.labelling.detect import image_level_labels
-
-    matches = sorted(glob.glob(f"{glob.escape(gt_root)}/labels/*/{glob.escape(image_id)}.png"))
-    if not matches:
-        return None
-    return image_level_labels(torch.from_numpy(read_label_png(matches[0])), index_map)
-
-
-def _kept_masks(root: str, sources: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    """Automatic masks of earlier runs, by image id ({image_id: {"shard_id", "row"}} -> AmgMasks)."""
-    import pyarrow.parquet as pq
-
-    from components.labelling.stage1 import AmgMask
-    from components.labelling.store import shard_paths
-
-    by_shard: dict[str, list[tuple[str, int]]] = {}
-    for image_id, source in sources.items():
-        by_shard.setdefault(source["shard_id"], []).append((image_id, int(source["row"])))
-    kept: dict[str, list[Any]] = {}
-    for shard_id, wanted in by_shard.items():
-        column = pq.read_table(shard_paths(root, shard_id)["labels"], columns=["amg_masks"]).column("amg_masks")
-        for image_id, row in wanted:
-            kept[image_id] = [AmgMask(**m) for m in column[row].as_py()]
-    return kept
-
-
-class _Loaded(NamedTuple):
-    """A decoded [H, W, 3] uint8 RGB image (None and the reason when it cannot be used) and its
-    image-level labels (semi-supervised presence)."""
-
-    image: Any
-    image_classes: list[int] | None
-    reason: str | None
-
-
 def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Label one shard and write its files and completion record; returns a small report
-    ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
+    """Label one shard with the worker's cached models (components.labelling.shard.label_shard);
+    returns its report ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
     import torch
 
-    from components.labelling.stage1 import Stage1Settings, label_image
-    from components.labelling.store import ImageEntry, ShardRecord, detection_rows, labels_row, write_shard
+    from components.labelling import shard
+    from components.labelling.plan import MaskSource
+    from components.labelling.stage1 import Stage1Settings
+    from components.labelling.store import ImageEntry
     from components.models.registry import resolve_device
 
-    settings = Stage1Settings.from_dict(context["settings"])
     device = str(resolve_device(context["device"]))
-    dtype = context["dtype"]
-    bundle = cached_clip(context["clip"], device, context["weights_dir"])
+    clip = cached_clip(context["clip"], device, context["weights_dir"])
     sam = cached_sam(context["sam"], device, context["weights_dir"])
     prototypes = _cached_prototypes(
-        context["clip"], device, context["weights_dir"], tuple(context["vocabulary"]), tuple(context["templates"]), dtype
+        context["clip"], device, context["weights_dir"], tuple(context["vocabulary"]), tuple(context["templates"]),
+        context["dtype"],
     )
-    gt_map = torch.tensor(context["ground_truth_map"]) if context["ground_truth_dir"] else None
-    timings: dict[str, float] = {}
-    with timed(timings, "io"):
-        kept = _kept_masks(context["root"], job["mask_sources"])
-
-    def load(entry: dict[str, str]) -> _Loaded:
-        """Decode one image and read its image-level labels (on a decoding thread)."""
-        try:
-            image = read_image_rgb(fs_path(entry["path"]))
-        except UnreadableImageError as err:
-            return _Loaded(None, None, err.reason)
-        classes = None
-        if gt_map is not None:
-            classes = _ground_truth_classes(context["ground_truth_dir"], entry["image_id"], gt_map)
-            if classes is None:
-                reason = f"no ground-truth label for image-level presence in {context['ground_truth_dir']}"
-                return _Loaded(None, None, reason)
-        return _Loaded(image, classes, None)
-
-    labels: list[dict[str, Any]] = []
-    detections: list[dict[str, Any]] = []
-    rows: dict[str, int] = {}
-    skipped: list[dict[str, str]] = []
-    decoded = prefetch(load, job["images"], context["num_workers"])
-    for entry in job["images"]:
-        with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
-            loaded = next(decoded)
-        if loaded.image is None:
-            skipped.append({"image_id": entry["image_id"], "path": entry["path"], "reason": str(loaded.reason)})
-            continue
-        # the per-image sequence (components.labelling.stage1.label_image) runs on this thread,
-        # torch resizing included: on the decoding threads it would compete with the model forwards
-        # for torch's intra-op threads; its steps add their seconds to the shard's timings
-        result = label_image(
-            loaded.image, clip_model=bundle.model, clip_mean=bundle.spec.mean, clip_std=bundle.spec.std,
-            clip_image_size=bundle.spec.image_size, sam=sam, prototypes=prototypes, settings=settings,
-            image_classes=loaded.image_classes, kept_masks=kept.get(entry["image_id"]), dtype=dtype,
-            seconds=timings,
-        )
-        with timed(timings, "io"):
-            image_entry = ImageEntry(entry["image_id"], entry["path"], entry["sha256"])
-            rows[entry["image_id"]] = len(labels)
-            height, width = loaded.image.shape[:2]
-            labels.append(labels_row(image_entry, result, height=height, width=width, sam_size=settings.sam_size))
-            detections.extend(detection_rows(entry["image_id"], result, context["vocabulary"]))
-    record = ShardRecord(
-        shard_id=job["shard_id"],
+    ground_truth = None
+    if context["ground_truth_dir"]:
+        ground_truth = shard.GroundTruth(context["ground_truth_dir"], torch.tensor(context["ground_truth_map"]))
+    return shard.label_shard(
+        context["root"], job["shard_id"], [ImageEntry(**e) for e in job["images"]],
+        clip=clip, sam=sam, prototypes=prototypes,
+        settings=Stage1Settings.from_dict(context["settings"]),
+        vocabulary=context["vocabulary"],
         settings_hash=context["settings_hash"],
         mask_settings_hash=context["mask_settings_hash"],
-        images=[ImageEntry(e["image_id"], e["path"], e["sha256"]) for e in job["images"]],
-        rows=rows,
-        skipped=skipped,
-        timings=timings,
+        mask_sources={k: MaskSource(**v) for k, v in job["mask_sources"].items()},
+        ground_truth=ground_truth,
+        dtype=context["dtype"],
+        num_workers=context["num_workers"],
     )
-    with timed(timings, "io"):
-        write_shard(context["root"], record, labels, detections)
-    return {"shard_id": job["shard_id"], "labelled": len(labels), "skipped": len(skipped),
-            "reused_masks": sum(1 for e in job["images"] if e["image_id"] in kept), "timings": timings}
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{job[shard_id]}")

@@ -1,5 +1,6 @@
-"""FMbSeg Stage 1: pseudo labels from CLIP + SAM (paper §3.2, appendix §1), their sharded storage,
-resumable shard planning, and the Stage 1.1 / 1.2 balance of the training index."""
+"""FMbSeg Stage 1: pseudo labels from CLIP + SAM (paper §3.2, appendix §1), the pipeline over a
+shard of images, their sharded storage, resumable shard planning, and the Stage 1.1 / 1.2 balance
+of the training index."""
 
 from components.labelling.balance import INDEX_COLUMNS, balance_index
 from components.labelling.detect import (
@@ -17,6 +18,7 @@ from components.labelling.detect import (
     prompt_patches,
 )
 from components.labelling.plan import LabelPlan, MaskSource, PlannedShard, plan_shards, settings_hash
+from components.labelling.shard import GroundTruth, label_shard, list_inputs
 from components.labelling.stage1 import (
     AmgMask,
     AmgSettings,
@@ -31,6 +33,7 @@ __all__ = [
     "INDEX_COLUMNS",
     "AmgMask",
     "AmgSettings",
+    "GroundTruth",
     "ImageEntry",
     "LabelPlan",
     "MaskLabels",
@@ -49,6 +52,8 @@ __all__ = [
     "image_level_labels",
     "label_image",
     "label_masks",
+    "label_shard",
+    "list_inputs",
     "mask_coverage",
     "mask_mean_features",
     "patch_centres_xy",

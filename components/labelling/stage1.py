@@ -68,6 +68,7 @@ __all__ = [
     "stage1_result",
     "label_image",
     "STEP_KEYS",
+    "timed",
 ]
 
 
@@ -333,7 +334,8 @@ STEP_KEYS: tuple[str, ...] = ("io", "clip", "labelling", "sam_encoder", "prompts
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float] | None, key: str) -> Iterator[None]:
+def timed(seconds: dict[str, float] | None, key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``seconds[key]`` (nothing when ``seconds`` is None)."""
     if seconds is None:
         yield
         return
@@ -375,8 +377,8 @@ def label_image(
     seconds: dict[str, float] | None = None,
 ) -> Stage1Result:
     """FMbSeg Stage 1 on one image: both pseudo label maps and what produced them. The one place
-    the per-image sequence is written: the label stage's shards, Stage 1's evaluation
-    (Stage1Segmenter) and bench/label.py all call it.
+    the per-image sequence is written: the shard pipeline (components/labelling/shard.py: the label
+    stage and bench/label.py) and Stage 1's evaluation (Stage1Segmenter) call it.
 
     image_rgb: [H, W, 3] uint8 RGB; prototypes: [K, D] text prototypes of the vocabulary;
     clip_image_size: S (the CLIP spec's input side); image_classes: image-level labels (vocabulary
@@ -393,29 +395,29 @@ def label_image(
     if unknown or not variants:
         raise ValueError(f"variants must be some of stage1_1, stage1_2; got {variants}")
     device = next(clip_model.parameters()).device
-    with _timed(seconds, "io"):
+    with timed(seconds, "io"):
         prepared = prepare_image(image_rgb, clip_side=settings.grid * clip_image_size, mean=clip_mean, std=clip_std,
                                  sam_size=settings.sam_size)
-    with _timed(seconds, "clip"), autocast_context(device, dtype):
+    with timed(seconds, "clip"), autocast_context(device, dtype):
         features = clip_features(clip_model, prepared.clip_pixels, grid=settings.grid, mode=settings.dense_mode,
                                  crop_batch=settings.crop_batch)
-    with _timed(seconds, "labelling"):
+    with timed(seconds, "labelling"):
         found = presence(features.cls, prototypes, min_crops=settings.min_crops, image_classes=image_classes,
                          prompt_classes=prompt_classes)
     with autocast_context(device, dtype):
-        with _timed(seconds, "sam_encoder"):
+        with timed(seconds, "sam_encoder"):
             embedded = embed_sam(sam, prepared.sam_image)
         s11 = _skipped_stage1_1(settings.sam_size, prototypes.shape[0], device)
         if "stage1_1" in variants:
-            with _timed(seconds, "prompts"):
+            with timed(seconds, "prompts"):
                 s11 = stage1_1(embedded, features.patches, prototypes, found, top_k_points=settings.top_k_points)
         s12, amg = _skipped_stage1_2(settings.sam_size, prototypes.shape[0], device), kept_masks or []
         if "stage1_2" in variants:
             if kept_masks is None:
-                with _timed(seconds, "amg"):
+                with timed(seconds, "amg"):
                     amg = automatic_masks(embedded, settings.amg)
-            with _timed(seconds, "labelling"):
+            with timed(seconds, "labelling"):
                 s12 = stage1_2(decode_masks(amg, settings.sam_size), features.patches, prototypes, found,
                                min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
-    with _timed(seconds, "io"):
+    with timed(seconds, "io"):
         return stage1_result(found, s11, s12, amg, label_size=settings.label_size)
