@@ -1,25 +1,27 @@
 """Speed of Stage 1 (the `label` stage): images per second and the share of wall time spent
 inside model forwards, for our pipeline and for a straightforward one.
 
-Both run the component pipeline the flow runs, on N synthetic 640x480 JPEGs (decoded from disk,
-one shard written at the end), with the profile's models and params.yaml's ``label`` settings
-(the demo profile merges configs/demo.yaml on top):
+Both label the same N synthetic 640x480 JPEGs (decoded from disk, one shard written at the end)
+with the profile's models and params.yaml's ``label`` settings (the demo profile merges
+configs/demo.yaml on top):
 
-- ``fmbseg``: images decoded on ``label.num_workers`` threads ahead of the models (decoding
-  only: torch resizing on those threads would fight the models for the intra-op pool); one CLIP
-  vision pass per image (all crops batched ``crop_batch`` at a time, CLS and patches from one
-  pass); one SAM image-encoder pass serving the Stage 1.1 prompts and the automatic masks, whose
-  generator drops candidates by predicted IoU before upsampling them.
+- ``fmbseg``: the label stage's own shard pipeline, called as the flow calls it
+  (components.labelling.shard.label_shard): images decoded on ``label.num_workers`` threads ahead
+  of the models (decoding only: torch resizing on those threads would fight the models for the
+  intra-op pool); one CLIP vision pass per image (all crops batched ``crop_batch`` at a time, CLS
+  and patches from one pass); one SAM image-encoder pass serving the Stage 1.1 prompts and the
+  automatic masks, whose generator drops candidates by predicted IoU before upsampling them.
 - ``straightforward``: images decoded in line; per crop, ``encode_image`` for the CLS embedding
   and a separate ``dense_features`` pass for the patches; a SamImage for Stage 1.1 and the stock
   ``SamAutomaticMaskGenerator`` (its own second encoder pass, every candidate upsampled) for
   Stage 1.2.
 
-"in models" sums the CLIP vision passes (timed around the calls) and SAM's image encoder, prompt
-encoder and mask decoder (forward hooks). Real specs whose weights are absent run with random
-weights (same architecture and cost; the header says so). Per-image columns split wall time into
-CLIP / SAM encoder / prompts (Stage 1.1 decoding) / automatic masks / labelling (presence, mask
-labelling, painting) / I/O (waiting for decoding, PNG + Parquet writing).
+"in models" sums the CLIP vision passes (timed around the calls; for ``fmbseg``, the pipeline's
+own "clip" step) and SAM's image encoder, prompt encoder and mask decoder (forward hooks). Real
+specs whose weights are absent run with random weights (same architecture and cost; the header
+says so). Per-image columns split wall time into CLIP / SAM encoder / prompts (Stage 1.1
+decoding) / automatic masks / labelling (presence, mask labelling, painting) / I/O (waiting for
+decoding, PNG + Parquet writing).
 
     python bench/label.py --profile demo|paper [--images N] [--mode both|fmbseg|straightforward]
 """
@@ -34,25 +36,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from _shared import clock, load_params
 from segment_anything import SamAutomaticMaskGenerator
 
 from components.datasets.readers import read_image_rgb
 from components.datasets.synthetic import write_synthetic_unlabelled
+from components.labelling.shard import label_shard
 from components.labelling.stage1 import (
     AmgMask,
     Stage1Settings,
     decode_masks,
     embed_sam,
-    label_image,
     prepare_image,
     presence,
     stage1_1,
     stage1_2,
     stage1_result,
 )
-from components.labelling.store import ImageEntry, ShardRecord, detection_rows, labels_row, write_shard
+from components.labelling.store import (
+    ImageEntry,
+    ShardRecord,
+    detection_rows,
+    labels_row,
+    shard_paths,
+    write_shard,
+)
 from components.models import (
     autocast_context,
     build_clip,
@@ -63,7 +73,7 @@ from components.models import (
     resolve_device,
     weights_status,
 )
-from flows.label import prefetch, stage1_settings, vocabulary_lines
+from flows.label import stage1_settings, vocabulary_lines
 
 IMAGE_HW = (480, 640)
 STEPS = ("clip", "sam_encoder", "prompts", "amg", "labelling", "io")
@@ -154,44 +164,49 @@ def straightforward_image(image: Any, clip: Any, sam: Any, protos: torch.Tensor,
     return result, prepared.height, prepared.width
 
 
-def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Settings, workers: int,
-        device: torch.device, dtype: str, out: Path) -> dict[str, Any]:
-    """Label ``paths`` with one pipeline; returns wall seconds, per-step seconds, seconds in models."""
-    clip, sam, protos = models["clip"], models["sam"], models["prototypes"]
-    sam_timer = ForwardTimer([sam.image_encoder, sam.prompt_encoder, sam.mask_decoder], device)
-    sam_before = sam_timer.seconds
-    clocks = Clocks(device)
-    vocabulary = models["vocabulary"]
-
-    def load(path: Path) -> Any:
-        return read_image_rgb(path)
-
+def straightforward_shard(paths: list[Path], models: dict[str, Any], settings: Stage1Settings, device: torch.device,
+                         dtype: str, out: Path, clocks: Clocks) -> None:
+    """Label ``paths`` the straightforward way, decoded in line, and write them as one shard."""
     labels, detections, entries = [], [], []
-    start = clock(device)
-    decoded = prefetch(load, paths, workers if mode == "fmbseg" else 0)
     with torch.inference_mode(), autocast_context(device, dtype):
         for i, path in enumerate(paths):
-            if mode == "fmbseg":  # the label stage's own per-image sequence, timed by its steps
-                image = next(decoded)
-                result = label_image(image, clip_model=clip.model, clip_mean=clip.spec.mean, clip_std=clip.spec.std,
-                                     clip_image_size=clip.spec.image_size, sam=sam, prototypes=protos,
-                                     settings=settings, dtype=dtype, seconds=clocks.steps)
-                height, width = image.shape[:2]
-            else:
-                result, height, width = straightforward_image(next(decoded), clip, sam, protos, settings, device,
-                                                              clocks)
+            image = read_image_rgb(path)
+            result, height, width = straightforward_image(image, models["clip"], models["sam"], models["prototypes"],
+                                                          settings, device, clocks)
             with clocks.step("io"):
                 entry = ImageEntry(path.stem, path.as_posix(), f"{i}")
                 entries.append(entry)
                 labels.append(labels_row(entry, result, height=height, width=width, sam_size=settings.sam_size))
-                detections.extend(detection_rows(entry.image_id, result, vocabulary))
+                detections.extend(detection_rows(entry.image_id, result, models["vocabulary"]))
         with clocks.step("io"):
-            record = ShardRecord(mode, "bench", "bench", entries, rows={e.image_id: i for i, e in enumerate(entries)})
+            record = ShardRecord("straightforward", "bench", "bench", entries,
+                                 rows={e.image_id: i for i, e in enumerate(entries)})
             write_shard(out, record, labels, detections)
+
+
+def run(mode: str, paths: list[Path], models: dict[str, Any], settings: Stage1Settings, workers: int,
+        device: torch.device, dtype: str, out: Path) -> dict[str, Any]:
+    """Label ``paths`` with one pipeline into one shard; returns wall seconds, per-step seconds,
+    seconds in models and the automatic masks per image."""
+    sam = models["sam"]
+    sam_timer = ForwardTimer([sam.image_encoder, sam.prompt_encoder, sam.mask_decoder], device)
+    sam_before = sam_timer.seconds
+    start = clock(device)
+    if mode == "fmbseg":  # the label stage's shard pipeline, timed by its own steps
+        entries = [ImageEntry(path.stem, path.as_posix(), f"{i}") for i, path in enumerate(paths)]
+        report = label_shard(out, mode, entries, clip=models["clip"], sam=sam, prototypes=models["prototypes"],
+                             settings=settings, vocabulary=models["vocabulary"], settings_hash="bench",
+                             mask_settings_hash="bench", dtype=dtype, num_workers=workers)
+        steps = {step: report["timings"].get(step, 0.0) for step in STEPS}
+        clip_seconds = steps["clip"]
+    else:
+        clocks = Clocks(device)
+        straightforward_shard(paths, models, settings, device, dtype, out, clocks)
+        steps, clip_seconds = clocks.steps, clocks.clip_forward
     wall = clock(device) - start
-    clip_seconds = clocks.steps["clip"] if mode == "fmbseg" else clocks.clip_forward
-    inside = clip_seconds + sam_timer.seconds - sam_before
-    return {"wall": wall, "steps": clocks.steps, "inside": inside, "masks": sum(len(r["amg_masks"]) for r in labels)}
+    amg = pq.read_table(shard_paths(out, mode)["labels"], columns=["amg_masks"]).column("amg_masks").to_pylist()
+    return {"wall": wall, "steps": steps, "inside": clip_seconds + sam_timer.seconds - sam_before,
+            "masks": sum(len(masks) for masks in amg)}
 
 
 def main() -> None:
