@@ -354,7 +354,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
         raise FileNotFoundError(f"settings file {base} does not exist: pass --params FILE or --profile demo|paper")
     raw = deep_merge(profile_settings(profile, base), {
         # the label flow also labels paths.incoming when that folder exists: point it at one that never does
-        "paths": {"images": folder.as_posix(), "pseudo": dest.as_posix(),
+        "paths": {"images": folder.as_posix(), "pseudo": dest.as_posix(), "stage1": (dest / STAGE_DIR).as_posix(),
                   "incoming": (dest / STAGE_DIR / "no-incoming").as_posix()},
         "label": {"vocabulary": (dest / "classes.txt").as_posix(), "presence": "clip", "ground_truth_dir": None},
     })
@@ -420,7 +420,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"fmbseg label: {err}", err=True)
             raise typer.Exit(2) from None
         _run_label_cli(settings.as_posix())
-        typer.echo(json.dumps(export_flow((Path(out).resolve() / STAGE_DIR).as_posix(), str(out), variant), indent=2))
+        store = Path(stage_params(settings.as_posix()).paths.stage1).resolve()
+        typer.echo(json.dumps(export_flow(store.as_posix(), str(out), variant), indent=2))
 
     @app.command("show")
     def show_cmd(

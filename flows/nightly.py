@@ -51,7 +51,7 @@ def candidate_scores(project_dir: str, benchmarks: list[str], metric: str) -> di
     from flows import tracking
 
     params = load_params(Path(project_dir) / "params.yaml")
-    model_path = Path(project_dir) / params.paths.models / "aligner.pt"
+    model_path = Path(project_dir) / params.paths.checkpoint
     return tracking.run_scores(tracking.checkpoint_run_id(model_path), benchmarks, metric,
                                tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
 

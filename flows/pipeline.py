@@ -181,7 +181,7 @@ def demo_champion(workspace: Path) -> str:
     uri = tracking.tracking_uri(params, workspace)
     name = params.tracking.registered_model
     if tracking.champion_run_id(name, tracking_uri=uri) is None:
-        run_id = tracking.checkpoint_run_id(workspace / params.paths.models / "aligner.pt")
+        run_id = tracking.checkpoint_run_id(workspace / params.paths.checkpoint)
         tracking.promote_champion(name, run_id, tracking_uri=uri)
     return f"models:/{name}@{tracking.CHAMPION_ALIAS}"
 
