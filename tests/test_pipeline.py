@@ -25,12 +25,13 @@ pytestmark = pytest.mark.slow
 
 BENCHMARKS = ["pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k"]
 STAGE1_VARIANTS = ["stage1_1", "stage1_2", "semi"]
-# Floors under the demo world's measured scores (fmbseg demo, 2026-12-02): Stage 1 on pv21 best
-# variant (semi) 40.7 mIoU, chance 1/21 = 4.8; Stage 2 base pv21 5.2, mean of seven 3.7 -- Stage 2
-# does not learn the stand-ins' mapping yet (issue 11), so its floors only catch a collapse.
-STAGE1_FLOOR = 30.0
-PV21_BASE_FLOOR = 2.0
-MEAN_BASE_FLOOR = 1.0
+# Floors under the demo world's measured scores (fmbseg demo at grid 4, 2026-12-04; chance on pv21
+# 1/21 = 4.8): Stage 1 on pv21 stage1_1 18.2, stage1_2 21.1, semi 30.9 mIoU; Stage 2 base pv21 9.4,
+# mean of seven 7.7. Stage 2 is still far from issue 11's targets, so these floors sit about 40 %
+# under the measurements: they catch a pipeline that stops transmitting signal, not a small drift.
+STAGE1_FLOORS = {"stage1_1": 10.0, "stage1_2": 12.0, "semi": 20.0}
+PV21_BASE_FLOOR = 5.0
+MEAN_BASE_FLOOR = 4.0
 
 
 def _md5(path: Path) -> str:
@@ -126,7 +127,7 @@ def test_the_demo_world_transmits_signal_through_every_stage(ws, first_run):
     stage1 = {(r["benchmark"], r["variant"]): float(r["mIoU"])
               for r in csv.DictReader((ws / "reports" / "stage1.csv").open())}
     assert set(stage1) == {("pv21", v) for v in STAGE1_VARIANTS}
-    assert max(stage1.values()) >= STAGE1_FLOOR, stage1
+    assert all(stage1[("pv21", v)] >= floor for v, floor in STAGE1_FLOORS.items()), stage1
     base = {b: json.loads(first_run["metrics"][b])["mIoU_base"] for b in BENCHMARKS}
     refined = {b: json.loads(first_run["metrics"][b])["mIoU_refined"] for b in BENCHMARKS}
     assert base["pv21"] >= PV21_BASE_FLOOR, base

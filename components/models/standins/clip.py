@@ -1,8 +1,8 @@
 """The world-clip stand-in: a tiny open_clip ``CLIP`` trained on scenes of the demo world.
 
 Training (:func:`train_clip`) draws seeded world scenes (components/datasets/world.py), cuts crops
-of them -- the 2×2 tiling Stage 1.1 uses (the whole 96×128 scene resized to a 2S square, an aspect
-distortion) and random boxes of several scales and aspects, each resized to S -- and optimises two terms with one learnable ``logit_scale`` (open_clip's):
+of them -- the 2×2 tiling of Stage 1.1 at grid 2 (the whole 96×128 scene resized to a 2S square, an
+aspect distortion) and random boxes of several scales and aspects, each resized to S -- and optimises two terms with one learnable ``logit_scale`` (open_clip's):
 
 - contrastive: InfoNCE between the crops' embeddings (``encode_image``) and one caption for each
   concept the step's crops show, topped up with captions of random other concepts as negatives
@@ -68,7 +68,8 @@ TEXT_LISTS: tuple[str, ...] = (
 EVAL_LISTS: tuple[str, ...] = ("voc20", "context59", "cocostuff171", "cityscapes19", "ade150")
 BACKGROUND = "background"  # a VOC / COCO-object line that no region of the world looks like
 TEMPLATE = "a photo of a {}."
-GRID = 2  # the Stage 1.1 tiling (label.grid)
+GRID = 2  # the tiling whose crops every scene contributes (label.grid 2; the demo labels at grid 4,
+# whose smaller crops the random boxes cover)
 DEFAULT_STEPS = 3000
 
 
