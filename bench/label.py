@@ -43,10 +43,10 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from components.datasets.readers import read_image_rgb
 from components.datasets.synthetic import write_synthetic_unlabelled
+from components.labelling.settings import Stage1Settings
 from components.labelling.shard import label_shard
 from components.labelling.stage1 import (
     AmgMask,
-    Stage1Settings,
     decode_masks,
     embed_sam,
     prepare_image,

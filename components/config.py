@@ -27,6 +27,7 @@ from pydantic import (
 
 from components.aligner.settings import AlignerKind, LossName
 from components.io import MAX_LABEL_CLASSES as _MAX_LABEL_CLASSES
+from components.labelling.settings import DenseMode
 
 __all__ = [
     "ConfigError",
@@ -206,7 +207,8 @@ class DownloadConfig(_Section):
 
 # ----------------------------------------------------------------------------------------- label
 class AmgConfig(_Section):
-    """SamAutomaticMaskGenerator settings plus the size filter (paper appendix 1.2)."""
+    """SamAutomaticMaskGenerator settings plus the size filter (paper appendix 1.2): the fields of
+    components.labelling.settings.AmgSettings, and Stage1Settings' min_area_frac / max_area_frac."""
 
     points_per_side: int = Field(32, ge=1)
     points_per_batch: int = Field(64, ge=1)
@@ -230,10 +232,14 @@ MAX_LABEL_CLASSES = _MAX_LABEL_CLASSES  # label maps: uint8 up to 255 classes (2
 
 
 class LabelConfig(_Section):
+    """The fields of components.labelling.settings.Stage1Settings (same names, same types; the size
+    filter under ``amg``), plus what picks and feeds the images and classes (vocabulary, templates,
+    presence, shards, workers), which flows/label.py reads itself."""
+
     vocabulary: str = "cocostuff171"
     templates: tuple[str, ...] = ("a photo of a {}.",)
     grid: int = Field(4, ge=1)
-    dense_mode: Literal["vanilla", "maskclip", "fmbseg", "clearclip"] = "fmbseg"
+    dense_mode: DenseMode = "fmbseg"
     min_crops: int = Field(1, ge=0)  # T: present when a class wins MORE than T crops (the paper's rule)
     top_k_points: int = Field(5, ge=1)
     sam_size: int = Field(518, ge=16)

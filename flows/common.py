@@ -29,7 +29,7 @@ from components.config import (
 
 if TYPE_CHECKING:
     from components.aligner.settings import TrainSettings
-    from components.labelling.stage1 import Stage1Settings
+    from components.labelling.settings import Stage1Settings
 
 __all__ = [
     "PARAMS_FILE",
@@ -95,7 +95,7 @@ def stage1_settings(label: LabelConfig) -> Stage1Settings:
     size filter, which params.yaml keeps under ``amg``, is Stage1Settings' own pair of fields)."""
     from dataclasses import fields
 
-    from components.labelling.stage1 import Stage1Settings
+    from components.labelling.settings import Stage1Settings
 
     data = label.model_dump(mode="json")
     for key in ("min_area_frac", "max_area_frac"):

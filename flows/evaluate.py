@@ -114,7 +114,7 @@ def _stage1_context(job: dict[str, Any]) -> _Context:
     from components.datasets.readers import CanonicalDataset
     from components.evaluation.prompts import benchmark_prompts, display_names
     from components.evaluation.stage1 import Stage1Segmenter
-    from components.labelling.stage1 import Stage1Settings
+    from components.labelling.settings import Stage1Settings
     from components.models import prototypes, resolve_device
 
     device = resolve_device(job["device"])

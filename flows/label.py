@@ -158,7 +158,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 
     from components.labelling import shard
     from components.labelling.plan import MaskSource
-    from components.labelling.stage1 import Stage1Settings
+    from components.labelling.settings import Stage1Settings
     from components.labelling.store import ImageEntry
     from components.models.registry import resolve_device
 

@@ -389,3 +389,37 @@ def test_train_settings_are_the_components_own_by_field_name():
     assert (settings.in_dim, settings.ignore_index, settings.epochs) == (64, 65535, params.train.epochs)
     from_config = {f.name for f in fields(TrainSettings)} - {"in_dim", "ignore_index"}
     assert from_config <= set(AlignerConfig.model_fields) | set(TrainConfig.model_fields)
+
+
+def test_stage1_settings_are_the_components_own_by_field_name():
+    """flows/common.py builds Stage1Settings by name from label (the size filter from label.amg),
+    and the config's dense_mode type is the components' (declared once, in
+    components/models/dense_modes.py, as clip_dense's MODES and Stage1Settings' dense_mode)."""
+    import subprocess
+    import sys
+    import typing
+    from dataclasses import fields
+
+    from components.config import AmgConfig, LabelConfig
+    from components.labelling.settings import AmgSettings, DenseMode, Stage1Settings
+    from components.models.clip_dense import MODES
+    from flows.common import stage1_settings
+
+    assert LabelConfig.model_fields["dense_mode"].annotation is DenseMode
+    assert typing.get_type_hints(Stage1Settings)["dense_mode"] is DenseMode
+    assert MODES == typing.get_args(DenseMode)
+    params = parse_params({"label": {"grid": 3, "dense_mode": "clearclip", "crop_batch": 5, "amg": {
+        "points_per_side": 7, "box_nms_thresh": 0.5, "min_area_frac": 0.02, "max_area_frac": 0.6}}})
+    settings = stage1_settings(params.label)
+    assert isinstance(settings, Stage1Settings) and isinstance(settings.amg, AmgSettings)
+    assert (settings.grid, settings.dense_mode, settings.crop_batch) == (3, "clearclip", 5)
+    assert (settings.amg.points_per_side, settings.amg.box_nms_thresh) == (7, 0.5)
+    assert (settings.min_area_frac, settings.max_area_frac) == (0.02, 0.6)
+    assert settings.sam_size == params.label.sam_size and settings.amg.points_per_batch == params.label.amg.points_per_batch
+    size_filter = {"min_area_frac", "max_area_frac"}  # Stage1Settings' own pair, under label.amg in params.yaml
+    assert {f.name for f in fields(Stage1Settings)} - size_filter <= set(LabelConfig.model_fields)
+    assert {f.name for f in fields(AmgSettings)} | size_filter <= set(AmgConfig.model_fields)
+    # what config.py builds on stays importable without torch (the package __init__ files load lazily)
+    code = "import sys, components.config, flows.common; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from components.evaluation.paper_numbers import stage1_variants
 from components.io import unlabelled_for
-from components.labelling.stage1 import Stage1Settings, label_image
+from components.labelling.settings import Stage1Settings
+from components.labelling.stage1 import label_image
 
 __all__ = ["Stage1Segmenter"]
 

@@ -1,64 +1,53 @@
 """FMbSeg Stage 1: pseudo labels from CLIP + SAM (paper §3.2, appendix §1), the pipeline over a
 shard of images, their sharded storage, resumable shard planning, and the Stage 1.1 / 1.2 balance
-of the training index."""
+of the training index.
 
-from components.labelling.balance import INDEX_COLUMNS, balance_index
-from components.labelling.detect import (
-    MaskLabels,
-    Presence,
-    class_index_map,
-    crop_classes,
-    detect_present,
-    image_level_labels,
-    label_masks,
-    mask_coverage,
-    mask_mean_features,
-    patch_centres_xy,
-    presence_from_image_labels,
-    prompt_patches,
-)
-from components.labelling.plan import LabelPlan, MaskSource, PlannedShard, plan_shards, settings_hash
-from components.labelling.shard import GroundTruth, label_shard, list_inputs
-from components.labelling.stage1 import (
-    AmgMask,
-    AmgSettings,
-    PreparedImage,
-    Stage1Result,
-    Stage1Settings,
-    label_image,
-)
-from components.labelling.store import ImageEntry, PseudoLabels, ShardRecord
+The names below load on first use, so that components.labelling.settings (plain values, what
+components/config.py builds on) is importable without torch.
+"""
 
-__all__ = [
-    "INDEX_COLUMNS",
-    "AmgMask",
-    "AmgSettings",
-    "GroundTruth",
-    "ImageEntry",
-    "LabelPlan",
-    "MaskLabels",
-    "MaskSource",
-    "PlannedShard",
-    "PreparedImage",
-    "Presence",
-    "PseudoLabels",
-    "ShardRecord",
-    "Stage1Result",
-    "Stage1Settings",
-    "balance_index",
-    "class_index_map",
-    "crop_classes",
-    "detect_present",
-    "image_level_labels",
-    "label_image",
-    "label_masks",
-    "label_shard",
-    "list_inputs",
-    "mask_coverage",
-    "mask_mean_features",
-    "patch_centres_xy",
-    "plan_shards",
-    "presence_from_image_labels",
-    "prompt_patches",
-    "settings_hash",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "INDEX_COLUMNS": "balance",
+    "AmgMask": "stage1",
+    "AmgSettings": "settings",
+    "GroundTruth": "shard",
+    "ImageEntry": "store",
+    "LabelPlan": "plan",
+    "MaskLabels": "detect",
+    "MaskSource": "plan",
+    "PlannedShard": "plan",
+    "PreparedImage": "stage1",
+    "Presence": "detect",
+    "PseudoLabels": "store",
+    "ShardRecord": "store",
+    "Stage1Result": "stage1",
+    "Stage1Settings": "settings",
+    "balance_index": "balance",
+    "class_index_map": "detect",
+    "crop_classes": "detect",
+    "detect_present": "detect",
+    "image_level_labels": "detect",
+    "label_image": "stage1",
+    "label_masks": "detect",
+    "label_shard": "shard",
+    "list_inputs": "shard",
+    "mask_coverage": "detect",
+    "mask_mean_features": "detect",
+    "patch_centres_xy": "detect",
+    "plan_shards": "plan",
+    "presence_from_image_labels": "detect",
+    "prompt_patches": "detect",
+    "settings_hash": "plan",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -37,7 +37,8 @@ from components.hashcache import HashCache
 from components.io import fs_path, path_text
 from components.labelling.detect import image_level_labels
 from components.labelling.plan import MaskSource
-from components.labelling.stage1 import AmgMask, Stage1Settings, label_image, timed
+from components.labelling.settings import Stage1Settings
+from components.labelling.stage1 import AmgMask, label_image, timed
 from components.labelling.store import (
     ImageEntry,
     ShardRecord,

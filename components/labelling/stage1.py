@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple
+from dataclasses import asdict
+from typing import Literal, NamedTuple
 
 import numpy as np
 import open_clip
@@ -43,6 +43,7 @@ from components.labelling.detect import (
     presence_from_image_labels,
     prompt_patches,
 )
+from components.labelling.settings import AmgSettings, Stage1Settings
 from components.labelmaps import as_label_array, label_tensor_dtype, paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
 from components.models.registry import autocast_context
@@ -70,58 +71,6 @@ __all__ = [
     "STEP_KEYS",
     "timed",
 ]
-
-
-
-@dataclass(frozen=True)
-class AmgSettings:
-    """SamAutomaticMaskGenerator settings (crop_n_layers is always 0: one embedding per image)."""
-
-    points_per_side: int
-    points_per_batch: int
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    stability_score_offset: float
-    box_nms_thresh: float
-    min_mask_region_area: int
-
-
-@dataclass(frozen=True)
-class Stage1Settings:
-    """Every number of Stage 1 (params.yaml ``label``), as plain values.
-
-    grid: G; dense_mode: CLIP last-block mode; min_crops: T; top_k_points: prompts per class;
-    sam_size: SAM frame side; label_size: label map side; amg: generator settings;
-    min_area_frac / max_area_frac: Stage 1.2 size filter (share of the image); crop_batch: CLIP
-    crops per forward.
-    """
-
-    grid: int
-    dense_mode: str
-    min_crops: int
-    top_k_points: int
-    sam_size: int
-    label_size: int
-    amg: AmgSettings
-    min_area_frac: float
-    max_area_frac: float
-    crop_batch: int
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Stage1Settings:
-        """Inverse of ``dataclasses.asdict`` (settings travel to workers as plain dicts)."""
-        return cls(**{**data, "amg": AmgSettings(**data["amg"])})
-
-    def mask_side(self) -> dict[str, Any]:
-        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash)."""
-        return {"sam_size": self.sam_size, "amg": asdict(self.amg)}
-
-    def label_side(self) -> dict[str, Any]:
-        """The settings that only change how masks are prompted, labelled and painted."""
-        side = asdict(self)
-        for key in ("sam_size", "amg", "crop_batch"):
-            side.pop(key)
-        return side
 
 
 class PreparedImage(NamedTuple):

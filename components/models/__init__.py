@@ -1,57 +1,46 @@
-"""Foundation models: the registry (CLIP, SAM, DINOv2), their weights and their feature functions."""
+"""Foundation models: the registry (CLIP, SAM, DINOv2), their weights and their feature functions.
 
-from components.models.clip_dense import (
-    MODES,
-    DenseFeatures,
-    clip_preprocess,
-    dense_features,
-    prototypes,
-    tiled_features,
-)
-from components.models.dino import dino_preprocess, patch_features
-from components.models.registry import (
-    ClipBundle,
-    ModelSpec,
-    autocast_context,
-    build_clip,
-    build_dino,
-    build_sam,
-    get_spec,
-    list_specs,
-    resolve_device,
-)
-from components.models.sam import PointMask, SamImage
-from components.models.weights import (
-    MissingWeightsError,
-    WeightFile,
-    WeightStatus,
-    fetch_weights,
-    weights_status,
-)
+The names below load on first use, so that components.models.dense_modes (plain values, what
+components/labelling/settings.py and components/config.py build on) is importable without torch.
+"""
 
-__all__ = [
-    "MODES",
-    "ClipBundle",
-    "DenseFeatures",
-    "MissingWeightsError",
-    "ModelSpec",
-    "PointMask",
-    "SamImage",
-    "WeightFile",
-    "WeightStatus",
-    "autocast_context",
-    "build_clip",
-    "build_dino",
-    "build_sam",
-    "clip_preprocess",
-    "dense_features",
-    "dino_preprocess",
-    "fetch_weights",
-    "get_spec",
-    "list_specs",
-    "patch_features",
-    "prototypes",
-    "resolve_device",
-    "tiled_features",
-    "weights_status",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DENSE_MODES": "dense_modes",
+    "MODES": "clip_dense",
+    "ClipBundle": "registry",
+    "DenseFeatures": "clip_dense",
+    "DenseMode": "dense_modes",
+    "MissingWeightsError": "weights",
+    "ModelSpec": "registry",
+    "PointMask": "sam",
+    "SamImage": "sam",
+    "WeightFile": "weights",
+    "WeightStatus": "weights",
+    "autocast_context": "registry",
+    "build_clip": "registry",
+    "build_dino": "registry",
+    "build_sam": "registry",
+    "clip_preprocess": "clip_dense",
+    "dense_features": "clip_dense",
+    "dino_preprocess": "dino",
+    "fetch_weights": "weights",
+    "get_spec": "registry",
+    "list_specs": "registry",
+    "patch_features": "dino",
+    "prototypes": "clip_dense",
+    "resolve_device": "registry",
+    "tiled_features": "clip_dense",
+    "weights_status": "weights",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from components.models.dense_modes import DENSE_MODES
 from components.models.preprocess import resize_normalize
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
     "clip_preprocess",
 ]
 
-MODES: tuple[str, ...] = ("vanilla", "maskclip", "fmbseg", "clearclip")
+MODES: tuple[str, ...] = DENSE_MODES  # declared once, torch-free, in components/models/dense_modes.py
 
 
 class DenseFeatures(NamedTuple):
