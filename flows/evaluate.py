@@ -402,9 +402,9 @@ def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
     """Stage 1's pseudo labels of a benchmark against its ground truth, ``variants`` (default: all
     of STAGE1_VARIANTS) scored in one pass over the images; returns variant -> metrics."""
     from components.evaluation.benchmark import state_key
-    from components.evaluation.paper_numbers import stage1_variants
     from components.evaluation.prompts import display_names
     from components.evaluation.summary import EvalSummary, summarize, write_summary
+    from components.labelling.settings import stage1_variants
     from flows import tracking
 
     variants = stage1_variants(variants)
@@ -471,7 +471,7 @@ def register(app: typer.Typer) -> None:
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
     ) -> None:
         """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
-        from components.evaluation.paper_numbers import stage1_variants
+        from components.labelling.settings import stage1_variants
         from flows.common import make_task_runner
 
         try:

@@ -35,7 +35,7 @@ def read_metrics(params: Params) -> dict[str, dict[str, float] | None]:
 
 def read_stage1_metrics(params: Params) -> dict[tuple[str, str], dict[str, float]]:
     """(benchmark, variant) -> the evaluate-stage1 metrics JSON, for every such file present."""
-    from components.evaluation.paper_numbers import STAGE1_VARIANTS
+    from components.labelling.settings import STAGE1_VARIANTS
 
     stage1_dir = project_path(params, "stage1_metrics")
     out: dict[tuple[str, str], dict[str, float]] = {}

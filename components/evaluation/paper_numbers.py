@@ -7,10 +7,10 @@ reproduces, and the text of its second block does not assign values to cells una
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["PAPER_BENCHMARKS", "PUBLISHED", "STAGE1_VARIANTS", "TABLE1", "TABLE2", "stage1_variants"]
+__all__ = ["PAPER_BENCHMARKS", "PUBLISHED", "TABLE1", "TABLE2"]
 
 PAPER_BENCHMARKS: tuple[str, ...] = ("pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k")
 """The seven benchmarks of Tables 1 and 2, in the paper's column order."""
@@ -64,17 +64,3 @@ PUBLISHED: Mapping[str, Mapping[str, float]] = MappingProxyType(
 )
 """protocol (configs/protocols/<name>) -> benchmark -> the mIoU its authors publish for their own
 method under it (fmbseg: the paper's Table 1 base row)."""
-
-STAGE1_VARIANTS: tuple[str, ...] = tuple(TABLE2)
-"""Table 2's rows: Stage 1.1, Stage 1.2, and Stage 1.1 with image-level labels from the ground
-truth instead of CLIP's presence detection (semi-supervised)."""
-
-
-def stage1_variants(variants: Sequence[str] | None) -> tuple[str, ...]:
-    """The Stage 1 variants to score, checked (None or empty: all of :data:`STAGE1_VARIANTS`);
-    ValueError naming the known ones. The one check: the flow runs it before any model loads, the
-    segmenter on its own input."""
-    chosen = tuple(variants or STAGE1_VARIANTS)
-    if any(v not in STAGE1_VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
-        raise ValueError(f"{list(chosen)}: expected distinct Stage 1 variants among {', '.join(STAGE1_VARIANTS)}")
-    return chosen

@@ -14,7 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.evaluation.paper_numbers import PUBLISHED, STAGE1_VARIANTS, TABLE1, TABLE2
+from components.evaluation.paper_numbers import PUBLISHED, TABLE1, TABLE2
+from components.labelling.settings import STAGE1_VARIANTS
 
 __all__ = [
     "REPORT_COLUMNS",

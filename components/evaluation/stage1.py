@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from components.evaluation.paper_numbers import stage1_variants
 from components.io import unlabelled_for
-from components.labelling.settings import Stage1Settings
+from components.labelling.settings import Stage1Settings, stage1_variants
 from components.labelling.stage1 import label_image
 
 __all__ = ["Stage1Segmenter"]

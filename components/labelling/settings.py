@@ -7,12 +7,28 @@ name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from components.models.dense_modes import DENSE_MODES, DenseMode
 
-__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings"]
+__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "stage1_variants"]
+
+STAGE1_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", "semi")
+"""The Stage 1 label maps that evaluation scores (the paper's Table 2 rows): Stage 1.1, Stage 1.2,
+and Stage 1.1 with image-level labels from the ground truth instead of CLIP's presence detection
+(semi-supervised)."""
+
+
+def stage1_variants(variants: Sequence[str] | None) -> tuple[str, ...]:
+    """The Stage 1 variants to score, checked (None or empty: all of :data:`STAGE1_VARIANTS`);
+    ValueError naming the known ones. The one check: the flow runs it before any model loads, the
+    segmenter on its own input."""
+    chosen = tuple(variants or STAGE1_VARIANTS)
+    if any(v not in STAGE1_VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"{list(chosen)}: expected distinct Stage 1 variants among {', '.join(STAGE1_VARIANTS)}")
+    return chosen
 
 
 @dataclass(frozen=True)
