@@ -27,7 +27,7 @@ BENCHMARKS = ["pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k"]
 STAGE1_VARIANTS = ["stage1_1", "stage1_2", "semi"]
 # Floors under the demo world's measured scores (fmbseg demo at grid 4, 2026-12-04; chance on pv21
 # 1/21 = 4.8): Stage 1 on pv21 stage1_1 18.2, stage1_2 21.1, semi 30.9 mIoU; Stage 2 base pv21 9.4,
-# mean of seven 7.7. Stage 2 is still far from issue 11's targets, so these floors sit about 40 %
+# mean of seven 7.7, refined mean 7.9. Stage 2 is still far from issue 11's targets, so these floors sit about 40 %
 # under the measurements: they catch a pipeline that stops transmitting signal, not a small drift.
 STAGE1_FLOORS = {"stage1_1": 10.0, "stage1_2": 12.0, "semi": 20.0}
 PV21_BASE_FLOOR = 5.0
@@ -132,7 +132,7 @@ def test_the_demo_world_transmits_signal_through_every_stage(ws, first_run):
     refined = {b: json.loads(first_run["metrics"][b])["mIoU_refined"] for b in BENCHMARKS}
     assert base["pv21"] >= PV21_BASE_FLOOR, base
     assert sum(base.values()) / len(base) >= MEAN_BASE_FLOOR, base
-    assert sum(refined.values()) / len(refined) >= sum(base.values()) / len(base) - 2.0, (base, refined)
+    assert sum(refined.values()) / len(refined) >= sum(base.values()) / len(base) - 1.0, (base, refined)
     report = list(csv.DictReader((ws / "reports" / "report.csv").open()))
     assert {r["benchmark"] for r in report} == set(BENCHMARKS)
 
