@@ -6,8 +6,7 @@ components/labelling/settings.py and components/config.py build on) is importabl
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from components.lazy import lazy_exports
 
 _WHERE = {
     "DENSE_MODES": "dense_modes",
@@ -39,8 +38,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_exports(__name__, _WHERE)
