@@ -25,13 +25,14 @@ pytestmark = pytest.mark.slow
 
 BENCHMARKS = ["pv21", "pv20", "pc59", "co80", "cs171", "cityscapes", "ade20k"]
 STAGE1_VARIANTS = ["stage1_1", "stage1_2", "semi"]
-# Floors under the demo world's measured scores (fmbseg demo at grid 4, 2026-12-04; chance on pv21
-# 1/21 = 4.8): Stage 1 on pv21 stage1_1 18.2, stage1_2 21.1, semi 30.9 mIoU; Stage 2 base pv21 9.4,
-# mean of seven 7.7, refined mean 7.9. Stage 2 is still far from issue 11's targets, so these floors sit about 40 %
-# under the measurements: they catch a pipeline that stops transmitting signal, not a small drift.
+# Floors under the demo world's measured scores (fmbseg demo, 2026-12-04; chance on pv21 1/21 = 4.8):
+# Stage 1 on pv21 stage1_1 18.2, stage1_2 21.1, semi 30.9 mIoU; Stage 2 base pv21 15.9 (training
+# seeds 1 and 2: 13.7, 16.8), mean of seven 12.7, refined mean 13.0. Stage 2 is still far from issue
+# 11's targets, so these floors sit about 40 % under the measurements: they catch a pipeline that
+# stops transmitting signal, not a small drift.
 STAGE1_FLOORS = {"stage1_1": 10.0, "stage1_2": 12.0, "semi": 20.0}
-PV21_BASE_FLOOR = 5.0
-MEAN_BASE_FLOOR = 4.0
+PV21_BASE_FLOOR = 9.0
+MEAN_BASE_FLOOR = 7.5
 
 
 def _md5(path: Path) -> str:
