@@ -28,7 +28,8 @@ from flows import tracking
 REPO = Path(__file__).resolve().parents[1]
 VOCABULARY = ["sky", "tree", "road", "person"]
 IMAGES = "data/datasets/coco_train/images/train"
-LABEL_SIZE = 112  # the demo profile's label.label_size
+DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())  # the demo profile decides the sizes
+LABEL_SIZE = DEMO["label"]["label_size"]
 NUM_IMAGES = 7
 
 
@@ -69,6 +70,9 @@ def write_stage1(project: Path, num_images: int = NUM_IMAGES) -> None:
 # whatever the models see
 MINI = load_params(REPO / "params.yaml").models.profiles["mini"]
 DINO_DIM, CLIP_DIM = get_spec(MINI.dino).embed_dim, get_spec(MINI.clip).embed_dim
+# the demo profile's Stage 2 input size and the patch grid it gives mini-dino
+IMAGE_SIZE = DEMO["features"]["image_size"]
+GRID = [IMAGE_SIZE // get_spec(MINI.dino).patch_size] * 2
 
 
 def write_params(project: Path, **overrides: object) -> Path:
@@ -130,9 +134,9 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     fmbseg("features", "--params", "params.yaml")
     features = project / "data" / "features"
     manifest = json.loads((features / "manifest.json").read_text())
-    assert manifest["cache"] and manifest["num_images"] == NUM_IMAGES and manifest["grid"] == [8, 8]
+    assert manifest["cache"] and manifest["num_images"] == NUM_IMAGES and manifest["grid"] == GRID
     shards = sorted(features.glob("shards/*.npy"))
-    assert len(shards) == 1 and FeatureCache(features).read("img03").shape == (8, 8, DINO_DIM)
+    assert len(shards) == 1 and FeatureCache(features).read("img03").shape == (*GRID, DINO_DIM)
     stamps = [p.stat().st_mtime_ns for p in shards]
     fmbseg("features", "--params", "params.yaml")  # nothing new: no shard is rewritten
     assert [p.stat().st_mtime_ns for p in sorted(features.glob("shards/*.npy"))] == stamps
@@ -143,7 +147,7 @@ def test_features_and_train_produce_the_checkpoint_and_one_mlflow_run(project, p
     curve = (project / "metrics" / "train_epochs.csv").read_text().splitlines()  # the dvc plots loss curve
     assert curve[0].startswith("epoch,loss") and [line.split(",")[0] for line in curve[1:]] == ["0", "1"]
     assert loaded.class_names == VOCABULARY and loaded.prototypes.shape == (4, CLIP_DIM)
-    assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", 112, "mini-clip")
+    assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", IMAGE_SIZE, "mini-clip")
     params = load_params("params.yaml")
     assert loaded.params == flatten(params)
 
