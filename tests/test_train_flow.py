@@ -18,17 +18,18 @@ from typer.testing import CliRunner
 from components.aligner.checkpoint import load_aligner
 from components.aligner.data import AlignerSamples
 from components.aligner.pooling import pool_labels
-from components.config import deep_merge, flatten, load_params
+from components.config import apply_overrides, flatten, load_params
 from components.features.cache import FeatureCache
 from components.io import encode_label_png, file_sha256
 from components.labelling.store import ImageEntry, PseudoLabels, ShardRecord, merge_outputs, write_shard
 from components.models.registry import get_spec
 from flows import tracking
+from flows.common import profile_settings
 
 REPO = Path(__file__).resolve().parents[1]
 VOCABULARY = ["sky", "tree", "road", "person"]
 IMAGES = "data/datasets/coco_train/images/train"
-DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())  # the demo profile decides the sizes
+DEMO = profile_settings("demo")  # the demo profile's settings (params.yaml + configs/demo.yaml) decide the sizes
 LABEL_SIZE = DEMO["label"]["label_size"]
 NUM_IMAGES = 7
 
@@ -76,17 +77,11 @@ GRID = [IMAGE_SIZE // get_spec(MINI.dino).patch_size] * 2
 
 
 def write_params(project: Path, **overrides: object) -> Path:
-    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
-                     yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
-    raw["models"]["profile"] = "mini"
-    # the small batches and shards these tests count with (the demo itself trains 8 epochs, batches of 8)
-    small = {"train.epochs": 2, "train.batch_size": 4, "features.batch_size": 4, "features.shard_size": 8}
-    for dotted, value in {**small, **overrides}.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    # the mini profile and the small batches and shards these tests count with (the demo itself
+    # trains 8 epochs, batches of 8)
+    small = {"models.profile": "mini", "train.epochs": 2, "train.batch_size": 4, "features.batch_size": 4,
+             "features.shard_size": 8}
+    raw = apply_overrides(DEMO, {**small, **overrides})
     path = project / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     load_params(path)  # valid settings
