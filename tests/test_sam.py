@@ -101,6 +101,23 @@ def test_automatic_masks_equal_stock_generator(sam, image, output_mode, points_p
     _records_equal(ours, stock)
 
 
+@pytest.mark.parametrize("output_mode", ["binary_mask", "coco_rle"])
+def test_automatic_masks_with_small_region_cleanup_equal_stock_generator(sam, image, output_mode):
+    """min_mask_region_area > 0 takes the stock clean-up (OpenCV) on run-length encoded masks."""
+    pytest.importorskip("cv2")
+    settings = {**AMG, "min_mask_region_area": 20, "output_mode": output_mode}
+    ours = SamImage(sam, image).automatic_masks(**settings)
+    stock = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert len(ours) > 0
+    _records_equal(ours, stock)
+
+
+def test_automatic_masks_none_kept_equal_stock_generator(sam, image):
+    settings = {**AMG, "pred_iou_thresh": 1.5}
+    assert SamImage(sam, image).automatic_masks(**settings) == []
+    assert SamAutomaticMaskGenerator(sam, **settings).generate(image) == []
+
+
 def test_automatic_masks_upsample_only_iou_survivors(sam, image, monkeypatch):
     import components.models.sam as sam_module
 
