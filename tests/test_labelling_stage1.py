@@ -3,6 +3,8 @@ miniature CLIP and SAM."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from components.labelling.stage1 import (
     AmgMask,
     AmgSettings,
     Stage1Settings,
+    automatic_masks,
     decode_masks,
     label_image,
     resize_label,
@@ -22,7 +25,7 @@ from components.labelling.stage1 import (
 )
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.registry import build_clip, build_sam
-from components.models.sam import PointMask, PointMasks
+from components.models.sam import PointMask, PointMasks, SamImage
 
 
 class PlantedSam:
@@ -206,6 +209,24 @@ def test_label_image_end_to_end_on_miniature_models(mini_models: dict) -> None:
     semi = _label(mini_models, image, settings, image_classes=[4, 2])
     assert semi.presence.classes.tolist() == [2, 4]
     assert set(np.unique(semi.stage1_1).tolist()) <= {2, 4, IGNORE}
+
+
+def test_automatic_masks_keep_the_masks_their_rles_decode_to(mini_models: dict) -> None:
+    """Stage 1.2 reads the generator's masks as they are; the kept RLEs decode to the same masks and
+    equal the generator's own COCO RLE records."""
+    image = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    embedded = SamImage(mini_models["sam"], image)
+    amg_settings = _settings().amg
+    amg, masks = automatic_masks(embedded, amg_settings)
+    assert len(amg) > 0 and masks.shape == (len(amg), 64, 64) and masks.dtype == torch.bool
+    np.testing.assert_array_equal(decode_masks(amg, 64).numpy(), masks.numpy())
+    records = embedded.automatic_masks(**asdict(amg_settings), output_mode="coco_rle")
+    assert [m.counts for m in amg] == [r["segmentation"]["counts"].encode() for r in records]
+    assert [(m.area, m.predicted_iou, m.stability_score) for m in amg] == [
+        (r["area"], r["predicted_iou"], r["stability_score"]) for r in records
+    ]
+    none, empty = automatic_masks(embedded, replace(amg_settings, pred_iou_thresh=1.5))
+    assert none == [] and empty.shape == (0, 64, 64)
 
 
 def test_label_image_writes_16_bit_maps_past_255_prompts(mini_models: dict) -> None:

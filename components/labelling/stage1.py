@@ -47,7 +47,7 @@ from components.labelling.settings import AmgSettings, Stage1Settings
 from components.labelmaps import as_label_array, label_tensor_dtype, paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
 from components.models.registry import autocast_context
-from components.models.sam import SamImage
+from components.models.sam import SamImage, masks_to_coco_rle
 
 __all__ = [
     "AmgSettings",
@@ -200,19 +200,19 @@ def stage1_1(
     return Stage11Result(label, points, decoded.scores, area_frac)
 
 
-def automatic_masks(sam_image: SamImage, amg: AmgSettings) -> list[AmgMask]:
-    """SAM's automatic masks from the image's one embedding, as COCO RLE (kept for relabelling)."""
-    records = sam_image.automatic_masks(**asdict(amg), output_mode="coco_rle")
-    return [
-        AmgMask(
-            counts=r["segmentation"]["counts"].encode("ascii") if isinstance(r["segmentation"]["counts"], str)
-            else bytes(r["segmentation"]["counts"]),
-            predicted_iou=float(r["predicted_iou"]),
-            stability_score=float(r["stability_score"]),
-            area=int(r["area"]),
-        )
-        for r in records
+def automatic_masks(sam_image: SamImage, amg: AmgSettings) -> tuple[list[AmgMask], Tensor]:
+    """SAM's automatic masks from the image's one embedding: their records, with COCO RLE counts
+    (kept for relabelling), and the masks themselves, [M, s, s] bool (Stage 1.2 reads them without
+    decoding the RLEs again)."""
+    records = sam_image.automatic_masks(**asdict(amg), output_mode="binary_mask")
+    size = sam_image.size
+    masks = np.stack([r["segmentation"] for r in records]) if records else np.zeros((0, *size), dtype=bool)
+    amg_masks = [
+        AmgMask(counts=rle["counts"], predicted_iou=float(r["predicted_iou"]),
+                stability_score=float(r["stability_score"]), area=int(r["area"]))
+        for r, rle in zip(records, masks_to_coco_rle(masks), strict=True)
     ]
+    return amg_masks, torch.from_numpy(masks)
 
 
 def decode_masks(masks: list[AmgMask], size: int) -> Tensor:
@@ -364,9 +364,11 @@ def label_image(
         if "stage1_2" in variants:
             if kept_masks is None:
                 with timed(seconds, "amg"):
-                    amg = automatic_masks(embedded, settings.amg)
+                    amg, masks = automatic_masks(embedded, settings.amg)
             with timed(seconds, "labelling"):
-                s12 = stage1_2(decode_masks(amg, settings.sam_size), features.patches, prototypes, found,
+                if kept_masks is not None:
+                    masks = decode_masks(kept_masks, settings.sam_size)
+                s12 = stage1_2(masks, features.patches, prototypes, found,
                                min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
     with timed(seconds, "io"):
         return stage1_result(found, s11, s12, amg, label_size=settings.label_size)
