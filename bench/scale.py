@@ -65,9 +65,24 @@ def _child(stage: str, project: Path) -> None:
         inside[0] += time.perf_counter() - starts[(id(module), threading.get_ident())].pop()
 
     if stage == "label":
+        import components.models.clip_dense as clip_dense
+
         sam = cached_sam(names.sam, device, weights)
-        modules = [cached_clip(names.clip, device, weights).model.visual, sam.image_encoder, sam.prompt_encoder,
-                   sam.mask_decoder]
+        cached_clip(names.clip, device, weights)
+        modules = [sam.image_encoder, sam.prompt_encoder, sam.mask_decoder]
+        # Stage 1 runs CLIP's vision tower through clip_dense.dense_features (its blocks one by one,
+        # the last one modified), never through the tower's own forward, so a hook on the tower would
+        # not fire: the pass is timed around that function instead.
+        tower_pass = clip_dense.dense_features
+
+        def timed_tower_pass(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return tower_pass(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - start
+
+        clip_dense.dense_features = timed_tower_pass
     else:
         modules = [cached_dino(names.dino, device, weights)]
     for module in modules:
