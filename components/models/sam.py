@@ -3,7 +3,7 @@
 Stage 1.1 prompts SAM with the top-k patch centres of each detected class; Stage 1.2 runs SAM's
 automatic mask generator on the same image. :class:`SamImage` pays for the image embedding once
 (``SamPredictor.set_image``) and serves both from it. The automatic masks come from
-segment_anything's own ``SamAutomaticMaskGenerator``, subclassed in two places:
+segment_anything's own ``SamAutomaticMaskGenerator``, subclassed (and its predictor):
 
 - its predictor is a view of the already-set predictor, so the generator's ``set_image`` costs
   nothing (crops, ``crop_n_layers > 0``, would need new embeddings and are refused);
@@ -65,6 +65,7 @@ def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
         counts = ([] if not first[i] else [0]) + np.diff(edges).tolist()
         out.append({"size": [height, width], "counts": counts})
     return out
+
 
 def masks_to_coco_rle(masks: np.ndarray) -> list[dict[str, Any]]:
     """COCO compressed RLEs ({"size": [H, W], "counts": bytes}) of [N, H, W] bool masks, in one
