@@ -5,10 +5,10 @@ Labels N synthetic images with the demo profile through the real flows (`fmbseg 
 server, the way `fmbseg pipeline` runs them (one shard at a time, so the seconds inside the models never
 overlap), and prints for each stage and N:
 
-- images/s end to end (the flow's wall time, model loading included);
-- ms per image outside the model forwards (wall minus the seconds inside CLIP's vision tower, SAM's
-  image encoder / prompt encoder / mask decoder and DINOv2, timed by forward hooks): decoding, the
-  labelling math, writing, Prefect;
+- images/s end to end (the flow's wall time; the models are loaded before the clock starts);
+- ms per image outside the model forwards (wall minus the seconds inside CLIP's vision tower, timed
+  around ``clip_dense.dense_features``, and inside SAM's image encoder / prompt encoder / mask
+  decoder and DINOv2, timed by forward hooks): decoding, the labelling math, writing, Prefect;
 - peak RSS of the stage process (VmHWM);
 - task runs the stage created on the Prefect server, against the target of 2 per shard + 5.
 
@@ -68,7 +68,7 @@ def _child(stage: str, project: Path) -> None:
         import components.models.clip_dense as clip_dense
 
         sam = cached_sam(names.sam, device, weights)
-        cached_clip(names.clip, device, weights)
+        cached_clip(names.clip, device, weights)  # loaded before the clock starts, as SAM is
         modules = [sam.image_encoder, sam.prompt_encoder, sam.mask_decoder]
         # Stage 1 runs CLIP's vision tower through clip_dense.dense_features (its blocks one by one,
         # the last one modified), never through the tower's own forward, so a hook on the tower would
