@@ -1,4 +1,4 @@
-"""The trained model as an MLflow pyfunc model (DESIGN §6b): the segmenter behind a DataFrame API.
+"""The trained model as an MLflow pyfunc model (docs/design.md §6b): the segmenter behind a DataFrame API.
 
 Every train run logs :class:`SegmenterModel` (``tracking.log_model``) with the aligner checkpoint
 as its one artifact and the project's code and pinned requirements beside it;
@@ -11,7 +11,7 @@ The frame in: one row per image, columns
 
 - ``image``: the image file, base64-encoded PNG or JPEG bytes;
 - ``classes``: the class names, comma-separated (``"sky, tree, person"``). A class that needs
-  synonyms (DESIGN §4: their prototype is the mean over synonyms) is written in the second form:
+  synonyms (docs/design.md §4: their prototype is the mean over synonyms) is written in the second form:
   classes separated by ``;`` and each one's synonyms by commas (``"person, people; sky"``: two
   classes; ``"person, people;"``: one). A ``;`` anywhere selects the second form.
 
