@@ -53,3 +53,10 @@ def test_relative_links_resolve(doc: Path) -> None:
         if not (doc.parent / target.split("#", 1)[0]).exists():
             broken.append(target)
     assert broken == []
+
+
+def test_quickstart_starts_with_make_demo_and_make_test() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quickstart = readme.split("## Quickstart", 1)[1]
+    block = quickstart.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in block.splitlines()[:2]] == ["make demo", "make test"]
