@@ -99,7 +99,7 @@ def _bad_row(row: int, message: str) -> MlflowException:
 
 def _json_type(value: object) -> str:
     """The JSON name of a cell's type, as the client wrote it (pandas may hold a null as NaN)."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return "null"
     if isinstance(value, (bool, np.bool_)):
         return "bool"

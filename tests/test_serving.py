@@ -73,7 +73,8 @@ def test_classes_syntax() -> None:
         serving.parse_classes("sky, tree, Sky")
     with pytest.raises(ValueError, match="class 'person' appears more than once"):
         serving.parse_classes(["person, people", "person"])
-    for value, kind in ((5, "int"), (None, "null"), (float("nan"), "null"), (["sky", 3], "list"), ({}, "object")):
+    for value, kind in ((5, "int"), (None, "null"), (float("nan"), "null"), (pd.NA, "null"), (["sky", 3], "list"),
+                        ({}, "object"), (2.5, "float"), (True, "bool")):
         with pytest.raises(TypeError, match="^classes must be a string of comma-separated class names or a list of "
                                             f"strings, got {kind}$"):
             serving.parse_classes(value)
@@ -204,6 +205,31 @@ def test_budgets_are_the_logged_models_config_and_refuse_before_decoding(checkpo
     assert refusal([small], [5]) == (
         "row 0: classes must be a string of comma-separated class names or a list of strings, got int")
     assert refusal([None], ["sky"]) == "row 0: image must be a base64-encoded PNG/JPEG string, got null"
+
+
+def test_segment_batch_checks_before_every_forward_and_stops_at_a_raise(checkpoint) -> None:
+    """The served model's deadline hook: ``check`` runs before each encoder forward (16 windows; a
+    56 x 2048 image holds 73 windows, so 5 forwards) and what it raises ends the work there."""
+    segmenter = Segmenter.from_checkpoint(checkpoint)
+    forwards: list[int] = []
+    encode = segmenter.encode
+    segmenter.encode = lambda pixels: forwards.append(len(pixels)) or encode(pixels)  # type: ignore[method-assign]
+    image = picture(56, 2048, seed=6)
+    calls: list[int] = []
+    expected = segmenter.segment(image, ["sky", "tree"])
+    forwards.clear()
+    got = segmenter.segment_batch([image], ["sky", "tree"], check=lambda: calls.append(len(forwards)))[0]
+    assert np.array_equal(got.label_map, expected.label_map)
+    assert calls == [0, 1, 2, 3, 4] and sum(forwards) == 73  # before each forward, before it ran
+
+    def deadline() -> None:
+        if len(forwards) == 2:
+            raise TimeoutError("deadline")
+
+    forwards.clear()
+    with pytest.raises(TimeoutError):
+        segmenter.segment_batch([image], ["sky", "tree"], check=deadline)
+    assert len(forwards) == 2
 
 
 def test_promoting_a_run_without_a_registered_model_is_an_error(mlflow_uri) -> None:
