@@ -24,7 +24,7 @@ from mini_checkpoint import write_mini_checkpoint
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from components.config import parse_params
+from components.config import ConfigError, parse_params
 from components.segmenter import Segmenter
 from flows import serving, tracking
 from flows.server import free_port
@@ -168,6 +168,14 @@ def _header_only(text: str) -> str:
     file that can only be refused by its header, as decoding it fails."""
     data = base64.b64decode(text)
     return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+def test_budgets_are_validated_settings() -> None:
+    assert parse_params({}).serve.model_dump() == {"max_pixels": 16_777_216, "max_classes": 1024}
+    for bad, message in (({"max_classes": 70_000}, "serve.max_classes"), ({"max_pixels": 0}, "serve.max_pixels"),
+                         ({"max_pixel": 5}, "max_pixel")):
+        with pytest.raises(ConfigError, match=message):
+            parse_params({"serve": bad})
 
 
 def test_budgets_are_the_logged_models_config_and_refuse_before_decoding(checkpoint, mlflow_uri) -> None:
