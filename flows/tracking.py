@@ -374,6 +374,7 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
                 mlflow_model=mlflow_model,
                 python_model=Path(serving.__file__).with_name("serving_model.py"),
                 artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
+                model_config=serving.model_config(params),  # the budgets the served model enforces
                 code_paths=serving.code_paths(Path(staging) / "code"),
                 signature=serving.SIGNATURE,
                 input_example=serving.input_example(),
