@@ -144,7 +144,9 @@ def segment(driver, upload: Path, *, classes: str | None = None) -> str:
         box.send_keys(classes)
     before = css(driver, "#status")[0].text
     css(driver, "#segment")[0].click()
-    wait(driver, lambda d: css(d, "#status")[0].text not in ("", before))
+    # Gradio writes its progress ("processing | 0.2s") into the block until the answer replaces it
+    wait(driver, lambda d: css(d, "#status")[0].text not in ("", before) and not css(d, "#status .generating")
+         and "processing" not in css(d, "#status")[0].text)
     status = css(driver, "#status")[0].text
     css(driver, "#upload button[aria-label='Clear']")[0].click()
     wait(driver, lambda d: not css(d, "#upload td.filename"))
