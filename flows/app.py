@@ -41,24 +41,26 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 class ModelCache:
-    """Segmenters by model reference, built on first use (one at a time: the models are large)."""
+    """The segmenter of a model reference, built on first use and kept while the checkpoint's bytes
+    stay the same (one at a time: the models are large)."""
 
     def __init__(self, params: Any, default: str | None) -> None:
         self.params = params
         self.default = default
         self._lock = threading.Lock()
-        self._key: tuple[str, float] | None = None
+        self._key: str | None = None
         self._segmenter: Any = None
 
     def get(self, reference: str | None) -> tuple[Any, Path]:
         """(segmenter, checkpoint path) of a model reference ('' or None: the command's --model, else
         what ``fmbseg predict`` uses by default). Raises ValueError / FileNotFoundError for the user."""
+        from components.io import file_sha256
         from components.models import resolve_device
         from components.segmenter import Segmenter
         from flows.tracking import resolve_model_uri
 
         checkpoint = resolve_model_uri((reference or "").strip() or self.default, self.params)
-        key = (str(checkpoint.resolve()), checkpoint.stat().st_mtime)
+        key = file_sha256(checkpoint)  # a runs:/ URI downloads its checkpoint again on every call
         with self._lock:
             if key != self._key:
                 device = resolve_device(self.params.models.device)
