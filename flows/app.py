@@ -195,6 +195,12 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
     return page
 
 
+def _user_error(message: str) -> typer.Exit:
+    """Exit 2 after one line on stderr."""
+    typer.echo(f"fmbseg app: {message}", err=True)
+    return typer.Exit(2)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("app")
     def app_cmd(
@@ -205,23 +211,28 @@ def register(app: typer.Typer) -> None:
                                                         "when it exists)"),
         port: int = typer.Option(7860, "--port", help="port to serve on"),
         host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0: every interface)"),
-        max_pixels: int = typer.Option(40_000_000, "--max-pixels",
-                                       help="largest upload, in pixels, decoded (bigger ones are refused)"),
+        max_pixels: int = typer.Option(None, "--max-pixels",
+                                       help="largest upload decoded, in pixels; bigger ones are refused (default: "
+                                            "components.tryout.DEFAULT_MAX_PIXELS, 40 million)"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (device, dtype, weights folder, paths)"),
     ) -> None:
         """A web page to try the model on an image and to review Stage 1's pseudo labels."""
         from flows.common import stage_params
 
         try:
-            import gradio  # noqa: F401
-        except ImportError:
-            typer.echo(f"fmbseg app: the web page needs Gradio: {INSTALL_HINT}", err=True)
-            raise typer.Exit(2) from None
-        try:
             if not 0 <= port <= 65535:
                 raise ValueError(f"--port must be in 0..65535, got {port}")
-            if max_pixels < 1:
+            if max_pixels is not None and max_pixels < 1:
                 raise ValueError(f"--max-pixels must be >= 1, got {max_pixels}")
+        except ValueError as err:
+            raise _user_error(str(err)) from None
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise _user_error(f"the web page needs Gradio: {INSTALL_HINT}") from None
+        from components.tryout import DEFAULT_MAX_PIXELS
+
+        try:
             settings = stage_params(params)
             if store is None and Path(settings.paths.stage1).is_dir():
                 store = settings.paths.stage1
@@ -234,9 +245,9 @@ def register(app: typer.Typer) -> None:
 
                 resolve_model_uri(model, settings)
         except (FileNotFoundError, ValueError) as err:
-            typer.echo(f"fmbseg app: {err}", err=True)
-            raise typer.Exit(2) from None
-        page = build_page(settings, model=model, store=store, max_pixels=max_pixels)
+            raise _user_error(str(err)) from None
+        page = build_page(settings, model=model, store=store,
+                          max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
         import gradio as gr
 
         page.queue(default_concurrency_limit=1).launch(
