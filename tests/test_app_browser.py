@@ -134,10 +134,19 @@ def screenshot(driver, name: str) -> None:
         driver.save_screenshot(str(Path(folder) / f"app-{name}.png"))
 
 
-def segment(driver, upload: Path, *, classes: str | None = None) -> str:
-    """Upload a file (and type classes), press Segment; returns the status line once it changes."""
-    css(driver, "#upload input[type=file]")[0].send_keys(str(upload))
-    wait(driver, lambda d: css(d, f"#upload td.filename[aria-label='{upload.name}']"))
+def choose(driver, element_id: str, option: str) -> None:
+    """Pick an option of a Gradio dropdown by its label."""
+    css(driver, f"#{element_id} input")[0].click()
+    wait(driver, lambda d: css(d, f"#{element_id} li[role=option][aria-label='{option}']"))[0].click()
+    wait(driver, lambda d: css(d, f"#{element_id} input")[0].get_attribute("value") == option)
+
+
+def segment(driver, upload: Path | None, *, classes: str | None = None) -> str:
+    """Upload a file (none: the picked one is used) and type classes, press Segment; returns the
+    status line once Gradio has answered."""
+    if upload is not None:
+        css(driver, "#upload input[type=file]")[0].send_keys(str(upload))
+        wait(driver, lambda d: css(d, f"#upload td.filename[aria-label='{upload.name}']"))
     if classes is not None:
         box = css(driver, "#classes textarea")[0]
         box.clear()
@@ -148,8 +157,9 @@ def segment(driver, upload: Path, *, classes: str | None = None) -> str:
     wait(driver, lambda d: css(d, "#status")[0].text not in ("", before) and not css(d, "#status .generating")
          and "processing" not in css(d, "#status")[0].text)
     status = css(driver, "#status")[0].text
-    css(driver, "#upload button[aria-label='Clear']")[0].click()
-    wait(driver, lambda d: not css(d, "#upload td.filename"))
+    if upload is not None:
+        css(driver, "#upload button[aria-label='Clear']")[0].click()
+        wait(driver, lambda d: not css(d, "#upload td.filename"))
     return status
 
 
@@ -177,6 +187,19 @@ def test_try_the_model_shows_overlay_legend_and_label_png(world, browser) -> Non
         reference = overlay_picture(image, None, {variant: expected.label_map}, CLASSES)
         assert np.array_equal(overlay[..., :3], np.asarray(reference))
     screenshot(browser, "try")
+
+    # an image of the store, picked instead of uploaded, and a shipped vocabulary instead of typed names
+    from components.datasets.registry import class_file_path, read_class_file
+
+    choose(browser, "pick", "half.png")
+    choose(browser, "vocabulary", "voc21")
+    css(browser, "#refine input")[0].click()  # off again
+    status = segment(browser, None)
+    voc21 = read_class_file(class_file_path("voc21"))
+    expected = expected_model.segment(read_upload(world["root"] / "imgs" / "half.png"), voc21)
+    assert f"{len(expected.present)} of 21 classes in 32 x 24 pixels (base map)" in status, status
+    label = decode_label_png(fetch(css(browser, "#label-png a")[0].get_attribute("href")))
+    assert np.array_equal(label, expected.label_map)
 
 
 def test_bad_uploads_are_refused_and_the_page_keeps_serving(world, browser) -> None:
