@@ -36,6 +36,8 @@ INSTALL_HINT = "pip install 'fmbseg[app]'"
 TYPED = "(the class names typed above)"
 MAX_UPLOAD_BYTES = "50mb"  # Gradio refuses bigger uploads before they reach us
 REVIEW_PANEL_HEIGHT = 360
+PICK_LIMIT = 500  # the store's images offered for picking: the worst ones (a dropdown of 100k would not load)
+CACHE_HOURS = 24  # Gradio's copies of uploads and results older than this are deleted
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -152,14 +154,15 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
     def step(position: float, delta: int) -> int:
         return min(max(int(position) + delta, 1), max(len(order), 1))
 
-    with gr.Blocks(title="fmbseg") as page:
+    with gr.Blocks(title="fmbseg", delete_cache=(3600, 3600 * CACHE_HOURS)) as page:
         gr.Markdown("# fmbseg: open-vocabulary segmentation from foundation models")
         with gr.Tab("Try the model", id="try"):
             with gr.Row():
                 with gr.Column():
                     upload = gr.File(label="image (PNG, JPEG, ...)", type="filepath", elem_id="upload")
-                    picked = gr.Dropdown([(Path(item.image_path).name, item.image_path) for item in order],
-                                         value=None, label="or pick one of the store's images", elem_id="pick")
+                    choices = [(Path(item.image_path).name, item.image_path) for item in order[:PICK_LIMIT]]
+                    picked = gr.Dropdown(choices, value=None, elem_id="pick",
+                                         label=f"or pick one of the store's images (the {PICK_LIMIT} least confident)")
                     typed = gr.Textbox(label='class names, comma-separated ("sky, grass, car")', elem_id="classes")
                     vocabulary = gr.Dropdown([TYPED, *CLASS_FILES], value=TYPED, label="vocabulary",
                                              elem_id="vocabulary")
