@@ -121,10 +121,9 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
             if not path:
                 raise ValueError("upload an image or pick one")
             image = read_upload(path, max_pixels=max_pixels)
-            if vocabulary == TYPED:
-                classes = class_lines(typed, None)
-            else:
-                classes = class_lines(None, vocabulary)
+            if vocabulary == TYPED and not typed.strip():
+                raise ValueError("type the class names or pick a vocabulary")
+            classes = class_lines(typed, None) if vocabulary == TYPED else class_lines(None, vocabulary)
             segmenter, checkpoint = models.get(reference)
             result = segmenter.segment(image, classes, refine=refine)
         except UnreadableImageError as err:
@@ -176,7 +175,7 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
                     overlay = gr.Image(label="overlay", type="pil", format="png", interactive=False,
                                        elem_id="overlay")
                     legend = gr.HTML(elem_id="legend")
-                    label_png = gr.File(label="label PNG (class index per pixel, 255 = no class)",
+                    label_png = gr.File(label="label PNG (class index per pixel, 255 = no class; 16-bit with 65535 past 255 classes)",
                                         interactive=False, elem_id="label-png")
             run.click(segment, [upload, picked, typed, vocabulary, refine, reference],
                       [overlay, legend, label_png, status])

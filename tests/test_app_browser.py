@@ -204,6 +204,7 @@ def test_try_the_model_shows_overlay_legend_and_label_png(world, browser) -> Non
 
 def test_bad_uploads_are_refused_and_the_page_keeps_serving(world, browser) -> None:
     open_page(browser, world["url"])
+    assert "type the class names or pick a vocabulary" in segment(browser, world["root"] / "street.jpg")
     assert "notes.png: not an image" in segment(browser, world["root"] / "notes.png", classes="sky, car")
     status = segment(browser, world["root"] / "huge.png")
     assert "too large to decode safely: 50 x 50 = 2,500 pixels" in status, status
