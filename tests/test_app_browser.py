@@ -153,9 +153,13 @@ def segment(driver, upload: Path | None, *, classes: str | None = None) -> str:
         box.send_keys(classes)
     before = css(driver, "#status")[0].text
     css(driver, "#segment")[0].click()
-    # Gradio writes its progress ("processing | 0.2s") into the block until the answer replaces it
-    wait(driver, lambda d: css(d, "#status")[0].text not in ("", before) and not css(d, "#status .generating")
-         and "processing" not in css(d, "#status")[0].text)
+    # Gradio shows its progress ("processing | 0.2s", "0.2s") in a status tracker inside the block until
+    # the answer is in; the tracker is hidden then
+    def answered(d) -> bool:
+        idle = all("hide" in t.get_attribute("class").split() for t in css(d, "#status [data-testid=status-tracker]"))
+        return idle and css(d, "#status")[0].text not in ("", before)
+
+    wait(driver, answered)
     status = css(driver, "#status")[0].text
     if upload is not None:
         css(driver, "#upload button[aria-label='Clear']")[0].click()
