@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipeline", "The whole pipeline on synthetic data with the demo world's stand-in models."),
     "nightly": ("nightly", "Run the nightly relabel-and-retrain job once, now."),
     "schedule": ("nightly", "Schedule the nightly job as a Prefect deployment (or serve it)."),
+    "app": ("app", "A web page to try the model on an image and to review Stage 1's pseudo labels."),
 }
 
 
