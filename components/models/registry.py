@@ -233,20 +233,9 @@ def _sam2(name: str, repo: str) -> ModelSpec:
     """A SAM 2.1 size: image embedding 64 × 64 × 256 of a 1024 input (stride 16), ImageNet
     normalisation in its image processor; the architecture file serves random-weight benchmarks."""
     files = tuple(WeightFile(names=(n,), local_dir=f"sam/{name}", hub_repo=repo) for n in ("config.json", "model.safetensors"))
-    return ModelSpec(
-        name=name,
-        family="sam",
-        miniature=False,
-        image_size=1024,
-        patch_size=16,
-        embed_dim=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        architecture=f"{name}.json",
-        weights=files,
-        hub_repo=repo,
-        licence="Apache-2.0",
-    )
+    frame = {"image_size": 1024, "patch_size": 16, "embed_dim": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return ModelSpec(name=name, family="sam", miniature=False, architecture=f"{name}.json", weights=files,
+                     hub_repo=repo, licence="Apache-2.0", **frame)
 
 
 SAM2_SPECS: tuple[ModelSpec, ...] = tuple(
