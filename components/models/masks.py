@@ -421,10 +421,12 @@ def _xywh(boxes: np.ndarray) -> list[list[Any]]:
 def mask_image_classes() -> dict[type, type[MaskImage]]:
     """Mask-model class -> the MaskImage subclass that embeds an image with it."""
     from segment_anything.modeling import Sam
+    from transformers import Sam2Model
 
     from components.models.sam import SamImage
+    from components.models.sam2 import Sam2Image
 
-    return {Sam: SamImage}
+    return {Sam: SamImage, Sam2Model: Sam2Image}
 
 
 def embed_image(model: MaskModel, image: np.ndarray) -> MaskImage:
