@@ -87,3 +87,119 @@ def test_bad_input(sam2, image):
     with pytest.raises(ValueError, match="crop_n_layers"):
         embedded.automatic_masks(crop_n_layers=1)
 
+
+# Random weights predict masks of most of the image with IoUs spread over (0, 1): these settings
+# keep about half the candidates at each filter and, with no box NMS, dozens of masks.
+AMG = dict(points_per_side=8, points_per_batch=16, pred_iou_thresh=0.6, stability_score_thresh=0.5,
+           stability_score_offset=0.5, box_nms_thresh=1.0)
+
+
+@pytest.mark.parametrize("box_nms_thresh", [1.0, 0.7])
+def test_automatic_masks_equal_the_mask_generation_pipeline(sam2, box_nms_thresh):
+    """transformers' pipeline("mask-generation") supports Sam2Model: on a square image (its point
+    scaling assumes the longest side) and the same settings, it keeps the same masks, in the same
+    order, with the same predicted IoUs and boxes."""
+    from PIL import Image
+    from transformers import pipeline
+
+    square = np.random.default_rng(3).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    settings = {**AMG, "box_nms_thresh": box_nms_thresh}
+    ours = embed_image(sam2, square).automatic_masks(**settings)
+    generator = pipeline("mask-generation", model=sam2, image_processor=sam2_processor(sam2).image_processor,
+                         device="cpu")
+    theirs = generator(
+        Image.fromarray(square), points_per_crop=settings["points_per_side"],
+        points_per_batch=settings["points_per_batch"], pred_iou_thresh=settings["pred_iou_thresh"],
+        stability_score_thresh=settings["stability_score_thresh"],
+        stability_score_offset=settings["stability_score_offset"], crops_nms_thresh=box_nms_thresh,
+        output_bboxes_mask=True,
+    )
+    assert len(ours) == len(theirs["masks"]) > 0
+    assert len(ours) > 10 or box_nms_thresh < 1.0
+    np.testing.assert_array_equal(np.stack([r["segmentation"] for r in ours]),
+                                  np.stack([m.numpy() for m in theirs["masks"]]))
+    np.testing.assert_allclose([r["predicted_iou"] for r in ours], theirs["scores"].numpy(), atol=1e-6)
+    boxes = theirs["bounding_boxes"].numpy()
+    assert [r["bbox"] for r in ours] == np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+
+
+def test_automatic_mask_records(sam2, image):
+    """The records Stage 1 stores: the same fields and formats as SAM v1's, every filter applied."""
+    embedded = embed_image(sam2, image)
+    records = embedded.automatic_masks(**AMG)
+    assert len(records) > 10
+    for r in records:
+        assert r.keys() == {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
+                            "crop_box"}
+        assert r["segmentation"].shape == (96, 128) and r["segmentation"].dtype == np.bool_
+        assert r["area"] == int(r["segmentation"].sum())
+        ys, xs = np.nonzero(r["segmentation"])
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert r["predicted_iou"] > AMG["pred_iou_thresh"] and r["stability_score"] >= AMG["stability_score_thresh"]
+        assert r["crop_box"] == [0, 0, 128, 96] and len(r["point_coords"]) == 1
+    scores = [r["predicted_iou"] for r in records]
+    assert scores == sorted(scores, reverse=True)  # box NMS's order
+    rles = embedded.automatic_masks(**AMG, output_mode="coco_rle")
+    from pycocotools import mask as mask_utils
+
+    for r, rle in zip(records, rles, strict=True):
+        np.testing.assert_array_equal(mask_utils.decode({**rle["segmentation"], "counts": rle["segmentation"]["counts"]}),
+                                      r["segmentation"])
+    assert embedded.automatic_masks(**{**AMG, "pred_iou_thresh": 1.5}) == []
+
+
+def test_stage1_label_to_store_with_sam2(tmp_path):
+    """Stage 1 end to end with the SAM 2.1 miniature as the mask model: a shard labelled (1.1 prompts,
+    1.2 automatic masks) and written to the store, then relabelled from its kept masks alone."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from components.io import decode_label_png
+    from components.labelling.plan import MaskSource
+    from components.labelling.shard import label_shard
+    from components.labelling.stage1 import AmgSettings, Stage1Settings
+    from components.labelling.store import ImageEntry, read_records, shard_paths
+    from components.models.clip_dense import prototypes as text_prototypes
+    from components.models.registry import build_clip
+
+    vocabulary = ["road", "sky, clouds", "tree", "car", "person"]
+    settings = Stage1Settings(
+        grid=2, dense_mode="fmbseg", min_crops=0, top_k_points=3, sam_size=64, label_size=48,
+        amg=AmgSettings(points_per_side=6, points_per_batch=64, pred_iou_thresh=0.3, stability_score_thresh=0.3,
+                        stability_score_offset=0.5, box_nms_thresh=0.95, min_mask_region_area=0),
+        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+    )
+    clip = build_clip("mini-clip")
+    sam = build_sam("mini-sam2.1")
+    protos = text_prototypes(clip.model, clip.tokenizer, vocabulary)
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    images = []
+    for k, shape in enumerate([(40, 56, 3), (64, 48, 3)]):
+        path = tmp_path / "imgs" / f"img{k}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+        images.append(ImageEntry(f"img{k}", path.as_posix(), f"sha{k}"))
+
+    def shard(shard_id, **kw):
+        return label_shard(tmp_path / "store", shard_id, images, clip=clip, sam=sam, prototypes=protos,
+                           settings=settings, vocabulary=vocabulary, settings_hash="s", mask_settings_hash="m", **kw)
+
+    report = shard("first")
+    assert (report["labelled"], report["skipped"]) == (2, 0) and report["timings"]["amg"] > 0
+    rows = pq.read_table(shard_paths(tmp_path / "store", "first")["labels"]).to_pylist()
+    present = set(range(len(vocabulary)))
+    for row in rows:
+        assert row["amg_masks"] and row["sam_size"] == 64
+        assert all(0 < m["predicted_iou"] <= 1 and m["area"] > 0 for m in row["amg_masks"])
+        for variant in ("stage1_1", "stage1_2"):
+            label = decode_label_png(row[variant])
+            assert label.shape == (48, 48) and set(np.unique(label).tolist()) <= present | {255}
+        assert (decode_label_png(row["stage1_1"]) != 255).any()  # the prompts painted something
+    (record,) = read_records(tmp_path / "store")
+    sources = {e.image_id: MaskSource("first", record.rows[e.image_id]) for e in images}
+    again = shard("second", mask_sources=sources)
+    assert again["reused_masks"] == 2 and "amg" not in again["timings"]
+    second = pq.read_table(shard_paths(tmp_path / "store", "second")["labels"]).to_pylist()
+    assert [(r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in second] == [
+        (r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in rows
+    ]
