@@ -150,56 +150,38 @@ def test_automatic_mask_records(sam2, image):
 
 def test_stage1_label_to_store_with_sam2(tmp_path):
     """Stage 1 end to end with the SAM 2.1 miniature as the mask model: a shard labelled (1.1 prompts,
-    1.2 automatic masks) and written to the store, then relabelled from its kept masks alone."""
+    1.2 automatic masks) and written to the store, then relabelled from its kept masks alone. The
+    shard test's images (one of them truncated) and settings, with SAM 2.1 in place of SAM."""
     import pyarrow.parquet as pq
-    from PIL import Image
+    import test_labelling_shard as shard_test
 
     from components.io import decode_label_png
     from components.labelling.plan import MaskSource
-    from components.labelling.shard import label_shard
-    from components.labelling.stage1 import AmgSettings, Stage1Settings
-    from components.labelling.store import ImageEntry, read_records, shard_paths
+    from components.labelling.store import read_records, shard_paths
     from components.models.clip_dense import prototypes as text_prototypes
     from components.models.registry import build_clip
 
-    vocabulary = ["road", "sky, clouds", "tree", "car", "person"]
-    settings = Stage1Settings(
-        grid=2, dense_mode="fmbseg", min_crops=0, top_k_points=3, sam_size=64, label_size=48,
-        amg=AmgSettings(points_per_side=6, points_per_batch=64, pred_iou_thresh=0.3, stability_score_thresh=0.3,
-                        stability_score_offset=0.5, box_nms_thresh=0.95, min_mask_region_area=0),
-        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
-    )
     clip = build_clip("mini-clip")
-    sam = build_sam("mini-sam2.1")
-    protos = text_prototypes(clip.model, clip.tokenizer, vocabulary)
-    (tmp_path / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    images = []
-    for k, shape in enumerate([(40, 56, 3), (64, 48, 3)]):
-        path = tmp_path / "imgs" / f"img{k}.png"
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
-        images.append(ImageEntry(f"img{k}", path.as_posix(), f"sha{k}"))
-
-    def shard(shard_id, **kw):
-        return label_shard(tmp_path / "store", shard_id, images, clip=clip, sam=sam, prototypes=protos,
-                           settings=settings, vocabulary=vocabulary, settings_hash="s", mask_settings_hash="m", **kw)
-
-    report = shard("first")
-    assert (report["labelled"], report["skipped"]) == (2, 0) and report["timings"]["amg"] > 0
-    rows = pq.read_table(shard_paths(tmp_path / "store", "first")["labels"]).to_pylist()
-    present = set(range(len(vocabulary)))
+    models = {"clip": clip, "sam": build_sam("mini-sam2.1"),
+              "prototypes": text_prototypes(clip.model, clip.tokenizer, shard_test.VOCABULARY)}
+    images = shard_test._images(tmp_path / "imgs")
+    root = tmp_path / "store"
+    report = shard_test._shard(models, root, "first", images)
+    assert (report["labelled"], report["skipped"]) == (3, 1) and report["timings"]["amg"] > 0
+    rows = pq.read_table(shard_paths(root, "first")["labels"]).to_pylist()
+    present = set(range(len(shard_test.VOCABULARY)))
     for row in rows:
-        assert row["amg_masks"] and row["sam_size"] == 64
+        assert row["amg_masks"] and row["sam_size"] == shard_test.SETTINGS.sam_size
         assert all(0 < m["predicted_iou"] <= 1 and m["area"] > 0 for m in row["amg_masks"])
         for variant in ("stage1_1", "stage1_2"):
             label = decode_label_png(row[variant])
             assert label.shape == (48, 48) and set(np.unique(label).tolist()) <= present | {255}
         assert (decode_label_png(row["stage1_1"]) != 255).any()  # the prompts painted something
-    (record,) = read_records(tmp_path / "store")
-    sources = {e.image_id: MaskSource("first", record.rows[e.image_id]) for e in images}
-    again = shard("second", mask_sources=sources)
-    assert again["reused_masks"] == 2 and "amg" not in again["timings"]
-    second = pq.read_table(shard_paths(tmp_path / "store", "second")["labels"]).to_pylist()
+    (record,) = read_records(root)
+    sources = {e.image_id: MaskSource("first", record.rows[e.image_id]) for e in images if e.image_id in record.rows}
+    again = shard_test._shard(models, root, "second", images, mask_sources=sources)
+    assert again["reused_masks"] == 3 and "amg" not in again["timings"]
+    second = pq.read_table(shard_paths(root, "second")["labels"]).to_pylist()
     assert [(r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in second] == [
         (r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in rows
     ]
