@@ -185,3 +185,19 @@ def test_stage1_label_to_store_with_sam2(tmp_path):
     assert [(r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in second] == [
         (r["amg_masks"], r["stage1_2"], r["stage1_1"]) for r in rows
     ]
+
+
+def test_fetch_takes_sam2_files_from_the_hub(tmp_path, monkeypatch):
+    """`fmbseg weights fetch sam2.1-hiera-large` downloads the hub repo's two files (SAM v1's fetch
+    reads a URL that SAM 2.1 specs do not have); the download itself is recorded, not run (offline)."""
+    import huggingface_hub
+
+    from components.models.registry import get_spec
+    from components.models.weights import fetch_weights
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    fetch_weights([get_spec("sam2.1-hiera-large")], weights_dir=tmp_path / "weights", progress=False)
+    assert calls == [("facebook/sam2.1-hiera-large",
+                      {"allow_patterns": ["config.json", "model.safetensors"], "cache_dir": tmp_path / "hub"})]
