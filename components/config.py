@@ -40,6 +40,7 @@ __all__ = [
     "template_set",
     "shipped_protocols",
     "load_protocol",
+    "ServeConfig",
     "Params",
     "load_params",
     "parse_params",
@@ -533,6 +534,17 @@ class TrackingConfig(_Section):
     registered_model: str = "fmbseg-aligner"
 
 
+# ----------------------------------------------------------------------------------------- serve
+class ServeConfig(_Section):
+    """What the logged model takes in one request (``mlflow models serve``, ``flows/serving.py``):
+    more is refused with a 400 before any compute. Recorded in each model when a run logs it (its
+    MLmodel's pyfunc ``config``), so that a served model keeps the budgets it was logged with. The
+    work of a request is at most max_pixels x max_classes upsampled scores."""
+
+    max_pixels: int = Field(16_777_216, ge=1)  # the images of one request together (4096 x 4096)
+    max_classes: int = Field(1024, ge=1, le=_MAX_LABEL_CLASSES)  # the classes of one row (16-bit maps: <= 65535)
+
+
 # ----------------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(_Section):
     task_runner: Literal["threads", "dask", "ray"] = "threads"
@@ -573,6 +585,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     nightly: NightlyConfig = NightlyConfig()
 
@@ -600,16 +613,17 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 MAX_VOCABULARY = MAX_LABEL_CLASSES  # 16-bit label maps: classes 0..65534, 65535 = unlabelled
 
 
-def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
+def check_vocabulary(lines: list[str], *, source: str, unit: str = "line") -> list[str]:
     """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
-    first name of a line) twice, and at most MAX_VOCABULARY classes (what 16-bit label maps hold)."""
+    first name of a line, case-insensitive) twice, and at most MAX_VOCABULARY classes (what 16-bit
+    label maps hold). unit: what the error calls a line ("line", or "class" in a list)."""
     if not lines:
         raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         name = line.split(",")[0].strip().lower()
         if name in seen:
-            raise ConfigError(f"{source}: class {name!r} appears more than once (lines {seen[name]} and {number})")
+            raise ConfigError(f"{source}: class {name!r} appears more than once ({unit}s {seen[name]} and {number})")
         seen[name] = number
     if len(lines) > MAX_VOCABULARY:
         raise ConfigError(f"{source} has {len(lines)} classes; label maps are at most 16-bit (65535 = unlabelled), so a "

@@ -272,9 +272,14 @@ class Segmenter:
         return [resize_normalize(_as_tensor(im).to(self.device), im.shape[:2], spec.mean, spec.std)[0]
                 for im in images]
 
-    def _protocol(self) -> dict[str, Any]:
+    def _protocol(self, check: Callable[[], None] | None = None) -> dict[str, Any]:
         spec = self.inference
-        return {"encode_fn": self.encode, "window": spec.window, "stride": spec.stride,
+        encode_fn = self.encode
+        if check is not None:
+            def encode_fn(pixels: Tensor) -> Tensor:
+                check()
+                return self.encode(pixels)
+        return {"encode_fn": encode_fn, "window": spec.window, "stride": spec.stride,
                 "short_side": spec.short_side, "batch_size": self.window_batch, "pad_to": self.dino_spec.patch_size}
 
     def base_logits(self, images: Sequence[np.ndarray], vocabulary: Vocabulary) -> list[Tensor]:
@@ -283,12 +288,14 @@ class Segmenter:
         return predict_logits_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
 
     def best_prompts(self, images: Sequence[np.ndarray], vocabulary: Vocabulary, *,
-                     logit_scale: float | None = None) -> list[tuple[Tensor, Tensor]]:
+                     logit_scale: float | None = None,
+                     check: Callable[[], None] | None = None) -> list[tuple[Tensor, Tensor]]:
         """The argmax of :meth:`base_logits` without holding them at full size: one ([H_i, W_i]
         float32 best cosine, or with `logit_scale` its softmax probability over the prompts,
-        [H_i, W_i] int64 prompt index) per image."""
+        [H_i, W_i] int64 prompt index) per image. check: called before every encoder forward (of
+        `window_batch` windows); what it raises stops the work."""
         return predict_scores_batch(self._pixels(images), prototypes=vocabulary.prototypes, logit_scale=logit_scale,
-                                    **self._protocol())
+                                    **self._protocol(check))
 
     def load_sam(self) -> Sam:
         """The SAM of the refined prediction, built on first use (MissingWeightsError when absent)."""
@@ -331,13 +338,17 @@ class Segmenter:
         bg_threshold: float | None,
         background_index: int | None,
         logit_scale: float | None = None,
+        check: Callable[[], None] | None = None,
     ) -> list[tuple[Prediction, Tensor]]:
-        """(Prediction, [H, W] float32 best prompt cosine, or its softmax probability) per image."""
+        """(Prediction, [H, W] float32 best prompt cosine, or its softmax probability) per image;
+        `check` is called before every encoder forward and every image's SAM masks."""
         out = []
-        scored = self.best_prompts(images, vocabulary, logit_scale=logit_scale)
+        scored = self.best_prompts(images, vocabulary, logit_scale=logit_scale, check=check)
         for image, (score, prompt) in zip(images, scored, strict=True):
             base = labels_from_scores(score, prompt, class_map=vocabulary.class_map, bg_threshold=bg_threshold,
                                       background_index=background_index)
+            if refine and check is not None:
+                check()
             refined = refine_with_masks(base, self.masks(image), vocabulary.num_classes) if refine else None
             out.append((Prediction(base, refined), score))
         return out
@@ -370,10 +381,12 @@ class Segmenter:
                                   background_index=background_index, logit_scale=logit_scale)[0]
 
     def segment_batch(self, images: Sequence[ImageInput], classes: Sequence[str], *,
-                      refine: bool = False) -> list[SegmentResult]:
+                      refine: bool = False, check: Callable[[], None] | None = None) -> list[SegmentResult]:
         """Segment images with any class names (one line per class, "a, b" = synonyms).
 
-        images: [H, W, 3] uint8 RGB arrays or PIL images, any sizes; refine: the SAM-refined map.
+        images: [H, W, 3] uint8 RGB arrays or PIL images, any sizes; refine: the SAM-refined map;
+        check: called before every encoder forward (of `window_batch` windows) and every image's
+        SAM masks; what it raises stops the work (a server's deadline).
         Returns one :class:`SegmentResult` per image, label maps at the images' original sizes.
         """
         vocabulary = self.vocabulary(classes)
@@ -382,7 +395,7 @@ class Segmenter:
         dtype = label_dtype(num)
         results = []
         for prediction, score in self._predict(arrays, vocabulary, refine=refine, bg_threshold=None,
-                                               background_index=None):
+                                               background_index=None, check=check):
             base = prediction.base.flatten()
             counts = torch.bincount(base, minlength=num).float()
             sums = torch.bincount(base, weights=score.flatten().float(), minlength=num)

@@ -1,6 +1,6 @@
 """MLflow tracking: the only module of the project that writes to MLflow.
 
-One run per trained model (DESIGN §6). The train flow opens it with :func:`start_run`, logs the loss
+One run per trained model (docs/design.md §6). The train flow opens it with :func:`start_run`, logs the loss
 per step through a :class:`StepLogger` (buffered: one SQLite write per step would cost more than
 the step on a GPU), an epoch summary per epoch (:func:`log_epoch`), the checkpoint
 (:func:`log_checkpoint`) and the model as an MLflow pyfunc model registered as a new version of
@@ -374,6 +374,7 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
                 mlflow_model=mlflow_model,
                 python_model=Path(serving.__file__).with_name("serving_model.py"),
                 artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
+                model_config=serving.model_config(params),  # the budgets the served model enforces
                 code_paths=serving.code_paths(Path(staging) / "code"),
                 signature=serving.SIGNATURE,
                 input_example=serving.input_example(),

@@ -39,7 +39,7 @@ _AMG_AREA_KEYS = ("min_area_frac", "max_area_frac")
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    """How Stage 2 runs at inference (paper §3.4, the TCL protocol of DESIGN §4).
+    """How Stage 2 runs at inference (paper §3.4, the TCL protocol of docs/design.md §4).
 
     sam: SAM registry name of the refined prediction. templates: prompt templates of the text
     prototypes of any vocabulary ("a photo of a {}."). short_side: images are resized to this

@@ -1,5 +1,5 @@
 """FMbSeg Stage 1 on one image: CLIP presence, Stage 1.1 (SAM prompted by CLIP), Stage 1.2 (SAM's
-automatic masks labelled by CLIP). Paper §3.2 and appendix §1; decisions in DESIGN.md §4.
+automatic masks labelled by CLIP). Paper §3.2 and appendix §1; decisions in docs/design.md §4.
 
 Frames (all squares, the aspect ratio is not kept):
 - CLIP sees the image resized (bicubic) to G·S × G·S and tiled into G² crops; their patches

@@ -1,4 +1,4 @@
-"""Dense CLIP features: one crop embedding and a patch-feature map from one pass (DESIGN §4).
+"""Dense CLIP features: one crop embedding and a patch-feature map from one pass (docs/design.md §4).
 
 The vision tower runs to its last block once; there it branches. The CLS branch is the unmodified
 last block (so ``cls == model.encode_image(pixels)``); the patch branch is the last block modified
@@ -149,7 +149,7 @@ def tiled_features(
     *,
     batch_size: int | None = None,
 ) -> DenseFeatures:
-    """Dense features of a G×G tiling (DESIGN §4 "Tiling"): G² non-overlapping S×S crops.
+    """Dense features of a G×G tiling (docs/design.md §4 "Tiling"): G² non-overlapping S×S crops.
 
     pixels: [3, G·S, G·S] float, normalised. Crops go through :func:`dense_features` batched,
     ``batch_size`` crops per forward (default: all G² in one).

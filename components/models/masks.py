@@ -1,4 +1,4 @@
-"""The mask-model role: one interface over SAM v1 and SAM 2.1 (DESIGN §4).
+"""The mask-model role: one interface over SAM v1 and SAM 2.1 (docs/design.md §4).
 
 Stage 1.1 prompts a mask model with points, Stage 1.2 and SAM refinement run its automatic mask
 generator; neither needs to know which model it is. :class:`MaskImage` is one image embedded by a

@@ -1,4 +1,4 @@
-"""The model registry: named specs of the three foundation models (DESIGN §5).
+"""The model registry: named specs of the three foundation models (docs/design.md §5).
 
 Like segment_anything's ``sam_model_registry``, a name picks a spec and the spec's family picks a
 builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vitl14`` and a few
@@ -210,7 +210,7 @@ def _mini(
 
 def _world(family: Family, *, trained: bool = True) -> ModelSpec:
     """The world stand-in of a family; its geometry is read from its architecture file.
-    ``trained=False``: a seeded architecture whose random features suffice (measured; README)."""
+    ``trained=False``: a seeded architecture whose random features suffice (measured: docs/demo-world.md)."""
     with open(CONFIG_DIR / f"world-{family}.json", encoding="utf-8") as f:
         cfg = json.load(f)
     if family == "clip":

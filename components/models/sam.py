@@ -1,4 +1,4 @@
-"""SAM v1 (segment_anything ``Sam``) as a mask model (components/models/masks.py, DESIGN §4).
+"""SAM v1 (segment_anything ``Sam``) as a mask model (components/models/masks.py, docs/design.md §4).
 
 Stage 1.1 prompts SAM with the top-k patch centres of each detected class; Stage 1.2 runs SAM's
 automatic mask generator on the same image. :class:`SamImage` pays for the image embedding once

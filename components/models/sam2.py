@@ -1,4 +1,4 @@
-"""SAM 2.1 (transformers ``Sam2Model``) as a mask model (components/models/masks.py, DESIGN §4).
+"""SAM 2.1 (transformers ``Sam2Model``) as a mask model (components/models/masks.py, docs/design.md §4).
 
 :class:`Sam2Image` embeds an image once (``Sam2Model.get_image_embeddings``: the Hiera backbone and
 its FPN, with the "no memory" token a single image gets) and decodes point prompts against those
