@@ -42,6 +42,7 @@ from components.evaluation.refine import refine_with_masks
 from components.io import label_dtype, unlabelled_for
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.dino import patch_features
+from components.models.masks import embed_image
 from components.models.preprocess import resize_normalize
 from components.models.registry import (
     ClipBundle,
@@ -53,7 +54,6 @@ from components.models.registry import (
     get_spec,
     resolve_device,
 )
-from components.models.sam import SamImage
 
 __all__ = [
     "Prediction",
@@ -319,7 +319,7 @@ class Segmenter:
         if self.inference.short_side is not None:
             small = resize_short_side(_as_tensor(image), self.inference.short_side).numpy()
         with self._autocast():
-            records = SamImage(sam, small).automatic_masks(**self._amg)
+            records = embed_image(sam, small).automatic_masks(**self._amg)
         records = size_filter(records, small.shape[0] * small.shape[1], *self._size_filter)
         if not records:
             return torch.zeros(0, height, width, dtype=torch.bool, device=self.device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from segment_anything.modeling import Sam
-from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel, Sam2Model
 
 from components.models.registry import (
     autocast_context,
@@ -32,10 +32,10 @@ from components.models.weights import (
 
 REAL = {
     "clip": ["ViT-L-14-336/openai", "ViT-B-16/openai"],
-    "sam": ["vit_h", "vit_l", "vit_b"],
+    "sam": ["vit_h", "vit_l", "vit_b", *(f"sam2.1-hiera-{size}" for size in ("tiny", "small", "base-plus", "large"))],
     "dino": ["dinov2_vitl14", "dinov2_vitl14_reg", "dinov2_vitb14"],
 }
-MINI = {"clip": ["mini-clip"], "sam": ["mini-sam"], "dino": ["mini-dino", "mini-dino-reg"]}
+MINI = {"clip": ["mini-clip"], "sam": ["mini-sam", "mini-sam2.1"], "dino": ["mini-dino", "mini-dino-reg"]}
 WORLD = {family: [f"world-{family}"] for family in ("clip", "sam", "dino")}  # stand-ins trained on the demo world
 BUILDERS = {"clip": build_clip, "sam": build_sam, "dino": build_dino}
 
@@ -87,7 +87,11 @@ def test_spec_metadata(name):
         assert spec.weights[0].hub_repo == open_clip.get_pretrained_cfg(spec.architecture, "openai")[
             "hf_hub"
         ].strip("/")
-    if spec.family == "sam":
+    if spec.family == "sam" and spec.hub_repo is not None:  # SAM 2.1: transformers files on the hub
+        assert spec.hub_repo == f"facebook/{name}" and spec.licence == "Apache-2.0"
+        assert [f.name for f in spec.weights] == ["config.json", "model.safetensors"]
+        assert all(f.hub_repo == spec.hub_repo and f.sha256 is None for f in spec.weights)
+    elif spec.family == "sam":
         (file,) = spec.weights
         assert file.url == f"https://dl.fbaipublicfiles.com/segment_anything/{file.name}"
         assert re.fullmatch(r"[0-9a-f]{64}", file.sha256) and file.size > 10**8
@@ -124,6 +128,10 @@ def test_miniatures_build_frozen_seeded_and_match_spec(name):
         )
         assert model.visual.output_dim == spec.embed_dim
         assert tokenizer(["a cat"]).shape == (1, 77) and model.vocab_size == 49408
+    elif spec.family == "sam" and name.startswith("mini-sam2"):
+        assert type(model) is Sam2Model
+        assert model.config.prompt_encoder_config.image_size == spec.image_size
+        assert model.config.vision_config.fpn_hidden_size == spec.embed_dim
     elif spec.family == "sam":
         assert type(model) is Sam
         assert model.image_encoder.img_size == spec.image_size

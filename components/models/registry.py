@@ -7,8 +7,11 @@ open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
 ``Dinov2WithRegistersModel`` -- with a few layers: ``mini-*`` with seeded random weights (tests),
 ``world-*`` trained on the demo world (components/models/standins/; the demo profile), their small
 files bundled with the project and retrained by ``fmbseg weights train-demo``.
-Architectures of the miniatures (and of DINOv2, for random-weight benchmarks) are JSON files in
-``components/models/configs/``. Every builder returns a frozen model: ``eval()`` and
+The "sam" family holds two mask models behind one interface (components/models/masks.py):
+segment_anything ``Sam`` (SAM v1) and transformers ``Sam2Model`` (SAM 2.1, ``mini-sam2.1``).
+Architectures of the miniatures (and of DINOv2 and SAM 2.1, for random-weight benchmarks) are
+JSON files in ``components/models/configs/``; one that names a transformers ``model_type`` is built
+by transformers. Every builder returns a frozen model: ``eval()`` and
 ``requires_grad_(False)``.
 """
 
@@ -36,7 +39,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel, Sam2Model
 
 from components.models.sam_attention import use_sdpa_attention
 from components.models.weights import WeightFile, load_state_dict, resolve_weight
@@ -86,7 +89,8 @@ class ModelSpec:
         segment_anything ``sam_model_registry`` key (real SAM), or a JSON file in ``configs/``
         (miniatures; DINOv2).
     pretrained_tag: open_clip pretrained tag (real CLIP only).
-    hub_repo: Hugging Face repo of the weights (real DINOv2 only).
+    hub_repo: Hugging Face repo of the weights (real DINOv2 and SAM 2.1).
+    licence: licence of the published weights, where the spec records it.
     """
 
     name: str
@@ -101,6 +105,7 @@ class ModelSpec:
     weights: tuple[WeightFile, ...] = ()
     pretrained_tag: str | None = None
     hub_repo: str | None = None
+    licence: str | None = None
 
     @property
     def seed(self) -> int:
@@ -217,6 +222,28 @@ def _world(family: Family, *, trained: bool = True) -> ModelSpec:
     return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=trained)
 
 
+# --- SAM 2.1 (the mask-model role; components/models/sam2.py) ---------------------------------
+# transformers ``Sam2Model`` from the hub repo's config.json + model.safetensors. Their sha256 are
+# not recorded here (no published list was at hand): None, like the other hub files. The
+# miniature's config sets initializer_range 0.3: at transformers' default (0.02) a random Sam2Model
+# predicts mask logits of about 1e-5 and IoUs of 0.5 for every prompt, which no filter separates.
+
+
+def _sam2(name: str, repo: str) -> ModelSpec:
+    """A SAM 2.1 size: image embedding 64 × 64 × 256 of a 1024 input (stride 16), ImageNet
+    normalisation in its image processor; the architecture file serves random-weight benchmarks."""
+    files = tuple(WeightFile(names=(n,), local_dir=f"sam/{name}", hub_repo=repo) for n in ("config.json", "model.safetensors"))
+    frame = {"image_size": 1024, "patch_size": 16, "embed_dim": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return ModelSpec(name=name, family="sam", miniature=False, architecture=f"{name}.json", weights=files,
+                     hub_repo=repo, licence="Apache-2.0", **frame)
+
+
+SAM2_SPECS: tuple[ModelSpec, ...] = tuple(
+    _sam2(f"sam2.1-hiera-{size}", f"facebook/sam2.1-hiera-{size}") for size in ("tiny", "small", "base-plus", "large")
+)
+# --- end SAM 2.1 ---------------------------------------------------------------------------------
+
+
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
 # downstream projects (the segment-anything README lists only the URLs).
 _SPECS: dict[str, ModelSpec] = {
@@ -244,7 +271,9 @@ _SPECS: dict[str, ModelSpec] = {
             sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
             size=375042383,
         ),
+        *SAM2_SPECS,
         _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
+        _mini("mini-sam2.1", "sam", image_size=128, patch_size=16, embed_dim=32),
         _world("sam"),
         _dino("dinov2_vitl14", "facebook/dinov2-large", embed_dim=1024),
         _dino("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", embed_dim=1024),
@@ -309,15 +338,44 @@ def init_model(name: str) -> torch.nn.Module:
     """The seeded random init of a miniature spec's architecture (or of a real DINOv2's), in train
     mode with gradients on: what ``mini-*`` specs run with and what the stand-ins train from."""
     spec = get_spec(name)
-    if not spec.miniature and spec.family != "dino":
+    if not spec.miniature and not _from_transformers(spec):
         raise ValueError(f"{name!r} is a real {spec.family} spec; it has no seeded init (use build_{spec.family})")
     cfg = _read_config(spec)
     with _seeded(spec.seed):
+        if "model_type" in cfg:  # a transformers architecture: DINOv2, SAM 2.1
+            return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         if spec.family == "clip":
             return open_clip.CLIP(**cfg)
-        if spec.family == "sam":
-            return _build_mini_sam(cfg)
-        return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        return _build_mini_sam(cfg)
+
+
+def _from_transformers(spec: ModelSpec) -> bool:
+    """Whether a spec's architecture is a transformers config (a JSON file naming a model_type)."""
+    return spec.architecture.endswith(".json") and "model_type" in _read_config(spec)
+
+
+def _transformers_model(
+    spec: ModelSpec, weights_dir: str | os.PathLike[str] | None, random_weights: bool
+) -> torch.nn.Module:
+    """A transformers model of a spec: a miniature's seeded init, the architecture with random
+    weights (benchmarks only), or the hub repo's ``config.json`` + ``model.safetensors``, every
+    weight from the file (a missing or mismatched key is an error, never a random init)."""
+    if spec.miniature:
+        return _miniature(spec, weights_dir)
+    if random_weights:
+        _warn_random(spec)
+        return init_model(spec.name)
+    config_path, weights_path = (resolve_weight(spec.name, f, weights_dir) for f in spec.weights)
+    model, info = AutoModel.from_pretrained(
+        str(weights_path.parent),
+        config=AutoConfig.from_pretrained(str(config_path)),
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
+    if bad:
+        raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+    return model
 
 
 def _miniature(spec: ModelSpec, weights_dir: str | os.PathLike[str] | None) -> torch.nn.Module:
@@ -406,13 +464,17 @@ def build_sam(
     device: str | torch.device = "cpu",
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
-) -> Sam:
-    """A frozen segment_anything ``Sam`` whose image-encoder attention runs through
-    ``F.scaled_dot_product_attention`` (components/models/sam_attention.py; same outputs).
+) -> Sam | Sam2Model:
+    """A frozen mask model: a segment_anything ``Sam`` whose image-encoder attention runs through
+    ``F.scaled_dot_product_attention`` (components/models/sam_attention.py; same outputs), or for
+    the SAM 2.1 specs a transformers ``Sam2Model`` (hub ``config.json`` + ``model.safetensors``).
+    Either goes to components.models.masks.embed_image.
 
     ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only.
     """
     spec = _spec_of(name, "sam")
+    if _from_transformers(spec):
+        return _frozen(_transformers_model(spec, weights_dir, random_weights), device)
     if spec.miniature:
         sam = _miniature(spec, weights_dir)
     else:
@@ -442,22 +504,7 @@ def build_dino(
     ``random_weights=True`` builds the architecture with random weights -- for benchmarks only.
     """
     spec = _spec_of(name, "dino")
-    if spec.miniature:
-        model = _miniature(spec, weights_dir)
-    elif random_weights:
-        model = init_model(name)
-        _warn_random(spec)
-    else:
-        config_path, weights_path = (resolve_weight(name, f, weights_dir) for f in spec.weights)
-        model, info = AutoModel.from_pretrained(
-            str(weights_path.parent),
-            config=AutoConfig.from_pretrained(str(config_path)),
-            local_files_only=True,
-            output_loading_info=True,
-        )
-        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
-        if bad:
-            raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+    model = _transformers_model(spec, weights_dir, random_weights)
     if (model.config.hidden_size, model.config.patch_size) != (spec.embed_dim, spec.patch_size):
         raise ValueError(
             f"{spec.name}: built hidden_size {model.config.hidden_size} / patch_size "

@@ -264,6 +264,9 @@ def _fetch_clip(spec: ModelSpec, missing: list[WeightFile], root: Path, progress
 
 
 def _fetch_sam(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
+    if spec.hub_repo is not None:  # SAM 2.1: transformers files on the hub, fetched as DINOv2's are
+        _fetch_dino(spec, missing, root, progress)
+        return
     for file in missing:
         _download_url(file.url, root / file.local_dir / file.name, file.sha256, progress)
 
@@ -285,8 +288,8 @@ def fetch_weights(
     """Download the weight files of the named specs that are not on disk yet; returns their status.
 
     CLIP: open_clip's pretrained registry and download function (into the hub cache). SAM: the
-    published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2:
-    ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
+    published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2 and
+    SAM 2.1: ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
     """
     specs = list(specs)
     for spec in specs:
