@@ -119,11 +119,20 @@ def check_output_folder(out: str | os.PathLike[str], planned: Iterable[str], *, 
                              "fmbseg did not write it: choose a new folder, or pass --overwrite to write next to "
                              "those files (fmbseg never replaces a file it did not write)")
     clashes: list[str] = []
+    linked: dict[str, bool] = {}  # sub-folder -> whether it is a link (a write there would land elsewhere)
     for entry in planned:
         rel = entry.rstrip("/")
         target = root / rel
         if os.path.lexists(target) and not _is_owned(entry, owned) and not _is_owned(rel, owned):
             clashes.append(rel)
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            if folder not in linked:
+                linked[folder] = os.path.islink(root / folder)
+            if linked[folder]:
+                clashes.append(f"{folder} (a link)")
+                break
     for tree in trees:
         if (root / tree).is_dir():
             clashes.extend(p.relative_to(root).as_posix() for p in _tree_files(root / tree)

@@ -1,6 +1,6 @@
 """`fmbseg predict`: segment new images with a trained model, for any class names (the `predict` flow).
 
-The model is a checkpoint path, ``runs:/<run_id>`` or ``models:/<name>@<alias>`` (resolved by
+The model is a checkpoint path, ``runs:/<run_id>``, ``models:/<name>@<alias>`` or ``models:/<name>/latest`` (resolved by
 ``tracking.resolve_model_uri``; default: the registered champion when the store has one, else
 ``${paths.checkpoint}``). The checkpoint describes itself (DINOv2, CLIP, SAM, window
 protocol), so a model of any profile runs from any project; params.yaml supplies only the device,
@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
                                        help="a shipped class list (e.g. cocostuff171) or a class file, one class "
                                             "per line, comma-separated synonyms"),
         model: str = typer.Option(None, "--model",
-                                  help="checkpoint path, runs:/<run_id> or models:/<name>@<alias> (default: the "
+                                  help="checkpoint path, runs:/<run_id>, models:/<name>@<alias>, models:/<name>/<version or latest> (default: the "
                                        "registered champion, else ${paths.checkpoint})"),
         refine: bool = typer.Option(False, "--refine", help="SAM-refined label maps"),
         overlays: bool = typer.Option(False, "--overlays", help="also write <name>_overlay.jpg with a legend"),

@@ -314,3 +314,7 @@ def test_safe_relative_and_the_manifest(tmp_path: Path) -> None:
     check_output_folder(tmp_path / "o", ["classes.txt"], overwrite=False)  # ours, with a user file beside
     with pytest.raises(ValueError, match="notes.txt"):
         check_output_folder(tmp_path / "o", ["notes.txt"], overwrite=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "o" / "sub").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"sub \(a link\)"):
+        check_output_folder(tmp_path / "o", ["sub/x.png"], overwrite=True)
