@@ -122,11 +122,13 @@ def _under(path: Path, base: Path) -> PurePosixPath:
 
 
 class Listing(NamedTuple):
-    """What :func:`list_sources` found: the images, and every entry it will not segment with the
-    reason ([(path, reason)], as skipped.csv lists them)."""
+    """What :func:`list_sources` found: the images, every entry it will not segment with the
+    reason ([(path, reason)], as skipped.csv lists them), and the folders it scanned (given or
+    matched by a glob: an output folder must keep apart from them)."""
 
     sources: list[Source]
     skipped: list[tuple[str, str]]
+    folders: list[Path]
 
 
 def _glob_match(match: Path, base: Path, external_symlinks: str) -> str | None:
@@ -157,8 +159,10 @@ def list_sources(sources: Sequence[str | os.PathLike[str]], *, external_symlinks
     """
     found: list[Source] = []
     skipped: list[tuple[str, str]] = []
+    folders: list[Path] = []
 
     def scan(folder: Path, base: Path) -> None:
+        folders.append(folder)
         images, rejected = scan_image_folder(folder, external_symlinks=external_symlinks)
         found.extend(Source(p, _under(p, base)) for p in images)
         skipped.extend((p.as_posix(), reason) for p, reason in rejected)
@@ -203,7 +207,7 @@ def list_sources(sources: Sequence[str | os.PathLike[str]], *, external_symlinks
         raise ValueError("two images would write the same outputs: " + "; ".join(clashes[:5]))
     if not unique:
         raise ValueError(f"no images in {[os.fspath(s) for s in sources]} (extensions: {sorted(IMAGE_EXTENSIONS)})")
-    return Listing(unique, sorted(set(skipped)))
+    return Listing(unique, sorted(set(skipped)), folders)
 
 
 def planned_outputs(sources: Sequence[Source], *, overlays: bool) -> list[str]:

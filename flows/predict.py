@@ -50,8 +50,7 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
     lines = class_lines(classes, vocabulary)
     if overlays and len(lines) > 255:
         raise ValueError(f"--overlays colours at most 255 classes; the vocabulary has {len(lines)}")
-    listed, pre_skipped = list_sources(sources, external_symlinks=params.label.external_symlinks)
-    folders = [s for s in sources if Path(s).is_dir()] + [p for p, _ in pre_skipped if Path(p).is_dir()]
+    listed, pre_skipped, folders = list_sources(sources, external_symlinks=params.label.external_symlinks)
     check_apart(out, folders, files=[s.path for s in listed])
     planned = planned_outputs(listed, overlays=overlays)
     check_output_folder(out, planned, overwrite=overwrite)

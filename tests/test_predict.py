@@ -67,7 +67,8 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def test_outputs_at_original_sizes_with_records_and_skips(segmenter, tmp_path):
     expected = write_inputs(tmp_path / "in")
-    sources, not_listed = list_sources([tmp_path / "in"])
+    sources, not_listed, folders = list_sources([tmp_path / "in"])
+    assert folders == [tmp_path / "in"]
     assert [s.stem for s in sources] == ["plain", "sub/cmyk", "sub/corrupt", "sub/deeper/rotated", "sub/gray"]
     out = tmp_path / "out"
     summary = predict_images(segmenter, sources, NEW_VOCABULARY, out, key="k", overlays=True, batch_size=2,

@@ -77,10 +77,17 @@ def predict(*args: str):
 
 
 # ------------------------------------------------------------------------------------- predict
-@pytest.mark.parametrize("out", ["photos", "photos/preds", "."])
-def test_predict_refuses_an_out_that_holds_or_lies_in_a_source(project: Path, out: str) -> None:
+@pytest.mark.parametrize(("source", "out", "message"), [
+    ("photos", "photos", "must not contain each other"),
+    ("photos", "photos/preds", "must not contain each other"),
+    ("photos", ".", "must not contain each other"),
+    ("photos/*.png", "photos", "outputs would replace the inputs"),
+    ("photos/img_00000.png", ".", "outputs would replace the inputs"),
+])
+def test_predict_refuses_an_out_that_holds_or_lies_in_a_source(project: Path, source: str, out: str,
+                                                               message: str) -> None:
     before = snapshot(project)
-    assert "must not contain each other" in one_line_refusal(predict("photos", "--out", out))
+    assert message in one_line_refusal(predict(source, "--out", out))
     assert snapshot(project) == before and not (project / "photos" / "preds").exists()
 
 
