@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -148,11 +149,38 @@ def save_checkpoint(
 
 
 def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> LoadedAligner:
-    """Rebuild the aligner of a checkpoint written by :func:`save_checkpoint` (weights_only load)."""
+    """Rebuild the aligner of a checkpoint written by :func:`save_checkpoint` (weights_only load).
+
+    Raises FileNotFoundError for a missing path, and ValueError "<path> is not an fmbseg
+    checkpoint: <why>" (one line) for anything else: a folder, a text file, a pickle that
+    ``weights_only`` refuses, another program's checkpoint, a damaged one.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no aligner checkpoint at {path}: run `fmbseg train` (or `dvc repro train`)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # arbitrary bytes make the unpickler raise nearly anything (IndexError, struct.error, ...)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for a file of unknown origin
+        raise ValueError(f"{path} is not an fmbseg checkpoint: not a file of tensors and plain types (the safe "
+                         "loader refused it; fmbseg never runs code from a checkpoint)") from None
+    except Exception as err:
+        raise ValueError(f"{path} is not an fmbseg checkpoint: {_first_line(err)}") from None
+    try:
+        return _rebuild(path, state, map_location)
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as err:
+        if str(err).startswith(f"{path} "):  # already said by _rebuild
+            raise
+        raise ValueError(f"{path} is not an fmbseg checkpoint: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (torch's messages run to dozens of lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _rebuild(path: Path, state: Any, map_location: str | torch.device) -> LoadedAligner:
+    """The aligner of a loaded checkpoint ``state`` (the steps of :func:`load_aligner`)."""
     if isinstance(state, dict) and state.get("format") == 1:
         raise ValueError(
             f"{path} is a format-1 checkpoint (no SAM spec and window protocol, which predict needs): "
@@ -160,7 +188,7 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
         )
     missing = [k for k in _KEYS if k not in state] if isinstance(state, dict) else list(_KEYS)
     if missing:
-        raise ValueError(f"{path} is not an fmbseg aligner checkpoint: missing {missing}")
+        raise ValueError(f"{path} is not an fmbseg checkpoint: missing {missing}")
     if state["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {CHECKPOINT_FORMAT}")
     config = state["aligner_config"]

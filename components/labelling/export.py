@@ -19,7 +19,9 @@ Layout of an export folder OUT for a store (``PseudoLabels``) and its variants (
 
 Every file is written atomically. A variant's folder is written in full under a temporary name and
 then swapped in, so a rerun never leaves label maps of images that left the store; its COCO file is
-written after the swap.
+written after the swap. Because the swap replaces the folder as a whole, the caller first checks
+that OUT holds nothing at these paths that fmbseg did not write (:func:`export_outputs` with
+components.outputs), and the store's reader has refused image ids that would leave OUT.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "coco_annotations",
     "store_vocabulary",
     "write_classes",
+    "export_outputs",
     "export_variant",
 ]
 
@@ -137,6 +140,16 @@ def write_classes(labels: PseudoLabels, out_dir: str | os.PathLike[str]) -> Path
     path = Path(out_dir) / CLASSES_FILE
     atomic_write_text(path, "".join(f"{line}\n" for line in store_vocabulary(labels)))
     return path
+
+
+def export_outputs(labels: PseudoLabels, variants: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(files, folders) an export of ``variants`` writes under its output folder: the files
+    (relative paths) and the variant folders it replaces as a whole."""
+    files = [CLASSES_FILE]
+    for variant in variants:
+        files.append(f"{variant}.json")
+        files.extend(f"{variant}/{image_id}.png" for image_id in labels.image_ids)
+    return files, list(variants)
 
 
 def _swap_in(partial: Path, final: Path) -> None:
