@@ -178,10 +178,10 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
         from components.config import ConfigError, apply_overrides, load_params
 
-        own = kwargs.get("images") is not None or kwargs.get("store") is not None
+        own = any(kwargs.get(option) is not None for option in ("images", "store", "predictions"))
         if own or (kwargs["params"] is None and not Path("params.yaml").exists()):
             # a command with settings of its own making (`fmbseg label --images DIR`, `fmbseg export
-            # --store DIR`) checks its options itself, before any start-up
+            # --store DIR` or `--predictions DIR`) checks its options itself, before any start-up
             if items:
                 raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
             return run(*args, **kwargs)

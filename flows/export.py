@@ -1,8 +1,12 @@
-"""`fmbseg export`: a Stage 1 store as PNG label maps + COCO JSON (the `export` flow).
+"""`fmbseg export`: a Stage 1 store as PNG label maps + COCO JSON (the `export` flow), or a store
+or a `fmbseg predict` folder in a labelling tool's format (``--format``, the `export-format` flow).
 
 The store is ``${paths.stage1}`` of params.yaml, or ``--store``. What lands in the output
-folder is ``components.labelling.export``. A missing store, an unknown variant or a store of more
-classes than a uint8 map holds is reported in one line before anything is written (exit 2).
+folder is ``components.labelling.export``; with ``--format coco-polygons|yolo-seg|label-studio``
+(or ``--predictions DIR``) it is ``components.labelling.formats``: one folder per variant,
+``OUT/<variant>/``, or OUT itself for a predict folder. A missing store, an unknown variant or
+format, a store of more classes than a uint8 map holds, or a non-empty target without
+``--overwrite`` is reported in one line before anything is written (exit 2).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import PARAMS_FILE
 
-__all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "register"]
+__all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "check_format_export",
+           "export_format_task", "export_format_flow", "register"]
 
 VARIANT_HELP = "stage1_1 (SAM prompted by CLIP), stage1_2 (SAM's automatic masks labelled by CLIP) or both"
 
@@ -59,6 +64,62 @@ def export_flow(store: str, out: str, variant: str = "both") -> dict[str, Any]:
     return {"store": store, "out": out, "classes": classes.as_posix(), "variants": results}
 
 
+def check_format_export(fmt: str, out: str, *, store: str | None, predictions: str | None, variant: str,
+                        overwrite: bool) -> list[tuple[str | None, str]]:
+    """(variant, target folder) pairs to write (variant None for a predict folder), after checking
+    the format, the source and that no target holds anything unless ``overwrite``. Raises
+    FileNotFoundError / FileExistsError / ValueError with a message for the user."""
+    from components.labelling.formats import writer
+    from components.labelling.formats.source import is_predict_folder
+    from components.labelling.formats.target import check_target
+
+    writer(fmt)
+    if predictions is not None:
+        if not is_predict_folder(predictions):
+            raise FileNotFoundError(f"{predictions} is not a `fmbseg predict` output folder (no predictions.jsonl)")
+        targets: list[tuple[str | None, str]] = [(None, out)]
+    else:
+        assert store is not None
+        targets = [(name, (Path(out) / name).as_posix()) for name in check_export(store, variant)]
+    for _, target in targets:
+        check_target(target, overwrite)
+    return targets
+
+
+@task(name="export-format", cache_policy=NO_CACHE, task_run_name="export-{fmt}-{variant}")
+def export_format_task(fmt: str, target: str, *, store: str | None, predictions: str | None,
+                       variant: str | None, overwrite: bool) -> dict[str, Any]:
+    """One folder in format ``fmt`` (components.labelling.formats), written whole into ``target``."""
+    from components.labelling.formats import writer
+    from components.labelling.formats.source import predict_classes, predict_images, store_images
+    from components.labelling.formats.target import fresh_folder
+    from components.labelling.store import PseudoLabels
+
+    if predictions is not None:
+        classes, images, what = predict_classes(predictions), predict_images(predictions), f"fmbseg predict {predictions}"
+    else:
+        labels = PseudoLabels(str(store))
+        classes, images, what = labels.vocabulary, store_images(labels, str(variant)), f"fmbseg {variant} {store}"
+    with fresh_folder(target, overwrite) as partial:
+        summary = writer(fmt)(images, classes, str(partial), what)
+    return {"format": fmt, "out": target, **summary}
+
+
+@flow(name="export-format", log_prints=True)
+def export_format_flow(fmt: str, out: str, store: str | None = None, predictions: str | None = None,
+                       variant: str = "both", overwrite: bool = False) -> dict[str, Any]:
+    """Export a store's variants (or a predict folder) in format ``fmt`` into ``out``."""
+    targets = check_format_export(fmt, out, store=store, predictions=predictions, variant=variant,
+                                  overwrite=overwrite)
+    log = get_run_logger()
+    results = {}
+    for name, target in targets:
+        results[name or "predictions"] = result = export_format_task(
+            fmt, target, store=store, predictions=predictions, variant=name, overwrite=overwrite)
+        log.info("%s: %s", target, result)
+    return {"format": fmt, "out": out, "results": results}
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
@@ -66,8 +127,31 @@ def register(app: typer.Typer) -> None:
         store: Path = typer.Option(None, "--store", help="a Stage 1 store (default: ${paths.stage1})"),
         variant: str = typer.Option("both", "--variant", help=VARIANT_HELP),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (for the default store)"),
+        fmt: str = typer.Option("coco", "--format", help="coco (PNG maps + COCO RLE), coco-polygons, yolo-seg "
+                                "or label-studio"),
+        predictions: Path = typer.Option(None, "--predictions", help="export a `fmbseg predict` output folder "
+                                         "instead of a store"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty target folder"),
     ) -> None:
-        """Write a Stage 1 store as PNG label maps and a COCO JSON file per variant."""
+        """Write a Stage 1 store as PNG label maps and a COCO JSON file per variant, or a store or a
+        predict folder in a labelling tool's format (--format)."""
+        if fmt != "coco" or predictions is not None:
+            try:
+                if predictions is not None and store is not None:
+                    raise ValueError("give --store or --predictions, not both")
+                if predictions is None and store is None:
+                    from flows.common import output_root, stage_params
+
+                    store = output_root(stage_params(params))
+                kwargs: dict[str, Any] = {"store": None if store is None else str(store),
+                                          "predictions": None if predictions is None else str(predictions),
+                                          "variant": variant, "overwrite": overwrite}
+                check_format_export(fmt, str(out), **kwargs)
+            except (FileNotFoundError, FileExistsError, ValueError) as err:
+                typer.echo(f"fmbseg export: {err}", err=True)
+                raise typer.Exit(2) from None
+            typer.echo(json.dumps(export_format_flow(fmt, str(out), **kwargs), indent=2))
+            return
         try:
             if store is None:
                 from flows.common import output_root, stage_params
