@@ -53,13 +53,17 @@ def brush_rle(mask: np.ndarray) -> list[int]:
     flat = np.repeat(np.asarray(mask, bool).ravel(), 4).astype(np.uint8) * 255
     starts = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1])
     lengths = np.diff(np.concatenate([starts, [flat.size]]))
+    values = flat[starts]
+    longest = 1 << _RUN_BITS[-1]
+    if (lengths > longest).any():  # split a run longer than the widest size class holds
+        pieces = -(-lengths // longest)
+        values = np.repeat(values, pieces)
+        lengths = np.concatenate([[longest] * (p - 1) + [n - longest * (p - 1)]
+                                  for n, p in zip(lengths.tolist(), pieces.tolist(), strict=True)])
+    sizes = np.searchsorted(np.array([1 << b for b in _RUN_BITS[:-1]]), lengths)  # n <= 8 -> 0, <= 16 -> 1, ...
     bits = [f"{flat.size:032b}", f"{8 - 1:05b}", "".join(f"{b - 1:04b}" for b in _RUN_BITS)]
-    for length, value in zip(lengths.tolist(), flat[starts].tolist(), strict=True):
-        while length:
-            n = min(length, 1 << _RUN_BITS[-1])
-            size = next(i for i, b in enumerate(_RUN_BITS) if n <= 1 << b)
-            bits.append(f"1{size:02b}{n - 1:0{_RUN_BITS[size]}b}{value:08b}")
-            length -= n
+    bits += [f"1{size:02b}{n - 1:0{_RUN_BITS[size]}b}{value:08b}"
+             for n, size, value in zip(lengths.tolist(), sizes.tolist(), values.tolist(), strict=True)]
     text = "".join(bits)
     text += "0" * (-len(text) % 8)
     return list(int(text, 2).to_bytes(len(text) // 8, "big"))

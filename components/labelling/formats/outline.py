@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Loop", "mask_loops", "loop_area", "bridged_polygons"]
+__all__ = ["Loop", "mask_loops", "bridged_polygons"]
 
 # edge directions on screen (y down): right, down, left, up; (dx, dy) of each
 _STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.int64)
@@ -33,17 +33,12 @@ class Loop(NamedTuple):
     hole: bool
 
 
-def loop_area(points: np.ndarray) -> float:
-    """Shoelace area of a closed [N, 2] (x, y) polygon, y down: > 0 clockwise on screen."""
-    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
-    return float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum() / 2)
-
-
 def _edges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Directed boundary edges of a [H, W] bool mask: start corners [E, 2] (x, y) and directions [E]
     (interior on the right of each edge)."""
-    padded = np.pad(mask, 1)
-    inside = padded[1:-1, 1:-1]
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), bool)
+    padded[1:-1, 1:-1] = mask
+    inside = mask
     starts, dirs = [], []
     # (neighbour that must be outside, start corner offset (dx, dy) from the pixel's top-left, direction)
     for neighbour, offset, direction in (
@@ -64,10 +59,14 @@ def mask_loops(mask: np.ndarray) -> list[Loop]:
     mask = np.asarray(mask, bool)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be [H, W], got shape {mask.shape}")
-    starts, dirs = _edges(mask)
-    if not len(starts):
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
         return []
-    width = mask.shape[1] + 1
+    # trace inside the mask's bounding box (a class rarely fills its image), then shift back
+    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    shift = np.array([cols[0], rows[0]], np.int64)
+    starts, dirs = _edges(box)
+    width = box.shape[1] + 1
     start_key = starts[:, 1] * width + starts[:, 0]
     ends = starts + _STEP[dirs]
     end_key = ends[:, 1] * width + ends[:, 0]
@@ -82,23 +81,43 @@ def mask_loops(mask: np.ndarray) -> list[Loop]:
         a, b = order[first[two]], order[first[two] + 1]
         right = (dirs[two] + 1) % 4
         nxt[two] = np.where(dirs[a] == right, a, b)
-    seen = np.zeros(len(starts), bool)
-    loops = []
-    for begin in range(len(starts)):
+    # keep a corner only where the direction changes: walk the turning edges alone, each to the next turn
+    turning = dirs != dirs[_previous(nxt)]
+    following = nxt.copy()
+    for _ in range(max(box.shape) + 1):  # a straight run is at most one side of the box long
+        ahead = ~turning[following]
+        if not ahead.any():
+            break
+        following[ahead] = nxt[following[ahead]]
+    successor = following.tolist()
+    seen = bytearray(len(starts))
+    chains = []
+    for begin in np.flatnonzero(turning).tolist():
         if seen[begin]:
             continue
         chain = []
         e = begin
         while not seen[e]:
-            seen[e] = True
+            seen[e] = 1
             chain.append(e)
-            e = int(nxt[e])
-        chain_arr = np.asarray(chain)
-        chain_dirs = dirs[chain_arr]
-        turns = chain_dirs != np.roll(chain_dirs, 1)  # keep a corner only where the direction changes
-        points = starts[chain_arr[turns]]
-        loops.append(Loop(points, loop_area(points) < 0))
-    return loops
+            e = successor[e]
+        chains.append(chain)
+    # every loop's shoelace sum at once (y down: > 0 clockwise on screen, an outer loop)
+    lengths = np.array([len(c) for c in chains])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    points = starts[np.concatenate(chains)] + shift
+    after = np.arange(len(points)) + 1
+    after[offsets + lengths - 1] = offsets
+    cross = points[:, 0] * points[after, 1] - points[after, 0] * points[:, 1]
+    areas = np.add.reduceat(cross, offsets)
+    return [Loop(p, bool(a < 0)) for p, a in zip(np.split(points, offsets[1:]), areas.tolist(), strict=True)]
+
+
+def _previous(nxt: np.ndarray) -> np.ndarray:
+    """The inverse of the successor permutation ``nxt``: the edge before each edge."""
+    previous = np.empty_like(nxt)
+    previous[nxt] = np.arange(len(nxt))
+    return previous
 
 
 def _mask_pixel(points: np.ndarray) -> tuple[int, int]:
