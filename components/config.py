@@ -65,6 +65,7 @@ class _Section(BaseModel):
 SUB_PATHS: dict[str, tuple[str, str]] = {
     "stage1": ("pseudo", "stage1"),                      # label: the Stage 1 store
     "train_index": ("pseudo", "train_index.parquet"),    # balance: the training index
+    "corrections": ("pseudo", "corrections"),            # import-labels: corrected maps (balance, train read them)
     "checkpoint": ("models", "aligner.pt"),              # train: the self-describing checkpoint
     "train_state": ("models", "train_state.pt"),         # train: end-of-epoch state while it runs
     "train_epochs": ("metrics", "train_epochs.csv"),     # train: the loss curve (dvc plots)
@@ -95,6 +96,7 @@ class PathsConfig(_Section):
     # filled from SUB_PATHS when absent (:meth:`_sub_paths_follow_their_base`)
     stage1: str
     train_index: str
+    corrections: str
     checkpoint: str
     train_state: str
     train_epochs: str

@@ -123,7 +123,8 @@ def check_output_folder(out: str | os.PathLike[str], planned: Iterable[str], *, 
     for entry in planned:
         rel = entry.rstrip("/")
         target = root / rel
-        if os.path.lexists(target) and not _is_owned(entry, owned) and not _is_owned(rel, owned):
+        replaced_tree = rel in trees and target.is_dir() and not target.is_symlink()  # its files are checked below
+        if os.path.lexists(target) and not replaced_tree and not _is_owned(entry, owned) and not _is_owned(rel, owned):
             clashes.append(rel)
         parts = rel.split("/")[:-1]
         for i in range(1, len(parts) + 1):

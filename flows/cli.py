@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("label", "Stage 1: pseudo labels from CLIP + SAM for every image (resumable)."),
     "export": ("export", "A Stage 1 store as PNG label maps and a COCO JSON file per variant."),
     "show": ("label", "Write a picture of one image's Stage 1.1 and Stage 1.2 labels."),
+    "import-labels": ("import_labels", "Import corrected masks (COCO) that balance prefers over Stage 1's maps."),
     "balance": ("balance", "The training index: every Stage 1.1 map + a seeded share of Stage 1.2 maps."),
     "features": ("features", "Cache frozen DINOv2 patch features for the training images."),
     "train": ("train", "Train the aligner with TSupCon (one MLflow run per model)."),
@@ -179,10 +180,10 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
         from components.config import ConfigError, apply_overrides, load_params
 
-        own = kwargs.get("images") is not None or kwargs.get("store") is not None
+        own = any(kwargs.get(option) is not None for option in ("images", "store", "predictions"))
         if own or (kwargs["params"] is None and not Path("params.yaml").exists()):
             # a command with settings of its own making (`fmbseg label --images DIR`, `fmbseg export
-            # --store DIR`) checks its options itself, before any start-up
+            # --store DIR` or `--predictions DIR`) checks its options itself, before any start-up
             if items:
                 raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
             return run(*args, **kwargs)

@@ -323,6 +323,12 @@ def log_epoch(params: Params, run_id: str, epoch: int, summary: Mapping[str, flo
     _log_metrics(_client(params), run_id, metrics)
 
 
+def log_data_counts(params: Params, run_id: str, counts: Mapping[str, int]) -> None:
+    """Counts that describe the training data as metrics ``data/<name>`` at step 0 (a resumed run
+    logs them again, at the same step)."""
+    _log_metrics(_client(params), run_id, _metrics({f"data/{k}": v for k, v in counts.items()}, 0))
+
+
 def log_checkpoint(params: Params, run_id: str, path: str | os.PathLike[str]) -> None:
     """The checkpoint file as an artifact of the run, under ``model/``."""
     _client(params).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)

@@ -44,6 +44,7 @@ from components.io import (
     atomic_write_text,
     decode_label_png,
     encode_label_png,
+    swap_in,
     unlabelled_of,
 )
 from components.labelling.store import VARIANTS, PseudoLabels
@@ -152,17 +153,6 @@ def export_outputs(labels: PseudoLabels, variants: Sequence[str]) -> tuple[list[
     return files, list(variants)
 
 
-def _swap_in(partial: Path, final: Path) -> None:
-    """Put the finished folder ``partial`` at ``final``, replacing what was there."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(partial, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], variant: str) -> ExportSummary:
     """Write ``out_dir/<variant>/`` (label maps at the original sizes) and ``out_dir/<variant>.json``
     (COCO) for every image of the store, reading one shard at a time (this module's docstring)."""
@@ -188,7 +178,7 @@ def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], varian
                 images.append({"id": coco_id, "file_name": f"{image_id}{suffixes[image_id]}",
                                "height": height, "width": width})
                 annotations.extend(coco_annotations(label, coco_id, len(annotations) + 1))
-        _swap_in(partial, out / variant)
+        swap_in(partial, out / variant)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
