@@ -36,7 +36,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import AutoConfig, AutoModel, DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel
 
 from components.models.sam_attention import use_sdpa_attention
 from components.models.weights import WeightFile, load_state_dict, resolve_weight
@@ -76,9 +76,9 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 class ModelSpec:
     """One named model.
 
-    image_size: CLIP input side S; SAM encoder ``img_size``; DINOv2 default input side (÷ 14).
+    image_size: CLIP input side S; SAM encoder ``img_size``; a student's default input side (÷ patch_size).
     patch_size: ViT patch side in pixels.
-    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; DINOv2 hidden size C.
+    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; a student's hidden size C.
     mean / std: per-channel RGB normalisation for pixels in [0, 1] (SAM's ``pixel_mean`` /
         ``pixel_std`` are these × 255; SAM normalises inside the model).
     weights: files a real spec loads (empty for miniatures).
@@ -86,7 +86,11 @@ class ModelSpec:
         segment_anything ``sam_model_registry`` key (real SAM), or a JSON file in ``configs/``
         (miniatures; DINOv2).
     pretrained_tag: open_clip pretrained tag (real CLIP only).
-    hub_repo: Hugging Face repo of the weights (real DINOv2 only).
+    hub_repo: Hugging Face repo of the weights (real students only).
+    prefix_tokens: tokens before the patch tokens in the encoder's output (a student's class token
+        plus its register tokens: 1 for DINOv2, 5 for DINOv2 with registers and DINOv3).
+    licence: the licence the weights are published under, as their model card states it.
+    gated: the hub repo asks each user to accept the licence first (downloads then need ``HF_TOKEN``).
     """
 
     name: str
@@ -101,6 +105,9 @@ class ModelSpec:
     weights: tuple[WeightFile, ...] = ()
     pretrained_tag: str | None = None
     hub_repo: str | None = None
+    prefix_tokens: int = 0
+    licence: str = ""
+    gated: bool = False
 
     @property
     def seed(self) -> int:
@@ -159,27 +166,6 @@ def _sam(key: str, checkpoint: str, *, sha256: str, size: int) -> ModelSpec:
     )
 
 
-def _dino(name: str, repo: str, *, embed_dim: int) -> ModelSpec:
-    folder = repo.split("/")[1]
-    files = tuple(
-        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo)
-        for n in ("config.json", "model.safetensors")
-    )
-    return ModelSpec(
-        name=name,
-        family="dino",
-        miniature=False,
-        image_size=518,
-        patch_size=14,
-        embed_dim=embed_dim,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        architecture=f"{folder}.json",
-        weights=files,
-        hub_repo=repo,
-    )
-
-
 STANDIN_DIR = Path(__file__).with_name("standins") / "weights"
 
 
@@ -187,6 +173,7 @@ def _mini(
     name: str, family: Family, *, image_size: int, patch_size: int, embed_dim: int, trained: bool = False
 ) -> ModelSpec:
     mean, std = (OPENAI_MEAN, OPENAI_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    prefix = _student_geometry(_read_json(f"{name}.json"))[2] if family == "dino" else 0
     file = f"{name}.safetensors"
     weights = (WeightFile(names=(file,), local_dir="world", bundled=STANDIN_DIR / file),) if trained else ()
     return ModelSpec(
@@ -200,21 +187,93 @@ def _mini(
         std=std,
         architecture=f"{name}.json",
         weights=weights,
+        prefix_tokens=prefix,
     )
 
 
 def _world(family: Family, *, trained: bool = True) -> ModelSpec:
     """The world stand-in of a family; its geometry is read from its architecture file.
     ``trained=False``: a seeded architecture whose random features suffice (measured; README)."""
-    with open(CONFIG_DIR / f"world-{family}.json", encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = _read_json(f"world-{family}.json")
     if family == "clip":
         size, patch, dim = cfg["vision_cfg"]["image_size"], cfg["vision_cfg"]["patch_size"], cfg["embed_dim"]
     elif family == "sam":
         size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
     else:
-        size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["hidden_size"]
+        size, (patch, dim, _) = cfg["image_size"], _student_geometry(cfg)
     return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=trained)
+
+
+def _read_json(architecture: str) -> dict[str, Any]:
+    with open(CONFIG_DIR / architecture, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------- the student encoder
+# Family "dino": the frozen ViT whose patch features the aligner maps into the text space (Stage 2,
+# evaluation, predict). Its geometry -- patch side, width, prefix tokens (class + registers) -- is
+# read from its architecture file in configs/ (for a real spec the same fields as the hub repo's
+# config.json; build_dino checks the built model against the spec), so nothing downstream writes a
+# patch size. sha256: the hub lists each file's hash, but these specs were written offline and
+# record none (None: the file is not checked; DINOv2's specs recorded none either).
+_DINOV2_LICENCE = "Apache-2.0"
+_DINOV3_LICENCE = ("DINOv3 License (custom; gated on the hub: accept it on the model page, then download "
+                   "with HF_TOKEN set)")
+STUDENT_CLASSES: dict[str, str] = {
+    "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "dinov3_vit": "DINOv3ViTModel",
+}
+
+
+def _student_geometry(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(patch side, width, prefix tokens = class token + registers) of a transformers config dict."""
+    if cfg.get("model_type") not in STUDENT_CLASSES:
+        raise ValueError(f"student model_type {cfg.get('model_type')!r}: supported {list(STUDENT_CLASSES)}")
+    return cfg["patch_size"], cfg["hidden_size"], 1 + cfg.get("num_register_tokens", 0)
+
+
+def _student(name: str, repo: str, *, image_size: int, licence: str, gated: bool = False) -> ModelSpec:
+    """A published student: ``config.json`` + ``model.safetensors`` of hub ``repo``; geometry from
+    ``configs/<repo name>.json``; ``image_size``: the default input side (a multiple of the patch)."""
+    folder = repo.split("/")[1]
+    patch, dim, prefix = _student_geometry(_read_json(f"{folder}.json"))
+    files = tuple(
+        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo) for n in ("config.json", "model.safetensors")
+    )
+    return ModelSpec(
+        name=name, family="dino", miniature=False, image_size=image_size, patch_size=patch, embed_dim=dim,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, architecture=f"{folder}.json", weights=files, hub_repo=repo,
+        prefix_tokens=prefix, licence=licence, gated=gated,
+    )
+
+
+def _student_specs() -> tuple[ModelSpec, ...]:
+    """DINOv2 (the paper's), DINOv2 with registers and DINOv3 (LVD-1689M; ImageNet statistics),
+    then the miniatures of each class (seeded random weights) and the demo world's."""
+    v3 = "facebook/dinov3-vit{}-pretrain-lvd1689m"
+    reg = "facebook/dinov2-with-registers-{}"
+    v2, v3_side = dict(image_size=518, licence=_DINOV2_LICENCE), dict(image_size=512, licence=_DINOV3_LICENCE, gated=True)
+    return (
+        _student("dinov2_vitl14", "facebook/dinov2-large", **v2),
+        _student("dinov2_vitb14", "facebook/dinov2-base", **v2),
+        _student("dinov2_vits14_reg", reg.format("small"), **v2),
+        _student("dinov2_vitb14_reg", reg.format("base"), **v2),
+        _student("dinov2_vitl14_reg", reg.format("large"), **v2),
+        _student("dinov2_vitg14_reg", reg.format("giant"), **v2),
+        _student("dinov3_vits16", v3.format("s16"), **v3_side),
+        _student("dinov3_vitb16", v3.format("b16"), **v3_side),
+        _student("dinov3_vitl16", v3.format("l16"), **v3_side),
+        _student("dinov3_vith16plus", v3.format("h16plus"), **v3_side),
+        _mini_student("mini-dino"),
+        _mini_student("mini-dino-reg"),
+        _mini_student("mini-dinov3"),
+        _world("dino", trained=False),
+    )
+
+
+def _mini_student(name: str) -> ModelSpec:
+    cfg = _read_json(f"{name}.json")
+    patch, dim, _ = _student_geometry(cfg)
+    return _mini(name, "dino", image_size=cfg["image_size"], patch_size=patch, embed_dim=dim)
 
 
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
@@ -246,12 +305,7 @@ _SPECS: dict[str, ModelSpec] = {
         ),
         _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
         _world("sam"),
-        _dino("dinov2_vitl14", "facebook/dinov2-large", embed_dim=1024),
-        _dino("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", embed_dim=1024),
-        _dino("dinov2_vitb14", "facebook/dinov2-base", embed_dim=768),
-        _mini("mini-dino", "dino", image_size=224, patch_size=14, embed_dim=32),
-        _mini("mini-dino-reg", "dino", image_size=224, patch_size=14, embed_dim=32),
-        _world("dino", trained=False),
+        *_student_specs(),
     )
 }
 
@@ -434,8 +488,9 @@ def build_dino(
     device: str | torch.device = "cpu",
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
-) -> Dinov2Model | Dinov2WithRegistersModel:
-    """A frozen transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
+) -> Dinov2Model | Dinov2WithRegistersModel | DINOv3ViTModel:
+    """A frozen student encoder: transformers ``Dinov2Model``, ``Dinov2WithRegistersModel`` or
+    ``DINOv3ViTModel`` (the spec's architecture picks it).
 
     Real specs load the hub repo's ``config.json`` + ``model.safetensors``; every weight of the
     model must come from the file (a missing or mismatched key is an error, never a random init).
@@ -458,10 +513,11 @@ def build_dino(
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
         if bad:
             raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
-    if (model.config.hidden_size, model.config.patch_size) != (spec.embed_dim, spec.patch_size):
+    built = _student_geometry(model.config.to_dict())
+    if built != (spec.patch_size, spec.embed_dim, spec.prefix_tokens):
         raise ValueError(
-            f"{spec.name}: built hidden_size {model.config.hidden_size} / patch_size "
-            f"{model.config.patch_size}, spec says {spec.embed_dim} / {spec.patch_size}"
+            f"{spec.name}: built patch_size / hidden_size / prefix tokens {built}, spec says "
+            f"{(spec.patch_size, spec.embed_dim, spec.prefix_tokens)}"
         )
     return _frozen(model, device)
 
