@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
-    DINOv3ViTBackbone,
-    DINOv3ViTModel,
     Dinov2Backbone,
     Dinov2Model,
     Dinov2WithRegistersBackbone,
     Dinov2WithRegistersModel,
+    DINOv3ViTBackbone,
+    DINOv3ViTModel,
 )
 
 from components.models.dino import dino_preprocess, patch_features

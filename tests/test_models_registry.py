@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from segment_anything.modeling import Sam
-from transformers import AutoConfig, AutoModel, DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
 from components.models.registry import (
     autocast_context,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
 from components.models.preprocess import resize_normalize
 from components.models.registry import IMAGENET_MEAN, IMAGENET_STD

@@ -36,7 +36,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from transformers import AutoConfig, AutoModel, DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
 from components.models.sam_attention import use_sdpa_attention
 from components.models.weights import WeightFile, load_state_dict, resolve_weight
