@@ -160,6 +160,9 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+MODEL_CHECKED = ("features", "train")  # stages whose settings depend on a model spec's geometry
+
+
 def _checked_settings(command: Any, items: list[str]) -> Any:
     """A stage command (one with a ``--params`` option) reads and validates its settings before
     anything expensive starts (the models, a Prefect server): a bad params.yaml, vocabulary or ``-S``
@@ -188,7 +191,11 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
         path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
         try:
             settings = parse_set(items)
-            load_params(path, settings)
+            params = load_params(path, settings)
+            if command.name in MODEL_CHECKED:
+                from flows.common import check_models
+
+                check_models(params)
         except (ConfigError, ValueError) as err:
             raise _fail(str(err)) from None
         if not settings:

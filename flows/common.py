@@ -55,6 +55,7 @@ __all__ = [
     "inference_spec",
     "class_lines",
     "profile_settings",
+    "check_models",
 ]
 
 PARAMS_FILE = "params.yaml"
@@ -123,6 +124,25 @@ def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     from components.aligner.checkpoint import InferenceSpec
 
     return InferenceSpec.from_settings(params.evaluate.for_benchmark(benchmark), params.models.selected.sam)
+
+
+def check_models(params: Params) -> None:
+    """The selected profile names registry specs of the right roles, and the features' input side
+    is a multiple of the student's patch; a ValueError saying which otherwise (before any model
+    loads: the registry holds specs, building is separate)."""
+    from components.models.registry import get_spec
+
+    for role, name in params.models.selected.model_dump().items():
+        try:
+            family = get_spec(name).family
+        except KeyError as err:
+            raise ValueError(f"models.profiles.{params.models.profile}.{role}: {err.args[0]}") from None
+        if family != role:
+            raise ValueError(f"models.profiles.{params.models.profile}.{role}: {name!r} is a {family} model")
+    spec = get_spec(params.models.selected.dino)
+    if params.features.image_size % spec.patch_size:
+        raise ValueError(f"features.image_size {params.features.image_size} must be a multiple of the patch size "
+                         f"{spec.patch_size} of the student {spec.name!r}")
 
 
 def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
