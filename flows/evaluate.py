@@ -318,7 +318,7 @@ def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files
 @flow(name="evaluate", flow_run_name="evaluate-{dataset}")
 def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
     """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
-    from components.aligner.checkpoint import load_aligner, refuse_other_student
+    from components.aligner.checkpoint import load_aligner
     from components.evaluation.benchmark import state_key
     from components.evaluation.prompts import background_index, display_names
     from components.evaluation.summary import summarize, write_summary
@@ -326,9 +326,7 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     params = stage_params(params_path)
     ev = params.evaluate.for_benchmark(dataset)  # evaluate's settings with the benchmark's overrides
     model = Path(model_path) if model_path else project_path(params, "checkpoint")
-    loaded = load_aligner(model)  # fails early, naming the stage to run, when there is no model
-    refuse_other_student(loaded, params.models.selected.dino, source=str(model))
-    run_id = loaded.run_id
+    run_id = load_aligner(model).run_id  # fails early, naming the stage to run, when there is no model
     data, root, ids = _open_dataset(params, dataset)
     if ev.bg_threshold is not None and background_index(data.meta) is None:
         raise ValueError(f"evaluate.bg_threshold is set but {dataset} has no background class to assign")
