@@ -160,7 +160,8 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-MODEL_CHECKED = ("features", "train")  # stages whose settings depend on a model spec's geometry
+# stages whose settings depend on a model spec -> whether it runs Stage 1's dense detection
+MODEL_CHECKED = {"features": False, "train": False, "label": True}
 
 
 def _checked_settings(command: Any, items: list[str]) -> Any:
@@ -195,7 +196,7 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
             if command.name in MODEL_CHECKED:
                 from flows.common import check_models
 
-                check_models(params)
+                check_models(params, dense_text=MODEL_CHECKED[command.name])
         except (ConfigError, ValueError) as err:
             raise _fail(str(err)) from None
         if not settings:

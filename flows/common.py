@@ -126,11 +126,12 @@ def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     return InferenceSpec.from_settings(params.evaluate.for_benchmark(benchmark), params.models.selected.sam)
 
 
-def check_models(params: Params) -> None:
+def check_models(params: Params, *, dense_text: bool = False) -> None:
     """The selected profile names registry specs of the right roles, and the features' input side
-    is a multiple of the student's patch; a ValueError saying which otherwise (before any model
+    is a multiple of the student's patch; with ``dense_text`` (Stage 1), the text space is one whose
+    vision tower the dense detection runs. A ValueError saying which otherwise (before any model
     loads: the registry holds specs, building is separate)."""
-    from components.models.registry import get_spec
+    from components.models.registry import dense_text_specs, get_spec
 
     for role, name in params.models.selected.model_dump().items():
         try:
@@ -143,6 +144,11 @@ def check_models(params: Params) -> None:
     if params.features.image_size % spec.patch_size:
         raise ValueError(f"features.image_size {params.features.image_size} must be a multiple of the patch size "
                          f"{spec.patch_size} of the student {spec.name!r}")
+    text = params.models.selected.clip
+    if dense_text and text not in dense_text_specs():
+        raise ValueError(f"Stage 1's dense detection needs a text space with a class token and a projection; {text!r} "
+                         f"has an attention-pool head (Stage 2 only). Text spaces for Stage 1: "
+                         f"{', '.join(dense_text_specs())}")
 
 
 def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

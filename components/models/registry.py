@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,14 @@ from segment_anything.modeling import (
 from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
 from components.models.sam_attention import use_sdpa_attention
-from components.models.weights import WeightFile, load_state_dict, resolve_weight
+from components.models.weights import (
+    MissingWeightsError,
+    WeightFile,
+    fetch_command,
+    hub_cache_dir,
+    load_state_dict,
+    resolve_weight,
+)
 
 __all__ = [
     "Family",
@@ -116,9 +124,10 @@ class ModelSpec:
 
 
 class ClipBundle(NamedTuple):
-    """A frozen open_clip CLIP, its tokenizer (list[str] -> LongTensor [N, context]) and its spec."""
+    """A frozen open_clip CLIP or CustomTextCLIP, its tokenizer (list[str] -> LongTensor [N, context])
+    and its spec."""
 
-    model: open_clip.CLIP
+    model: open_clip.CLIP | open_clip.CustomTextCLIP
     tokenizer: Callable[[list[str]], torch.Tensor]
     spec: ModelSpec
 
@@ -276,6 +285,71 @@ def _mini_student(name: str) -> ModelSpec:
     return _mini(name, "dino", image_size=cfg["image_size"], patch_size=patch, embed_dim=dim)
 
 
+
+# ------------------------------------------------------------------------------ the text space
+# Family "clip": an open_clip model whose text tower makes the prototypes (Stage 1 detection,
+# Stage 2) and whose vision tower Stage 1's dense detection runs (components/models/clip_dense.py:
+# a class-token ViT with an output projection -- OpenAI CLIP, MetaCLIP 2; the timm towers with an
+# attention-pool head, SigLIP 2 and PE-Core, serve Stage 2 only). Geometry and normalisation come
+# from open_clip's own model and pretrained configs. MetaCLIP 2's and SigLIP 2's tokenizers are
+# Hugging Face tokenizers (XLM-V, Gemma), fetched with the weights; the toy configs ``mini-metaclip2``
+# and ``mini-siglip2`` keep the architectures' classes (CLIP; CustomTextCLIP with a timm attention-
+# pool tower) at a few layers, and the OpenAI BPE tokenizer so that they build offline.
+def _text(name: str, arch: str, tag: str, *, licence: str) -> ModelSpec:
+    cfg, pretrained = open_clip.get_model_config(arch), open_clip.get_pretrained_cfg(arch, tag)
+    vision = cfg["vision_cfg"]
+    patch = vision["patch_size"] if "patch_size" in vision else _timm_patch(vision["timm_model_name"])
+    file = WeightFile(names=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), local_dir=f"clip/{arch}-{tag}",
+                      hub_repo=pretrained["hf_hub"].strip("/"))
+    return ModelSpec(
+        name=name, family="clip", miniature=False, image_size=vision["image_size"], patch_size=patch,
+        embed_dim=cfg["embed_dim"], mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]), architecture=arch,
+        weights=(file,), pretrained_tag=tag, licence=licence,
+    )
+
+
+def _timm_patch(timm_name: str) -> int:
+    """The patch side written in a timm ViT's name (``vit_large_patch16_siglip_384`` -> 16)."""
+    found = re.search(r"patch(\d+)", timm_name)
+    if found is None:
+        raise ValueError(f"no patch size in the timm model name {timm_name!r}")
+    return int(found.group(1))
+
+
+def _text_specs() -> tuple[ModelSpec, ...]:
+    """MetaCLIP 2, PE-Core and SigLIP 2 (licences as their model cards state them), then toy
+    configs of MetaCLIP 2's and SigLIP 2's classes."""
+    mini = [_read_json(f"{n}.json") for n in ("mini-metaclip2", "mini-siglip2")]
+    return (
+        _text("ViT-H-14-worldwide/metaclip2_worldwide", "ViT-H-14-worldwide", "metaclip2_worldwide",
+              licence="CC-BY-NC-4.0 (MetaCLIP 2 model card; non-commercial)"),
+        _text("PE-Core-L-14-336/meta", "PE-Core-L-14-336", "meta", licence="Apache-2.0 (Perception Encoder model card)"),
+        _text("ViT-L-16-SigLIP2-384/webli", "ViT-L-16-SigLIP2-384", "webli", licence="Apache-2.0 (SigLIP 2 model card)"),
+        _mini("mini-metaclip2", "clip", image_size=mini[0]["vision_cfg"]["image_size"],
+              patch_size=mini[0]["vision_cfg"]["patch_size"], embed_dim=mini[0]["embed_dim"]),
+        _mini("mini-siglip2", "clip", image_size=mini[1]["vision_cfg"]["image_size"],
+              patch_size=mini[1]["vision_cfg"]["patch_size"],
+              embed_dim=mini[1]["embed_dim"]),
+    )
+
+
+def dense_text_specs() -> list[str]:
+    """The text-space specs whose vision tower Stage 1's dense detection runs: a class-token ViT
+    with an output projection (open_clip's own VisionTransformer; not a timm tower)."""
+    return [n for n in list_specs("clip") if "timm_model_name" not in _clip_config(get_spec(n))["vision_cfg"]]
+
+
+def _clip_config(spec: ModelSpec) -> dict[str, Any]:
+    """The open_clip model config of a text-space spec (a copy)."""
+    return _read_config(spec) if spec.miniature else open_clip.get_model_config(spec.architecture)
+
+
+def _open_clip_model(cfg: dict[str, Any]) -> open_clip.CLIP | open_clip.CustomTextCLIP:
+    """open_clip's model class of a config, as its factory picks it (``custom_text`` -> CustomTextCLIP)."""
+    cfg = dict(cfg)
+    return (open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP)(**cfg)
+
+
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
 # downstream projects (the segment-anything README lists only the URLs).
 _SPECS: dict[str, ModelSpec] = {
@@ -306,6 +380,7 @@ _SPECS: dict[str, ModelSpec] = {
         _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
         _world("sam"),
         *_student_specs(),
+        *_text_specs(),
     )
 }
 
@@ -368,7 +443,7 @@ def init_model(name: str) -> torch.nn.Module:
     cfg = _read_config(spec)
     with _seeded(spec.seed):
         if spec.family == "clip":
-            return open_clip.CLIP(**cfg)
+            return _open_clip_model(cfg)
         if spec.family == "sam":
             return _build_mini_sam(cfg)
         return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
@@ -391,12 +466,13 @@ def build_clip(
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
 ) -> ClipBundle:
-    """A frozen open_clip ``CLIP`` with the OpenAI BPE tokenizer.
+    """A frozen open_clip ``CLIP`` (``CustomTextCLIP`` for SigLIP 2 and PE-Core) with its tokenizer.
 
     ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only,
     never for results. Miniatures always get their seeded weights.
     """
     spec = _spec_of(name, "clip")
+    tokenizer = _text_tokenizer(spec)  # a missing Hugging Face tokenizer fails before the model builds
     if spec.miniature:
         model = _miniature(spec, weights_dir)
     else:
@@ -405,12 +481,32 @@ def build_clip(
         cfg["quick_gelu"] = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag).get(
             "quick_gelu", False
         )
-        model = open_clip.CLIP(**cfg)
+        model = _open_clip_model(cfg)
         if path is None:
             _warn_random(spec)
         else:
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    return ClipBundle(_frozen(model, device), _tokenizer(model.context_length), spec)
+    return ClipBundle(_frozen(model, device), tokenizer, spec)
+
+
+def _text_tokenizer(spec: ModelSpec) -> Callable[[list[str]], torch.Tensor]:
+    """The spec's tokenizer: open_clip's OpenAI BPE, or the Hugging Face tokenizer its config names
+    (MetaCLIP 2, SigLIP 2), read from the hub cache only (fetched with the weights)."""
+    text_cfg = _clip_config(spec)["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if not hf_name:
+        return _tokenizer(context_length)
+    from open_clip.tokenizer import HFTokenizer
+
+    try:
+        return HFTokenizer(hf_name, context_length=context_length, cache_dir=str(hub_cache_dir()),
+                           local_files_only=True, **text_cfg.get("tokenizer_kwargs", {}))
+    except OSError:
+        raise MissingWeightsError(
+            f"missing the tokenizer of model spec {spec.name!r}: the Hugging Face tokenizer {hf_name!r} is not in "
+            f"the hub cache {hub_cache_dir()}.\nFetch it with:  {fetch_command(spec.name)}"
+        ) from None
 
 
 def _build_mini_sam(cfg: dict[str, Any]) -> Sam:

@@ -261,6 +261,8 @@ def _fetch_clip(spec: ModelSpec, missing: list[WeightFile], root: Path, progress
 
     cfg = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag)
     open_clip.download_pretrained(cfg, cache_dir=str(hub_cache_dir()))
+    if open_clip.get_model_config(spec.architecture)["text_cfg"].get("hf_tokenizer_name"):
+        open_clip.get_tokenizer(spec.architecture, cache_dir=str(hub_cache_dir()))  # a Hugging Face tokenizer
 
 
 def _fetch_sam(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
