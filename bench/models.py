@@ -5,14 +5,16 @@ Steps (each from a uint8 RGB 640x480 picture to features on the CPU):
 - CLIP: the paper's tiling -- resize to G·S (1344 for ViT-L/14-336, G = 4), 16 crops through one
   ``tiled_features`` call (fmbseg mode), crops batched ``--crop-batch`` at a time;
 - SAM: one image embedding (``SamImage``: ResizeLongestSide, normalise + pad, image encoder);
-- DINOv2: one forward at the spec's input side (518 for the real models).
+- student (DINOv2, DINOv3): one forward at the spec's input side (518 for DINOv2's /14, 512 for
+  DINOv3's /16: the same ~512 px at each patch grid, 37² and 32² patches).
 
 "model s" is the time inside the network (the ``tiled_features`` call; SAM's image encoder,
 timed by forward hooks; the DINOv2 forward); "outside" is the rest of the step's wall time
 (resizing, normalisation, copies) as a share of it. Real specs whose weights are absent run with
 random weights (same architecture and cost; the table says so).
 
-    python bench/models.py --profile demo|paper [--repeats 3] [--warmup 1] [--device auto]
+    python bench/models.py --profile demo|paper|modern [--repeats 3] [--warmup 1] [--device auto]
+    python bench/models.py --students dinov3_vitl16 dinov2_vitl14   # students only, with their ratio
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def dino_step(name: str, device: torch.device, random: bool) -> tuple[str, Step]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=("paper", "demo"), default="demo")
+    parser.add_argument("--profile", choices=("paper", "demo", "modern"), default="demo")
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="time only these student specs (the first is the ratios' reference)")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed images first")
     parser.add_argument("--device", default="auto")
@@ -139,7 +143,7 @@ def main() -> None:
         (profile.clip, lambda n, r: clip_step(n, device, r, args.grid, args.crop_batch)),
         (profile.sam, lambda n, r: sam_step(n, device, r)),
         (profile.dino, lambda n, r: dino_step(n, device, r)),
-    )
+    ) if args.students is None else tuple((n, lambda n, r: dino_step(n, device, r)) for n in args.students)
     with torch.inference_mode():
         for name, make in cases:
             random = not get_spec(name).miniature and not all(s.present for s in weights_status([get_spec(name)]))
@@ -159,9 +163,9 @@ def main() -> None:
                 (name, weights, what, build, wall / args.repeats, inside / args.repeats, 1 - inside / wall)
             )
 
-    header = ("model", "weights", "step", "build s", "s/image", "model s", "outside")
+    header = ("model", "weights", "step", "build s", "s/image", "model s", "outside", "x first")
     table = [header] + [
-        (n, w, s, f"{b:.2f}", f"{t:.3f}", f"{i:.3f}", f"{o:.1%}") for n, w, s, b, t, i, o in rows
+        (n, w, s, f"{b:.2f}", f"{t:.3f}", f"{i:.3f}", f"{o:.1%}", f"{t / rows[0][4]:.2f}") for n, w, s, b, t, i, o in rows
     ]
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     for r in table:

@@ -148,6 +148,9 @@ class ModelsConfig(_Section):
     profiles: dict[str, ModelProfile] = Field(
         default_factory=lambda: {
             "paper": ModelProfile(clip="ViT-L-14-336/openai", sam="vit_h", dino="dinov2_vitl14"),
+            # today's models in the three roles (configs/modern.yaml selects it)
+            "modern": ModelProfile(clip="ViT-H-14-worldwide/metaclip2_worldwide", sam="sam2.1_hiera_large",
+                                   dino="dinov3_vitl16"),
             "demo": ModelProfile(clip="world-clip", sam="world-sam", dino="world-dino"),
             # random miniatures of the same classes: tests of a stage's mechanics, whatever the models see
             "mini": ModelProfile(clip="mini-clip", sam="mini-sam", dino="mini-dino"),

@@ -165,6 +165,7 @@ def test_real_spec_without_weights_raises_with_fetch_command(empty_weights, name
     assert spec.weights[0].name in message
     assert str(empty_weights / spec.weights[0].local_dir / spec.weights[0].name) in message
     assert f"fmbseg weights fetch {name}" in message and "fmbseg weights fetch --profile paper" in message
+    assert ("HF_TOKEN" in message and f"https://huggingface.co/{spec.hub_repo}" in message) == spec.gated
     if spec.weights[0].hub_repo:
         assert (
             spec.weights[0].hub_repo in message and str(empty_weights.parent / "hf_home" / "hub") in message

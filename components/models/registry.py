@@ -98,7 +98,6 @@ class ModelSpec:
     prefix_tokens: tokens before the patch tokens in the encoder's output (a student's class token
         plus its register tokens: 1 for DINOv2, 5 for DINOv2 with registers and DINOv3).
     licence: the licence the weights are published under, as their model card states it.
-    gated: the hub repo asks each user to accept the licence first (downloads then need ``HF_TOKEN``).
     """
 
     name: str
@@ -115,7 +114,11 @@ class ModelSpec:
     hub_repo: str | None = None
     prefix_tokens: int = 0
     licence: str = ""
-    gated: bool = False
+
+    @property
+    def gated(self) -> bool:
+        """The hub asks each user to accept the licence first (downloads then need ``HF_TOKEN``)."""
+        return any(f.gated for f in self.weights)
 
     @property
     def seed(self) -> int:
@@ -246,12 +249,13 @@ def _student(name: str, repo: str, *, image_size: int, licence: str, gated: bool
     folder = repo.split("/")[1]
     patch, dim, prefix = _student_geometry(_read_json(f"{folder}.json"))
     files = tuple(
-        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo) for n in ("config.json", "model.safetensors")
+        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo, gated=gated)
+        for n in ("config.json", "model.safetensors")
     )
     return ModelSpec(
         name=name, family="dino", miniature=False, image_size=image_size, patch_size=patch, embed_dim=dim,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, architecture=f"{folder}.json", weights=files, hub_repo=repo,
-        prefix_tokens=prefix, licence=licence, gated=gated,
+        prefix_tokens=prefix, licence=licence,
     )
 
 
