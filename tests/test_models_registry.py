@@ -57,8 +57,9 @@ def test_spec_names_and_families():
         named = [n for n in list_specs(family) if n in REAL[family] + MINI[family] + WORLD[family]]
         assert named == REAL[family] + MINI[family] + WORLD[family]
     assert sorted(list_specs()) == sorted(n for f in ("clip", "sam", "dino") for n in list_specs(f))
-    with pytest.raises(ValueError, match="clip, sam, dino"):
+    with pytest.raises(ValueError, match="clip, sam, dino .roles: student, text, mask"):
         list_specs("vit")
+    assert [list_specs(role) for role in ("student", "text", "mask")] == [list_specs(f) for f in ("dino", "clip", "sam")]
 
 
 def test_unknown_name_lists_known_ones():

@@ -41,7 +41,6 @@ CHECKPOINT_FORMAT = 3
 READABLE_FORMATS = (2, 3)
 _KEYS = ("format", "model", "aligner_config", "encoder", "text", "inference", "class_names", "prototypes", "params",
          "mlflow_run_id")
-ROLES = {"student": "dino", "text": "clip", "mask": "sam"}  # model role -> registry family
 # what a spec record holds: enough to tell two models apart (a spec of the same name with another
 # geometry or normalisation is another model)
 _RECORD_FIELDS = ("name", "family", "architecture", "hub_repo", "pretrained_tag", "image_size", "patch_size",
@@ -131,7 +130,7 @@ def spec_record(name: str) -> dict[str, Any]:
 def _checked_specs(path: Path, recorded: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The checkpoint's spec records, each checked against this version's registry: a spec this
     version does not know, or knows as another model, is an error saying which."""
-    from components.models.registry import list_specs
+    from components.models.registry import ROLES, list_specs
 
     out = {}
     for role, family in ROLES.items():
@@ -221,9 +220,9 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
         raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {list(READABLE_FORMATS)}")
     names = {"student": state["encoder"]["dino"], "text": state["text"]["clip"], "mask": state["inference"]["sam"]}
     if state["format"] >= 3:
-        if not isinstance(state.get("specs"), dict) or set(state["specs"]) != set(ROLES):
-            raise ValueError(f"{path} is a format-{state['format']} checkpoint without its specs of {list(ROLES)}")
-        if {r: state["specs"].get(r, {}).get("name") for r in ROLES} != names:
+        if not isinstance(state.get("specs"), dict) or set(state["specs"]) != set(names):
+            raise ValueError(f"{path} is a format-{state['format']} checkpoint without its specs of {list(names)}")
+        if {r: state["specs"].get(r, {}).get("name") for r in names} != names:
             raise ValueError(f"{path}: its specs {state['specs']} disagree with its encoder/text/inference names {names}")
         specs = _checked_specs(path, state["specs"])
     else:  # format 2, before the model roles: the registry's specs of the names it records

@@ -51,6 +51,7 @@ from components.models.weights import (
 
 __all__ = [
     "Family",
+    "ROLES",
     "ModelSpec",
     "ClipBundle",
     "OPENAI_MEAN",
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 
 Family = Literal["clip", "sam", "dino"]
 FAMILIES: tuple[str, ...] = ("clip", "sam", "dino")
+# the role each family fills in the pipeline (the names users read in docs and checkpoints)
+ROLES: dict[str, Family] = {"student": "dino", "text": "clip", "mask": "sam"}
 
 OPENAI_MEAN: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_MEAN)
 OPENAI_STD: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_STD)
@@ -397,10 +400,13 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model spec {name!r}; known specs: {', '.join(_SPECS)}") from None
 
 
-def list_specs(family: Family | None = None) -> list[str]:
-    """Names of all specs, or of one family ("clip" | "sam" | "dino"), in registry order."""
+def list_specs(family: Family | str | None = None) -> list[str]:
+    """Names of all specs, or of one family ("clip" | "sam" | "dino") or role ("text" | "mask" |
+    "student"), in registry order."""
+    family = ROLES.get(family, family) if family is not None else None
     if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)} "
+                         f"(roles: {', '.join(ROLES)})")
     return [name for name, spec in _SPECS.items() if family is None or spec.family == family]
 
 
