@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "A Stage 1 store as PNG label maps and a COCO JSON file per variant."),
     "show": ("label", "Write a picture of one image's Stage 1.1 and Stage 1.2 labels."),
     "balance": ("balance", "The training index: every Stage 1.1 map + a seeded share of Stage 1.2 maps."),
-    "features": ("features", "Cache frozen DINOv2 patch features for the training images."),
+    "features": ("features", "Cache frozen student-encoder (DINOv2 / DINOv3) patch features for the training images."),
     "train": ("train", "Train the aligner with TSupCon (one MLflow run per model)."),
     "evaluate": ("evaluate", "Evaluate the model on one benchmark, base and SAM-refined."),
     "evaluate-stage1": ("evaluate", "Score Stage 1's pseudo labels on a benchmark (paper Table 2)."),
