@@ -64,8 +64,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Raw settings of ``base`` (default: this checkout's params.yaml) with configs/demo.yaml merged
-    on top for the ``demo`` profile (what `make demo` runs, and `--profile demo` means): settings to
+    """Raw settings of ``base`` (default: this checkout's params.yaml) with the profile's overlay
+    configs/<profile>.yaml merged on top where there is one (``demo``: what `make demo` runs, and
+    `--profile demo` means; ``modern``: today's models in the three roles): settings to
     build on, so the sub-paths that only follow their base are left out (an overlay that moves
     ``paths.pseudo`` moves ``paths.stage1`` with it; :func:`components.config.without_derived_paths`)."""
     import yaml
@@ -73,8 +74,9 @@ def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = 
     from components.config import deep_merge, without_derived_paths
 
     raw = yaml.safe_load(Path(base or PROJECT_ROOT / PARAMS_FILE).read_text(encoding="utf-8")) or {}
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
+    overlay = PROJECT_ROOT / "configs" / f"{profile}.yaml"
+    if profile is not None and overlay.is_file():
+        raw = deep_merge(raw, yaml.safe_load(overlay.read_text(encoding="utf-8")))
     return without_derived_paths(raw)
 
 

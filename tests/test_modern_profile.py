@@ -7,10 +7,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from components.config import deep_merge, parse_params
+from components.config import parse_params
 from components.models.registry import get_spec, list_specs
 from flows.cli import app
-from flows.common import check_models
+from flows.common import check_models, profile_settings
 
 runner = CliRunner()
 
@@ -25,9 +25,7 @@ def no_weights(tmp_path, monkeypatch):
 
 
 def _modern(repo_root):
-    base = yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8"))
-    overlay = yaml.safe_load((repo_root / "configs" / "modern.yaml").read_text(encoding="utf-8"))
-    return parse_params(deep_merge(base, overlay))
+    return parse_params(profile_settings("modern", repo_root / "params.yaml"))  # params.yaml + configs/modern.yaml
 
 
 def test_params_yaml_keeps_the_papers_models(repo_root):
