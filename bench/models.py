@@ -5,8 +5,8 @@ Steps (each from a uint8 RGB 640x480 picture to features on the CPU):
 - CLIP: the paper's tiling -- resize to G·S (1344 for ViT-L/14-336, G = 4), 16 crops through one
   ``tiled_features`` call (fmbseg mode), crops batched ``--crop-batch`` at a time;
 - SAM: one image embedding (``SamImage``: ResizeLongestSide, normalise + pad, image encoder);
-- student (DINOv2, DINOv3): one forward at the spec's input side (518 for DINOv2's /14, 512 for
-  DINOv3's /16: the same ~512 px at each patch grid, 37² and 32² patches).
+- student (DINOv2, DINOv3): one forward at the spec's input side (518 for DINOv2, 512 for DINOv3:
+  about 512 px on each one's patch grid, 37² and 32² patches).
 
 "model s" is the time inside the network (the ``tiled_features`` call; SAM's image encoder,
 timed by forward hooks; the DINOv2 forward); "outside" is the rest of the step's wall time
