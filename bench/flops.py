@@ -21,7 +21,8 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, Dinov2Model
+
+from components.models.registry import init_model
 
 # images per stage: COCO train2017 (the unlabelled set) and the seven benchmarks' val splits
 TRAIN_IMAGES = 118_287
@@ -43,8 +44,7 @@ def per_image() -> dict[str, float]:
     with torch.device("meta"):
         clip = open_clip.create_model("ViT-L-14-336", pretrained=None, device="meta")
         sam = sam_model_registry["vit_h"](checkpoint=None)
-        dino = Dinov2Model(AutoConfig.for_model(
-            "dinov2", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=518))
+        dino = init_model("dinov2_vitl14")  # the registry's architecture of the paper's student
         out = {
             "clip_16_crops_336": tflop(lambda: clip.encode_image(torch.empty(16, 3, 336, 336))),
             "sam_encoder_1024": tflop(lambda: sam.image_encoder(torch.empty(1, 3, 1024, 1024))),

@@ -5,7 +5,8 @@ Steps (each from a uint8 RGB 640x480 picture to features on the CPU):
 - CLIP: the paper's tiling -- resize to G·S (1344 for ViT-L/14-336, G = 4), 16 crops through one
   ``tiled_features`` call (fmbseg mode), crops batched ``--crop-batch`` at a time;
 - SAM: one image embedding (``SamImage``: ResizeLongestSide, normalise + pad, image encoder);
-- DINOv2: one forward at the spec's input side (518 for the real models).
+- student (DINOv2, DINOv3): one forward at the spec's input side (518 for DINOv2, 512 for DINOv3:
+  about 512 px on each one's patch grid, 37² and 32² patches).
 
 "model s" is the time inside the network (the ``tiled_features`` call; SAM's image encoder,
 timed by forward hooks; the DINOv2 forward); "outside" is the rest of the step's wall time
@@ -21,7 +22,8 @@ boxes, NMS): the cost upper bound, independent of what random weights predict.
 ``--mask-steps`` picks which of the three to run (the automatic masks of the real sizes take
 minutes on a CPU).
 
-    python bench/models.py --profile demo|paper [--repeats 3] [--warmup 1] [--device auto]
+    python bench/models.py --profile demo|paper|modern [--repeats 3] [--warmup 1] [--device auto]
+    python bench/models.py --students dinov3_vitl16 dinov2_vitl14   # students only, with their ratio
     python bench/models.py --mask-models vit_h sam2.1-hiera-large [--mask-steps encode prompts amg]
 """
 
@@ -161,7 +163,9 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=("paper", "demo"), default="demo")
+    parser.add_argument("--profile", choices=("paper", "demo", "modern"), default="demo")
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="time only these student specs (the first is the ratios' reference)")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed images first")
     parser.add_argument("--device", default="auto")
@@ -200,7 +204,7 @@ def main() -> None:
         (profile.clip, lambda n, r: clip_step(n, device, r, args.grid, args.crop_batch)),
         (profile.sam, lambda n, r: sam_step(n, device, r)),
         (profile.dino, lambda n, r: dino_step(n, device, r)),
-    )
+    ) if args.students is None else tuple((n, lambda n, r: dino_step(n, device, r)) for n in args.students)
     with torch.inference_mode():
         for name, make in cases:
             random = not get_spec(name).miniature and not all(s.present for s in weights_status([get_spec(name)]))
@@ -221,8 +225,9 @@ def main() -> None:
             )
 
     print_table(
-        ("model", "weights", "step", "build s", "s/image", "model s", "outside"),
-        [(n, w, s, f"{b:.2f}", f"{t:.3f}", f"{i:.3f}", f"{o:.1%}") for n, w, s, b, t, i, o in rows],
+        ("model", "weights", "step", "build s", "s/image", "model s", "outside", "x first"),
+        [(n, w, s, f"{b:.2f}", f"{t:.3f}", f"{i:.3f}", f"{o:.1%}", f"{t / rows[0][4]:.2f}")
+         for n, w, s, b, t, i, o in rows],
     )
 
 

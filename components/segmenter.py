@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner
+from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner, refuse_other_student
 from components.evaluation.inference import (
     PromptSet,
     labels_from_scores,
@@ -194,6 +194,7 @@ class Segmenter:
         inference: InferenceSpec | None = None,
         window_batch: int = 16,
         random_weights: bool = False,
+        student: str | None = None,
     ) -> Segmenter:
         """The segmenter of an aligner checkpoint (a path, or what ``load_aligner`` returned).
 
@@ -202,10 +203,15 @@ class Segmenter:
         weights raise MissingWeightsError naming the fetch command), SAM on the first refined
         prediction (or :meth:`load_sam`). inference: overrides the checkpoint's protocol (the
         evaluation's settings). random_weights: the real architectures with random weights, whatever
-        files are present -- for benchmarks only, never for results.
+        files are present -- for benchmarks only, never for results. student: the student spec the
+        caller means to run; another than the checkpoint's is refused, naming both (None: the
+        checkpoint's).
         """
         resolved = resolve_device(device or "auto")
         loaded = source if isinstance(source, LoadedAligner) else load_aligner(source, map_location=resolved)
+        if student is not None:
+            refuse_other_student(loaded, student, source=str(source) if not isinstance(source, LoadedAligner)
+                                 else "the checkpoint")
         loaded.model.to(resolved)
         spec = inference or loaded.inference
         return cls(

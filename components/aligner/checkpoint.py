@@ -10,9 +10,14 @@ One ``torch.save`` of plain types (dicts, lists, str, numbers, tensors), so it l
 - ``inference``: :class:`InferenceSpec` as a dict -- the SAM of the refined prediction, the
   templates of inference-time prototypes and the sliding-window protocol -- so the segmenter
   (components.segmenter) rebuilds from the file alone, whatever params.yaml is next to it,
+- ``specs``: ``{"student": ..., "text": ..., "mask": ...}``, the registry spec of each model role as
+  :func:`spec_record` writes it (name, family, geometry, normalisation), so a loader knows which
+  models the file needs and checks that this version's specs of those names are the same models,
 - ``params``: the flattened params that made it; ``mlflow_run_id``: its MLflow run.
 
-Format 2 added ``inference``; a format-1 file is refused with the command that rewrites it.
+Format 2 added ``inference``; format 3 added ``specs``. A format-2 file (written before the model
+roles) still loads and predicts the same: its specs are the registry's of the names it records. A
+format-1 file is refused with the command that rewrites it.
 """
 
 from __future__ import annotations
@@ -30,11 +35,17 @@ import torch
 from components.aligner.model import Aligner
 from components.io import atomic_write_bytes
 
-__all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "save_checkpoint", "load_aligner"]
+__all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "spec_record", "save_checkpoint", "load_aligner",
+           "refuse_other_student"]
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 _KEYS = ("format", "model", "aligner_config", "encoder", "text", "inference", "class_names", "prototypes", "params",
          "mlflow_run_id")
+# what a spec record holds: enough to tell two models apart (a spec of the same name with another
+# geometry or normalisation is another model)
+_RECORD_FIELDS = ("name", "family", "architecture", "hub_repo", "pretrained_tag", "image_size", "patch_size",
+                  "embed_dim", "prefix_tokens", "mean", "std")
 _AMG_AREA_KEYS = ("min_area_frac", "max_area_frac")
 
 
@@ -103,6 +114,48 @@ class LoadedAligner(NamedTuple):
     inference: InferenceSpec  # SAM, inference templates, window protocol
     run_id: str | None  # MLflow run of the training
     params: dict[str, Any]  # flattened params that made it
+    specs: dict[str, dict[str, Any]]  # role ("student", "text", "mask") -> spec_record
+    format: int  # the file's checkpoint format
+
+
+def spec_record(name: str) -> dict[str, Any]:
+    """The registry spec ``name`` as plain types (:data:`_RECORD_FIELDS`); an unknown name raises
+    KeyError listing the known ones."""
+    from components.models.registry import get_spec
+
+    spec = get_spec(name)
+    record = {f: getattr(spec, f) for f in _RECORD_FIELDS}
+    return {**record, "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def _checked_specs(path: Path, recorded: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The checkpoint's spec records, each checked against this version's registry: a spec this
+    version does not know, or knows as another model, is an error saying which."""
+    from components.models.registry import ROLES, list_specs
+
+    out = {}
+    for role, family in ROLES.items():
+        record = dict(recorded[role])
+        name = record.get("name")
+        if name not in list_specs(family):
+            raise ValueError(f"{path} was trained with {role} spec {name!r}, which this version of fmbseg does not know "
+                             f"(known {role} specs: {', '.join(list_specs(family))}); install the version that wrote it")
+        now = spec_record(name)
+        changed = sorted(k for k in _RECORD_FIELDS if k in record and record[k] != now[k])
+        if changed:
+            raise ValueError(f"{path}: the {role} spec {name!r} it records differs from this version's in {changed} "
+                             f"(recorded {[record[k] for k in changed]}, now {[now[k] for k in changed]})")
+        out[role] = now
+    return out
+
+
+def refuse_other_student(loaded: LoadedAligner, student: str, *, source: str = "the checkpoint") -> None:
+    """An aligner only reads the features of the student it was trained on: a ValueError naming
+    both when ``student`` is another."""
+    if student != loaded.encoder_spec:
+        raise ValueError(f"{source} was trained on the student {loaded.encoder_spec!r}, not {student!r}: its aligner "
+                         f"reads only {loaded.encoder_spec!r} features (select that student, or train one for "
+                         f"{student!r})")
 
 
 def save_checkpoint(
@@ -137,6 +190,8 @@ def save_checkpoint(
         "encoder": {"dino": encoder_spec, "image_size": int(image_size)},
         "text": {"clip": text_spec, "templates": list(templates)},
         "inference": inference.to_dict(),
+        "specs": {"student": spec_record(encoder_spec), "text": spec_record(text_spec),
+                  "mask": spec_record(inference.sam)},
         "class_names": list(class_names),
         "prototypes": prototypes.detach().float().cpu().clone(),
         "params": dict(params),
@@ -189,8 +244,17 @@ def _rebuild(path: Path, state: Any, map_location: str | torch.device) -> Loaded
     missing = [k for k in _KEYS if k not in state] if isinstance(state, dict) else list(_KEYS)
     if missing:
         raise ValueError(f"{path} is not an fmbseg checkpoint: missing {missing}")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {CHECKPOINT_FORMAT}")
+    if state["format"] not in READABLE_FORMATS:
+        raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {list(READABLE_FORMATS)}")
+    names = {"student": state["encoder"]["dino"], "text": state["text"]["clip"], "mask": state["inference"]["sam"]}
+    if state["format"] >= 3:
+        if not isinstance(state.get("specs"), dict) or set(state["specs"]) != set(names):
+            raise ValueError(f"{path} is a format-{state['format']} checkpoint without its specs of {list(names)}")
+        if {r: state["specs"].get(r, {}).get("name") for r in names} != names:
+            raise ValueError(f"{path}: its specs {state['specs']} disagree with its encoder/text/inference names {names}")
+        specs = _checked_specs(path, state["specs"])
+    else:  # format 2, before the model roles: the registry's specs of the names it records
+        specs = _checked_specs(path, {role: {"name": name} for role, name in names.items()})
     config = state["aligner_config"]
     model = Aligner(config["in_dim"], config["out_dim"], kind=config["kind"], num_heads=config["num_heads"])
     model.load_state_dict(state["model"])
@@ -206,4 +270,6 @@ def _rebuild(path: Path, state: Any, map_location: str | torch.device) -> Loaded
         inference=InferenceSpec.from_dict(state["inference"]),
         run_id=state["mlflow_run_id"],
         params=dict(state["params"]),
+        specs=specs,
+        format=int(state["format"]),
     )
