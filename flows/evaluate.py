@@ -439,8 +439,11 @@ def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
         table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
                        description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
         tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
-                "protocol": str(params.evaluate.protocol)}
-        with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
+                "protocol": str(params.evaluate.protocol), tracking.STAGE_TAG: "evaluate-stage1"}
+        # apart from the trained models: Stage 1's scores have an experiment of their own
+        with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags,
+                                settings=tracking.stage_settings(params, "evaluate-stage1"),
+                                experiment=tracking.stage1_experiment(params)) as run_id:
             tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
                                     [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
         results[variant] = metrics

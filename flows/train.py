@@ -6,7 +6,9 @@ aligner on the training index -- features from the cache, or from DINOv2 on the 
 ``features.cache`` is false -- logging the loss per step and a summary per epoch, then writes the
 self-describing checkpoint ``${paths.checkpoint}`` with the run id in it, logs it as the run's
 artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered as a new version of
-``tracking.registered_model``. ``${paths.train_state}`` holds the end-of-epoch state while training
+``tracking.registered_model`` -- or, for an ablation (settings that differ from the baseline commit
+under `dvc exp run`, or from params.yaml with ``-S``), of ``<registered_model>-ablations``. The run
+logs the train stage's settings (dvc.yaml) and an ablation's changed ones, not all of params.yaml. ``${paths.train_state}`` holds the end-of-epoch state while training
 runs; ``${paths.train_epochs}`` gets one row per epoch.
 """
 
@@ -232,12 +234,25 @@ def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
     return dataset, encoder
 
 
-def _run_name(params: Params) -> str:
-    """Under `dvc exp run`: the settings that differ from the baseline commit (``aligner.kind=linear``),
-    so the runs of an ablation grid read as their axes; else the experiment's name or the model."""
+def _changed_settings(params: Params, params_path: str) -> dict[str, Any]:
+    """What makes this training an ablation: under `dvc exp run`, the settings that differ from the
+    baseline commit; with ``fmbseg train -S`` (a settings file other than ./params.yaml), those that
+    differ from ./params.yaml. Empty for the pipeline's own model."""
+    from components.config import load_params
+
+    changed = tracking.changed_settings(params)
+    project_file = Path(PARAMS_FILE)
+    if project_file.exists() and Path(params_path).resolve() != project_file.resolve():
+        base = flatten(load_params(project_file))
+        changed.update({k: v for k, v in flatten(params).items() if base.get(k) != v})
+    return changed
+
+
+def _run_name(params: Params, changed: dict[str, Any]) -> str:
+    """An ablation's run reads as its axes (``aligner.kind=linear``); else the experiment's name or the model."""
     a, t = params.aligner, params.train
     fallback = os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
-    return tracking.run_name_of(tracking.changed_settings(params), fallback)
+    return tracking.run_name_of(changed, fallback)
 
 
 @flow(name="train", flow_run_name="train", log_prints=True)
@@ -256,15 +271,20 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     run_to_resume = (resume or {}).get("mlflow_run_id")
     if run_to_resume is not None and not tracking.run_exists(params, run_to_resume):
         run_to_resume = None
+    changed = _changed_settings(params, params_path)
     tags = {**tracking.standard_tags(params, _input_paths(params)), tracking.STAGE_TAG: "train"}
-    with tracking.start_run(params, run_name=_run_name(params), tags=tags, resume_run_id=run_to_resume) as run_id:
+    if changed:
+        tags[tracking.CHANGED_TAG] = tracking.run_name_of(changed, "", limit=5000)
+    model_name = tracking.registered_model_for(params, changed)
+    with tracking.start_run(params, run_name=_run_name(params, changed), tags=tags, resume_run_id=run_to_resume,
+                            settings=tracking.stage_settings(params, "train", changed)) as run_id:
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
-        version = tracking.log_model(params, run_id, result["checkpoint"])
+        version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
     state_path(params).unlink(missing_ok=True)
     last = result["epochs"][-1]
     summary = {"checkpoint": result["checkpoint"], "mlflow_run_id": run_id, "steps": result["steps"],
-               "model_version": f"{params.tracking.registered_model}/{version}",
+               "model_version": f"{model_name}/{version}",
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
     write_epochs_csv(project_path(params, "train_epochs"), rows)
