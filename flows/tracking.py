@@ -514,11 +514,18 @@ def version_description(run: Any) -> str:
     return "\n\n".join(lines)
 
 
+_RUN_NOTE_TAG = "mlflow.note.content"  # the run page's "Description"
+
+
 def _describe_versions(mlflow: MlflowClient, run_id: str) -> None:
-    """Bring the description of every model version the run registered up to date (new scores)."""
+    """Bring the description of every model version the run registered, and the run's own, up to
+    date (new scores)."""
     versions = mlflow.search_model_versions(f"run_id = '{run_id}'")
     if versions:
-        text = version_description(mlflow.get_run(run_id))
+        run = mlflow.get_run(run_id)
+        text = version_description(run)
+        if run.data.tags.get(_RUN_NOTE_TAG) != text:
+            mlflow.set_tag(run_id, _RUN_NOTE_TAG, text)
         for v in versions:
             if v.description != text:
                 mlflow.update_model_version(v.name, v.version, description=text)
@@ -580,6 +587,7 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str], *
     with _process_tracking_uri(mlflow.tracking_uri):
         version = mlflow.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
                                               model_id=logged.model_id, description=version_description(run))
+    mlflow.set_tag(run_id, _RUN_NOTE_TAG, version_description(run))
     return str(version.version)
 
 

@@ -275,6 +275,7 @@ def test_ablations_never_become_versions_of_the_production_model(tmp_path, mlflo
     assert "never become" in client.get_registered_model(f"{name}-ablations").description
     described = client.get_model_version(name, "1").description
     assert "**Profile** `paper`" in described and "pv21 15.9 / 17.0" in described
+    assert client.get_run(pipeline).data.tags["mlflow.note.content"] == described  # the run page says it too
     assert "**Ablation**: aligner.kind=linear" in client.get_model_version(f"{name}-ablations", "1").description
 
     # the README's snippet: the champion, loaded by name and alias, segments a picture
