@@ -2,13 +2,13 @@
 
 evaluate: the aligner checkpoint (self-describing: the DINOv2 and CLIP specs travel in it) scored
 on one canonical benchmark, base and SAM-refined (paper §4.2, Table 1). Outputs:
-``${paths.metrics}/<benchmark>.json`` (DVC metrics), ``${paths.metrics}/<benchmark>_per_class.csv``,
-overlay pictures in ``${paths.overlays}/<benchmark>/``, all attached to the checkpoint's MLflow run.
+``${paths.metrics}/<benchmark>.json`` (DVC metrics), ``${paths.metrics}/<benchmark>_per_class.csv``
+and its bar chart ``_per_class.png`` (a DVC image plot), overlay pictures in ``${paths.overlays}/<benchmark>/``, all attached to the checkpoint's MLflow run.
 
 evaluate-stage1: Stage 1's pseudo labels of the benchmark's images, with the benchmark's own
 vocabulary, scored against the ground truth (Table 2), every variant in one pass over the images:
 ``${paths.stage1_metrics}/<benchmark>_<variant>.json`` and its per-class CSV per variant, each logged to an
-MLflow run ``stage1-<variant>`` of its own.
+MLflow run ``stage1-<variant>`` of its own, in the experiment ``<tracking.experiment>-stage1``.
 
 Both send images to tasks in batches of ``evaluate.batch_size`` ids. A task builds its models once
 per worker process and returns only partial confusion matrices; the flow adds them into a state
@@ -46,6 +46,7 @@ from flows.common import (
     stage_params,
     table_artifact,
 )
+from flows.plots import bars_png
 
 __all__ = [
     "evaluate_flow",
@@ -364,6 +365,10 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
     metrics_dir = project_path(params, "metrics")
     metrics_file, per_class_file = metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv"
     write_summary(summary, metrics_file, per_class_file)
+    variants = [v for v in ("base", "refined") if f"IoU_{v}" in summary.per_class[0]]
+    bars_png(metrics_dir / f"{dataset}_per_class.png", [str(row["class"]) for row in summary.per_class],
+             {v: [float(row[f"IoU_{v}"]) for row in summary.per_class] for v in variants},
+             xlabel="IoU (%)", title=f"{dataset}: per-class IoU")
     table_artifact(summary.per_class, key=_artifact_key("evaluate", dataset, "per-class"),
                    description=f"{dataset}: per-class IoU / Acc (percent)")
     named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
