@@ -55,6 +55,7 @@ __all__ = [
     "evaluate_images",
     "write_missing_overlays",
     "state_path",
+    "score_files",
     "register",
 ]
 
@@ -316,6 +317,14 @@ def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files
     return True
 
 
+def score_files(params: Params, dataset: str) -> tuple[Path, Path, Path]:
+    """What evaluate@<dataset> writes about the model it scored: ``${paths.metrics}/<dataset>.json``
+    (the DVC metrics), ``<dataset>_per_class.csv`` and its chart ``<dataset>_per_class.png``."""
+    metrics_dir = project_path(params, "metrics")
+    return (metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv",
+            metrics_dir / f"{dataset}_per_class.png")
+
+
 @flow(name="evaluate", flow_run_name="evaluate-{dataset}")
 def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
     """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
@@ -362,11 +371,10 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
         stale.unlink()
 
     summary = summarize(state, display_names(data.classes))
-    metrics_dir = project_path(params, "metrics")
-    metrics_file, per_class_file = metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv"
+    metrics_file, per_class_file, per_class_plot = score_files(params, dataset)
     write_summary(summary, metrics_file, per_class_file)
     variants = [v for v in ("base", "refined") if f"IoU_{v}" in summary.per_class[0]]
-    bars_png(metrics_dir / f"{dataset}_per_class.png", [str(row["class"]) for row in summary.per_class],
+    bars_png(per_class_plot, [str(row["class"]) for row in summary.per_class],
              {v: [float(row[f"IoU_{v}"]) for row in summary.per_class] for v in variants},
              xlabel="IoU (%)", title=f"{dataset}: per-class IoU")
     table_artifact(summary.per_class, key=_artifact_key("evaluate", dataset, "per-class"),

@@ -10,7 +10,8 @@ artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered
 under `dvc exp run`, or from params.yaml with ``-S``), of ``<registered_model>-ablations``. The run
 logs the train stage's settings (dvc.yaml) and an ablation's changed ones, not all of params.yaml. ``${paths.train_state}`` holds the end-of-epoch state while training
 runs; ``${paths.train_epochs}`` gets one row per epoch, and ``${paths.metrics}/train_loss.png`` the loss
-curve (a DVC image plot: `dvc plots show` draws it offline).
+curve (a DVC image plot: `dvc plots show` draws it offline). A new model makes the old one's
+benchmark scores stale: they are removed (:func:`drop_stale_scores`) until evaluate scores it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "text_prototypes",
     "fit_aligner",
     "train_flow",
+    "drop_stale_scores",
     "register",
 ]
 
@@ -160,6 +162,19 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     )
     return {"checkpoint": path.as_posix(), "epochs": result.epochs, "start_epoch": result.start_epoch,
             "steps": result.steps}
+
+
+def drop_stale_scores(params: Params) -> list[Path]:
+    """Remove the benchmark scores of the model this one replaces (evaluate's files of every benchmark
+    in ``evaluate.benchmarks``); return those removed. A benchmark the new model is not evaluated on
+    then has no numbers, rather than the old model's: `dvc exp show` gives an ablation evaluated on
+    pv21 only ``!`` for the others, not its baseline's scores."""
+    from flows.evaluate import score_files
+
+    removed = [path for b in params.evaluate.benchmarks for path in score_files(params, b) if path.exists()]
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def epoch_line(summary: dict[str, float]) -> str:
@@ -284,6 +299,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
         version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
     state_path(params).unlink(missing_ok=True)
+    drop_stale_scores(params)
     last = result["epochs"][-1]
     summary = {"checkpoint": result["checkpoint"], "mlflow_run_id": run_id, "steps": result["steps"],
                "model_version": f"{model_name}/{version}",
