@@ -59,10 +59,10 @@ __all__ = [
     "project_root",
     "tracking_uri",
     "open_store",
-    "experiment_url",
     "stage_settings",
     "registered_model_for",
     "stage1_experiment",
+    "headline_url",
     "standard_tags",
     "start_run",
     "run_exists",
@@ -209,11 +209,6 @@ def _experiment_id(mlflow: MlflowClient, name: str) -> str:
     db = _sqlite_path(mlflow.tracking_uri)
     location = (db.parent / ARTIFACTS_DIR).resolve().as_uri() if db is not None else None
     return mlflow.create_experiment(name, artifact_location=location, tags=tags)
-
-
-def experiment_url(ui: str, experiment_id: str) -> str:
-    """The UI's page of an experiment's runs in the model-training view, opened on the headline view."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}"
 
 
 def _git_commit(cwd: Path) -> str:
@@ -687,6 +682,16 @@ def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -
 
 
 # ------------------------------------------------------------------------------- comparing runs
+def headline_url(params: Params, ui: str = "http://127.0.0.1:5000", *, experiment: str | None = None) -> str | None:
+    """The UI's page of the experiment's runs (default ``tracking.experiment``) in the model-training
+    view, opened on the shared :data:`HEADLINE_VIEW`; None when the store has no such experiment."""
+    found = _client(params).get_experiment_by_name(experiment or params.tracking.experiment)
+    if found is None:
+        return None
+    return (f"{ui.rstrip('/')}/#/experiments/{found.experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}")
+
+
 def model_runs(params: Params, *, experiment: str | None = None, max_results: int = 50) -> pd.DataFrame:
     """The trained-model runs (``fmbseg.stage`` = train) of ``experiment`` (default
     ``tracking.experiment``), newest first, one row each as ``mlflow.search_runs`` frames them:

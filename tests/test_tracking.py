@@ -365,3 +365,13 @@ def test_a_copied_or_moved_workspace_keeps_working(tmp_path, _migrated_mlflow_db
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "m"),
                                                      tracking_uri=uri))
     assert (files / "artifacts" / "aligner.pt").read_bytes() == checkpoint.read_bytes()
+
+
+def test_headline_url_opens_the_model_training_view_on_the_headline_view(mlflow_uri) -> None:
+    params = parse_params({})
+    assert tracking.headline_url(params) is None  # no runs yet
+    with tracking.start_run(params, run_name="train", tags={}):
+        pass
+    experiment_id = mlflow.MlflowClient(mlflow_uri).get_experiment_by_name("fmbseg").experiment_id
+    assert tracking.headline_url(params, "http://127.0.0.1:5078/") == (
+        f"http://127.0.0.1:5078/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=headline")
