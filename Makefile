@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test test-fast test-standins demo ui lint bench clean-demo
+.PHONY: install test test-fast test-standins demo ui app lint bench clean-demo
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ STORE ?= .
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
 	    --default-artifact-root $(abspath $(STORE))/mlartifacts --host 127.0.0.1 --port 5000
+
+# the web page: try the model, review the Stage 1 store (`make app MODEL=runs:/<id>`; default: the champion)
+MODEL ?=
+app: install
+	$(VENV)/bin/fmbseg app $(if $(MODEL),--model $(MODEL)) --port 7860
 
 lint: install
 	$(VENV)/bin/ruff check components flows tests bench

@@ -16,7 +16,7 @@ features stage's preprocessing). It writes the checkpoint to ``--out``; score it
     fmbseg evaluate --dataset pv21 -S paths.checkpoint=OUT -S paths.metrics=DIR -S evaluate.refine=false
 
 so that the gap between the two label sources, and between either and a benchmark, says where the
-demo's Stage 2 loses its signal (README "The demo world").
+demo's Stage 2 loses its signal (docs/demo-world.md).
 
     python bench/oracle.py --workspace demo --labels true --out /tmp/oracle.pt -S train.loss=prototype
 """

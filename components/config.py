@@ -40,6 +40,7 @@ __all__ = [
     "template_set",
     "shipped_protocols",
     "load_protocol",
+    "ServeConfig",
     "Params",
     "load_params",
     "parse_params",
@@ -64,6 +65,7 @@ class _Section(BaseModel):
 SUB_PATHS: dict[str, tuple[str, str]] = {
     "stage1": ("pseudo", "stage1"),                      # label: the Stage 1 store
     "train_index": ("pseudo", "train_index.parquet"),    # balance: the training index
+    "corrections": ("pseudo", "corrections"),            # import-labels: corrected maps (balance, train read them)
     "checkpoint": ("models", "aligner.pt"),              # train: the self-describing checkpoint
     "train_state": ("models", "train_state.pt"),         # train: end-of-epoch state while it runs
     "train_epochs": ("metrics", "train_epochs.csv"),     # train: the loss curve (dvc plots)
@@ -94,6 +96,7 @@ class PathsConfig(_Section):
     # filled from SUB_PATHS when absent (:meth:`_sub_paths_follow_their_base`)
     stage1: str
     train_index: str
+    corrections: str
     checkpoint: str
     train_state: str
     train_epochs: str
@@ -148,6 +151,9 @@ class ModelsConfig(_Section):
     profiles: dict[str, ModelProfile] = Field(
         default_factory=lambda: {
             "paper": ModelProfile(clip="ViT-L-14-336/openai", sam="vit_h", dino="dinov2_vitl14"),
+            # today's models in the three roles (configs/modern.yaml selects it)
+            "modern": ModelProfile(clip="ViT-H-14-worldwide/metaclip2_worldwide", sam="sam2.1-hiera-large",
+                                   dino="dinov3_vitl16"),
             "demo": ModelProfile(clip="world-clip", sam="world-sam", dino="world-dino"),
             # random miniatures of the same classes: tests of a stage's mechanics, whatever the models see
             "mini": ModelProfile(clip="mini-clip", sam="mini-sam", dino="mini-dino"),
@@ -304,24 +310,15 @@ class BalanceConfig(_Section):
 
 
 # -------------------------------------------------------------------------------------- features
-# The patch side of every DINOv2 of the registry (a test holds the two together): checked here
-# without loading the registry, which imports the model libraries.
-DINO_PATCH = 14
-
-
 class FeaturesConfig(_Section):
-    image_size: int = Field(518, ge=14)
+    """``image_size``: the student's input side, a multiple of its patch (checked against the spec by
+    the model stages, flows/common.check_models: the registry imports the model libraries)."""
+
+    image_size: int = Field(518, ge=1)
     batch_size: int = Field(16, ge=1)
     shard_size: int = Field(512, ge=1)
     cache: bool = True
     num_workers: int = Field(2, ge=0)
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_patch(cls, v: int) -> int:
-        if v % DINO_PATCH:
-            raise ValueError(f"features.image_size must be a multiple of DINOv2's patch size {DINO_PATCH}, got {v}")
-        return v
 
 
 # ------------------------------------------------------------------------------- aligner / train
@@ -374,8 +371,8 @@ class EvaluateSettings(_Section):
     ``templates``: a list, or the name of a template set (:func:`template_set`)."""
 
     split: str = "val"
-    short_side: int | None = Field(448, ge=14)
-    window: int = Field(448, ge=14)
+    short_side: int | None = Field(448, ge=1)
+    window: int = Field(448, ge=1)  # pixels; windows are zero-padded to the student's patch grid
     stride: int = Field(224, ge=1)
     templates: tuple[str, ...] = ("a photo of a {}.",)
     bg_threshold: float | None = None
@@ -533,6 +530,17 @@ class TrackingConfig(_Section):
     registered_model: str = "fmbseg-aligner"
 
 
+# ----------------------------------------------------------------------------------------- serve
+class ServeConfig(_Section):
+    """What the logged model takes in one request (``mlflow models serve``, ``flows/serving.py``):
+    more is refused with a 400 before any compute. Recorded in each model when a run logs it (its
+    MLmodel's pyfunc ``config``), so that a served model keeps the budgets it was logged with. The
+    work of a request is at most max_pixels x max_classes upsampled scores."""
+
+    max_pixels: int = Field(16_777_216, ge=1)  # the images of one request together (4096 x 4096)
+    max_classes: int = Field(1024, ge=1, le=_MAX_LABEL_CLASSES)  # the classes of one row (16-bit maps: <= 65535)
+
+
 # ----------------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(_Section):
     task_runner: Literal["threads", "dask", "ray"] = "threads"
@@ -573,6 +581,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     nightly: NightlyConfig = NightlyConfig()
 
@@ -600,16 +609,17 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 MAX_VOCABULARY = MAX_LABEL_CLASSES  # 16-bit label maps: classes 0..65534, 65535 = unlabelled
 
 
-def check_vocabulary(lines: list[str], *, source: str) -> list[str]:
+def check_vocabulary(lines: list[str], *, source: str, unit: str = "line") -> list[str]:
     """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
-    first name of a line) twice, and at most MAX_VOCABULARY classes (what 16-bit label maps hold)."""
+    first name of a line, case-insensitive) twice, and at most MAX_VOCABULARY classes (what 16-bit
+    label maps hold). unit: what the error calls a line ("line", or "class" in a list)."""
     if not lines:
         raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         name = line.split(",")[0].strip().lower()
         if name in seen:
-            raise ConfigError(f"{source}: class {name!r} appears more than once (lines {seen[name]} and {number})")
+            raise ConfigError(f"{source}: class {name!r} appears more than once ({unit}s {seen[name]} and {number})")
         seen[name] = number
     if len(lines) > MAX_VOCABULARY:
         raise ConfigError(f"{source} has {len(lines)} classes; label maps are at most 16-bit (65535 = unlabelled), so a "

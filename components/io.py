@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "swap_in",
     "file_sha256",
     "bytes_sha256",
     "UNLABELLED",
@@ -207,6 +209,17 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def bytes_sha256(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def swap_in(partial: Path, final: Path) -> None:
+    """Put the finished folder ``partial`` at ``final``, replacing what was there."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -6,7 +6,7 @@ vocabularies up to 255 classes, 65535 beyond), and the fill sets the tensor's dt
 int32 holding 16-bit values for 65535 (torch's uint16 lacks the ops the stages use);
 :func:`as_label_array` gives the uint8 / uint16 array the files store.
 
-- Stage 1.1 (DESIGN.md §4): overlapping SAM masks go to the mask with the higher SAM score
+- Stage 1.1 (docs/design.md §4): overlapping SAM masks go to the mask with the higher SAM score
   (`paint_by_score`).
 - Stage 1.2: masks painted larger first, smaller on top (`paint_masks`, order "area_desc").
 - Stage 2 (refined) paints its majority-voted masks the same way (components/evaluation/refine.py).

@@ -10,9 +10,14 @@ its path relative to its SOURCE folder:
 - ``DIR/classes.txt``: the vocabulary, one class per line (synonyms kept);
 - ``DIR/predictions.jsonl``: one line per image, in listing order: source path, sha256 of the
   file, size, and each present class with its pixel share, score and mask as COCO RLE;
-- ``DIR/skipped.csv`` (``path,reason``): every input that could not be read (never fatal);
+- ``DIR/skipped.csv`` (``path,reason``): every input not segmented (never fatal): what the folder
+  scanner of ``label`` refuses (not an image, a dangling or looping link, a link out of the folder
+  unless ``label.external_symlinks: follow``), a file that cannot be decoded, and an image above
+  the pixel budget (``max_pixels``: its memory grows with its pixels, so it is skipped, not tiled);
 - ``DIR/.predict_settings.json``: the key of the settings (model hash, vocabulary, variant,
-  protocol) the records were made with.
+  protocol) the records were made with;
+- ``DIR/.fmbseg-outputs.json``: what fmbseg wrote there (components.outputs): the flow refuses an
+  output folder that holds a source, or files it did not write, before its first write.
 
 Resuming: images go through the model in batches fixed by their position in the listing, and the
 records of a batch are appended to ``predictions.jsonl`` in one write once its label maps (written
@@ -38,9 +43,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-from components.datasets.readers import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image_rgb
+from components.datasets.readers import (
+    IMAGE_EXTENSIONS,
+    UnreadableImageError,
+    read_image_rgb,
+    scan_image_folder,
+)
 from components.datasets.registry import display_name
 from components.evaluation.overlay import overlay_picture
 from components.io import (
@@ -50,6 +61,7 @@ from components.io import (
     encode_label_png,
     file_sha256,
 )
+from components.outputs import safe_relative
 from components.segmenter import Segmenter, SegmentResult
 
 __all__ = [
@@ -57,9 +69,12 @@ __all__ = [
     "PREDICTIONS_FILE",
     "SKIPPED_FILE",
     "SETTINGS_FILE",
+    "DEFAULT_MAX_PIXELS",
     "Source",
+    "Listing",
     "PredictSummary",
     "list_sources",
+    "planned_outputs",
     "encode_label_map",
     "decode_label_map",
     "mask_rle",
@@ -72,6 +87,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 SKIPPED_FILE = "skipped.csv"
 SETTINGS_FILE = ".predict_settings.json"
 _GLOB_CHARS = frozenset("*?[")
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Pixel budget of one image (``--max-pixels``): a 48-megapixel phone photo fits. Peak memory grows
+with the pixels of the largest image (decoded RGB, the resized copies, the label map at full size),
+so a bigger one is skipped with its size in skipped.csv instead of taking the machine's memory."""
 
 
 @dataclass(frozen=True)
@@ -102,16 +121,52 @@ def _under(path: Path, base: Path) -> PurePosixPath:
     return PurePosixPath(path.relative_to(base).as_posix())
 
 
-def list_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
-    """The image files of SOURCEs: files as given, folders recursively (image extensions, hidden
-    entries skipped), globs (``**`` recursive) matching files or folders.
+class Listing(NamedTuple):
+    """What :func:`list_sources` found: the images, every entry it will not segment with the
+    reason ([(path, reason)], as skipped.csv lists them), and the folders it scanned (given or
+    matched by a glob: an output folder must keep apart from them)."""
 
-    Each path keeps its position: sources in the order given, folders and globs sorted. A file met
-    twice is listed once (first place). Raises FileNotFoundError for a source that does not exist
-    or a glob that matches nothing, ValueError when two images would write the same outputs
-    (``a.jpg`` and ``a.png`` in one folder) or no image is found.
+    sources: list[Source]
+    skipped: list[tuple[str, str]]
+    folders: list[Path]
+
+
+def _glob_match(match: Path, base: Path, external_symlinks: str) -> str | None:
+    """Why a file a glob matched is not listed (None: it is): the folder scanner's link rules."""
+    if not match.exists():
+        return f"dangling symbolic link to {os.readlink(match)}"
+    if match.is_symlink() and external_symlinks == "refuse":
+        target, root = os.path.realpath(match), os.path.realpath(base)
+        if not target.startswith(root + os.sep):
+            return (f"symbolic link to {target}, outside {base} (refused; set label.external_symlinks: follow to "
+                    "segment it)")
+    if match.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file (extension {match.suffix or 'none'!r}; supported: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return None
+
+
+def list_sources(sources: Sequence[str | os.PathLike[str]], *, external_symlinks: str = "refuse") -> Listing:
+    """The image files of SOURCEs: files as given, folders recursively and globs (``**``
+    recursive) matching files or folders, with what is not listed and why.
+
+    Folders go through ``label``'s scanner (components.datasets.readers.scan_image_folder): hidden
+    entries are left out; links out of the folder follow ``external_symlinks`` ("refuse" or
+    "follow"), and every other entry not used (not an image, a dangling or looping link) is
+    reported. Each path keeps its position: sources in the order given, folders and globs sorted. A
+    file met twice is listed once (first place). Raises FileNotFoundError for a source that does
+    not exist or a glob that matches nothing, ValueError when two images would write the same
+    outputs (``a.jpg`` and ``a.png`` in one folder) or no image is found.
     """
     found: list[Source] = []
+    skipped: list[tuple[str, str]] = []
+    folders: list[Path] = []
+
+    def scan(folder: Path, base: Path) -> None:
+        folders.append(folder)
+        images, rejected = scan_image_folder(folder, external_symlinks=external_symlinks)
+        found.extend(Source(p, _under(p, base)) for p in images)
+        skipped.extend((p.as_posix(), reason) for p, reason in rejected)
+
     for source in sources:
         text = os.fspath(source)
         if _GLOB_CHARS & set(text):
@@ -121,13 +176,15 @@ def list_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
                 raise FileNotFoundError(f"no file matches {text!r}")
             for match in matches:
                 if match.is_dir():
-                    found.extend(Source(p, _under(p, base)) for p in list_images(match))
-                elif match.suffix.lower() in IMAGE_EXTENSIONS:
+                    scan(match, base)
+                elif (reason := _glob_match(match, base, external_symlinks)) is not None:
+                    skipped.append((match.as_posix(), reason))
+                else:
                     found.append(Source(match, _under(match, base)))
         else:
             path = Path(text)
             if path.is_dir():
-                found.extend(Source(p, _under(p, path)) for p in list_images(path))
+                scan(path, path)
             elif path.is_file():
                 found.append(Source(path, PurePosixPath(path.name)))
             else:
@@ -150,7 +207,18 @@ def list_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
         raise ValueError("two images would write the same outputs: " + "; ".join(clashes[:5]))
     if not unique:
         raise ValueError(f"no images in {[os.fspath(s) for s in sources]} (extensions: {sorted(IMAGE_EXTENSIONS)})")
-    return unique
+    return Listing(unique, sorted(set(skipped)), folders)
+
+
+def planned_outputs(sources: Sequence[Source], *, overlays: bool) -> list[str]:
+    """Every file :func:`predict_images` writes for ``sources`` (paths relative to the output
+    folder): what the output folder's manifest claims before the first write."""
+    files = [CLASSES_FILE, PREDICTIONS_FILE, SKIPPED_FILE, SETTINGS_FILE]
+    for source in sources:
+        files.append(f"{source.stem}.png")
+        if overlays:
+            files.append(f"{source.stem}_overlay.jpg")
+    return files
 
 
 encode_label_map = encode_label_png  # the one PNG codec of label maps (8- or 16-bit)
@@ -209,14 +277,30 @@ class _Item:
     done: bool = False  # segmented by an earlier run with these settings: not decoded
 
 
-def _load(source: Source, sha256: Callable[[Path], str], is_done: Callable[[Source, str], bool]) -> _Item:
-    """Hash the file and, unless an earlier run already segmented these bytes, decode it."""
+def _pixels(path: Path) -> int:
+    """Width x height from the image's header (nothing decoded); 0 when PIL cannot read a header
+    (the decoder then reports why)."""
+    try:
+        with Image.open(path) as im:
+            return im.width * im.height
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+def _load(source: Source, sha256: Callable[[Path], str], is_done: Callable[[Source, str], bool],
+          max_pixels: int) -> _Item:
+    """Hash the file and, unless an earlier run already segmented these bytes or the image is above
+    the pixel budget, decode it."""
     try:
         sha = sha256(source.path)
     except OSError as err:
         return _Item(source, "", None, f"{type(err).__name__}: {err}")
     if is_done(source, sha):
         return _Item(source, sha, None, None, done=True)
+    pixels = _pixels(source.path)
+    if pixels > max_pixels:
+        return _Item(source, sha, None, f"{pixels} pixels, above the pixel budget of {max_pixels} "
+                                        "(--max-pixels): skipped, not decoded")
     try:
         return _Item(source, sha, read_image_rgb(source.path), None)
     except UnreadableImageError as err:
@@ -224,7 +308,8 @@ def _load(source: Source, sha256: Callable[[Path], str], is_done: Callable[[Sour
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a predictions.jsonl (a torn last line, from a kill mid-write, dropped)."""
+    """The complete lines of a predictions.jsonl (a torn last line, from a kill mid-write, dropped);
+    ValueError for a record whose output is not a path inside the folder."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -232,7 +317,10 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     if len(complete) != len(data):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    for number, record in enumerate(records, start=1):
+        safe_relative(record["output"], what=f"{path} line {number}: output")
+    return records
 
 
 def _skipped_csv(rows: Sequence[tuple[str, str]]) -> str:
@@ -256,6 +344,8 @@ def predict_images(
     num_workers: int = 2,
     on_batch: Callable[[int], None] | None = None,
     sha256: Callable[[Path], str] = file_sha256,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> PredictSummary:
     """Segment `sources` with `classes` into `out_dir` (the layout of this module's docstring).
 
@@ -264,7 +354,9 @@ def predict_images(
     by `num_workers` threads ahead of the model, and their outputs written by one more thread
     while the next batch runs. on_batch(n): called after each batch's outputs are in place with
     the number of images it handled (progress). sha256(path): the file's hex digest (a
-    :class:`~components.hashcache.HashCache`'s skips rereading unchanged files). Returns a
+    :class:`~components.hashcache.HashCache`'s skips rereading unchanged files). max_pixels: the
+    pixel budget of one image (larger ones are skipped, never decoded). skipped: entries the
+    listing left out ([(path, reason)], :class:`Listing`), written first to skipped.csv. Returns a
     :class:`PredictSummary`.
     """
     if batch_size < 1:
@@ -302,7 +394,7 @@ def predict_images(
                 os.fsync(f.fileno())
         return len(batch)
 
-    skipped: list[tuple[str, str]] = []
+    skipped = list(skipped)
     segmented = resumed = 0
     def finish(pending: tuple[Future[int], int] | None) -> None:
         if pending is not None:
@@ -312,7 +404,8 @@ def predict_images(
 
     with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as readers, ThreadPoolExecutor(max_workers=1) as writer:
         pending: tuple[Future[int], int] | None = None
-        for batch_items in _batches(readers, sources, batch_size, ahead=2, sha256=sha256, is_done=is_done):
+        for batch_items in _batches(readers, sources, batch_size, ahead=2,
+                                    load=lambda s: _load(s, sha256, is_done, max_pixels)):
             todo = []
             for item in batch_items:
                 if item.error is not None:
@@ -335,15 +428,15 @@ def predict_images(
 
 
 def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int,
-             sha256: Callable[[Path], str], is_done: Callable[[Source, str], bool]) -> Iterator[list[_Item]]:
+             load: Callable[[Source], _Item]) -> Iterator[list[_Item]]:
     """Batches of loaded items in listing order (batch i = sources[i*size:(i+1)*size]), `ahead`
     batches loading in `pool` while the caller works."""
     chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
     queue: list[list[Future[_Item]]] = []
     for chunk in chunks[:ahead]:
-        queue.append([pool.submit(_load, s, sha256, is_done) for s in chunk])
+        queue.append([pool.submit(load, s) for s in chunk])
     for index in range(len(chunks)):
         futures = queue.pop(0)
         if index + ahead < len(chunks):
-            queue.append([pool.submit(_load, s, sha256, is_done) for s in chunks[index + ahead]])
+            queue.append([pool.submit(load, s) for s in chunks[index + ahead]])
         yield [f.result() for f in futures]

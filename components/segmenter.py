@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner
+from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner, refuse_other_student
 from components.evaluation.inference import (
     PromptSet,
     labels_from_scores,
@@ -42,6 +42,7 @@ from components.evaluation.refine import refine_with_masks
 from components.io import label_dtype, unlabelled_for
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.dino import patch_features
+from components.models.masks import embed_image
 from components.models.preprocess import resize_normalize
 from components.models.registry import (
     ClipBundle,
@@ -53,7 +54,6 @@ from components.models.registry import (
     get_spec,
     resolve_device,
 )
-from components.models.sam import SamImage
 
 __all__ = [
     "Prediction",
@@ -194,6 +194,7 @@ class Segmenter:
         inference: InferenceSpec | None = None,
         window_batch: int = 16,
         random_weights: bool = False,
+        student: str | None = None,
     ) -> Segmenter:
         """The segmenter of an aligner checkpoint (a path, or what ``load_aligner`` returned).
 
@@ -202,10 +203,15 @@ class Segmenter:
         weights raise MissingWeightsError naming the fetch command), SAM on the first refined
         prediction (or :meth:`load_sam`). inference: overrides the checkpoint's protocol (the
         evaluation's settings). random_weights: the real architectures with random weights, whatever
-        files are present -- for benchmarks only, never for results.
+        files are present -- for benchmarks only, never for results. student: the student spec the
+        caller means to run; another than the checkpoint's is refused, naming both (None: the
+        checkpoint's).
         """
         resolved = resolve_device(device or "auto")
         loaded = source if isinstance(source, LoadedAligner) else load_aligner(source, map_location=resolved)
+        if student is not None:
+            refuse_other_student(loaded, student, source=str(source) if not isinstance(source, LoadedAligner)
+                                 else "the checkpoint")
         loaded.model.to(resolved)
         spec = inference or loaded.inference
         return cls(
@@ -272,9 +278,14 @@ class Segmenter:
         return [resize_normalize(_as_tensor(im).to(self.device), im.shape[:2], spec.mean, spec.std)[0]
                 for im in images]
 
-    def _protocol(self) -> dict[str, Any]:
+    def _protocol(self, check: Callable[[], None] | None = None) -> dict[str, Any]:
         spec = self.inference
-        return {"encode_fn": self.encode, "window": spec.window, "stride": spec.stride,
+        encode_fn = self.encode
+        if check is not None:
+            def encode_fn(pixels: Tensor) -> Tensor:
+                check()
+                return self.encode(pixels)
+        return {"encode_fn": encode_fn, "window": spec.window, "stride": spec.stride,
                 "short_side": spec.short_side, "batch_size": self.window_batch, "pad_to": self.dino_spec.patch_size}
 
     def base_logits(self, images: Sequence[np.ndarray], vocabulary: Vocabulary) -> list[Tensor]:
@@ -283,12 +294,14 @@ class Segmenter:
         return predict_logits_batch(self._pixels(images), prototypes=vocabulary.prototypes, **self._protocol())
 
     def best_prompts(self, images: Sequence[np.ndarray], vocabulary: Vocabulary, *,
-                     logit_scale: float | None = None) -> list[tuple[Tensor, Tensor]]:
+                     logit_scale: float | None = None,
+                     check: Callable[[], None] | None = None) -> list[tuple[Tensor, Tensor]]:
         """The argmax of :meth:`base_logits` without holding them at full size: one ([H_i, W_i]
         float32 best cosine, or with `logit_scale` its softmax probability over the prompts,
-        [H_i, W_i] int64 prompt index) per image."""
+        [H_i, W_i] int64 prompt index) per image. check: called before every encoder forward (of
+        `window_batch` windows); what it raises stops the work."""
         return predict_scores_batch(self._pixels(images), prototypes=vocabulary.prototypes, logit_scale=logit_scale,
-                                    **self._protocol())
+                                    **self._protocol(check))
 
     def load_sam(self) -> Sam:
         """The SAM of the refined prediction, built on first use (MissingWeightsError when absent)."""
@@ -312,7 +325,7 @@ class Segmenter:
         if self.inference.short_side is not None:
             small = resize_short_side(_as_tensor(image), self.inference.short_side).numpy()
         with self._autocast():
-            records = SamImage(sam, small).automatic_masks(**self._amg)
+            records = embed_image(sam, small).automatic_masks(**self._amg)
         records = size_filter(records, small.shape[0] * small.shape[1], *self._size_filter)
         if not records:
             return torch.zeros(0, height, width, dtype=torch.bool, device=self.device)
@@ -331,13 +344,17 @@ class Segmenter:
         bg_threshold: float | None,
         background_index: int | None,
         logit_scale: float | None = None,
+        check: Callable[[], None] | None = None,
     ) -> list[tuple[Prediction, Tensor]]:
-        """(Prediction, [H, W] float32 best prompt cosine, or its softmax probability) per image."""
+        """(Prediction, [H, W] float32 best prompt cosine, or its softmax probability) per image;
+        `check` is called before every encoder forward and every image's SAM masks."""
         out = []
-        scored = self.best_prompts(images, vocabulary, logit_scale=logit_scale)
+        scored = self.best_prompts(images, vocabulary, logit_scale=logit_scale, check=check)
         for image, (score, prompt) in zip(images, scored, strict=True):
             base = labels_from_scores(score, prompt, class_map=vocabulary.class_map, bg_threshold=bg_threshold,
                                       background_index=background_index)
+            if refine and check is not None:
+                check()
             refined = refine_with_masks(base, self.masks(image), vocabulary.num_classes) if refine else None
             out.append((Prediction(base, refined), score))
         return out
@@ -370,10 +387,12 @@ class Segmenter:
                                   background_index=background_index, logit_scale=logit_scale)[0]
 
     def segment_batch(self, images: Sequence[ImageInput], classes: Sequence[str], *,
-                      refine: bool = False) -> list[SegmentResult]:
+                      refine: bool = False, check: Callable[[], None] | None = None) -> list[SegmentResult]:
         """Segment images with any class names (one line per class, "a, b" = synonyms).
 
-        images: [H, W, 3] uint8 RGB arrays or PIL images, any sizes; refine: the SAM-refined map.
+        images: [H, W, 3] uint8 RGB arrays or PIL images, any sizes; refine: the SAM-refined map;
+        check: called before every encoder forward (of `window_batch` windows) and every image's
+        SAM masks; what it raises stops the work (a server's deadline).
         Returns one :class:`SegmentResult` per image, label maps at the images' original sizes.
         """
         vocabulary = self.vocabulary(classes)
@@ -382,7 +401,7 @@ class Segmenter:
         dtype = label_dtype(num)
         results = []
         for prediction, score in self._predict(arrays, vocabulary, refine=refine, bg_threshold=None,
-                                               background_index=None):
+                                               background_index=None, check=check):
             base = prediction.base.flatten()
             counts = torch.bincount(base, minlength=num).float()
             sums = torch.bincount(base, weights=score.flatten().float(), minlength=num)

@@ -1,7 +1,8 @@
 """`fmbseg balance`: the training index from Stage 1's pseudo labels (the DVC stage `balance`).
 
 Every Stage 1.1 map plus a seeded ``balance.ratio`` of the images' Stage 1.2 maps, each a sample
-(appendix §2.1, Table 2); ``dvc exp run -S balance.ratio=0.33`` is one ablation row.
+(appendix §2.1, Table 2); ``dvc exp run -S balance.ratio=0.33`` is one ablation row. An image with
+a correction in ``${paths.corrections}`` (`fmbseg import-labels`) trains on that map alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """Write ``${paths.train_index}``; returns counts per variant."""
     import pyarrow as pa
 
-    from components.labelling.balance import balance_index
+    from components.labelling.balance import CORRECTED, balance_index
+    from components.labelling.corrections import Corrections
     from components.labelling.store import PseudoLabels, write_table
 
     params = stage_params(params_path)
@@ -29,10 +31,11 @@ def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     labels = PseudoLabels(root)
     records = labels.index.loc[:, ["image_id", "image_path", "shard", "row"]].copy()
     records["shard"] = [(root / shard).as_posix() for shard in records["shard"]]
-    index = balance_index(records, params.balance.ratio, params.balance.seed)
+    corrected = Corrections(project_path(params, "corrections")).current(labels)
+    index = balance_index(records, params.balance.ratio, params.balance.seed, corrected)
     path = project_path(params, "train_index")
     write_table(path, pa.Table.from_pandas(index, preserve_index=False))
-    counts = {variant: int(n) for variant, n in index["variant"].value_counts().sort_index().items()}
+    counts = {CORRECTED: 0, **{variant: int(n) for variant, n in index["variant"].value_counts().sort_index().items()}}
     summary = {"images": len(records), "samples": len(index), **counts,
                "ratio": params.balance.ratio, "seed": params.balance.seed}
     print(f"{path}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

@@ -35,8 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("label", "Stage 1: pseudo labels from CLIP + SAM for every image (resumable)."),
     "export": ("export", "A Stage 1 store as PNG label maps and a COCO JSON file per variant."),
     "show": ("label", "Write a picture of one image's Stage 1.1 and Stage 1.2 labels."),
+    "import-labels": ("import_labels", "Import corrected masks (COCO) that balance prefers over Stage 1's maps."),
     "balance": ("balance", "The training index: every Stage 1.1 map + a seeded share of Stage 1.2 maps."),
-    "features": ("features", "Cache frozen DINOv2 patch features for the training images."),
+    "features": ("features", "Cache frozen student-encoder (DINOv2 / DINOv3) patch features for the training images."),
     "train": ("train", "Train the aligner with TSupCon (one MLflow run per model)."),
     "evaluate": ("evaluate", "Evaluate the model on one benchmark, base and SAM-refined."),
     "evaluate-stage1": ("evaluate", "Score Stage 1's pseudo labels on a benchmark (paper Table 2)."),
@@ -48,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipeline", "The whole pipeline on synthetic data with the demo world's stand-in models."),
     "nightly": ("nightly", "Run the nightly relabel-and-retrain job once, now."),
     "schedule": ("nightly", "Schedule the nightly job as a Prefect deployment (or serve it)."),
+    "app": ("app", "A web page to try the model on an image and to review Stage 1's pseudo labels."),
 }
 
 
@@ -160,6 +162,10 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+# stages whose settings depend on a model spec -> whether it runs Stage 1's dense detection
+MODEL_CHECKED = {"features": False, "train": False, "label": True}
+
+
 def _checked_settings(command: Any, items: list[str]) -> Any:
     """A stage command (one with a ``--params`` option) reads and validates its settings before
     anything expensive starts (the models, a Prefect server): a bad params.yaml, vocabulary or ``-S``
@@ -178,17 +184,21 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
         from components.config import ConfigError, apply_overrides, load_params
 
-        own = kwargs.get("images") is not None or kwargs.get("store") is not None
+        own = any(kwargs.get(option) is not None for option in ("images", "store", "predictions"))
         if own or (kwargs["params"] is None and not Path("params.yaml").exists()):
             # a command with settings of its own making (`fmbseg label --images DIR`, `fmbseg export
-            # --store DIR`) checks its options itself, before any start-up
+            # --store DIR` or `--predictions DIR`) checks its options itself, before any start-up
             if items:
                 raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
             return run(*args, **kwargs)
         path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
         try:
             settings = parse_set(items)
-            load_params(path, settings)
+            params = load_params(path, settings)
+            if command.name in MODEL_CHECKED:
+                from flows.common import check_models
+
+                check_models(params, dense_text=MODEL_CHECKED[command.name])
         except (ConfigError, ValueError) as err:
             raise _fail(str(err)) from None
         if not settings:

@@ -55,6 +55,7 @@ __all__ = [
     "inference_spec",
     "class_lines",
     "profile_settings",
+    "check_models",
 ]
 
 PARAMS_FILE = "params.yaml"
@@ -63,8 +64,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Raw settings of ``base`` (default: this checkout's params.yaml) with configs/demo.yaml merged
-    on top for the ``demo`` profile (what `make demo` runs, and `--profile demo` means): settings to
+    """Raw settings of ``base`` (default: this checkout's params.yaml) with the profile's overlay
+    configs/<profile>.yaml merged on top where there is one (``demo``: what `make demo` runs, and
+    `--profile demo` means; ``modern``: today's models in the three roles): settings to
     build on, so the sub-paths that only follow their base are left out (an overlay that moves
     ``paths.pseudo`` moves ``paths.stage1`` with it; :func:`components.config.without_derived_paths`)."""
     import yaml
@@ -72,8 +74,9 @@ def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = 
     from components.config import deep_merge, without_derived_paths
 
     raw = yaml.safe_load(Path(base or PROJECT_ROOT / PARAMS_FILE).read_text(encoding="utf-8")) or {}
-    if profile == "demo":
-        raw = deep_merge(raw, yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")))
+    overlay = PROJECT_ROOT / "configs" / f"{profile}.yaml"
+    if profile is not None and overlay.is_file():
+        raw = deep_merge(raw, yaml.safe_load(overlay.read_text(encoding="utf-8")))
     return without_derived_paths(raw)
 
 
@@ -123,6 +126,31 @@ def inference_spec(params: Params, benchmark: str | None = None) -> Any:
     from components.aligner.checkpoint import InferenceSpec
 
     return InferenceSpec.from_settings(params.evaluate.for_benchmark(benchmark), params.models.selected.sam)
+
+
+def check_models(params: Params, *, dense_text: bool = False) -> None:
+    """The selected profile names registry specs of the right roles, and the features' input side
+    is a multiple of the student's patch; with ``dense_text`` (Stage 1), the text space is one whose
+    vision tower the dense detection runs. A ValueError saying which otherwise (before any model
+    loads: the registry holds specs, building is separate)."""
+    from components.models.registry import dense_text_specs, get_spec
+
+    for role, name in params.models.selected.model_dump().items():
+        try:
+            family = get_spec(name).family
+        except KeyError as err:
+            raise ValueError(f"models.profiles.{params.models.profile}.{role}: {err.args[0]}") from None
+        if family != role:
+            raise ValueError(f"models.profiles.{params.models.profile}.{role}: {name!r} is a {family} model")
+    spec = get_spec(params.models.selected.dino)
+    if params.features.image_size % spec.patch_size:
+        raise ValueError(f"features.image_size {params.features.image_size} must be a multiple of the patch size "
+                         f"{spec.patch_size} of the student {spec.name!r}")
+    text = params.models.selected.clip
+    if dense_text and text not in dense_text_specs():
+        raise ValueError(f"Stage 1's dense detection needs a text space with a class token and a projection; {text!r} "
+                         f"has an attention-pool head (Stage 2 only). Text spaces for Stage 1: "
+                         f"{', '.join(dense_text_specs())}")
 
 
 def stage_params(params_path: str | os.PathLike[str] = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

@@ -67,7 +67,7 @@ def features_shard(context: dict[str, Any], shard: ShardPlan) -> dict[str, Any]:
 
 @flow(name="features", flow_run_name="features", log_prints=True)
 def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
-    """DINOv2 patch features of every training image under ``${paths.features}``; returns the manifest."""
+    """Student-encoder patch features of every training image under ``${paths.features}``; returns the manifest."""
     from components.features.cache import finalize_cache, plan_cache, settings_hash, write_uncached_manifest
 
     start = time.perf_counter()

@@ -294,10 +294,14 @@ def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = None) -> Path:
-    """Write a picture of one image's pseudo labels (image, Stage 1.1, Stage 1.2, legend); returns its path."""
+    """Write a picture of one image's pseudo labels (image, Stage 1.1, Stage 1.2, legend); returns its
+    path. ValueError for an image id that is not a relative path inside the image folder (it names
+    the default picture's path)."""
     from components.labelling.show import render_pseudo_labels
     from components.labelling.store import PseudoLabels
+    from components.outputs import safe_relative
 
+    safe_relative(image_id, what="image id")
     params = stage_params(params_path)
     labels = PseudoLabels(output_root(params))
     row = labels.index.loc[labels.index["image_id"] == image_id]
@@ -320,18 +324,22 @@ PROFILES = ("demo", "paper")
 
 
 def own_folder_settings(images: str, out: str, *, classes: str | None, vocabulary: str | None,
-                        profile: str | None, params_path: str | None) -> Path:
-    """Check the options of ``fmbseg label --images`` and write the run's settings file
+                        profile: str | None, params_path: str | None, variants: list[str] | None = None,
+                        overwrite: bool = False) -> Path:
+    """Check every option of ``fmbseg label --images`` (and that ``out`` may take the run's files,
+    those of the export of ``variants`` included: components.outputs), then write the run's settings file
     ``<out>/label_params.yaml``: the base settings (``--params``, ./params.yaml, or the project's own
     profile: ``paper`` = its params.yaml, ``demo`` = that with configs/demo.yaml on top) with the image
     folder, the class list (``<out>/classes.txt``) and the store (``<out>/stage1``) set, and
-    presence by CLIP. Loads no model. Raises FileNotFoundError / ValueError with a message for the user.
+    presence by CLIP. Loads no model; nothing is written before every check passed. Raises
+    FileNotFoundError / ValueError with a message for the user.
     """
     import yaml
 
     from components.config import deep_merge, parse_params
     from components.io import atomic_write_text
-    from components.labelling.export import MAX_CLASSES
+    from components.labelling.export import CLASSES_FILE, MAX_CLASSES
+    from components.outputs import check_apart, check_output_folder, claim_outputs
     from flows.common import PROJECT_ROOT, class_lines, profile_settings
 
     folder, dest = Path(images).resolve(), Path(out).resolve()
@@ -339,10 +347,8 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
         raise FileNotFoundError(f"--images {images} is not a folder")
     if not list_images(folder):
         raise ValueError(f"--images {images} holds no image")
-    if dest == folder or dest.is_relative_to(folder) or folder.is_relative_to(dest):
-        raise ValueError(f"--out {out} and --images {images} must not contain each other (the export would be "
-                         "labelled as images on the next run)")
-    lines = class_lines(classes, vocabulary)
+    check_apart(out, [images], what="--images")
+    lines = check_vocabulary(class_lines(classes, vocabulary), source="--classes" if classes else f"--vocabulary {vocabulary}")
     if len(lines) > MAX_CLASSES:
         raise ValueError(f"Stage 1 label maps are at most 16-bit (65535 = none): at most {MAX_CLASSES} classes, got {len(lines)}")
     if profile is not None and params_path is not None:
@@ -359,7 +365,11 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
         "label": {"vocabulary": (dest / "classes.txt").as_posix(), "presence": "clip", "ground_truth_dir": None},
     })
     parse_params(raw, f"{base} with the --images options")
-    atomic_write_text(dest / "classes.txt", "".join(f"{line}\n" for line in lines))
+    variants = variants or []
+    planned = [CLASSES_FILE, OWN_FOLDER_PARAMS, f"{STAGE_DIR}/", *(f"{v}.json" for v in variants)]
+    check_output_folder(dest, planned, overwrite=overwrite, trees=variants)
+    claim_outputs(dest, planned)  # the first write
+    atomic_write_text(dest / CLASSES_FILE, "".join(f"{line}\n" for line in lines))
     settings = dest / OWN_FOLDER_PARAMS
     atomic_write_text(settings, yaml.safe_dump(raw, sort_keys=False))
     return settings
@@ -390,13 +400,16 @@ def register(app: typer.Typer) -> None:
                                                              "or both (default)"),
         profile: str = typer.Option(None, "--profile", help="with --images: the project's settings of this profile "
                                                              "(demo | paper) instead of --params"),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="with --images: write into a non-empty --out fmbseg did not create (its "
+                                            "files are never replaced)"),
     ) -> None:
         """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable).
 
         With --images DIR --out DIR2: any folder, any class names; PNG + COCO export in DIR2.
         """
         own = {"--classes": classes, "--vocabulary": vocabulary, "--out": out, "--variant": variant,
-               "--profile": profile}
+               "--profile": profile, "--overwrite": overwrite or None}
         if images is None:
             given = [name for name, value in own.items() if value is not None]
             if given:
@@ -413,15 +426,15 @@ def register(app: typer.Typer) -> None:
         try:
             if out is None:
                 raise ValueError("--images needs --out DIR (where the labels go)")
-            check_variants([variant])
             settings = own_folder_settings(str(images), str(out), classes=classes, vocabulary=vocabulary,
-                                           profile=profile, params_path=str(params) if params else None)
+                                           profile=profile, params_path=str(params) if params else None,
+                                           variants=check_variants([variant]), overwrite=overwrite)
         except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
             typer.echo(f"fmbseg label: {err}", err=True)
             raise typer.Exit(2) from None
         _run_label_cli(settings.as_posix())
         store = Path(stage_params(settings.as_posix()).paths.stage1).resolve()
-        typer.echo(json.dumps(export_flow(store.as_posix(), str(out), variant), indent=2))
+        typer.echo(json.dumps(export_flow(store.as_posix(), str(out), variant, overwrite), indent=2))
 
     @app.command("show")
     def show_cmd(
@@ -430,4 +443,9 @@ def register(app: typer.Typer) -> None:
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file"),
     ) -> None:
         """Write a picture of one image's pseudo labels: the image, Stage 1.1, Stage 1.2, a legend."""
-        typer.echo(show_image(image_id, str(params), str(out) if out else None))
+        try:
+            path = show_image(image_id, str(params), str(out) if out else None)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            typer.echo(f"fmbseg show: {err.args[0] if isinstance(err, KeyError) else err}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(path)

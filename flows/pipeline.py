@@ -240,7 +240,7 @@ def _demo(workspace: Path) -> None:
     store = workspace.resolve()
     ui = "make ui STORE=demo" if store == (PROJECT_ROOT / "demo").resolve() else f"make ui STORE={store}"
     print(f"[demo] browse the runs: {ui}  (MLflow UI on http://127.0.0.1:5000, store sqlite:///{store / 'mlflow.db'})")
-    print(f"[demo] serve the model (README: The model in MLflow): source .venv/bin/activate && MLFLOW_TRACKING_URI="
+    print(f"[demo] serve the model (docs/mlflow.md): source .venv/bin/activate && MLFLOW_TRACKING_URI="
           f"{os.environ['MLFLOW_TRACKING_URI']} mlflow models serve -m {demo_champion(workspace)} --env-manager local "
           "--host 127.0.0.1 --port 5001")
 

@@ -1,6 +1,6 @@
 """MLflow tracking: the only module of the project that writes to MLflow.
 
-One run per trained model (DESIGN §6). The train flow opens it with :func:`start_run`, logs the loss
+One run per trained model (docs/design.md §6). The train flow opens it with :func:`start_run`, logs the loss
 per step through a :class:`StepLogger` (buffered: one SQLite write per step would cost more than
 the step on a GPU), an epoch summary per epoch (:func:`log_epoch`), the checkpoint
 (:func:`log_checkpoint`) and the model as an MLflow pyfunc model registered as a new version of
@@ -443,6 +443,12 @@ def log_epoch(params: Params, run_id: str, epoch: int, summary: Mapping[str, flo
     _log_metrics(_client(params), run_id, metrics)
 
 
+def log_data_counts(params: Params, run_id: str, counts: Mapping[str, int]) -> None:
+    """Counts that describe the training data as metrics ``data/<name>`` at step 0 (a resumed run
+    logs them again, at the same step)."""
+    _log_metrics(_client(params), run_id, _metrics({f"data/{k}": v for k, v in counts.items()}, 0))
+
+
 def log_checkpoint(params: Params, run_id: str, path: str | os.PathLike[str]) -> None:
     """The checkpoint file as an artifact of the run, under ``model/``."""
     _client(params).log_artifact(run_id, str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
@@ -558,6 +564,7 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str], *
                 mlflow_model=mlflow_model,
                 python_model=Path(serving.__file__).with_name("serving_model.py"),
                 artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint)},
+                model_config=serving.model_config(params),  # the budgets the served model enforces
                 code_paths=serving.code_paths(Path(staging) / "code"),
                 signature=serving.SIGNATURE,
                 input_example=serving.input_example(),
@@ -727,11 +734,13 @@ def resolve_model_uri(uri: str | None, params: Params, *, dst_dir: str | os.Path
 
     uri: a checkpoint path; ``runs:/<run_id>`` (the checkpoint :func:`log_checkpoint` logged to
     that run, or ``runs:/<run_id>/<artifact path>``); ``models:/<name>@<alias>`` or
-    ``models:/<name>/<version>`` (the checkpoint of the registered version's run); None: the
+    ``models:/<name>/<version>`` or ``models:/<name>/latest`` (the checkpoint of the registered
+    version's run; ``latest``: its highest version, as MLflow reads it); None: the
     ``champion`` of ``tracking.registered_model`` when the store has one, else
     ``${paths.checkpoint}``. Artifacts are downloaded under ``dst_dir`` (default: a folder
-    per run in the system's temp dir). Raises ValueError for a malformed URI or an unknown
-    run / model / alias, FileNotFoundError for a path that does not exist.
+    per run in the system's temp dir). Raises ValueError for a malformed URI (a run id that is not
+    one name, an artifact path that is absolute or holds ``..``: it must stay inside its run) or an
+    unknown run / model / alias, FileNotFoundError for a path that does not exist.
     """
     if uri is None:
         champion = _champion_run(params)
@@ -739,20 +748,21 @@ def resolve_model_uri(uri: str | None, params: Params, *, dst_dir: str | os.Path
             return Path(params.paths.checkpoint)
         return _run_checkpoint(params, champion, f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
     if uri.startswith("runs:/"):
-        run_id, _, artifact = uri.removeprefix("runs:/").strip("/").partition("/")
+        run_id, _, artifact = uri.removeprefix("runs:/").lstrip("/").partition("/")
         if not run_id:
             raise ValueError(f"model URI {uri!r} names no run: use runs:/<run_id>")
-        return _run_checkpoint(params, run_id, artifact or f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
+        return _run_checkpoint(params, run_id, artifact.rstrip("/") or f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}",
+                               dst_dir)
     if uri.startswith("models:/"):
         run_id = _registered_run(params, uri)
         return _run_checkpoint(params, run_id, f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}", dst_dir)
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", uri):
         raise ValueError(f"unsupported model URI {uri!r}: use a checkpoint path, runs:/<run_id>, "
-                         "models:/<name>@<alias> or models:/<name>/<version>")
+                         "models:/<name>@<alias>, models:/<name>/<version> or models:/<name>/latest")
     path = Path(uri)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no model checkpoint at {path}")
-    return path
+    return path  # what it holds is load_aligner's to judge
 
 
 def _store_exists(uri: str) -> bool:
@@ -770,20 +780,26 @@ def _champion_run(params: Params) -> str | None:
 
 
 def _registered_run(params: Params, uri: str) -> str:
-    """The run id of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    """The run id of ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``models:/<name>/latest``."""
     ref = uri.removeprefix("models:/").strip("/")
     name, at, alias = ref.partition("@")
     version = None
     if not at:
         name, _, version = ref.rpartition("/")
     if not name or not (alias or version):
-        raise ValueError(f"model URI {uri!r}: use models:/<name>@<alias> or models:/<name>/<version>")
+        raise ValueError(f"model URI {uri!r}: use models:/<name>@<alias>, models:/<name>/<version> or "
+                         "models:/<name>/latest")
     store = tracking_uri(params)
     if not _store_exists(store):
         raise ValueError(f"{uri}: there is no MLflow store at {store}")
     client = MlflowClient(store)
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        if alias:
+            found = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            found = _latest_version(client, name)
+        else:
+            found = client.get_model_version(name, version)
     except MlflowException as err:
         raise ValueError(f"{uri}: no such registered model version in {store} ({err.message})") from None
     if not found.run_id:
@@ -791,8 +807,23 @@ def _registered_run(params: Params, uri: str) -> str:
     return str(found.run_id)
 
 
+def _latest_version(client: MlflowClient, name: str) -> Any:
+    """The highest version of registered model ``name`` (what ``models:/<name>/latest`` means to
+    MLflow); MlflowException when it has none."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no version")
+    return max(versions, key=lambda v: int(v.version))
+
+
 def _run_checkpoint(params: Params, run_id: str, artifact: str, dst_dir: str | os.PathLike[str] | None) -> Path:
-    """Download one artifact file of a run (the checkpoint) and return its local path."""
+    """Download one artifact file of a run (the checkpoint) and return its local path; ValueError
+    for a run id or artifact path that would reach outside the run."""
+    from components.outputs import safe_relative
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
+        raise ValueError(f"runs:/{run_id}: a run id is letters, digits, '-' and '_' (refused)")
+    safe_relative(artifact, what=f"runs:/{run_id}: artifact path")
     store = tracking_uri(params)
     if not _store_exists(store):
         raise ValueError(f"runs:/{run_id}: there is no MLflow store at {store}")

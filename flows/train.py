@@ -65,17 +65,20 @@ def state_path(params: Params) -> Path:
 
 def _input_paths(params: Params) -> list[Path]:
     """The stage's data inputs (their dvc.lock hashes become tags of the run)."""
-    return [project_path(params, "train_index"), output_root(params), project_path(params, "features")]
+    return [project_path(params, "train_index"), output_root(params), project_path(params, "corrections"),
+            project_path(params, "features")]
 
 
 def _data_fingerprint(params: Params) -> str:
     """What the training data is: hashes of the training index, Stage 1's index and the feature
     manifest and index (the label maps and features are content-addressed by those)."""
     from components.features.cache import INDEX_FILE, MANIFEST_FILE
+    from components.labelling.corrections import CORRECTIONS_FILE
     from components.labelling.store import INDEX_FILE as STAGE1_INDEX
 
     features = project_path(params, "features")
     files = [project_path(params, "train_index"), output_root(params) / STAGE1_INDEX,
+             project_path(params, "corrections") / CORRECTIONS_FILE,
              features / MANIFEST_FILE, features / INDEX_FILE]
     h = hashlib.sha256()
     for path in files:
@@ -100,10 +103,11 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     ``run_id``; returns {"checkpoint", "epochs", "start_epoch", "steps"}."""
     from components.aligner.checkpoint import save_checkpoint
     from components.aligner.train import train_aligner
+    from components.labelling.corrections import CorrectedLabels, Corrections
     from components.labelling.store import PseudoLabels
 
     params = stage_params(params_path)
-    labels = PseudoLabels(output_root(params))
+    labels = CorrectedLabels(PseudoLabels(output_root(params)), Corrections(project_path(params, "corrections")))
     dataset, encoder = _training_data(params, labels)
     settings = _train_settings(params, num_classes=prototypes.shape[0])
     log = get_run_logger()
@@ -251,6 +255,14 @@ def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
     return dataset, encoder
 
 
+def _corrected_images(params: Params) -> int:
+    """How many training images have a person's corrected map (train index variant ``corrected``)."""
+    from components.labelling.balance import CORRECTED
+
+    variants = pd.read_parquet(project_path(params, "train_index"), columns=["variant"])["variant"]
+    return int((variants == CORRECTED).sum())
+
+
 def _changed_settings(params: Params, params_path: str) -> dict[str, Any]:
     """What makes this training an ablation: under `dvc exp run`, the settings that differ from the
     baseline commit; with ``fmbseg train -S`` (a settings file other than ./params.yaml), those that
@@ -295,6 +307,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     model_name = tracking.registered_model_for(params, changed)
     with tracking.start_run(params, run_name=_run_name(params, changed), tags=tags, resume_run_id=run_to_resume,
                             settings=tracking.stage_settings(params, "train", changed)) as run_id:
+        tracking.log_data_counts(params, run_id, {"corrected_images": _corrected_images(params)})
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
         version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)

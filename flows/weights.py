@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
     def status_cmd(names: list[str] = names_arg, profile: str = profile_opt, params: Path = params_opt) -> None:
         """List every weight file the profile (or the named specs) needs, present or missing, with sizes."""
         from components.models.registry import get_spec
-        from components.models.weights import weights_status
+        from components.models.weights import gated_help, weights_status
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs
@@ -67,6 +67,8 @@ def register(app: typer.Typer) -> None:
             mark = "present" if row.present else "MISSING"
             typer.echo(f"  {mark:8} {row.spec:22} {row.file:36} {_human(row.size):>9}  {row.path}")
         missing = [r for r in rows if not r.present]
+        for name in dict.fromkeys(r.spec for r in missing if get_spec(r.spec).gated):
+            typer.echo(f"  {name}: {gated_help(get_spec(name).weights[0])}")
         if missing:
             trained = {r.spec for r in missing if get_spec(r.spec).miniature}  # stand-ins: trained, not fetched
             hints = ([f"fmbseg weights fetch --profile {label}"] if len(trained) < len(missing) else []) + (
@@ -77,11 +79,15 @@ def register(app: typer.Typer) -> None:
     @weights.command("fetch")
     def fetch_cmd(names: list[str] = names_arg, profile: str = profile_opt, params: Path = params_opt) -> None:
         """Download the weight files the profile (or the named specs) needs and that are not on disk."""
-        from components.models.weights import fetch_weights
+        from components.models.weights import GatedWeightsError, fetch_weights
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs
-        rows = fetch_weights(_specs(specs), weights_dir=weights_dir, progress=True)
+        try:
+            rows = fetch_weights(_specs(specs), weights_dir=weights_dir, progress=True)
+        except GatedWeightsError as err:
+            typer.echo(f"fmbseg: {err}", err=True)
+            raise typer.Exit(1) from None
         for row in rows:
             typer.echo(f"  {'present' if row.present else 'MISSING':8} {row.spec:22} {row.file:36} {row.path}")
 

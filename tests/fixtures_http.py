@@ -16,6 +16,8 @@ Files are served at ``/<mode>/<name>``:
   redirect redirects to itself forever
   gzlie    says Content-Encoding: gzip but sends the plain file
   drip     sends 1 KB every 50 ms (never slow enough for a read timeout)
+  trickle  sends 1 byte every 50 ms (a 64 KiB read never fills, nor times out)
+  stall    sends the first 1000 bytes, then nothing (until the server stops)
 Every request is logged as (mode, name, Range header or None).
 """
 
@@ -125,6 +127,21 @@ class FixtureServer:
                 if self.release.wait(0.05):
                     return
                 h.wfile.write(data[i : i + 1024])
+                h.wfile.flush()
+            return
+        if mode in ("trickle", "stall"):
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            if mode == "stall":
+                h.wfile.write(data[:1000])
+                h.wfile.flush()
+                self.release.wait(timeout=30)
+                return
+            for i in range(len(data)):
+                if self.release.wait(0.05):
+                    return
+                h.wfile.write(data[i : i + 1])
                 h.wfile.flush()
             return
         if mode == "corrupt":

@@ -63,3 +63,17 @@ def test_bad_input_is_refused() -> None:
         balance_index(records.drop(columns=["shard"]), 0.5, seed=0)
     with pytest.raises(ValueError, match="unique"):
         balance_index(pd.concat([records, records.iloc[:1]]), 0.5, seed=0)
+
+
+def test_a_corrected_image_trains_on_its_corrected_map_alone() -> None:
+    records = _records(40)
+    plain = balance_index(records, 0.75, seed=0)
+    corrected = pd.DataFrame({"image_id": ["im0003", "im0017", "not-in-the-store"],
+                              "shard": "data/pseudo/corrections/corrections.parquet", "row": [0, 1, 2]})
+    index = balance_index(records, 0.75, seed=0, corrected=corrected)
+    fixed = index.loc[index["image_id"].isin(["im0003", "im0017"])]
+    assert fixed["sample_id"].tolist() == ["im0003/corrected", "im0017/corrected"]
+    assert fixed["row"].tolist() == [0, 1] and fixed["image_path"].tolist() == [
+        "data/images/im0003.jpg", "data/images/im0017.jpg"]
+    others = plain.loc[~plain["image_id"].isin(["im0003", "im0017"])].reset_index(drop=True)
+    assert index.loc[~index["image_id"].isin(["im0003", "im0017"])].reset_index(drop=True).equals(others)

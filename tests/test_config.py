@@ -67,7 +67,6 @@ def test_unknown_keys_list_the_valid_ones(raw, expected):
         ({"evaluate": {"short_side": "x"}}, ["evaluate.short_side", "int"]),
         ({"aligner": {"kind": "resnet"}}, ["aligner.kind", "transformer", "mlp", "linear"]),
         ({"models": {"profile": "tiny"}}, ["tiny", "demo", "paper"]),
-        ({"features": {"image_size": 500}}, ["multiple of DINOv2's patch size 14"]),
         ({"label": {"presence": "ground_truth"}}, ["label.ground_truth_dir"]),
     ],
 )
@@ -336,7 +335,6 @@ def test_settings_to_build_on_move_the_sub_paths_with_their_base(repo_root):
         ({"label": {"grid": 2, "min_crops": 4}}, ["label.min_crops 4", "label.grid² = 4 crops"]),
         ({"label": {"amg": {"min_area_frac": 0.5, "max_area_frac": 0.1}}}, ["label.amg: min_area_frac 0.5 > max_area_frac"]),
         ({"evaluate": {"amg": {"min_area_frac": 0.5, "max_area_frac": 0.1}}}, ["evaluate.amg: min_area_frac"]),
-        ({"features": {"image_size": 100}}, ["features.image_size must be a multiple of DINOv2's patch size 14"]),
         ({"train": {"batch_size": 0}}, ["train.batch_size"]),
         ({"features": {"batch_size": 0}}, ["features.batch_size"]),
         ({"evaluate": {"batch_size": 0}}, ["evaluate.batch_size"]),
@@ -360,11 +358,19 @@ def test_the_edges_of_those_combinations_are_valid():
     parse_params({"evaluate": {"protocol": None, "overrides": {"pv20": {"window": 112, "stride": 56}}}})
 
 
-def test_the_dino_patch_that_features_image_size_is_checked_against_is_every_dinov2s():
-    from components.config import DINO_PATCH
-    from components.models.registry import get_spec, list_specs
+def test_model_stages_check_the_features_side_against_the_students_patch():
+    from flows.common import check_models
 
-    assert {get_spec(name).patch_size for name in list_specs("dino")} == {DINO_PATCH}
+    check_models(parse_params({}))  # the paper's: 518 = 37 x 14
+    with pytest.raises(ValueError, match="multiple of the patch size 16 of the student 'dinov3_vitl16'"):
+        check_models(parse_params({"models": {"profiles": {"paper": {"clip": "ViT-L-14-336/openai", "sam": "vit_h",
+                                                                       "dino": "dinov3_vitl16"}}}}))
+    with pytest.raises(ValueError, match="unknown model spec 'dinov9'.*dinov3_vitl16"):
+        check_models(parse_params({"models": {"profiles": {"paper": {"clip": "ViT-L-14-336/openai", "sam": "vit_h",
+                                                                       "dino": "dinov9"}}}}))
+    with pytest.raises(ValueError, match="'vit_h' is a sam model"):
+        check_models(parse_params({"models": {"profiles": {"paper": {"clip": "ViT-L-14-336/openai", "sam": "vit_h",
+                                                                       "dino": "vit_h"}}}}))
 
 
 def test_train_settings_are_the_components_own_by_field_name():

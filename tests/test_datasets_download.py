@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from fixtures_http import FixtureServer
 
+from components.datasets import download
 from components.datasets.download import (
     STAMP_NAME,
     ChecksumMismatchError,
@@ -285,3 +287,57 @@ def test_a_slow_drip_server_hits_the_overall_deadline(server, tmp_path):
         _download(_spec((server.url("drip", "fixture.tar"),)), tmp_path, deadline=1.0)
     assert time.monotonic() - start < 5
     assert (tmp_path / "raw" / "downloads" / "fixture.tar.part").exists()  # kept for a later resume
+
+
+def _timed_download(spec: SourceSpec, tmp_path: Path, limit: float, **kw: object) -> tuple[BaseException | None, float]:
+    """(what the download raised, its wall time), the download run in a thread given up on after
+    ``limit`` seconds (a download without a working deadline would hold the test for hours; the
+    server's exit ends it)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            _download(spec, tmp_path, **kw)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            outcome.append(err)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"the download still ran after {limit:.0f} s"
+    return outcome[0], time.monotonic() - start
+
+
+@pytest.mark.parametrize("mode", ["trickle", "stall", "hang"])
+def test_an_explicit_deadline_fires_on_time_on_a_timer(server, tmp_path, mode):
+    """A server that sends a byte at a time (a 64 KiB read never completes), stops sending, or never
+    answers is cut off within a second of the deadline, long before the 30 s read timeout."""
+    err, wall = _timed_download(_spec((server.url(mode, "fixture.tar"),)), tmp_path, limit=15,
+                                deadline=2.0, timeout=30.0, retries=3)
+    assert isinstance(err, DownloadError) and "deadline of 2 s" in str(err), err
+    assert 2.0 <= wall < 3.0, wall
+    assert not (tmp_path / "raw" / "downloads" / "fixture.tar").exists()
+    part = tmp_path / "raw" / "downloads" / "fixture.tar.part"
+    assert ("is kept" in str(err)) == part.exists()  # the message names a partial file only when there is one
+
+
+def test_a_source_without_a_size_in_the_registry_still_has_a_deadline(server, tmp_path, monkeypatch):
+    """The default deadline (a base plus the size at a minimum rate) falls back on the registry's
+    approximate size: 0.5 s + 300 kB at 100 kB/s here, where the drip takes 15 s."""
+    monkeypatch.setattr(download, "_DEADLINE_BASE_S", 0.5)
+    spec = _spec((server.url("drip", "fixture.tar"),), size_bytes=None)
+    err, wall = _timed_download(spec, tmp_path, limit=12)
+    assert isinstance(err, DownloadError) and "deadline of 4 s" in str(err), err
+    assert wall < 5.0, wall
+
+
+def test_a_redirect_loop_fails_at_once_without_claiming_a_partial_file(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="redirect") as err:
+        _download(_spec((server.url("redirect", "fixture.tar"),)), tmp_path, retries=3, backoff=1.0)
+    assert time.monotonic() - start < 3  # no retries with backoff: the loop is the answer
+    assert not (tmp_path / "raw" / "downloads" / "fixture.tar.part").exists()
+    assert "partial file" not in str(err.value) and "resumes" not in str(err.value)
+    assert len(server.requests_for("redirect", "fixture.tar")) == 31  # one try: requests follows 30 redirects

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from components.datasets.readers import read_image_rgb
 from components.features.cache import (
     INDEX_COLUMNS,
     FeatureCache,
@@ -26,7 +27,7 @@ from components.features.cache import (
 )
 from components.features.encode import DinoEncoder, encode_images, prefetch
 from components.models.dino import dino_preprocess, patch_features
-from components.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_dino
+from components.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_dino, get_spec
 
 SIZE = 56  # a 4 x 4 patch grid
 
@@ -56,8 +57,8 @@ def make_index(root: Path, ids: list[str], seed: int = 0) -> pd.DataFrame:
 
 
 def build_cache(root: Path, images, encoder: DinoEncoder, *, shard_size: int, size: int = SIZE, only: int | None = None,
-                precision: str = "fp32"):
-    settings = settings_hash("mini-dino", size, precision=precision)
+                precision: str = "fp32", dino: str = "mini-dino"):
+    settings = settings_hash(dino, size, precision=precision)
     plan = plan_cache(root / "features", images, settings=settings, shard_size=shard_size)
     for shard in plan.todo[:only]:
         write_shard(root / "features", shard, encoder, settings=settings, project_root=root, image_size=size,
@@ -133,6 +134,24 @@ def test_precision_is_part_of_the_key(tmp_path, encoder) -> None:
         finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
     plan = build_cache(tmp_path, images, encoder, shard_size=2, precision="fp32")
     assert not plan.done and sum(len(s.images) for s in plan.todo) == 2
+
+
+def test_the_student_spec_is_part_of_the_key(tmp_path, encoder) -> None:
+    """Switching the student (DINOv2 -> DINOv3) never reuses the other encoder's features."""
+    assert settings_hash("mini-dino", 112, precision="fp32") != settings_hash("mini-dinov3", 112, precision="fp32")
+    images = unique_images(make_index(tmp_path, ["a", "b", "c"]), tmp_path, num_workers=0)
+    build_cache(tmp_path, images, encoder, shard_size=2)
+    finalize_cache(tmp_path / "features", images, dino="mini-dino", image_size=SIZE, precision="fp32")
+    v3 = DinoEncoder(build_dino("mini-dinov3"), device=torch.device("cpu"), dtype="fp32")
+    side = 4 * get_spec("mini-dinov3").patch_size
+    plan = build_cache(tmp_path, images, v3, shard_size=2, size=side, dino="mini-dinov3")
+    assert not plan.done and sum(len(s.images) for s in plan.todo) == 3
+    manifest = finalize_cache(tmp_path / "features", images, dino="mini-dinov3", image_size=side, precision="fp32")
+    assert manifest["dino"] == "mini-dinov3" and manifest["grid"] == [4, 4] and manifest["num_shards"] == 2
+    assert len(list((tmp_path / "features" / "shards").glob("*.npy"))) == 2  # DINOv2's shards are gone
+    pixels = dino_preprocess(read_image_rgb(tmp_path / "images" / "b.png"), side)
+    expected = patch_features(v3.model, pixels)[0].half().numpy()
+    np.testing.assert_array_equal(FeatureCache(tmp_path / "features").read("b"), expected)
 
 
 def test_a_killed_runs_temporary_files_are_removed_by_the_next_plan(tmp_path, encoder) -> None:

@@ -1,4 +1,4 @@
-"""Sliding-window inference, patch logits, prompt sets (DESIGN.md §4 evaluation protocol)."""
+"""Sliding-window inference, patch logits, prompt sets (docs/design.md §4 evaluation protocol)."""
 
 from __future__ import annotations
 

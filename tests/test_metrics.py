@@ -1,4 +1,4 @@
-"""MeanIoU against a naive per-pixel loop (paper's mIoU, DESIGN.md §4)."""
+"""MeanIoU against a naive per-pixel loop (paper's mIoU, docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from segment_anything.modeling import Sam
-from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    DINOv3ViTModel,
+    Sam2Model,
+)
 
 from components.models.registry import (
     autocast_context,
@@ -32,10 +39,12 @@ from components.models.weights import (
 
 REAL = {
     "clip": ["ViT-L-14-336/openai", "ViT-B-16/openai"],
-    "sam": ["vit_h", "vit_l", "vit_b"],
-    "dino": ["dinov2_vitl14", "dinov2_vitl14_reg", "dinov2_vitb14"],
+    "sam": ["vit_h", "vit_l", "vit_b", *(f"sam2.1-hiera-{size}" for size in ("tiny", "small", "base-plus", "large"))],
+    "dino": ["dinov2_vitl14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg",
+             "dinov2_vitg14_reg", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vith16plus"],
 }
-MINI = {"clip": ["mini-clip"], "sam": ["mini-sam"], "dino": ["mini-dino", "mini-dino-reg"]}
+MINI = {"clip": ["mini-clip"], "sam": ["mini-sam", "mini-sam2.1"], "dino": ["mini-dino", "mini-dino-reg", "mini-dinov3"]}
+STUDENT_CLASS = {"mini-dino": Dinov2Model, "mini-dino-reg": Dinov2WithRegistersModel, "mini-dinov3": DINOv3ViTModel}
 WORLD = {family: [f"world-{family}"] for family in ("clip", "sam", "dino")}  # stand-ins trained on the demo world
 BUILDERS = {"clip": build_clip, "sam": build_sam, "dino": build_dino}
 
@@ -51,11 +60,13 @@ def empty_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_spec_names_and_families():
-    for family in ("clip", "sam", "dino"):
-        assert list_specs(family) == REAL[family] + MINI[family] + WORLD[family]
-    assert list_specs() == [n for f in ("clip", "sam", "dino") for n in REAL[f] + MINI[f] + WORLD[f]]
-    with pytest.raises(ValueError, match="clip, sam, dino"):
+    for family in ("clip", "sam", "dino"):  # the text space's other specs: tests/test_text_space.py
+        named = [n for n in list_specs(family) if n in REAL[family] + MINI[family] + WORLD[family]]
+        assert named == REAL[family] + MINI[family] + WORLD[family]
+    assert sorted(list_specs()) == sorted(n for f in ("clip", "sam", "dino") for n in list_specs(f))
+    with pytest.raises(ValueError, match="clip, sam, dino .roles: student, text, mask"):
         list_specs("vit")
+    assert [list_specs(role) for role in ("student", "text", "mask")] == [list_specs(f) for f in ("dino", "clip", "sam")]
 
 
 def test_unknown_name_lists_known_ones():
@@ -76,8 +87,10 @@ def test_spec_metadata(name):
     assert len(spec.mean) == len(spec.std) == 3 and all(0 < s < 1 for s in spec.std)
     assert all(0 < m < 1 for m in spec.mean)
     if spec.family == "dino":
-        assert spec.patch_size == 14 and spec.image_size % 14 == 0
-        assert spec.image_size == (518 if not spec.miniature else 224)
+        dinov3 = "dinov3" in name
+        assert spec.patch_size == (16 if dinov3 else 14) and spec.image_size % spec.patch_size == 0
+        assert spec.prefix_tokens == (5 if dinov3 or "reg" in name else 1)
+        assert spec.gated == (dinov3 and not spec.miniature)
     if spec.miniature:
         assert spec.weights == ()
         return
@@ -87,14 +100,19 @@ def test_spec_metadata(name):
         assert spec.weights[0].hub_repo == open_clip.get_pretrained_cfg(spec.architecture, "openai")[
             "hf_hub"
         ].strip("/")
-    if spec.family == "sam":
+    if spec.family == "sam" and spec.hub_repo is not None:  # SAM 2.1: transformers files on the hub
+        assert spec.hub_repo == f"facebook/{name}" and spec.licence == "Apache-2.0"
+        assert [f.name for f in spec.weights] == ["config.json", "model.safetensors"]
+        assert all(f.hub_repo == spec.hub_repo and f.sha256 is None for f in spec.weights)
+    elif spec.family == "sam":
         (file,) = spec.weights
         assert file.url == f"https://dl.fbaipublicfiles.com/segment_anything/{file.name}"
         assert re.fullmatch(r"[0-9a-f]{64}", file.sha256) and file.size > 10**8
         assert [255 * m for m in spec.mean] == pytest.approx([123.675, 116.28, 103.53])
     if spec.family == "dino":
         assert [f.name for f in spec.weights] == ["config.json", "model.safetensors"]
-        assert all(f.hub_repo == spec.hub_repo for f in spec.weights)
+        assert all(f.hub_repo == spec.hub_repo for f in spec.weights) and spec.licence
+        assert spec.hub_repo.startswith("facebook/dinov3-vit" if "dinov3" in name else "facebook/dinov2-")
 
 
 def test_paper_specs():
@@ -105,6 +123,15 @@ def test_paper_specs():
     assert get_spec("vit_h").weights[0].sha256.startswith("a7bf3b02")
     assert get_spec("dinov2_vitl14").hub_repo == "facebook/dinov2-large"
     assert get_spec("dinov2_vitl14_reg").hub_repo == "facebook/dinov2-with-registers-large"
+    assert get_spec("dinov3_vitl16").hub_repo == "facebook/dinov3-vitl16-pretrain-lvd1689m"
+
+
+@pytest.mark.parametrize("name", [n for n in REAL["dino"] if "vitl" in n or "vits" in n])
+def test_real_student_architectures_match_their_specs(name):
+    """The random-weight builds (benchmarks) of the real students have the spec's geometry."""
+    spec = get_spec(name)
+    model = build_dino(name, random_weights=True)
+    assert (model.config.patch_size, model.config.hidden_size) == (spec.patch_size, spec.embed_dim)
 
 
 @pytest.mark.parametrize("name", [n for names in MINI.values() for n in names])
@@ -124,15 +151,19 @@ def test_miniatures_build_frozen_seeded_and_match_spec(name):
         )
         assert model.visual.output_dim == spec.embed_dim
         assert tokenizer(["a cat"]).shape == (1, 77) and model.vocab_size == 49408
+    elif spec.family == "sam" and name.startswith("mini-sam2"):
+        assert type(model) is Sam2Model
+        assert model.config.prompt_encoder_config.image_size == spec.image_size
+        assert model.config.vision_config.fpn_hidden_size == spec.embed_dim
     elif spec.family == "sam":
         assert type(model) is Sam
         assert model.image_encoder.img_size == spec.image_size
         assert model.image_encoder.neck[0].out_channels == spec.embed_dim
         assert model.pixel_mean.flatten().tolist() == pytest.approx([255 * m for m in spec.mean])
     else:
-        assert type(model) is (Dinov2WithRegistersModel if name.endswith("-reg") else Dinov2Model)
+        assert type(model) is STUDENT_CLASS[name]
         assert model.config.hidden_size == spec.embed_dim and model.config.image_size == spec.image_size
-        assert getattr(model.config, "num_register_tokens", 0) == (4 if name.endswith("-reg") else 0)
+        assert 1 + getattr(model.config, "num_register_tokens", 0) == spec.prefix_tokens
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     again = BUILDERS[spec.family](name)
     again = again.model if spec.family == "clip" else again
@@ -150,6 +181,7 @@ def test_real_spec_without_weights_raises_with_fetch_command(empty_weights, name
     assert spec.weights[0].name in message
     assert str(empty_weights / spec.weights[0].local_dir / spec.weights[0].name) in message
     assert f"fmbseg weights fetch {name}" in message and "fmbseg weights fetch --profile paper" in message
+    assert ("HF_TOKEN" in message and f"https://huggingface.co/{spec.hub_repo}" in message) == spec.gated
     if spec.weights[0].hub_repo:
         assert (
             spec.weights[0].hub_repo in message and str(empty_weights.parent / "hf_home" / "hub") in message
@@ -238,7 +270,7 @@ def test_dinov2_file_that_does_not_fit_the_spec_is_an_error(empty_weights):
     local.mkdir(parents=True)
     (local / "config.json").write_bytes(files["config.json"])
     save_file(state, str(local / "model.safetensors"))
-    with pytest.raises(ValueError, match="hidden_size 32"):
+    with pytest.raises(ValueError, match=r"\(14, 32, 1\)"):
         build_dino("dinov2_vitl14")
 
 

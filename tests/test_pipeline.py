@@ -122,7 +122,7 @@ def test_repro_runs_every_stage_and_tracks_one_run(ws, first_run):
 def test_the_demo_world_transmits_signal_through_every_stage(ws, first_run):
     """The demo profile's scores stay far above chance (1/K): a pipeline that stops transmitting
     signal (a flipped frame, a lost normalisation, a wrong label index) fails here. Floors: the
-    scores measured on the demo world (README "The demo world") less a margin."""
+    scores measured on the demo world (docs/demo-world.md) less a margin."""
     import csv
 
     stage1 = {(r["benchmark"], r["variant"]): float(r["mIoU"])

@@ -67,16 +67,19 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def test_outputs_at_original_sizes_with_records_and_skips(segmenter, tmp_path):
     expected = write_inputs(tmp_path / "in")
-    sources = list_sources([tmp_path / "in"])
+    sources, not_listed, folders = list_sources([tmp_path / "in"])
+    assert folders == [tmp_path / "in"]
     assert [s.stem for s in sources] == ["plain", "sub/cmyk", "sub/corrupt", "sub/deeper/rotated", "sub/gray"]
     out = tmp_path / "out"
-    summary = predict_images(segmenter, sources, NEW_VOCABULARY, out, key="k", overlays=True, batch_size=2)
-    assert summary._asdict() == {"images": 5, "segmented": 4, "resumed": 0, "skipped": 1}
+    summary = predict_images(segmenter, sources, NEW_VOCABULARY, out, key="k", overlays=True, batch_size=2,
+                             skipped=not_listed)
+    assert summary._asdict() == {"images": 5, "segmented": 4, "resumed": 0, "skipped": 2}
 
     assert (out / CLASSES_FILE).read_text() == "sky, clouds\ngrass\ncar\n"
     skipped = list(csv.DictReader((out / SKIPPED_FILE).open()))
-    assert [r["path"] for r in skipped] == [(tmp_path / "in" / "sub" / "corrupt.jpg").as_posix()]
-    assert "corrupt or truncated" in skipped[0]["reason"]
+    assert [r["path"] for r in skipped] == [(tmp_path / "in" / name).as_posix() for name in ("notes.txt",
+                                                                                             "sub/corrupt.jpg")]
+    assert "not an image file" in skipped[0]["reason"] and "corrupt or truncated" in skipped[1]["reason"]
 
     records = [json.loads(line) for line in (out / PREDICTIONS_FILE).read_text().splitlines()]
     assert [r["output"] for r in records] == ["plain.png", "sub/cmyk.png", "sub/deeper/rotated.png", "sub/gray.png"]
@@ -99,7 +102,7 @@ def test_outputs_at_original_sizes_with_records_and_skips(segmenter, tmp_path):
 
 def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path, monkeypatch):
     write_inputs(tmp_path / "in")
-    sources = list_sources([tmp_path / "in"])
+    sources = list_sources([tmp_path / "in"]).sources
     whole = tmp_path / "whole"
     predict_images(segmenter, sources, NEW_VOCABULARY, whole, key="k", batch_size=2)
 
@@ -138,9 +141,9 @@ def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path, mon
 
 def test_listing_files_globs_and_clashes(tmp_path):
     write_inputs(tmp_path / "in")
-    by_glob = list_sources([str(tmp_path / "in" / "**" / "*.jpg")])
+    by_glob = list_sources([str(tmp_path / "in" / "**" / "*.jpg")]).sources
     assert [s.stem for s in by_glob] == ["plain", "sub/cmyk", "sub/corrupt", "sub/deeper/rotated"]
-    single = list_sources([tmp_path / "in" / "sub" / "gray.png", tmp_path / "in" / "sub"])
+    single = list_sources([tmp_path / "in" / "sub" / "gray.png", tmp_path / "in" / "sub"]).sources
     assert [s.stem for s in single] == ["gray", "cmyk", "corrupt", "deeper/rotated"]  # gray.png listed once
     Image.fromarray(photo(10, 10, 0)).save(tmp_path / "in" / "plain.png")
     with pytest.raises(ValueError, match="same outputs"):
@@ -177,7 +180,7 @@ def test_command_from_a_paper_profile_root(tmp_path, monkeypatch, repo_root, pre
                                  "--refine", "--batch-size", "3"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
-    assert summary["segmented"] == 4 and summary["skipped"] == 1
+    assert summary["segmented"] == 4 and summary["skipped"] == 2  # corrupt.jpg and notes.txt
     assert (tmp_path / "out" / "sub" / "deeper" / "rotated.png").exists()
 
     for args, message in [

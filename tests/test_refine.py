@@ -180,3 +180,29 @@ def test_refine_without_masks_and_errors() -> None:
         refine_with_masks(base, [], num_classes=2)
     with pytest.raises(ValueError, match="integer"):
         refine_with_masks(base.float(), [], num_classes=3)
+
+
+def test_refinement_with_sam2_masks(tmp_path) -> None:
+    """A checkpoint whose inference spec names the SAM 2.1 miniature refines with Sam2Model's automatic
+    masks, through the same mask interface as SAM v1: the refined map is the base with those masks
+    painted by majority."""
+    import dataclasses
+
+    from mini_checkpoint import MINI_INFERENCE, write_mini_checkpoint
+    from transformers import Sam2Model
+
+    from components.segmenter import Segmenter
+
+    inference = dataclasses.replace(
+        MINI_INFERENCE, amg={**MINI_INFERENCE.amg, "pred_iou_thresh": 0.3, "stability_score_offset": 0.5})
+    segmenter = Segmenter.from_checkpoint(
+        write_mini_checkpoint(tmp_path / "aligner.pt", inference=dataclasses.replace(inference, sam="mini-sam2.1")),
+        device="cpu",
+    )
+    assert isinstance(segmenter.load_sam(), Sam2Model)
+    image = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    masks = segmenter.masks(image)
+    assert masks.shape[1:] == (48, 64) and masks.dtype == torch.bool and masks.shape[0] > 0
+    vocab = segmenter.vocabulary(["sky", "grass", "car"])
+    prediction = segmenter.predict(image, vocab, refine=True)
+    torch.testing.assert_close(prediction.refined, refine_with_masks(prediction.base, masks, 3))

@@ -184,3 +184,12 @@ def test_mask_boxes_equal_stock_boxes():
     assert ours.dtype == stock.dtype and torch.equal(ours, stock)
     empty = torch.zeros(0, 9, 13, dtype=torch.bool)
     assert torch.equal(mask_boxes(empty), batched_mask_to_box(empty))
+
+
+def test_embed_image_picks_the_mask_image_by_model_class(sam, image):
+    from components.models.masks import MaskImage, embed_image
+
+    embedded = embed_image(sam, image)
+    assert isinstance(embedded, SamImage) and isinstance(embedded, MaskImage)
+    with pytest.raises(TypeError, match="not a mask model; supported: Sam"):
+        embed_image(torch.nn.Linear(2, 2), image)

@@ -24,7 +24,7 @@ from mini_checkpoint import write_mini_checkpoint
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from components.config import parse_params
+from components.config import ConfigError, parse_params
 from components.segmenter import Segmenter
 from flows import serving, tracking
 from flows.server import free_port
@@ -48,9 +48,10 @@ def checkpoint(tmp_path) -> Path:
     return write_mini_checkpoint(tmp_path / "aligner.pt", class_names=("sky", "tree"))
 
 
-def logged_run(checkpoint: Path) -> tuple[str, str]:
-    """A finished train-like run that logged the model: (run id, registered version)."""
-    params = parse_params({})
+def logged_run(checkpoint: Path, serve: dict | None = None) -> tuple[str, str]:
+    """A finished train-like run that logged the model (with the ``serve`` budgets given, else
+    params.yaml's defaults): (run id, registered version)."""
+    params = parse_params({"serve": serve} if serve else {})
     with tracking.start_run(params, run_name="train", tags={tracking.STAGE_TAG: "train"}) as run_id:
         version = tracking.log_model(params, run_id, checkpoint)
     return run_id, version
@@ -66,6 +67,17 @@ def test_classes_syntax() -> None:
     assert len(serving.parse_classes(",".join(f"c{i}" for i in range(300)))) == 300  # 16-bit label maps
     with pytest.raises(ValueError, match="at most 65535"):
         serving.parse_classes(",".join(f"c{i}" for i in range(65536)))
+    assert serving.parse_classes(["person, people", " sky ", ""]) == ["person, people", "sky"]
+    # a class named twice (its first name, any case) is refused, as `label` refuses it
+    with pytest.raises(ValueError, match=r"class 'sky' appears more than once \(names 1 and 3\)"):
+        serving.parse_classes("sky, tree, Sky")
+    with pytest.raises(ValueError, match="class 'person' appears more than once"):
+        serving.parse_classes(["person, people", "person"])
+    for value, kind in ((5, "int"), (None, "null"), (float("nan"), "null"), (pd.NA, "null"), (["sky", 3], "list"),
+                        ({}, "object"), (2.5, "float"), (True, "bool")):
+        with pytest.raises(TypeError, match="^classes must be a string of comma-separated class names or a list of "
+                                            f"strings, got {kind}$"):
+            serving.parse_classes(value)
 
 
 def test_image_and_label_map_codecs() -> None:
@@ -146,6 +158,88 @@ def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, 
         model.predict(pd.DataFrame({"image": [frame["image"][0]], "classes": [" ; "]}))
 
 
+def _png(height: int, width: int) -> str:
+    """A base64 PNG of one colour (a few kB even at 8000 x 8000)."""
+    return serving.encode_image(np.full((height, width, 3), 128, np.uint8))
+
+
+def _header_only(text: str) -> str:
+    """The PNG's first half, its header (its size) and part of its pixel data, the rest cut off: a
+    file that can only be refused by its header, as decoding it fails."""
+    data = base64.b64decode(text)
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+def test_budgets_are_validated_settings() -> None:
+    assert parse_params({}).serve.model_dump() == {"max_pixels": 16_777_216, "max_classes": 1024}
+    for bad, message in (({"max_classes": 70_000}, "serve.max_classes"), ({"max_pixels": 0}, "serve.max_pixels"),
+                         ({"max_pixel": 5}, "max_pixel")):
+        with pytest.raises(ConfigError, match=message):
+            parse_params({"serve": bad})
+
+
+def test_budgets_are_the_logged_models_config_and_refuse_before_decoding(checkpoint, mlflow_uri) -> None:
+    logged_run(checkpoint, serve={"max_pixels": 10_000, "max_classes": 3})
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/latest")
+    assert model.model_config == {"max_pixels": 10_000, "max_classes": 3}
+    small = _png(60, 80)  # 4,800 pixels
+
+    def frame(images: list[object], classes: list[object]) -> pd.DataFrame:
+        """Columns of any JSON values, as the scoring server parses a request's (object dtype)."""
+        return pd.DataFrame({"image": pd.Series(images, dtype=object), "classes": pd.Series(classes, dtype=object)})
+
+    out = model.predict(frame([small, small], ["sky, tree", ["a", "b, bee", "c"]]))
+    assert len(out) == 2 and set(out["present"][1]) <= {"a", "b, bee", "c"}
+
+    def refusal(images: list[object], classes: list[object]) -> str:
+        start = time.monotonic()
+        with pytest.raises(MlflowException) as err:
+            model.predict(frame(images, classes))
+        assert time.monotonic() - start < 5
+        assert err.value.get_http_status_code() == 400 and "\n" not in err.value.message
+        return err.value.message
+
+    assert refusal([small, small, small], ["sky"] * 3) == (
+        "row 2: the images up to this one (80 x 60) hold 14,400 pixels, above the model's budget of 10,000 per "
+        "request (serve.max_pixels): send smaller images or fewer rows")
+    # an 8000 x 8000 file is refused from its header: none of its pixels is decoded (they are cut off)
+    huge = _header_only(_png(8000, 8000))
+    assert "8000 x 8000" in refusal([huge], ["sky"])
+    assert "not a readable PNG" in refusal([_header_only(small)], ["sky"])  # the same cut, within budget
+    assert refusal([small], ["a, b, c, d"]) == (
+        "row 0: 4 classes, above the model's budget of 3 per row (serve.max_classes)")
+    assert refusal([small], ["sky, tree, Sky"]) == (
+        "row 0: classes: class 'sky' appears more than once (names 1 and 3)")
+    assert refusal([small], [5]) == (
+        "row 0: classes must be a string of comma-separated class names or a list of strings, got int")
+    assert refusal([None], ["sky"]) == "row 0: image must be a base64-encoded PNG/JPEG string, got null"
+
+
+def test_segment_batch_checks_before_every_forward_and_stops_at_a_raise(checkpoint) -> None:
+    """The served model's deadline hook: ``check`` runs before each encoder forward (16 windows; a
+    56 x 2048 image holds 73 windows, so 5 forwards) and what it raises ends the work there."""
+    segmenter = Segmenter.from_checkpoint(checkpoint)
+    forwards: list[int] = []
+    encode = segmenter.encode
+    segmenter.encode = lambda pixels: forwards.append(len(pixels)) or encode(pixels)  # type: ignore[method-assign]
+    image = picture(56, 2048, seed=6)
+    calls: list[int] = []
+    expected = segmenter.segment(image, ["sky", "tree"])
+    forwards.clear()
+    got = segmenter.segment_batch([image], ["sky", "tree"], check=lambda: calls.append(len(forwards)))[0]
+    assert np.array_equal(got.label_map, expected.label_map)
+    assert calls == [0, 1, 2, 3, 4] and sum(forwards) == 73  # before each forward, before it ran
+
+    def deadline() -> None:
+        if len(forwards) == 2:
+            raise TimeoutError("deadline")
+
+    forwards.clear()
+    with pytest.raises(TimeoutError):
+        segmenter.segment_batch([image], ["sky", "tree"], check=deadline)
+    assert len(forwards) == 2
+
+
 def test_promoting_a_run_without_a_registered_model_is_an_error(mlflow_uri) -> None:
     with tracking.start_run(parse_params({}), run_name="untrained", tags={}) as run_id:
         pass
@@ -170,13 +264,37 @@ def test_the_demo_names_its_first_model_champion(tmp_path, mlflow_uri) -> None:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
+    """(status, the answer's JSON, or {"text": ...} for an answer that is not JSON, as a 504's)."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+            status, text = response.status, response.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, {"text": text.decode()}
+
+
+def _rows(*rows: list[object]) -> dict:
+    return {"dataframe_split": {"columns": ["image", "classes"], "data": list(rows)}}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its children (mlflow and its uvicorn)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _wait_for_ping(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -194,8 +312,10 @@ def _wait_for_ping(url: str, proc: subprocess.Popen, log: Path, timeout: float) 
     raise TimeoutError(f"mlflow models serve did not answer /ping within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def test_mlflow_models_serve_answers_invocations(checkpoint, mlflow_uri, tmp_path) -> None:
-    run_id, _ = logged_run(checkpoint)
+def test_mlflow_models_serve_answers_refuses_and_stops_at_its_timeout(checkpoint, mlflow_uri, tmp_path) -> None:
+    """A real server: answers, refuses bad and oversized requests with a 400 that names the field,
+    and a request that passes the server's timeout (2 s here) stops computing after its 504."""
+    run_id, _ = logged_run(checkpoint, serve={"max_pixels": 30_000_000, "max_classes": 50})
     tracking.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
     port = free_port()
     bin_dir = Path(sys.executable).parent  # the environment's mlflow, and the uvicorn it runs from PATH
@@ -204,7 +324,7 @@ def test_mlflow_models_serve_answers_invocations(checkpoint, mlflow_uri, tmp_pat
                PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+           "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--timeout", "2"]
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
@@ -225,6 +345,43 @@ def test_mlflow_models_serve_answers_invocations(checkpoint, mlflow_uri, tmp_pat
         status, answer = _post(f"{url}/invocations", {"dataframe_split": {
             "columns": ["image", "classes"], "data": [["bm90IGFuIGltYWdl", "sky"]]}})
         assert status == 400 and "row 0: 'image' is not a readable PNG or JPEG" in answer["message"], answer
+
+        # refused with a 400 that names the row and the field, before any compute
+        small = _png(48, 64)
+        refusals = {
+            "row 0: classes must be a string of comma-separated class names or a list of strings, got int":
+                _rows([small, 5]),
+            "row 1: image must be a base64-encoded PNG/JPEG string, got null": _rows([small, "sky"], [None, "sky"]),
+            "row 0: classes: class 'sky' appears more than once (names 1 and 3)": _rows([small, "sky, tree, SKY"]),
+            "row 0: 51 classes, above the model's budget of 50 per row (serve.max_classes)":
+                _rows([small, [f"c{i}" for i in range(51)]]),
+            "row 0: the images up to this one (8000 x 8000) hold 64,000,000 pixels, above the model's budget of "
+            "30,000,000 per request (serve.max_pixels)": _rows([_png(8000, 8000), "sky"]),
+        }
+        for message, body in refusals.items():
+            start = time.monotonic()
+            status, answer = _post(f"{url}/invocations", body)
+            assert status == 400 and message in answer["message"], (message, answer)
+            assert time.monotonic() - start < 5
+        status, answer = _post(f"{url}/invocations", _rows([small, ["sky", "tree, forest"]]))
+        assert status == 200 and set(answer["predictions"][0]["present"]) <= {"sky", "tree, forest"}, answer
+
+        # within budget, but ~20 s of windows (200 rows of 56 x 2048: 73 windows each): a 504 after
+        # 2 s, then the worker stops at its next encoder forward instead of computing for nothing
+        long_request = _rows(*[[_png(56, 2048), "sky, tree"]] * 200)
+        start = time.monotonic()
+        status, answer = _post(f"{url}/invocations", long_request)
+        assert status == 504 and time.monotonic() - start < 10, answer
+        stop = time.monotonic() + 10
+        while "stopped: the request passed the server's timeout of 2 s" not in log.read_text():
+            assert time.monotonic() < stop, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert time.monotonic() - start < 8  # the whole request's work takes ~20 s
+        before = _cpu_seconds(proc.pid)
+        time.sleep(2)
+        assert _cpu_seconds(proc.pid) - before < 0.5  # idle: nothing computes on
+        status, answer = _post(f"{url}/invocations", _rows([small, "sky"]))
+        assert status == 200, answer
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the server's session: mlflow and the uvicorn it starts

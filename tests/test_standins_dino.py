@@ -1,6 +1,6 @@
 """world-dino keeps its seeded random weights: its patch features must separate the world's classes.
 
-The measurement that justifies it (README "The demo world"): a small MLP probe on the frozen patch
+The measurement that justifies it (docs/demo-world.md): a small MLP probe on the frozen patch
 features of world scenes, trained on some scenes and scored on others, names a patch's class among
 COCO-Stuff's 171 far above chance (1/171) -- what the aligner, a transformer block with an MLP,
 needs from its input.

@@ -201,7 +201,7 @@ def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path) -> None:
     assert (loaded.encoder_spec, loaded.image_size, loaded.text_spec) == ("mini-dino", 56, "mini-clip")
     assert loaded.templates == ["a photo of a {}."] and loaded.run_id == "abc"
     assert loaded.params == {"train.lr": 0.05, "label.templates": ["a photo of a {}."]}
-    assert loaded.inference == MINI_INFERENCE and raw["format"] == 2
+    assert loaded.inference == MINI_INFERENCE and raw["format"] == 3
 
 
 def test_checkpoint_errors(tmp_path) -> None:

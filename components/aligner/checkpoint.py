@@ -10,15 +10,21 @@ One ``torch.save`` of plain types (dicts, lists, str, numbers, tensors), so it l
 - ``inference``: :class:`InferenceSpec` as a dict -- the SAM of the refined prediction, the
   templates of inference-time prototypes and the sliding-window protocol -- so the segmenter
   (components.segmenter) rebuilds from the file alone, whatever params.yaml is next to it,
+- ``specs``: ``{"student": ..., "text": ..., "mask": ...}``, the registry spec of each model role as
+  :func:`spec_record` writes it (name, family, geometry, normalisation), so a loader knows which
+  models the file needs and checks that this version's specs of those names are the same models,
 - ``params``: the flattened params that made it; ``mlflow_run_id``: its MLflow run.
 
-Format 2 added ``inference``; a format-1 file is refused with the command that rewrites it.
+Format 2 added ``inference``; format 3 added ``specs``. A format-2 file (written before the model
+roles) still loads and predicts the same: its specs are the registry's of the names it records. A
+format-1 file is refused with the command that rewrites it.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,17 +35,23 @@ import torch
 from components.aligner.model import Aligner
 from components.io import atomic_write_bytes
 
-__all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "save_checkpoint", "load_aligner"]
+__all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "spec_record", "save_checkpoint", "load_aligner",
+           "refuse_other_student"]
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 _KEYS = ("format", "model", "aligner_config", "encoder", "text", "inference", "class_names", "prototypes", "params",
          "mlflow_run_id")
+# what a spec record holds: enough to tell two models apart (a spec of the same name with another
+# geometry or normalisation is another model)
+_RECORD_FIELDS = ("name", "family", "architecture", "hub_repo", "pretrained_tag", "image_size", "patch_size",
+                  "embed_dim", "prefix_tokens", "mean", "std")
 _AMG_AREA_KEYS = ("min_area_frac", "max_area_frac")
 
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    """How Stage 2 runs at inference (paper §3.4, the TCL protocol of DESIGN §4).
+    """How Stage 2 runs at inference (paper §3.4, the TCL protocol of docs/design.md §4).
 
     sam: SAM registry name of the refined prediction. templates: prompt templates of the text
     prototypes of any vocabulary ("a photo of a {}."). short_side: images are resized to this
@@ -102,6 +114,48 @@ class LoadedAligner(NamedTuple):
     inference: InferenceSpec  # SAM, inference templates, window protocol
     run_id: str | None  # MLflow run of the training
     params: dict[str, Any]  # flattened params that made it
+    specs: dict[str, dict[str, Any]]  # role ("student", "text", "mask") -> spec_record
+    format: int  # the file's checkpoint format
+
+
+def spec_record(name: str) -> dict[str, Any]:
+    """The registry spec ``name`` as plain types (:data:`_RECORD_FIELDS`); an unknown name raises
+    KeyError listing the known ones."""
+    from components.models.registry import get_spec
+
+    spec = get_spec(name)
+    record = {f: getattr(spec, f) for f in _RECORD_FIELDS}
+    return {**record, "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def _checked_specs(path: Path, recorded: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The checkpoint's spec records, each checked against this version's registry: a spec this
+    version does not know, or knows as another model, is an error saying which."""
+    from components.models.registry import ROLES, list_specs
+
+    out = {}
+    for role, family in ROLES.items():
+        record = dict(recorded[role])
+        name = record.get("name")
+        if name not in list_specs(family):
+            raise ValueError(f"{path} was trained with {role} spec {name!r}, which this version of fmbseg does not know "
+                             f"(known {role} specs: {', '.join(list_specs(family))}); install the version that wrote it")
+        now = spec_record(name)
+        changed = sorted(k for k in _RECORD_FIELDS if k in record and record[k] != now[k])
+        if changed:
+            raise ValueError(f"{path}: the {role} spec {name!r} it records differs from this version's in {changed} "
+                             f"(recorded {[record[k] for k in changed]}, now {[now[k] for k in changed]})")
+        out[role] = now
+    return out
+
+
+def refuse_other_student(loaded: LoadedAligner, student: str, *, source: str = "the checkpoint") -> None:
+    """An aligner only reads the features of the student it was trained on: a ValueError naming
+    both when ``student`` is another."""
+    if student != loaded.encoder_spec:
+        raise ValueError(f"{source} was trained on the student {loaded.encoder_spec!r}, not {student!r}: its aligner "
+                         f"reads only {loaded.encoder_spec!r} features (select that student, or train one for "
+                         f"{student!r})")
 
 
 def save_checkpoint(
@@ -136,6 +190,8 @@ def save_checkpoint(
         "encoder": {"dino": encoder_spec, "image_size": int(image_size)},
         "text": {"clip": text_spec, "templates": list(templates)},
         "inference": inference.to_dict(),
+        "specs": {"student": spec_record(encoder_spec), "text": spec_record(text_spec),
+                  "mask": spec_record(inference.sam)},
         "class_names": list(class_names),
         "prototypes": prototypes.detach().float().cpu().clone(),
         "params": dict(params),
@@ -148,11 +204,38 @@ def save_checkpoint(
 
 
 def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> LoadedAligner:
-    """Rebuild the aligner of a checkpoint written by :func:`save_checkpoint` (weights_only load)."""
+    """Rebuild the aligner of a checkpoint written by :func:`save_checkpoint` (weights_only load).
+
+    Raises FileNotFoundError for a missing path, and ValueError "<path> is not an fmbseg
+    checkpoint: <why>" (one line) for anything else: a folder, a text file, a pickle that
+    ``weights_only`` refuses, another program's checkpoint, a damaged one.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no aligner checkpoint at {path}: run `fmbseg train` (or `dvc repro train`)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # arbitrary bytes make the unpickler raise nearly anything (IndexError, struct.error, ...)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for a file of unknown origin
+        raise ValueError(f"{path} is not an fmbseg checkpoint: not a file of tensors and plain types (the safe "
+                         "loader refused it; fmbseg never runs code from a checkpoint)") from None
+    except Exception as err:
+        raise ValueError(f"{path} is not an fmbseg checkpoint: {_first_line(err)}") from None
+    try:
+        return _rebuild(path, state, map_location)
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as err:
+        if str(err).startswith(f"{path} "):  # already said by _rebuild
+            raise
+        raise ValueError(f"{path} is not an fmbseg checkpoint: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (torch's messages run to dozens of lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _rebuild(path: Path, state: Any, map_location: str | torch.device) -> LoadedAligner:
+    """The aligner of a loaded checkpoint ``state`` (the steps of :func:`load_aligner`)."""
     if isinstance(state, dict) and state.get("format") == 1:
         raise ValueError(
             f"{path} is a format-1 checkpoint (no SAM spec and window protocol, which predict needs): "
@@ -160,9 +243,18 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
         )
     missing = [k for k in _KEYS if k not in state] if isinstance(state, dict) else list(_KEYS)
     if missing:
-        raise ValueError(f"{path} is not an fmbseg aligner checkpoint: missing {missing}")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {CHECKPOINT_FORMAT}")
+        raise ValueError(f"{path} is not an fmbseg checkpoint: missing {missing}")
+    if state["format"] not in READABLE_FORMATS:
+        raise ValueError(f"{path} has checkpoint format {state['format']}; this code reads {list(READABLE_FORMATS)}")
+    names = {"student": state["encoder"]["dino"], "text": state["text"]["clip"], "mask": state["inference"]["sam"]}
+    if state["format"] >= 3:
+        if not isinstance(state.get("specs"), dict) or set(state["specs"]) != set(names):
+            raise ValueError(f"{path} is a format-{state['format']} checkpoint without its specs of {list(names)}")
+        if {r: state["specs"].get(r, {}).get("name") for r in names} != names:
+            raise ValueError(f"{path}: its specs {state['specs']} disagree with its encoder/text/inference names {names}")
+        specs = _checked_specs(path, state["specs"])
+    else:  # format 2, before the model roles: the registry's specs of the names it records
+        specs = _checked_specs(path, {role: {"name": name} for role, name in names.items()})
     config = state["aligner_config"]
     model = Aligner(config["in_dim"], config["out_dim"], kind=config["kind"], num_heads=config["num_heads"])
     model.load_state_dict(state["model"])
@@ -178,4 +270,6 @@ def load_aligner(path: str | os.PathLike[str], map_location: str | torch.device 
         inference=InferenceSpec.from_dict(state["inference"]),
         run_id=state["mlflow_run_id"],
         params=dict(state["params"]),
+        specs=specs,
+        format=int(state["format"]),
     )

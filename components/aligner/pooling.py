@@ -1,4 +1,4 @@
-"""Pool pixel pseudo labels to the patch grid of the image encoder (DESIGN §3: majority vote per patch)."""
+"""Pool pixel pseudo labels to the patch grid of the image encoder (docs/design.md §3: majority vote per patch)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Datasets: the source registry, downloads, conversion to the canonical layout, readers, twins.
 
-Canonical layout (DESIGN §3): ``images/<split>/<id>.<ext>``, ``labels/<split>/<id>.png`` (uint8,
+Canonical layout (docs/design.md §3): ``images/<split>/<id>.<ext>``, ``labels/<split>/<id>.png`` (uint8,
 255 = ignore), ``classes.txt``, ``meta.json``.
 """
 

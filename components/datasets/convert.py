@@ -1,4 +1,4 @@
-"""Raw benchmark formats -> the canonical layout (DESIGN §3), with the published label conventions.
+"""Raw benchmark formats -> the canonical layout (docs/design.md §3), with the published label conventions.
 
 Every converter lists the samples of its split (image path + a function that yields the canonical
 label) and one writer builds ``images/<split>/``, ``labels/<split>/`` (uint8 PNG with 255 = ignore;

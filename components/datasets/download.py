@@ -6,7 +6,9 @@ and tries the next URL (a mirror) when one fails for good. The file takes its fi
 after its size and every known checksum match. Where the registry has no sha256, the first
 download that also opens, lists and extracts as a valid archive records it in a lock file (JSON),
 and every later download must match it; an archive that fails to extract is removed and nothing
-is pinned. A whole transfer has a deadline (a server that drips bytes never hits a read timeout).
+is pinned. A whole transfer has a deadline, also without a size in the registry (a server that
+drips bytes never hits a read timeout); a timer cuts the connection when it passes, so a read that
+waits on a slow or silent server ends then, not at the next block.
 
 Data a user already has (``root`` override) is verified and used in place: a directory must hold
 the source's layout, an archive must match the checksums; neither is copied or ever deleted.
@@ -21,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +55,8 @@ __all__ = [
 STAMP_NAME = ".fmbseg_source.json"  # written into every extracted tree this module produced
 _CHUNK = 1 << 16  # small enough that a cut transfer keeps nearly all it received
 _MAX_BACKOFF_S = 60.0
-_MIN_AVERAGE_RATE = 100_000  # bytes/s: the default deadline is 10 min plus the size at this rate
+_DEADLINE_BASE_S = 600.0  # the default deadline: 10 min plus the (expected or approximate) size at
+_MIN_AVERAGE_RATE = 100_000  # this many bytes/s
 
 
 class DownloadError(RuntimeError):
@@ -94,6 +99,47 @@ class _UrlFailed(Exception):
 
 class _DeadlinePassed(Exception):
     """The whole download took longer than its deadline."""
+
+
+class _DeadlineTimer:
+    """A timer that fires at ``deadline_at`` (use it as a context manager): it sets ``fired`` and
+    shuts down the sockets of the answers handed to :meth:`watch`, so that a read blocked on them
+    returns at once (a read timeout only fires on silence, and a server that drips bytes fills a
+    64 KiB block in hours)."""
+
+    def __init__(self, deadline_at: float) -> None:
+        self.fired = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(deadline_at - time.monotonic(), 0.0), self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _DeadlineTimer:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def watch(self, resp: requests.Response) -> None:
+        """Cut ``resp``'s connection when the timer fires (at once if it has): a duplicate of its
+        socket (for TLS, the TCP socket under it) is shut down, which ends the reads of the original."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no socket: the body was already read
+            sock = socket.socket(fileno=os.dup(resp.raw.fileno()))
+            with self._lock:
+                self._sockets.append(sock)
+                if self.fired.is_set():
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.fired.set()
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -243,60 +289,37 @@ def _transfer_once(
     bar: tqdm,
 ) -> bool:
     """One HTTP request continuing ``part``; True when the file is complete, False when it made
-    progress but is not (the caller retries at once). Raises _Retryable or _UrlFailed."""
+    progress but is not (the caller retries at once). Raises _Retryable, _UrlFailed or
+    _DeadlinePassed (connecting and waiting for the answer are bounded by the time left, reading the
+    body by :class:`_DeadlineTimer`)."""
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None and offset == expected_size:
         return True
+    left = deadline_at - time.monotonic()
+    if left <= 0:
+        raise _DeadlinePassed
+    wait = min(timeout, left)
     # identity: byte offsets (Range, Content-Length) must count the stored bytes, not decoded ones.
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    try:
-        with session.get(url, stream=True, timeout=(timeout, timeout), headers=headers) as resp:
-            if resp.status_code == 416:
-                # Range not satisfiable: the part is complete (size unknown) or longer than the file.
-                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-                if total.isdigit() and int(total) == offset:
-                    return True
-                part.unlink(missing_ok=True)
-                raise _Retryable(f"server refused to resume at byte {offset}; restarting from 0")
-            if resp.status_code >= 500:
-                raise _Retryable(f"HTTP {resp.status_code} {resp.reason}")
-            if resp.status_code >= 400:
-                raise _UrlFailed(f"HTTP {resp.status_code} {resp.reason}")
-            if resp.status_code == 206:
-                start, total = _parse_content_range(resp.headers.get("Content-Range"))
-                if start != offset:
-                    part.unlink(missing_ok=True)
-                    raise _Retryable(f"server resumed at byte {start}, not {offset}; restarting from 0")
-                mode = "ab"
-            else:  # 200: a server that ignores Range sends the whole file again
-                offset = 0
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length is not None and length.isdigit() else None
-                mode = "wb"
-            if expected_size is not None and total is not None and total != expected_size:
-                raise _UrlFailed(f"server announces {total} bytes, the registry expects {expected_size}")
-            if total is not None:
-                bar.total = total
-            bar.n = offset
-            bar.refresh()
-            received = 0
-            with open(part, mode) as out:
-                for block in resp.iter_content(chunk_size=_CHUNK):
-                    out.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-                    if time.monotonic() > deadline_at:
-                        raise _DeadlinePassed
-    except (
-        requests.ConnectionError,
-        requests.Timeout,
-        requests.TooManyRedirects,
-        requests.exceptions.ChunkedEncodingError,
-        requests.exceptions.ContentDecodingError,  # a Content-Encoding the body does not have
-    ) as err:
-        raise _Retryable(f"{type(err).__name__}: {err}") from None
+    with _DeadlineTimer(deadline_at) as timer:
+        try:
+            total, received = _receive(session, url, part, headers=headers, offset=offset,
+                                       expected_size=expected_size, timeout=wait, timer=timer, bar=bar)
+        except requests.TooManyRedirects as err:
+            raise _UrlFailed(f"redirect loop ({err})") from None
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,  # a Content-Encoding the body does not have
+        ) as err:
+            if timer.fired.is_set():
+                raise _DeadlinePassed from None
+            raise _Retryable(f"{type(err).__name__}: {err}") from None
+        if timer.fired.is_set():  # a cut without Content-Length reads as the end of the body
+            raise _DeadlinePassed
     size = part.stat().st_size
     if total is not None and size < total:
         if received:
@@ -305,11 +328,66 @@ def _transfer_once(
     return True
 
 
+def _receive(
+    session: requests.Session,
+    url: str,
+    part: Path,
+    *,
+    headers: dict[str, str],
+    offset: int,
+    expected_size: int | None,
+    timeout: float,
+    timer: _DeadlineTimer,
+    bar: tqdm,
+) -> tuple[int | None, int]:
+    """Request ``url`` and write its body to ``part`` (appended at ``offset`` after a 206);
+    return (the file's total size as the server announced it, None when unknown; the bytes
+    received). The answer's connection is handed to ``timer`` as soon as it arrives."""
+    with session.get(url, stream=True, timeout=(timeout, timeout), headers=headers) as resp:
+        timer.watch(resp)
+        if resp.status_code == 416:
+            # Range not satisfiable: the part is complete (size unknown) or longer than the file.
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            if total.isdigit() and int(total) == offset:
+                return offset, 0
+            part.unlink(missing_ok=True)
+            raise _Retryable(f"server refused to resume at byte {offset}; restarting from 0")
+        if resp.status_code >= 500:
+            raise _Retryable(f"HTTP {resp.status_code} {resp.reason}")
+        if resp.status_code >= 400:
+            raise _UrlFailed(f"HTTP {resp.status_code} {resp.reason}")
+        if resp.status_code == 206:
+            start, total = _parse_content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink(missing_ok=True)
+                raise _Retryable(f"server resumed at byte {start}, not {offset}; restarting from 0")
+            mode = "ab"
+        else:  # 200: a server that ignores Range sends the whole file again
+            offset = 0
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length is not None and length.isdigit() else None
+            mode = "wb"
+        if expected_size is not None and total is not None and total != expected_size:
+            raise _UrlFailed(f"server announces {total} bytes, the registry expects {expected_size}")
+        if total is not None:
+            bar.total = total
+        bar.n = offset
+        bar.refresh()
+        received = 0
+        with open(part, mode) as out:
+            for block in resp.iter_content(chunk_size=_CHUNK):
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+    return total, received
+
+
 def download_file(
     urls: Sequence[str],
     dest: Path,
     *,
     expected_size: int | None,
+    approx_size: int | None = None,
     progress: bool = True,
     retries: int = 5,
     timeout: float = 30.0,
@@ -322,17 +400,21 @@ def download_file(
     retries: failures without progress tolerated per URL (a transfer that advances resets it);
     backoff: seconds before the first retry, doubled each time (at most 60 s);
     timeout: seconds to connect and between two reads (a server that hangs fails after it);
-    deadline: seconds for the whole call, all URLs and retries together (a server that drips
-        bytes fails after it); None: 10 minutes plus ``expected_size`` at 100 kB/s (none if unknown).
+    deadline: seconds for the whole call, all URLs and retries together, checked on a timer (a
+        server that drips bytes, or stops sending, fails within a second of it); None: 10 minutes
+        plus ``expected_size`` (else ``approx_size``, else nothing) at 100 kB/s.
     """
     if not urls:
         raise DownloadError(f"no URL to download {dest.name} from")
+    if deadline is not None and not deadline > 0:
+        raise ValueError(f"deadline must be a positive number of seconds, got {deadline}")
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
-    if deadline is None and expected_size is not None:
-        deadline = 600.0 + expected_size / _MIN_AVERAGE_RATE
-    deadline_at = time.monotonic() + deadline if deadline is not None else float("inf")
+    if deadline is None:
+        size = expected_size if expected_size is not None else approx_size
+        deadline = _DEADLINE_BASE_S + (size or 0) / _MIN_AVERAGE_RATE
+    deadline_at = time.monotonic() + deadline
     with (
         requests.Session() as session,
         tqdm(unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
@@ -357,8 +439,7 @@ def download_file(
                 except _DeadlinePassed:
                     raise DownloadError(
                         f"could not download {dest.name}: {url} passed the deadline of {deadline:.0f} s "
-                        f"for the whole transfer ({part.stat().st_size} bytes received). The partial file "
-                        f"{part} is kept and the next run resumes it; set datasets.<source>.url to a "
+                        f"for the whole transfer. {_partial_note(part)}Set datasets.<source>.url to a "
                         "faster mirror."
                     ) from None
                 except _UrlFailed as err:
@@ -371,13 +452,21 @@ def download_file(
                     if attempt > retries:
                         failures.append(f"{url}: {err} (gave up after {retries} retries)")
                         break
-                    time.sleep(min(backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+                    pause = min(backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S, deadline_at - time.monotonic())
+                    time.sleep(max(pause, 0.0))  # the next try then finds the deadline passed
     raise DownloadError(
         f"could not download {dest.name}:\n  "
         + "\n  ".join(failures)
-        + f"\nThe partial file {part} is kept and the next run resumes it. Check the network, or "
-        "set datasets.<source>.url to a mirror, or datasets.<source>.root to a copy you already have."
+        + f"\n{_partial_note(part)}Check the network, or set datasets.<source>.url to a mirror, or "
+        "datasets.<source>.root to a copy you already have."
     )
+
+
+def _partial_note(part: Path) -> str:
+    """What an error says about the partial file: kept and resumed, when there is one."""
+    if not part.exists():
+        return ""
+    return f"The partial file {part} ({part.stat().st_size} bytes) is kept and the next run resumes it. "
 
 
 # -------------------------------------------------------------------------------------- sources
@@ -624,6 +713,7 @@ def _download_source_locked(
             urls,
             archive,
             expected_size=spec.size_bytes,
+            approx_size=spec.approx_bytes,
             progress=progress,
             retries=retries,
             timeout=timeout,

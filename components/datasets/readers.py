@@ -1,4 +1,4 @@
-"""Read images and canonical datasets (DESIGN §3 layout).
+"""Read images and canonical datasets (docs/design.md §3 layout).
 
 ``read_image_rgb`` is the one place an image file becomes pixels: EXIF orientation applied, every
 common mode (L, P, RGBA, CMYK, 16-bit, ...) converted to 8-bit RGB, and any file that cannot be
@@ -186,7 +186,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
 
 class CanonicalDataset:
-    """A dataset in the canonical layout (DESIGN §3), one split.
+    """A dataset in the canonical layout (docs/design.md §3), one split.
 
     root/images/<split>/<id>.<ext>, root/labels/<split>/<id>.png (absent for unlabelled sets),
     root/classes.txt, root/meta.json.

@@ -6,7 +6,7 @@ Two registries, one entry per name:
   and an extraction need: URLs (official first, then mirrors), the exact size and checksums where
   they are known, the archive kind, the license, and a path inside the extracted tree that proves
   the layout is the expected one.
-- ``BENCHMARKS``: one canonical dataset each (DESIGN §3), built by a converter from one or more
+- ``BENCHMARKS``: one canonical dataset each (docs/design.md §3), built by a converter from one or more
   sources, with the label conventions of the published protocols (TCL / mmseg).
 
 No publisher of these datasets gives a sha256. Where a checksum is known it is a reference digest
@@ -88,7 +88,7 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """One canonical dataset (DESIGN §3) and the protocol conventions its labels follow.
+    """One canonical dataset (docs/design.md §3) and the protocol conventions its labels follow.
 
     split: the canonical split name written (``images/<split>/``); source_split: what the source
         calls it. num_classes: classes scored (rows of classes.txt).

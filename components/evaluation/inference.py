@@ -2,7 +2,7 @@
 
 Paper §3.4 "Pixelwise Segmentation": patch logits are the cosine similarities between the aligned
 patch embeddings and the text prototypes, interpolated to the original image size, then argmax.
-The evaluation protocol follows TCL / mmseg (DESIGN.md §4): resize to short side 448, sliding
+The evaluation protocol follows TCL / mmseg (docs/design.md §4): resize to short side 448, sliding
 window 448 / stride 224 with overlapping window logits averaged, no post-processing. A window
 whose side is no multiple of the encoder's patch (any short side below the window, or none) is
 zero-padded to the patch grid and its logits cropped back, as SCLIP's slide inference does.

@@ -1,6 +1,6 @@
 """Dataset-level segmentation metrics (mIoU, mAcc, aAcc) from one confusion matrix.
 
-The evaluation protocol (DESIGN.md §4, TCL/mmseg): every image of a benchmark adds to a single
+The evaluation protocol (docs/design.md §4, TCL/mmseg): every image of a benchmark adds to a single
 [C, C] confusion matrix; per-class IoU = TP / (TP + FP + FN) is taken over the whole dataset, and a
 class whose union is 0 (absent from both ground truth and prediction) has IoU NaN and is left out
 of the mean.

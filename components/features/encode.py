@@ -1,4 +1,4 @@
-"""Frozen DINOv2 patch features of image files (the aligner's input x_i, paper §3.3).
+"""Frozen student-encoder patch features of image files (the aligner's input x_i, paper §3.3).
 
 Images are decoded and resized by a pool of threads running ahead of the forward passes (a bounded
 queue: memory stays at a few batches whatever the number of images), and the model sees
@@ -19,11 +19,10 @@ from typing import Literal, TypeVar
 
 import numpy as np
 import torch
-from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from components.datasets.readers import read_image_rgb
 from components.io import fs_path
-from components.models.dino import dino_preprocess, patch_features
+from components.models.dino import StudentModel, dino_preprocess, patch_features
 from components.models.registry import autocast_context
 
 __all__ = ["load_pixels", "PixelSource", "prefetch", "DinoEncoder", "encode_images"]
@@ -35,7 +34,7 @@ R = TypeVar("R")
 def load_pixels(
     path: str | os.PathLike[str], image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """One image file -> [3, S, S] float32 DINOv2 input (S = image_size, normalised by mean/std)."""
+    """One image file -> [3, S, S] float32 student input (S = image_size, normalised by mean/std)."""
     return dino_preprocess(read_image_rgb(path), image_size, mean, std)[0]
 
 
@@ -73,13 +72,14 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int, dept
 
 
 class DinoEncoder:
-    """pixels [B, 3, S, S] float -> patch features [B, S/14, S/14, C] float, frozen, no gradient.
+    """pixels [B, 3, S, S] float -> patch features [B, S/p, S/p, C] float (p: the student's patch),
+    frozen, no gradient.
 
     Runs under autocast with ``dtype`` on cuda (fp32 on the CPU).
     """
 
     def __init__(
-        self, model: Dinov2Model | Dinov2WithRegistersModel, *, device: torch.device,
+        self, model: StudentModel, *, device: torch.device,
         dtype: Literal["fp32", "bf16", "fp16"],
     ) -> None:
         self.model = model
@@ -110,7 +110,7 @@ def encode_images(
     batch_size: int,
     num_workers: int,
 ) -> Iterator[np.ndarray]:
-    """Features of ``paths`` in order, one [b, S/14, S/14, C] float16 array per batch (b ≤ batch_size).
+    """Features of ``paths`` in order, one [b, S/p, S/p, C] float16 array per batch (b ≤ batch_size).
 
     Decoding runs in ``num_workers`` threads up to two batches ahead of the forwards.
     """

@@ -2,7 +2,8 @@
 
 Stage 1.2 annotates every SAM mask, so it yields far more labelled pixels than Stage 1.1; the
 paper trains on all Stage 1.1 maps plus a random 75% of the images' Stage 1.2 maps, each map a
-separate training sample.
+separate training sample. An image a person corrected (components.labelling.corrections) trains on
+its corrected map alone: the correction takes precedence over both of Stage 1's maps.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import math
 import numpy as np
 import pandas as pd
 
-__all__ = ["INDEX_COLUMNS", "VARIANTS", "balance_index"]
+__all__ = ["INDEX_COLUMNS", "VARIANTS", "CORRECTED", "balance_index"]
 
 VARIANTS: tuple[str, str] = ("stage1_1", "stage1_2")
+CORRECTED = "corrected"  # the variant of a corrected map (components.labelling.corrections)
 INDEX_COLUMNS: tuple[str, ...] = ("sample_id", "image_id", "image_path", "variant", "shard", "row")
 _RECORD_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "shard", "row")
 
 
-def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
+def balance_index(records: pd.DataFrame, ratio: float, seed: int, corrected: pd.DataFrame | None = None) -> pd.DataFrame:
     """The training index: every image's Stage 1.1 map plus ``ratio`` of the images' Stage 1.2 maps.
 
     records: one row per labelled image with columns image_id (unique), image_path, shard, row
@@ -27,6 +29,10 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFram
     ``np.random.Generator(PCG64(seed)).permutation`` over the sorted image ids (halves round up),
     so the result depends on (records, ratio, seed) only. Returns a DataFrame with
     :data:`INDEX_COLUMNS`, sorted by (image_id, variant); sample_id = "<image_id>/<variant>".
+
+    corrected: images with a corrected map (columns image_id, shard, row: where the map is); each
+    such image of ``records`` has that map as its one sample (variant :data:`CORRECTED`) instead of
+    its Stage 1 samples. The Stage 1.2 choice of the other images does not depend on it.
     """
     missing = [c for c in _RECORD_COLUMNS if c not in records.columns]
     if missing:
@@ -42,7 +48,12 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFram
     chosen = np.random.default_rng(seed).permutation(n)[:n_stage1_2]
     stage1_1 = base.assign(variant=VARIANTS[0])
     stage1_2 = base.iloc[np.sort(chosen)].assign(variant=VARIANTS[1])
-    index = pd.concat([stage1_1, stage1_2], ignore_index=True)
+    parts = [stage1_1, stage1_2]
+    if corrected is not None and len(corrected):
+        fixed = base.loc[base["image_id"].isin(corrected["image_id"]), ["image_id", "image_path"]]
+        fixed = fixed.merge(corrected.loc[:, ["image_id", "shard", "row"]], on="image_id").assign(variant=CORRECTED)
+        parts = [p.loc[~p["image_id"].isin(fixed["image_id"])] for p in parts] + [fixed]
+    index = pd.concat(parts, ignore_index=True)
     index = index.sort_values(["image_id", "variant"], kind="stable").reset_index(drop=True)
     index.insert(0, "sample_id", index["image_id"] + "/" + index["variant"])
     index["row"] = index["row"].astype("int64")

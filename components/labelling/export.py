@@ -19,7 +19,9 @@ Layout of an export folder OUT for a store (``PseudoLabels``) and its variants (
 
 Every file is written atomically. A variant's folder is written in full under a temporary name and
 then swapped in, so a rerun never leaves label maps of images that left the store; its COCO file is
-written after the swap.
+written after the swap. Because the swap replaces the folder as a whole, the caller first checks
+that OUT holds nothing at these paths that fmbseg did not write (:func:`export_outputs` with
+components.outputs), and the store's reader has refused image ids that would leave OUT.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from components.io import (
     atomic_write_text,
     decode_label_png,
     encode_label_png,
+    swap_in,
     unlabelled_of,
 )
 from components.labelling.store import VARIANTS, PseudoLabels
@@ -55,6 +58,7 @@ __all__ = [
     "coco_annotations",
     "store_vocabulary",
     "write_classes",
+    "export_outputs",
     "export_variant",
 ]
 
@@ -139,15 +143,14 @@ def write_classes(labels: PseudoLabels, out_dir: str | os.PathLike[str]) -> Path
     return path
 
 
-def _swap_in(partial: Path, final: Path) -> None:
-    """Put the finished folder ``partial`` at ``final``, replacing what was there."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(partial, final)
-    if old is not None:
-        shutil.rmtree(old)
+def export_outputs(labels: PseudoLabels, variants: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(files, folders) an export of ``variants`` writes under its output folder: the files
+    (relative paths) and the variant folders it replaces as a whole."""
+    files = [CLASSES_FILE]
+    for variant in variants:
+        files.append(f"{variant}.json")
+        files.extend(f"{variant}/{image_id}.png" for image_id in labels.image_ids)
+    return files, list(variants)
 
 
 def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], variant: str) -> ExportSummary:
@@ -175,7 +178,7 @@ def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], varian
                 images.append({"id": coco_id, "file_name": f"{image_id}{suffixes[image_id]}",
                                "height": height, "width": width})
                 annotations.extend(coco_annotations(label, coco_id, len(annotations) + 1))
-        _swap_in(partial, out / variant)
+        swap_in(partial, out / variant)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

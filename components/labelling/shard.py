@@ -24,7 +24,6 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from segment_anything.modeling import Sam
 from torch import Tensor
 
 from components.datasets.readers import (
@@ -47,6 +46,7 @@ from components.labelling.store import (
     shard_paths,
     write_shard,
 )
+from components.models.masks import MaskModel
 from components.models.registry import ClipBundle
 
 __all__ = [
@@ -180,7 +180,7 @@ def label_shard(
     images: Sequence[ImageEntry],
     *,
     clip: ClipBundle,
-    sam: Sam,
+    sam: MaskModel,
     prototypes: Tensor,
     settings: Stage1Settings,
     vocabulary: list[str],

@@ -1,5 +1,5 @@
 """FMbSeg Stage 1 on one image: CLIP presence, Stage 1.1 (SAM prompted by CLIP), Stage 1.2 (SAM's
-automatic masks labelled by CLIP). Paper §3.2 and appendix §1; decisions in DESIGN.md §4.
+automatic masks labelled by CLIP). Paper §3.2 and appendix §1; decisions in docs/design.md §4.
 
 Frames (all squares, the aspect ratio is not kept):
 - CLIP sees the image resized (bicubic) to G·S × G·S and tiled into G² crops; their patches
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
-from segment_anything.modeling import Sam
 from torch import Tensor
 
 from components.io import unlabelled_for
@@ -46,8 +45,8 @@ from components.labelling.detect import (
 from components.labelling.settings import AmgSettings, Stage1Settings
 from components.labelmaps import as_label_array, label_tensor_dtype, paint_by_score, paint_masks
 from components.models.clip_dense import DenseFeatures, clip_preprocess, tiled_features
+from components.models.masks import MaskImage, MaskModel, embed_image, masks_to_coco_rle
 from components.models.registry import autocast_context
-from components.models.sam import SamImage, masks_to_coco_rle
 
 __all__ = [
     "AmgSettings",
@@ -174,13 +173,13 @@ def presence(
     return presence_from_image_labels(votes, image_classes, prototypes.shape[0])
 
 
-def embed_sam(sam: Sam, sam_image: np.ndarray) -> SamImage:
-    """SAM's one image-encoder pass for this image (both stages reuse it)."""
-    return SamImage(sam, sam_image)
+def embed_sam(sam: MaskModel, sam_image: np.ndarray) -> MaskImage:
+    """The mask model's one image-encoder pass for this image (both stages reuse it)."""
+    return embed_image(sam, sam_image)
 
 
 def stage1_1(
-    sam_image: SamImage, patches: Tensor, prototypes: Tensor, found: Presence, *, top_k_points: int
+    sam_image: MaskImage, patches: Tensor, prototypes: Tensor, found: Presence, *, top_k_points: int
 ) -> Stage11Result:
     """Stage 1.1 (paper §3.2.1, appendix §1.1.4): per present class, the centres of the
     ``top_k_points`` patches most similar to its prototype prompt SAM (all classes in one batched
@@ -200,7 +199,7 @@ def stage1_1(
     return Stage11Result(label, points, decoded.scores, area_frac)
 
 
-def automatic_masks(sam_image: SamImage, amg: AmgSettings) -> tuple[list[AmgMask], Tensor]:
+def automatic_masks(sam_image: MaskImage, amg: AmgSettings) -> tuple[list[AmgMask], Tensor]:
     """SAM's automatic masks from the image's one embedding: their records, with COCO RLE counts
     (kept for relabelling), and the masks themselves, [M, s, s] bool (Stage 1.2 reads them without
     decoding the RLEs again)."""
@@ -315,7 +314,7 @@ def label_image(
     clip_mean: tuple[float, ...],
     clip_std: tuple[float, ...],
     clip_image_size: int,
-    sam: Sam,
+    sam: MaskModel,
     prototypes: Tensor,
     settings: Stage1Settings,
     image_classes: list[int] | None = None,

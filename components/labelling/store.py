@@ -13,7 +13,8 @@ the maps live in one Parquet file per shard of images. Layout under the stage's 
 A shard counts as done only when its record exists (every file is written atomically and the
 record after the data), so a run killed at any point leaves finished shards intact and no
 half-written file under a final name. ``PseudoLabels`` reads it back one image or one shard at a
-time.
+time. Image ids and shard ids become paths (an export's label maps, a shard's files), so the
+writers and the reader refuse one that is absolute or holds ``..`` (components.outputs.safe_relative).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from components.io import (
     file_sha256,
 )
 from components.labelling.stage1 import Stage1Result
+from components.outputs import safe_relative
 
 __all__ = [
     "SHARDS_DIR",
@@ -165,6 +167,11 @@ class ShardRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardRecord:
+        """The record of :meth:`to_json`; ValueError for a shard id or image id that would lead
+        out of the store."""
+        shard_paths(".", data["shard_id"])
+        for entry in data["images"]:
+            safe_relative(entry["image_id"], what="image id")
         return cls(
             shard_id=data["shard_id"],
             settings_hash=data["settings_hash"],
@@ -186,7 +193,11 @@ def shard_id_for(settings_hash: str, images: list[ImageEntry]) -> str:
 
 
 def shard_paths(root: str | Path, shard_id: str) -> dict[str, Path]:
-    """Files of one shard: {"labels", "detections", "record"}."""
+    """Files of one shard: {"labels", "detections", "record"}; ValueError for a shard id that is
+    not one file name (read from a record, it must not lead out of ``shards/``)."""
+    if "/" in shard_id:
+        raise ValueError(f"shard id {shard_id!r} is not a file name: refused")
+    safe_relative(shard_id, what="shard id")
     base = Path(root) / SHARDS_DIR
     return {
         "labels": base / f"{shard_id}.parquet",
@@ -271,6 +282,9 @@ class PseudoLabels:
         if not index_path.exists():
             raise FileNotFoundError(f"{index_path} does not exist: run `fmbseg label` first")
         self.index: pd.DataFrame = pq.read_table(index_path).to_pandas()
+        for column, what in (("image_id", "image id"), ("shard", "shard file")):
+            for value in self.index[column]:
+                safe_relative(value, what=f"{index_path}: {what}")
         self._by_id = pd.Series(np.arange(len(self.index)), index=self.index["image_id"])
 
     @property
@@ -357,7 +371,10 @@ def write_shard(
     root: str | Path, record: ShardRecord, labels: list[dict[str, Any]], detections: list[dict[str, Any]]
 ) -> ShardRecord:
     """Write one shard: labels file, detections file, then its completion record (all atomic), which
-    carries the size and sha256 of both files. Returns the record as written."""
+    carries the size and sha256 of both files. Returns the record as written. ValueError, before
+    any write, for an image id that is not a relative path inside the store's folders."""
+    for entry in record.images:
+        safe_relative(entry.image_id, what="image id")
     paths = shard_paths(root, record.shard_id)
     write_table(paths["labels"], pa.Table.from_pylist(labels, schema=SHARD_SCHEMA))
     write_table(paths["detections"], pa.Table.from_pylist(detections, schema=DETECTION_SCHEMA))

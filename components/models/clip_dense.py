@@ -1,4 +1,4 @@
-"""Dense CLIP features: one crop embedding and a patch-feature map from one pass (DESIGN §4).
+"""Dense CLIP features: one crop embedding and a patch-feature map from one pass (docs/design.md §4).
 
 The vision tower runs to its last block once; there it branches. The CLS branch is the unmodified
 last block (so ``cls == model.encode_image(pixels)``); the patch branch is the last block modified
@@ -50,21 +50,27 @@ class DenseFeatures(NamedTuple):
     patches: torch.Tensor
 
 
+def _refuse(why: str) -> TypeError:
+    from components.models.registry import dense_text_specs
+
+    return TypeError(
+        f"dense features need {why}; Stage 1's dense detection runs the text spaces "
+        f"{', '.join(dense_text_specs())} (SigLIP 2 and PE-Core end in an attention-pool head without a class "
+        "token: they serve Stage 2's prototypes only)"
+    )
+
+
 def _vision_tower(model: open_clip.CLIP) -> VisionTransformer:
     visual = model.visual
     if not isinstance(visual, VisionTransformer):
-        raise TypeError(
-            f"dense features need an open_clip VisionTransformer tower, got {type(visual).__name__}"
-        )
+        raise _refuse(f"an open_clip VisionTransformer tower, got {type(visual).__name__}")
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-        raise TypeError(
-            "dense features need a class-token ViT (no attentional pool, pool_type 'tok', ln_post before pooling)"
-        )
+        raise _refuse("a class-token ViT (no attentional pool, pool_type 'tok', ln_post before pooling)")
     if visual.proj is None:
-        raise TypeError("dense features need the vision tower's output projection (proj)")
+        raise _refuse("the vision tower's output projection (proj)")
     blocks = visual.transformer.resblocks
     if not all(type(b) is ResidualAttentionBlock for b in blocks):
-        raise TypeError("dense features need open_clip's default ResidualAttentionBlock in every layer")
+        raise _refuse("open_clip's default ResidualAttentionBlock in every layer")
     return visual
 
 
@@ -149,7 +155,7 @@ def tiled_features(
     *,
     batch_size: int | None = None,
 ) -> DenseFeatures:
-    """Dense features of a G×G tiling (DESIGN §4 "Tiling"): G² non-overlapping S×S crops.
+    """Dense features of a G×G tiling (docs/design.md §4 "Tiling"): G² non-overlapping S×S crops.
 
     pixels: [3, G·S, G·S] float, normalised. Crops go through :func:`dense_features` batched,
     ``batch_size`` crops per forward (default: all G² in one).
@@ -181,7 +187,7 @@ def tiled_features(
 
 
 def prototypes(
-    model: open_clip.CLIP,
+    model: open_clip.CLIP | open_clip.CustomTextCLIP,
     tokenizer: Callable[[list[str]], torch.Tensor],
     class_names: Sequence[str],
     templates: Sequence[str] = ("a photo of a {}.",),
@@ -192,7 +198,7 @@ def prototypes(
 
     A class name may hold comma-separated synonyms ("person, man, woman"); its prototype is the
     normalised mean, over templates × synonyms, of the normalised text embeddings. Texts are
-    encoded ``batch_size`` at a time.
+    encoded ``batch_size`` at a time. Any open_clip text tower serves (only ``encode_text`` is used).
     """
     if not class_names:
         raise ValueError("class_names is empty")
@@ -207,7 +213,7 @@ def prototypes(
         for synonym in synonyms:
             texts.extend(t.format(synonym) for t in templates)
             owner.extend([k] * len(templates))
-    device = model.token_embedding.weight.device
+    device = model.logit_scale.device  # CLIP and CustomTextCLIP (SigLIP 2, PE-Core) both hold it
     embeddings = torch.cat(
         [
             F.normalize(model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float(), dim=-1)

@@ -1,4 +1,5 @@
-"""DINOv2 patch features (the aligner's input, paper §3.3)."""
+"""Student encoder patch features (the aligner's input, paper §3.3): DINOv2, DINOv2 with registers,
+DINOv3 ViT -- one interface over the transformers classes."""
 
 from __future__ import annotations
 
@@ -6,22 +7,33 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import Dinov2Model, Dinov2WithRegistersModel
+from transformers import Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
 from components.models.preprocess import resize_normalize
 from components.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["patch_features", "dino_preprocess"]
+__all__ = ["StudentModel", "STUDENT_MODELS", "prefix_tokens", "patch_features", "dino_preprocess"]
+
+StudentModel = Dinov2Model | Dinov2WithRegistersModel | DINOv3ViTModel
+STUDENT_MODELS: tuple[type[torch.nn.Module], ...] = (Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel)
 
 
-def patch_features(model: Dinov2Model | Dinov2WithRegistersModel, pixels: torch.Tensor) -> torch.Tensor:
-    """Final layer-normed patch tokens of DINOv2, CLS and register tokens dropped.
+def prefix_tokens(model: StudentModel) -> int:
+    """Tokens ahead of the patch tokens in the output: the class token and the register tokens
+    (1 for DINOv2, 1 + 4 for DINOv2 with registers and DINOv3)."""
+    return 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
 
-    pixels: [B, 3, H, W] float, ImageNet-normalised, H and W divisible by the patch size (14).
-    Returns [B, H/14, W/14, C] (C = hidden size), row-major over the patch grid.
+
+def patch_features(model: StudentModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Final layer-normed patch tokens of the student, class and register tokens dropped.
+
+    pixels: [B, 3, H, W] float, normalised with the spec's mean/std, H and W divisible by the
+    patch size p (DINOv2 interpolates its position table; DINOv3's rotary positions take any grid).
+    Returns [B, H/p, W/p, C] (C = hidden size), row-major over the patch grid.
     """
-    if not isinstance(model, (Dinov2Model, Dinov2WithRegistersModel)):
-        raise TypeError(f"expected a Dinov2Model or Dinov2WithRegistersModel, got {type(model).__name__}")
+    if not isinstance(model, STUDENT_MODELS):
+        names = ", ".join(cls.__name__ for cls in STUDENT_MODELS)
+        raise TypeError(f"expected a student encoder ({names}), got {type(model).__name__}")
     patch = model.config.patch_size
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
@@ -31,19 +43,16 @@ def patch_features(model: Dinov2Model | Dinov2WithRegistersModel, pixels: torch.
             f"pixel height and width must be divisible by the patch size {patch}, got {height}x{width}"
         )
     tokens = model(pixel_values=pixels).last_hidden_state
-    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
-    return tokens[:, prefix:].reshape(batch, height // patch, width // patch, tokens.shape[-1])
+    return tokens[:, prefix_tokens(model):].reshape(batch, height // patch, width // patch, tokens.shape[-1])
 
 
 def dino_preprocess(
     images: np.ndarray | torch.Tensor,
-    size: int | tuple[int, int] = 518,
+    size: int | tuple[int, int],
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """DINOv2 pixels: [B, H, W, 3] or [H, W, 3] uint8 RGB -> [B, 3, h, w] float (bicubic resize to
-    ``size`` = side or (h, w), each divisible by 14; ImageNet mean/std by default)."""
-    height, width = (size, size) if isinstance(size, int) else size
-    if height % 14 or width % 14:
-        raise ValueError(f"DINOv2 input sides must be divisible by 14, got {height}x{width}")
-    return resize_normalize(images, (height, width), mean, std)
+    """Student pixels: [B, H, W, 3] or [H, W, 3] uint8 RGB -> [B, 3, h, w] float (bicubic resize to
+    ``size`` = side or (h, w), which :func:`patch_features` needs divisible by the spec's patch;
+    the spec's mean/std, ImageNet's by default)."""
+    return resize_normalize(images, size, mean, std)

@@ -1,4 +1,4 @@
-"""The model registry: named specs of the three foundation models (DESIGN §5).
+"""The model registry: named specs of the three foundation models (docs/design.md §5).
 
 Like segment_anything's ``sam_model_registry``, a name picks a spec and the spec's family picks a
 builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vitl14`` and a few
@@ -7,8 +7,11 @@ open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
 ``Dinov2WithRegistersModel`` -- with a few layers: ``mini-*`` with seeded random weights (tests),
 ``world-*`` trained on the demo world (components/models/standins/; the demo profile), their small
 files bundled with the project and retrained by ``fmbseg weights train-demo``.
-Architectures of the miniatures (and of DINOv2, for random-weight benchmarks) are JSON files in
-``components/models/configs/``. Every builder returns a frozen model: ``eval()`` and
+The "sam" family holds two mask models behind one interface (components/models/masks.py):
+segment_anything ``Sam`` (SAM v1) and transformers ``Sam2Model`` (SAM 2.1, ``mini-sam2.1``).
+Architectures of the miniatures (and of DINOv2 and SAM 2.1, for random-weight benchmarks) are
+JSON files in ``components/models/configs/``; one that names a transformers ``model_type`` is built
+by transformers. Every builder returns a frozen model: ``eval()`` and
 ``requires_grad_(False)``.
 """
 
@@ -19,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,13 +40,28 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from transformers import AutoConfig, AutoModel, Dinov2Model, Dinov2WithRegistersModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    DINOv3ViTModel,
+    Sam2Model,
+)
 
 from components.models.sam_attention import use_sdpa_attention
-from components.models.weights import WeightFile, load_state_dict, resolve_weight
+from components.models.weights import (
+    MissingWeightsError,
+    WeightFile,
+    fetch_command,
+    hub_cache_dir,
+    load_state_dict,
+    resolve_weight,
+)
 
 __all__ = [
     "Family",
+    "ROLES",
     "ModelSpec",
     "ClipBundle",
     "OPENAI_MEAN",
@@ -63,6 +82,8 @@ log = logging.getLogger(__name__)
 
 Family = Literal["clip", "sam", "dino"]
 FAMILIES: tuple[str, ...] = ("clip", "sam", "dino")
+# the role each family fills in the pipeline (the names users read in docs and checkpoints)
+ROLES: dict[str, Family] = {"student": "dino", "text": "clip", "mask": "sam"}
 
 OPENAI_MEAN: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_MEAN)
 OPENAI_STD: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_STD)
@@ -76,9 +97,9 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 class ModelSpec:
     """One named model.
 
-    image_size: CLIP input side S; SAM encoder ``img_size``; DINOv2 default input side (÷ 14).
+    image_size: CLIP input side S; SAM encoder ``img_size``; a student's default input side (÷ patch_size).
     patch_size: ViT patch side in pixels.
-    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; DINOv2 hidden size C.
+    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; a student's hidden size C.
     mean / std: per-channel RGB normalisation for pixels in [0, 1] (SAM's ``pixel_mean`` /
         ``pixel_std`` are these × 255; SAM normalises inside the model).
     weights: files a real spec loads (empty for miniatures).
@@ -86,7 +107,10 @@ class ModelSpec:
         segment_anything ``sam_model_registry`` key (real SAM), or a JSON file in ``configs/``
         (miniatures; DINOv2).
     pretrained_tag: open_clip pretrained tag (real CLIP only).
-    hub_repo: Hugging Face repo of the weights (real DINOv2 only).
+    hub_repo: Hugging Face repo of the weights (real students and SAM 2.1).
+    prefix_tokens: tokens before the patch tokens in the encoder's output (a student's class token
+        plus its register tokens: 1 for DINOv2, 5 for DINOv2 with registers and DINOv3).
+    licence: the licence the weights are published under, as their model card states it.
     """
 
     name: str
@@ -101,6 +125,13 @@ class ModelSpec:
     weights: tuple[WeightFile, ...] = ()
     pretrained_tag: str | None = None
     hub_repo: str | None = None
+    prefix_tokens: int = 0
+    licence: str = ""
+
+    @property
+    def gated(self) -> bool:
+        """The hub asks each user to accept the licence first (downloads then need ``HF_TOKEN``)."""
+        return any(f.gated for f in self.weights)
 
     @property
     def seed(self) -> int:
@@ -109,9 +140,10 @@ class ModelSpec:
 
 
 class ClipBundle(NamedTuple):
-    """A frozen open_clip CLIP, its tokenizer (list[str] -> LongTensor [N, context]) and its spec."""
+    """A frozen open_clip CLIP or CustomTextCLIP, its tokenizer (list[str] -> LongTensor [N, context])
+    and its spec."""
 
-    model: open_clip.CLIP
+    model: open_clip.CLIP | open_clip.CustomTextCLIP
     tokenizer: Callable[[list[str]], torch.Tensor]
     spec: ModelSpec
 
@@ -159,27 +191,6 @@ def _sam(key: str, checkpoint: str, *, sha256: str, size: int) -> ModelSpec:
     )
 
 
-def _dino(name: str, repo: str, *, embed_dim: int) -> ModelSpec:
-    folder = repo.split("/")[1]
-    files = tuple(
-        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo)
-        for n in ("config.json", "model.safetensors")
-    )
-    return ModelSpec(
-        name=name,
-        family="dino",
-        miniature=False,
-        image_size=518,
-        patch_size=14,
-        embed_dim=embed_dim,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        architecture=f"{folder}.json",
-        weights=files,
-        hub_repo=repo,
-    )
-
-
 STANDIN_DIR = Path(__file__).with_name("standins") / "weights"
 
 
@@ -187,6 +198,7 @@ def _mini(
     name: str, family: Family, *, image_size: int, patch_size: int, embed_dim: int, trained: bool = False
 ) -> ModelSpec:
     mean, std = (OPENAI_MEAN, OPENAI_STD) if family == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    prefix = _student_geometry(_read_json(f"{name}.json"))[2] if family == "dino" else 0
     file = f"{name}.safetensors"
     weights = (WeightFile(names=(file,), local_dir="world", bundled=STANDIN_DIR / file),) if trained else ()
     return ModelSpec(
@@ -200,21 +212,181 @@ def _mini(
         std=std,
         architecture=f"{name}.json",
         weights=weights,
+        prefix_tokens=prefix,
     )
 
 
 def _world(family: Family, *, trained: bool = True) -> ModelSpec:
     """The world stand-in of a family; its geometry is read from its architecture file.
-    ``trained=False``: a seeded architecture whose random features suffice (measured; README)."""
-    with open(CONFIG_DIR / f"world-{family}.json", encoding="utf-8") as f:
-        cfg = json.load(f)
+    ``trained=False``: a seeded architecture whose random features suffice (measured: docs/demo-world.md)."""
+    cfg = _read_json(f"world-{family}.json")
     if family == "clip":
         size, patch, dim = cfg["vision_cfg"]["image_size"], cfg["vision_cfg"]["patch_size"], cfg["embed_dim"]
     elif family == "sam":
         size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["prompt_embed_dim"]
     else:
-        size, patch, dim = cfg["image_size"], cfg["patch_size"], cfg["hidden_size"]
+        size, (patch, dim, _) = cfg["image_size"], _student_geometry(cfg)
     return _mini(f"world-{family}", family, image_size=size, patch_size=patch, embed_dim=dim, trained=trained)
+
+
+# --- SAM 2.1 (the mask-model role; components/models/sam2.py) ---------------------------------
+# transformers ``Sam2Model`` from the hub repo's config.json + model.safetensors. Their sha256 are
+# not recorded here (no published list was at hand): None, like the other hub files. The
+# miniature's config sets initializer_range 0.3: at transformers' default (0.02) a random Sam2Model
+# predicts mask logits of about 1e-5 and IoUs of 0.5 for every prompt, which no filter separates.
+
+
+def _sam2(name: str, repo: str) -> ModelSpec:
+    """A SAM 2.1 size: image embedding 64 × 64 × 256 of a 1024 input (stride 16), ImageNet
+    normalisation in its image processor; the architecture file serves random-weight benchmarks."""
+    files = tuple(WeightFile(names=(n,), local_dir=f"sam/{name}", hub_repo=repo) for n in ("config.json", "model.safetensors"))
+    frame = {"image_size": 1024, "patch_size": 16, "embed_dim": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return ModelSpec(name=name, family="sam", miniature=False, architecture=f"{name}.json", weights=files,
+                     hub_repo=repo, licence="Apache-2.0", **frame)
+
+
+SAM2_SPECS: tuple[ModelSpec, ...] = tuple(
+    _sam2(f"sam2.1-hiera-{size}", f"facebook/sam2.1-hiera-{size}") for size in ("tiny", "small", "base-plus", "large")
+)
+# --- end SAM 2.1 ---------------------------------------------------------------------------------
+
+
+def _read_json(architecture: str) -> dict[str, Any]:
+    with open(CONFIG_DIR / architecture, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------- the student encoder
+# Family "dino": the frozen ViT whose patch features the aligner maps into the text space (Stage 2,
+# evaluation, predict). Its geometry -- patch side, width, prefix tokens (class + registers) -- is
+# read from its architecture file in configs/ (for a real spec the same fields as the hub repo's
+# config.json; build_dino checks the built model against the spec), so nothing downstream writes a
+# patch size. sha256: the hub lists each file's hash, but these specs were written offline and
+# record none (None: the file is not checked; DINOv2's specs recorded none either).
+_DINOV2_LICENCE = "Apache-2.0"
+_DINOV3_LICENCE = ("DINOv3 License (custom; gated on the hub: accept it on the model page, then download "
+                   "with HF_TOKEN set)")
+STUDENT_CLASSES: dict[str, str] = {
+    "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "dinov3_vit": "DINOv3ViTModel",
+}
+
+
+def _student_geometry(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(patch side, width, prefix tokens = class token + registers) of a transformers config dict."""
+    if cfg.get("model_type") not in STUDENT_CLASSES:
+        raise ValueError(f"student model_type {cfg.get('model_type')!r}: supported {list(STUDENT_CLASSES)}")
+    return cfg["patch_size"], cfg["hidden_size"], 1 + cfg.get("num_register_tokens", 0)
+
+
+def _student(name: str, repo: str, *, image_size: int, licence: str, gated: bool = False) -> ModelSpec:
+    """A published student: ``config.json`` + ``model.safetensors`` of hub ``repo``; geometry from
+    ``configs/<repo name>.json``; ``image_size``: the default input side (a multiple of the patch)."""
+    folder = repo.split("/")[1]
+    patch, dim, prefix = _student_geometry(_read_json(f"{folder}.json"))
+    files = tuple(
+        WeightFile(names=(n,), local_dir=f"dino/{folder}", hub_repo=repo, gated=gated)
+        for n in ("config.json", "model.safetensors")
+    )
+    return ModelSpec(
+        name=name, family="dino", miniature=False, image_size=image_size, patch_size=patch, embed_dim=dim,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, architecture=f"{folder}.json", weights=files, hub_repo=repo,
+        prefix_tokens=prefix, licence=licence,
+    )
+
+
+def _student_specs() -> tuple[ModelSpec, ...]:
+    """DINOv2 (the paper's), DINOv2 with registers and DINOv3 (LVD-1689M; ImageNet statistics),
+    then the miniatures of each class (seeded random weights) and the demo world's."""
+    v3 = "facebook/dinov3-vit{}-pretrain-lvd1689m"
+    reg = "facebook/dinov2-with-registers-{}"
+    v2, v3_side = dict(image_size=518, licence=_DINOV2_LICENCE), dict(image_size=512, licence=_DINOV3_LICENCE, gated=True)
+    return (
+        _student("dinov2_vitl14", "facebook/dinov2-large", **v2),
+        _student("dinov2_vitb14", "facebook/dinov2-base", **v2),
+        _student("dinov2_vits14_reg", reg.format("small"), **v2),
+        _student("dinov2_vitb14_reg", reg.format("base"), **v2),
+        _student("dinov2_vitl14_reg", reg.format("large"), **v2),
+        _student("dinov2_vitg14_reg", reg.format("giant"), **v2),
+        _student("dinov3_vits16", v3.format("s16"), **v3_side),
+        _student("dinov3_vitb16", v3.format("b16"), **v3_side),
+        _student("dinov3_vitl16", v3.format("l16"), **v3_side),
+        _student("dinov3_vith16plus", v3.format("h16plus"), **v3_side),
+        _mini_student("mini-dino"),
+        _mini_student("mini-dino-reg"),
+        _mini_student("mini-dinov3"),
+        _world("dino", trained=False),
+    )
+
+
+def _mini_student(name: str) -> ModelSpec:
+    cfg = _read_json(f"{name}.json")
+    patch, dim, _ = _student_geometry(cfg)
+    return _mini(name, "dino", image_size=cfg["image_size"], patch_size=patch, embed_dim=dim)
+
+
+
+# ------------------------------------------------------------------------------ the text space
+# Family "clip": an open_clip model whose text tower makes the prototypes (Stage 1 detection,
+# Stage 2) and whose vision tower Stage 1's dense detection runs (components/models/clip_dense.py:
+# a class-token ViT with an output projection -- OpenAI CLIP, MetaCLIP 2; the timm towers with an
+# attention-pool head, SigLIP 2 and PE-Core, serve Stage 2 only). Geometry and normalisation come
+# from open_clip's own model and pretrained configs. MetaCLIP 2's and SigLIP 2's tokenizers are
+# Hugging Face tokenizers (XLM-V, Gemma), fetched with the weights; the toy configs ``mini-metaclip2``
+# and ``mini-siglip2`` keep the architectures' classes (CLIP; CustomTextCLIP with a timm attention-
+# pool tower) at a few layers, and the OpenAI BPE tokenizer so that they build offline.
+def _text(name: str, arch: str, tag: str, *, licence: str) -> ModelSpec:
+    cfg, pretrained = open_clip.get_model_config(arch), open_clip.get_pretrained_cfg(arch, tag)
+    vision = cfg["vision_cfg"]
+    patch = vision["patch_size"] if "patch_size" in vision else _timm_patch(vision["timm_model_name"])
+    file = WeightFile(names=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), local_dir=f"clip/{arch}-{tag}",
+                      hub_repo=pretrained["hf_hub"].strip("/"))
+    return ModelSpec(
+        name=name, family="clip", miniature=False, image_size=vision["image_size"], patch_size=patch,
+        embed_dim=cfg["embed_dim"], mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]), architecture=arch,
+        weights=(file,), pretrained_tag=tag, licence=licence,
+    )
+
+
+def _timm_patch(timm_name: str) -> int:
+    """The patch side written in a timm ViT's name (``vit_large_patch16_siglip_384`` -> 16)."""
+    found = re.search(r"patch(\d+)", timm_name)
+    if found is None:
+        raise ValueError(f"no patch size in the timm model name {timm_name!r}")
+    return int(found.group(1))
+
+
+def _text_specs() -> tuple[ModelSpec, ...]:
+    """MetaCLIP 2, PE-Core and SigLIP 2 (licences as their model cards state them), then toy
+    configs of MetaCLIP 2's and SigLIP 2's classes."""
+    mini = [_read_json(f"{n}.json") for n in ("mini-metaclip2", "mini-siglip2")]
+    return (
+        _text("ViT-H-14-worldwide/metaclip2_worldwide", "ViT-H-14-worldwide", "metaclip2_worldwide",
+              licence="CC-BY-NC-4.0 (MetaCLIP 2 model card; non-commercial)"),
+        _text("PE-Core-L-14-336/meta", "PE-Core-L-14-336", "meta", licence="Apache-2.0 (Perception Encoder model card)"),
+        _text("ViT-L-16-SigLIP2-384/webli", "ViT-L-16-SigLIP2-384", "webli", licence="Apache-2.0 (SigLIP 2 model card)"),
+        _mini("mini-metaclip2", "clip", image_size=mini[0]["vision_cfg"]["image_size"],
+              patch_size=mini[0]["vision_cfg"]["patch_size"], embed_dim=mini[0]["embed_dim"]),
+        _mini("mini-siglip2", "clip", image_size=mini[1]["vision_cfg"]["image_size"],
+              patch_size=mini[1]["vision_cfg"]["patch_size"],
+              embed_dim=mini[1]["embed_dim"]),
+    )
+
+
+def dense_text_specs() -> list[str]:
+    """The text-space specs whose vision tower Stage 1's dense detection runs: a class-token ViT
+    with an output projection (open_clip's own VisionTransformer; not a timm tower)."""
+    return [n for n in list_specs("clip") if "timm_model_name" not in _clip_config(get_spec(n))["vision_cfg"]]
+
+
+def _clip_config(spec: ModelSpec) -> dict[str, Any]:
+    """The open_clip model config of a text-space spec (a copy)."""
+    return _read_config(spec) if spec.miniature else open_clip.get_model_config(spec.architecture)
+
+
+def _open_clip_model(cfg: dict[str, Any]) -> open_clip.CLIP | open_clip.CustomTextCLIP:
+    """open_clip's model class of a config, as its factory picks it (``custom_text`` -> CustomTextCLIP)."""
+    cfg = dict(cfg)
+    return (open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP)(**cfg)
 
 
 # sha256 and sizes of the SAM checkpoints: as published alongside the files and recorded by many
@@ -244,14 +416,12 @@ _SPECS: dict[str, ModelSpec] = {
             sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
             size=375042383,
         ),
+        *SAM2_SPECS,
         _mini("mini-sam", "sam", image_size=128, patch_size=16, embed_dim=32),
+        _mini("mini-sam2.1", "sam", image_size=128, patch_size=16, embed_dim=32),
         _world("sam"),
-        _dino("dinov2_vitl14", "facebook/dinov2-large", embed_dim=1024),
-        _dino("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", embed_dim=1024),
-        _dino("dinov2_vitb14", "facebook/dinov2-base", embed_dim=768),
-        _mini("mini-dino", "dino", image_size=224, patch_size=14, embed_dim=32),
-        _mini("mini-dino-reg", "dino", image_size=224, patch_size=14, embed_dim=32),
-        _world("dino", trained=False),
+        *_student_specs(),
+        *_text_specs(),
     )
 }
 
@@ -264,10 +434,13 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model spec {name!r}; known specs: {', '.join(_SPECS)}") from None
 
 
-def list_specs(family: Family | None = None) -> list[str]:
-    """Names of all specs, or of one family ("clip" | "sam" | "dino"), in registry order."""
+def list_specs(family: Family | str | None = None) -> list[str]:
+    """Names of all specs, or of one family ("clip" | "sam" | "dino") or role ("text" | "mask" |
+    "student"), in registry order."""
+    family = ROLES.get(family, family) if family is not None else None
     if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)} "
+                         f"(roles: {', '.join(ROLES)})")
     return [name for name, spec in _SPECS.items() if family is None or spec.family == family]
 
 
@@ -309,15 +482,44 @@ def init_model(name: str) -> torch.nn.Module:
     """The seeded random init of a miniature spec's architecture (or of a real DINOv2's), in train
     mode with gradients on: what ``mini-*`` specs run with and what the stand-ins train from."""
     spec = get_spec(name)
-    if not spec.miniature and spec.family != "dino":
+    if not spec.miniature and not _from_transformers(spec):
         raise ValueError(f"{name!r} is a real {spec.family} spec; it has no seeded init (use build_{spec.family})")
     cfg = _read_config(spec)
     with _seeded(spec.seed):
+        if "model_type" in cfg:  # a transformers architecture: DINOv2, SAM 2.1
+            return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         if spec.family == "clip":
-            return open_clip.CLIP(**cfg)
-        if spec.family == "sam":
-            return _build_mini_sam(cfg)
-        return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+            return _open_clip_model(cfg)
+        return _build_mini_sam(cfg)
+
+
+def _from_transformers(spec: ModelSpec) -> bool:
+    """Whether a spec's architecture is a transformers config (a JSON file naming a model_type)."""
+    return spec.architecture.endswith(".json") and "model_type" in _read_config(spec)
+
+
+def _transformers_model(
+    spec: ModelSpec, weights_dir: str | os.PathLike[str] | None, random_weights: bool
+) -> torch.nn.Module:
+    """A transformers model of a spec: a miniature's seeded init, the architecture with random
+    weights (benchmarks only), or the hub repo's ``config.json`` + ``model.safetensors``, every
+    weight from the file (a missing or mismatched key is an error, never a random init)."""
+    if spec.miniature:
+        return _miniature(spec, weights_dir)
+    if random_weights:
+        _warn_random(spec)
+        return init_model(spec.name)
+    config_path, weights_path = (resolve_weight(spec.name, f, weights_dir) for f in spec.weights)
+    model, info = AutoModel.from_pretrained(
+        str(weights_path.parent),
+        config=AutoConfig.from_pretrained(str(config_path)),
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
+    if bad:
+        raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+    return model
 
 
 def _miniature(spec: ModelSpec, weights_dir: str | os.PathLike[str] | None) -> torch.nn.Module:
@@ -337,12 +539,13 @@ def build_clip(
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
 ) -> ClipBundle:
-    """A frozen open_clip ``CLIP`` with the OpenAI BPE tokenizer.
+    """A frozen open_clip ``CLIP`` (``CustomTextCLIP`` for SigLIP 2 and PE-Core) with its tokenizer.
 
     ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only,
     never for results. Miniatures always get their seeded weights.
     """
     spec = _spec_of(name, "clip")
+    tokenizer = _text_tokenizer(spec)  # a missing Hugging Face tokenizer fails before the model builds
     if spec.miniature:
         model = _miniature(spec, weights_dir)
     else:
@@ -351,12 +554,32 @@ def build_clip(
         cfg["quick_gelu"] = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag).get(
             "quick_gelu", False
         )
-        model = open_clip.CLIP(**cfg)
+        model = _open_clip_model(cfg)
         if path is None:
             _warn_random(spec)
         else:
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    return ClipBundle(_frozen(model, device), _tokenizer(model.context_length), spec)
+    return ClipBundle(_frozen(model, device), tokenizer, spec)
+
+
+def _text_tokenizer(spec: ModelSpec) -> Callable[[list[str]], torch.Tensor]:
+    """The spec's tokenizer: open_clip's OpenAI BPE, or the Hugging Face tokenizer its config names
+    (MetaCLIP 2, SigLIP 2), read from the hub cache only (fetched with the weights)."""
+    text_cfg = _clip_config(spec)["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if not hf_name:
+        return _tokenizer(context_length)
+    from open_clip.tokenizer import HFTokenizer
+
+    try:
+        return HFTokenizer(hf_name, context_length=context_length, cache_dir=str(hub_cache_dir()),
+                           local_files_only=True, **text_cfg.get("tokenizer_kwargs", {}))
+    except OSError:
+        raise MissingWeightsError(
+            f"missing the tokenizer of model spec {spec.name!r}: the Hugging Face tokenizer {hf_name!r} is not in "
+            f"the hub cache {hub_cache_dir()}.\nFetch it with:  {fetch_command(spec.name)}"
+        ) from None
 
 
 def _build_mini_sam(cfg: dict[str, Any]) -> Sam:
@@ -406,13 +629,17 @@ def build_sam(
     device: str | torch.device = "cpu",
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
-) -> Sam:
-    """A frozen segment_anything ``Sam`` whose image-encoder attention runs through
-    ``F.scaled_dot_product_attention`` (components/models/sam_attention.py; same outputs).
+) -> Sam | Sam2Model:
+    """A frozen mask model: a segment_anything ``Sam`` whose image-encoder attention runs through
+    ``F.scaled_dot_product_attention`` (components/models/sam_attention.py; same outputs), or for
+    the SAM 2.1 specs a transformers ``Sam2Model`` (hub ``config.json`` + ``model.safetensors``).
+    Either goes to components.models.masks.embed_image.
 
     ``random_weights=True`` builds a real architecture with random weights -- for benchmarks only.
     """
     spec = _spec_of(name, "sam")
+    if _from_transformers(spec):
+        return _frozen(_transformers_model(spec, weights_dir, random_weights), device)
     if spec.miniature:
         sam = _miniature(spec, weights_dir)
     else:
@@ -434,34 +661,21 @@ def build_dino(
     device: str | torch.device = "cpu",
     weights_dir: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
-) -> Dinov2Model | Dinov2WithRegistersModel:
-    """A frozen transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
+) -> Dinov2Model | Dinov2WithRegistersModel | DINOv3ViTModel:
+    """A frozen student encoder: transformers ``Dinov2Model``, ``Dinov2WithRegistersModel`` or
+    ``DINOv3ViTModel`` (the spec's architecture picks it).
 
     Real specs load the hub repo's ``config.json`` + ``model.safetensors``; every weight of the
     model must come from the file (a missing or mismatched key is an error, never a random init).
     ``random_weights=True`` builds the architecture with random weights -- for benchmarks only.
     """
     spec = _spec_of(name, "dino")
-    if spec.miniature:
-        model = _miniature(spec, weights_dir)
-    elif random_weights:
-        model = init_model(name)
-        _warn_random(spec)
-    else:
-        config_path, weights_path = (resolve_weight(name, f, weights_dir) for f in spec.weights)
-        model, info = AutoModel.from_pretrained(
-            str(weights_path.parent),
-            config=AutoConfig.from_pretrained(str(config_path)),
-            local_files_only=True,
-            output_loading_info=True,
-        )
-        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
-        if bad:
-            raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
-    if (model.config.hidden_size, model.config.patch_size) != (spec.embed_dim, spec.patch_size):
+    model = _transformers_model(spec, weights_dir, random_weights)
+    built = _student_geometry(model.config.to_dict())
+    if built != (spec.patch_size, spec.embed_dim, spec.prefix_tokens):
         raise ValueError(
-            f"{spec.name}: built hidden_size {model.config.hidden_size} / patch_size "
-            f"{model.config.patch_size}, spec says {spec.embed_dim} / {spec.patch_size}"
+            f"{spec.name}: built patch_size / hidden_size / prefix tokens {built}, spec says "
+            f"{(spec.patch_size, spec.embed_dim, spec.prefix_tokens)}"
         )
     return _frozen(model, device)
 

@@ -39,6 +39,8 @@ __all__ = [
     "WEIGHTS_DIR_ENV",
     "FETCH_PROFILE_COMMAND",
     "MissingWeightsError",
+    "GatedWeightsError",
+    "gated_help",
     "WeightFile",
     "WeightStatus",
     "default_weights_dir",
@@ -70,6 +72,7 @@ class WeightFile:
     hub_repo: Hugging Face repo that holds the file under one of ``names``.
     size: bytes of the published file where recorded, else None.
     bundled: a copy shipped with the project, looked in last (the world stand-ins' files).
+    gated: the hub repo asks each user to accept its licence first; downloads then need a token.
     """
 
     names: tuple[str, ...]
@@ -79,6 +82,7 @@ class WeightFile:
     hub_repo: str | None = None
     size: int | None = None
     bundled: Path | None = None
+    gated: bool = False
 
     @property
     def name(self) -> str:
@@ -151,6 +155,17 @@ def find_weight(file: WeightFile, weights_dir: str | os.PathLike[str] | None = N
     return None
 
 
+def gated_help(file: WeightFile) -> str:
+    """How to get a gated hub file: accept the licence on its page, then download with HF_TOKEN."""
+    return (f"{file.hub_repo} is gated: accept its licence at https://huggingface.co/{file.hub_repo} (logged in), "
+            f"create a read token at https://huggingface.co/settings/tokens, and set HF_TOKEN=<token> "
+            "for the fetch")
+
+
+class GatedWeightsError(PermissionError):
+    """A gated repo's file cannot be downloaded: no token, or the licence was not accepted."""
+
+
 def fetch_command(spec_name: str, file: WeightFile | None = None) -> str:
     """The shell command that downloads (or, for a world stand-in, retrains) a spec's weights."""
     if file is not None and file.bundled is not None:
@@ -171,7 +186,8 @@ def resolve_weight(
         f"missing weights for model spec {spec_name!r}: file {file.name!r}{size} was not found.\n"
         f"Looked in:\n{looked}\n"
         f"Fetch it with:  {fetch_command(spec_name, file)}\n"
-        f"(or every paper model at once:  {FETCH_PROFILE_COMMAND}). "
+        + (f"({gated_help(file)})\n" if file.gated else "")
+        + f"(or every paper model at once:  {FETCH_PROFILE_COMMAND}). "
         f"The weights dir is ${WEIGHTS_DIR_ENV} (default ~/.cache/fmbseg)."
     )
 
@@ -261,19 +277,29 @@ def _fetch_clip(spec: ModelSpec, missing: list[WeightFile], root: Path, progress
 
     cfg = open_clip.get_pretrained_cfg(spec.architecture, spec.pretrained_tag)
     open_clip.download_pretrained(cfg, cache_dir=str(hub_cache_dir()))
+    if open_clip.get_model_config(spec.architecture)["text_cfg"].get("hf_tokenizer_name"):
+        open_clip.get_tokenizer(spec.architecture, cache_dir=str(hub_cache_dir()))  # a Hugging Face tokenizer
 
 
 def _fetch_sam(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
+    if spec.hub_repo is not None:  # SAM 2.1: transformers files on the hub, fetched as DINOv2's are
+        _fetch_dino(spec, missing, root, progress)
+        return
     for file in missing:
         _download_url(file.url, root / file.local_dir / file.name, file.sha256, progress)
 
 
 def _fetch_dino(spec: ModelSpec, missing: list[WeightFile], root: Path, progress: bool) -> None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import get_token, snapshot_download
+    from huggingface_hub.errors import GatedRepoError
 
-    snapshot_download(
-        spec.weights[0].hub_repo, allow_patterns=[f.name for f in spec.weights], cache_dir=hub_cache_dir()
-    )
+    file = spec.weights[0]
+    if file.gated and not get_token():
+        raise GatedWeightsError(f"cannot fetch {spec.name}: no Hugging Face token. {gated_help(file)}")
+    try:
+        snapshot_download(file.hub_repo, allow_patterns=[f.name for f in spec.weights], cache_dir=hub_cache_dir())
+    except GatedRepoError:
+        raise GatedWeightsError(f"cannot fetch {spec.name}: the hub refused the token. {gated_help(file)}") from None
 
 
 _FETCHERS = {"clip": _fetch_clip, "sam": _fetch_sam, "dino": _fetch_dino}
@@ -285,8 +311,8 @@ def fetch_weights(
     """Download the weight files of the named specs that are not on disk yet; returns their status.
 
     CLIP: open_clip's pretrained registry and download function (into the hub cache). SAM: the
-    published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2:
-    ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
+    published checkpoint URL into ``<weights dir>/sam/``, verified against its sha256. DINOv2 and
+    SAM 2.1: ``config.json`` + ``model.safetensors`` by ``huggingface_hub.snapshot_download`` (hub cache).
     """
     specs = list(specs)
     for spec in specs:

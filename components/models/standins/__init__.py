@@ -4,7 +4,7 @@ The demo profile's ``world-clip`` and ``world-sam`` are the registry's miniature
 trained here so that they have the property the method relies on -- CLIP's crop embeddings and
 dense patch features name the world's classes, SAM's point prompts return the region under the
 point with an IoU estimate that means something. ``world-dino`` keeps its seeded random weights:
-its patch features already separate the world's regions (measured: README "The demo world").
+its patch features already separate the world's regions (measured: docs/demo-world.md).
 These are toys that make the machinery visible end to end; the method's real numbers need the
 paper profile.
 
