@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(0)
         with pd.option_context("display.max_columns", None, "display.width", 200):
             typer.echo(table.to_string(index=False))
+        typer.echo(f"in the MLflow UI (`make ui`): {tracking.headline_url(settings, experiment=experiment)}", err=True)
         if out is not None:
             from components.io import atomic_write_text
 

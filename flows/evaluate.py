@@ -2,13 +2,13 @@
 
 evaluate: the aligner checkpoint (self-describing: the DINOv2 and CLIP specs travel in it) scored
 on one canonical benchmark, base and SAM-refined (paper §4.2, Table 1). Outputs:
-``${paths.metrics}/<benchmark>.json`` (DVC metrics), ``${paths.metrics}/<benchmark>_per_class.csv``,
-overlay pictures in ``${paths.overlays}/<benchmark>/``, all attached to the checkpoint's MLflow run.
+``${paths.metrics}/<benchmark>.json`` (DVC metrics), ``${paths.metrics}/<benchmark>_per_class.csv``
+and its bar chart ``_per_class.png`` (a DVC image plot), overlay pictures in ``${paths.overlays}/<benchmark>/``, all attached to the checkpoint's MLflow run.
 
 evaluate-stage1: Stage 1's pseudo labels of the benchmark's images, with the benchmark's own
 vocabulary, scored against the ground truth (Table 2), every variant in one pass over the images:
 ``${paths.stage1_metrics}/<benchmark>_<variant>.json`` and its per-class CSV per variant, each logged to an
-MLflow run ``stage1-<variant>`` of its own.
+MLflow run ``stage1-<variant>`` of its own, in the experiment ``<tracking.experiment>-stage1``.
 
 Both send images to tasks in batches of ``evaluate.batch_size`` ids. A task builds its models once
 per worker process and returns only partial confusion matrices; the flow adds them into a state
@@ -46,6 +46,7 @@ from flows.common import (
     stage_params,
     table_artifact,
 )
+from flows.plots import bars_png
 
 __all__ = [
     "evaluate_flow",
@@ -54,6 +55,7 @@ __all__ = [
     "evaluate_images",
     "write_missing_overlays",
     "state_path",
+    "score_files",
     "register",
 ]
 
@@ -315,6 +317,14 @@ def _attach(params: Params, run_id: str | None, metrics: dict[str, float], files
     return True
 
 
+def score_files(params: Params, dataset: str) -> tuple[Path, Path, Path]:
+    """What evaluate@<dataset> writes about the model it scored: ``${paths.metrics}/<dataset>.json``
+    (the DVC metrics), ``<dataset>_per_class.csv`` and its chart ``<dataset>_per_class.png``."""
+    metrics_dir = project_path(params, "metrics")
+    return (metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv",
+            metrics_dir / f"{dataset}_per_class.png")
+
+
 @flow(name="evaluate", flow_run_name="evaluate-{dataset}")
 def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: str | None = None) -> dict[str, float]:
     """The evaluate@<dataset> stage: metrics/<dataset>.json and friends; returns the metrics."""
@@ -361,9 +371,12 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
         stale.unlink()
 
     summary = summarize(state, display_names(data.classes))
-    metrics_dir = project_path(params, "metrics")
-    metrics_file, per_class_file = metrics_dir / f"{dataset}.json", metrics_dir / f"{dataset}_per_class.csv"
+    metrics_file, per_class_file, per_class_plot = score_files(params, dataset)
     write_summary(summary, metrics_file, per_class_file)
+    variants = [v for v in ("base", "refined") if f"IoU_{v}" in summary.per_class[0]]
+    bars_png(per_class_plot, [str(row["class"]) for row in summary.per_class],
+             {v: [float(row[f"IoU_{v}"]) for row in summary.per_class] for v in variants},
+             xlabel="IoU (%)", title=f"{dataset}: per-class IoU")
     table_artifact(summary.per_class, key=_artifact_key("evaluate", dataset, "per-class"),
                    description=f"{dataset}: per-class IoU / Acc (percent)")
     named = {f"{dataset}/{k}": float(v) for k, v in summary.metrics.items()}
@@ -439,8 +452,11 @@ def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
         table_artifact(per_class, key=_artifact_key("stage1", name, "per-class"),
                        description=f"Stage 1 ({variant}) on {dataset}: per-class IoU / Acc (percent)")
         tags = {**tracking.standard_tags(params, [root]), "dataset": dataset, "variant": variant,
-                "protocol": str(params.evaluate.protocol)}
-        with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags) as run_id:
+                "protocol": str(params.evaluate.protocol), tracking.STAGE_TAG: "evaluate-stage1"}
+        # apart from the trained models: Stage 1's scores have an experiment of their own
+        with tracking.start_run(params, run_name=f"stage1-{variant}", tags=tags,
+                                settings=tracking.stage_settings(params, "evaluate-stage1"),
+                                experiment=tracking.stage1_experiment(params)) as run_id:
             tracking.attach_metrics(run_id, {f"{dataset}/{k}": float(v) for k, v in metrics.items()},
                                     [metrics_file, per_class_file], artifact_path=f"stage1/{dataset}", params=params)
         results[variant] = metrics

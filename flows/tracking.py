@@ -14,17 +14,29 @@ Where runs go (:func:`tracking_uri`): ``$MLFLOW_TRACKING_URI``, else ``tracking.
 ``sqlite:///<project root>/mlflow.db`` with artifacts in ``<project root>/mlartifacts``. A
 ``dvc exp run --queue`` experiment runs in a copy of the project under ``<root>/.dvc/tmp/exps/``;
 its runs still land in ``<root>``'s store, so a grid of queued experiments compares in one UI.
+
+What a reader of the UI sees: trained models in experiment ``tracking.experiment``, Stage 1's
+scoring runs apart in ``<experiment>-stage1``; each run logs the settings of its own stage
+(:func:`stage_settings`), not the whole params.yaml; the pipeline's model registers under
+``tracking.registered_model``, an ablation (a run whose settings differ from its baseline) under
+``<registered_model>-ablations`` (:func:`registered_model_for`), so ``latest`` and ``champion`` of the
+production name only ever name pipeline models; both registered models and each version carry a
+description (input, profile, scores). A SQLite store's artifacts live in ``mlartifacts/`` beside the
+database; MLflow records them as absolute paths, so a copied or moved workspace is re-pointed at its
+own ``mlartifacts/`` the first time fmbseg opens it (:func:`open_store`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +55,14 @@ __all__ = [
     "CHAMPION_ALIAS",
     "STAGE_TAG",
     "RESUME_CHANGES_TAG",
+    "HEADLINE_VIEW",
     "project_root",
     "tracking_uri",
+    "open_store",
+    "stage_settings",
+    "registered_model_for",
+    "stage1_experiment",
+    "headline_url",
     "standard_tags",
     "start_run",
     "run_exists",
@@ -70,6 +88,7 @@ _DVC_EXPS_DIR = (".dvc", "tmp", "exps")
 CHAMPION_ALIAS = "champion"
 STAGE_TAG = "fmbseg.stage"  # "train" on the one run of each trained model
 RESUME_CHANGES_TAG = "fmbseg.params_changed_on_resume"
+CHANGED_TAG = "fmbseg.changed"  # an ablation's settings that differ from its baseline (aligner.kind=linear)
 CHECKPOINT_ARTIFACT_DIR = "model"
 PYFUNC_MODEL_NAME = "segmenter"  # the logged pyfunc model of a train run
 
@@ -78,6 +97,15 @@ PYFUNC_MODEL_NAME = "segmenter"  # the logged pyfunc model of a train run
 COUNT_METRICS = frozenset({"images", "skipped"})
 # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI overview)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+ARTIFACTS_DIR = "mlartifacts"  # a SQLite store's artifacts: this folder beside the database
+STAGE1_EXPERIMENT_SUFFIX = "-stage1"  # Stage 1's scoring runs: experiment <tracking.experiment>-stage1
+ABLATION_MODEL_SUFFIX = "-ablations"  # an ablation's model: registered model <registered_model>-ablations
+# The runs table of MLflow 3.17 shows no metric or param column until a reader picks some. A view
+# shared as an experiment tag (what the UI's "Share" button writes) opens it on the headline
+# numbers instead, sorted by the mean: <ui>/#/experiments/<id>/runs?viewStateShareKey=headline
+HEADLINE_VIEW = "headline"
+HEADLINE_METRICS = ("mean/mIoU_base", "mean/mIoU_refined", "pv21/mIoU_base", "pv21/mIoU_refined")
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."
 
 
 def project_root(cwd: str | os.PathLike[str] | None = None) -> Path:
@@ -113,21 +141,74 @@ def tracking_uri(params: Params, project_dir: str | os.PathLike[str] | None = No
     return uri
 
 
+# where MLflow writes a local artifact location (file URI): re-pointed when the store has moved
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+_opened_stores: set[str] = set()
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the store at ``uri``. A SQLite store copied or moved from another folder is first
+    re-pointed at its own ``mlartifacts/`` (once per process): MLflow records each experiment's, run's
+    and model's artifact location as an absolute path, which would still name the old folder."""
+    if uri not in _opened_stores:
+        db = _sqlite_path(uri)
+        if db is not None and db.exists():
+            _relocate_artifacts(db)
+        _opened_stores.add(uri)
+    return MlflowClient(uri)
+
+
+def _relocate_artifacts(db: Path) -> None:
+    """Rewrite the artifact locations under another folder's ``mlartifacts/`` (the experiments fmbseg
+    created there) to this database's ``mlartifacts/``; locations elsewhere (S3, a chosen folder)
+    are left alone."""
+    own = (db.parent / ARTIFACTS_DIR).resolve().as_uri()
+    with closing(sqlite3.connect(db, timeout=60)) as con, con:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return  # a store MLflow has not set up yet
+        stale = {loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                 if loc and loc.startswith("file://") and loc.endswith("/" + ARTIFACTS_DIR) and loc != own}
+        for old in stale:
+            pattern = old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+            for table, column in _ARTIFACT_COLUMNS:
+                if table in tables:
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE {column} = ? OR {column} LIKE ? ESCAPE '\\'",
+                                (own, len(old) + 1, old, pattern))
+
+
 def _client(params: Params) -> MlflowClient:
-    return MlflowClient(tracking_uri(params))
+    return open_store(tracking_uri(params))
+
+
+def _headline_view(experiment_name: str) -> str:
+    """The shared view :data:`HEADLINE_VIEW` as the UI reads it (JSON): runs sorted by the mean
+    mIoU, the headline metrics and the ablation axes as columns."""
+    if experiment_name.endswith(STAGE1_EXPERIMENT_SUFFIX):  # Stage 1's scores: one run per variant
+        columns, sort = ["tags.`variant`", "tags.`dataset`", "metrics.`pv21/mIoU`"], "attributes.start_time"
+    else:
+        columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS),
+                   "params.`aligner.kind`", "params.`train.loss`", f"tags.`{CHANGED_TAG}`"]
+        sort = f"metrics.`{HEADLINE_METRICS[0]}`"
+    return json.dumps({"orderByKey": sort, "orderByAsc": False, "selectedColumns": columns})
 
 
 def _experiment_id(mlflow: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing. With a SQLite store its artifacts go to
+    """The id of experiment ``name``, created when missing, opening on its runs in the UI's
+    model-training view with the headline view shared. With a SQLite store its artifacts go to
     ``mlartifacts/`` next to the database (MLflow's default would be the working directory)."""
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, _SHARED_VIEW_TAG + HEADLINE_VIEW: _headline_view(name)}
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            mlflow.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        for key, value in tags.items():
+            if experiment.tags.get(key) != value:
+                mlflow.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     db = _sqlite_path(mlflow.tracking_uri)
-    location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
-    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    location = (db.parent / ARTIFACTS_DIR).resolve().as_uri() if db is not None else None
+    return mlflow.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def _git_commit(cwd: Path) -> str:
@@ -208,6 +289,43 @@ def run_name_of(changed: Mapping[str, Any], fallback: str, limit: int = 120) -> 
     return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
+def stage_settings(params: Params, stage: str, changed: Mapping[str, Any] | None = None,
+                   dvc_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The settings a run logs as its params: those the dvc.yaml ``stage`` lists under ``params``
+    (a section such as ``train``, or a dotted key), flattened, with ``models.profiles`` cut to the
+    selected profile; plus ``changed`` (:func:`changed_settings`), the ablation's axes even where
+    they belong to an upstream stage (``balance.ratio``). ``dvc_file``: default the working
+    directory's dvc.yaml (the pipeline that runs), else the one beside the code (a stage command
+    run outside a DVC project)."""
+    if dvc_file is None:
+        dvc_file = "dvc.yaml" if Path("dvc.yaml").is_file() else Path(__file__).resolve().parents[1] / "dvc.yaml"
+    with open(dvc_file, encoding="utf-8") as f:
+        stages = (yaml.safe_load(f) or {}).get("stages") or {}
+    if stage not in stages:
+        raise KeyError(f"{dvc_file} has no stage {stage!r}; its stages: {', '.join(stages)}")
+    spec = stages[stage].get("do", stages[stage])  # a foreach stage lists them under do:
+    keys = [k if k != "models.profiles" else f"models.profiles.{params.models.profile}" for k in spec.get("params") or []]
+    if not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{dvc_file}: stage {stage!r} lists params of another file; fmbseg reads params.yaml only")
+    flat = flatten(params)
+    chosen = {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
+    return {**chosen, **(changed or {})}
+
+
+def stage1_experiment(params: Params) -> str:
+    """The experiment of Stage 1's scoring runs (evaluate-stage1): ``<tracking.experiment>-stage1``,
+    apart from the trained models."""
+    return params.tracking.experiment + STAGE1_EXPERIMENT_SUFFIX
+
+
+def registered_model_for(params: Params, changed: Mapping[str, Any]) -> str:
+    """The registered model a trained model becomes a version of: ``tracking.registered_model`` for
+    the pipeline's model, ``<registered_model>-ablations`` for an ablation (``changed`` not empty), so
+    that the production name's versions, ``latest`` and ``champion`` only ever name pipeline models."""
+    name = params.tracking.registered_model
+    return name + ABLATION_MODEL_SUFFIX if changed else name
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     if len(text) > MAX_PARAM_VAL_LENGTH:
@@ -226,17 +344,18 @@ def run_exists(params: Params, run_id: str) -> bool:
 
 @contextmanager
 def start_run(
-    params: Params, *, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None
+    params: Params, *, run_name: str, tags: Mapping[str, str], settings: Mapping[str, Any] | None = None,
+    resume_run_id: str | None = None, experiment: str | None = None,
 ) -> Iterator[str]:
-    """Open a run in experiment ``tracking.experiment``; yield its id.
+    """Open a run in ``experiment`` (default ``tracking.experiment``); yield its id.
 
-    Logs the flattened params (``train.lr`` ...) and ``tags``. ``resume_run_id`` reopens that run
-    instead (an interrupted training resuming): params it lacks are added, and params edited since
-    are listed in the tag ``fmbseg.params_changed_on_resume``. The run ends FINISHED, or FAILED on
-    an exception (KILLED on Ctrl-C).
+    Logs ``settings`` as params (dotted keys, ``train.lr`` ...: :func:`stage_settings`) and ``tags``.
+    ``resume_run_id`` reopens that run instead (an interrupted training resuming): params it lacks
+    are added, and params edited since are listed in the tag ``fmbseg.params_changed_on_resume``.
+    The run ends FINISHED, or FAILED on an exception (KILLED on Ctrl-C).
     """
     mlflow = _client(params)
-    values = {k: _param_value(v) for k, v in sorted(flatten(params).items())}
+    values = {k: _param_value(v) for k, v in sorted((settings or {}).items())}
     tags = dict(tags)
     if resume_run_id is not None:
         run_id = resume_run_id
@@ -249,7 +368,8 @@ def start_run(
         values = {k: v for k, v in values.items() if k not in logged}
         mlflow.update_run(run_id, status="RUNNING")
     else:
-        run_id = mlflow.create_run(_experiment_id(mlflow, params.tracking.experiment), run_name=run_name).info.run_id
+        run_id = mlflow.create_run(_experiment_id(mlflow, experiment or params.tracking.experiment),
+                                   run_name=run_name).info.run_id
     param_list = [Param(k, v) for k, v in values.items()]
     tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
     for i in range(0, max(len(param_list), len(tag_list)), MAX_PARAMS_TAGS_PER_BATCH):
@@ -351,10 +471,74 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -> str:
+_MODEL_IO = """**Input** (one row per image): `image`, the image file as base64 (PNG or JPEG bytes); `classes`,
+the class names, comma-separated (`"sky, tree, person"`; `;` between classes when one has synonyms:
+`"person, people; sky"`). Parameter `refine` (boolean, default false): the SAM-refined maps.
+
+**Output**: `label_map`, a base64 grayscale PNG at the image's size, each pixel the index of its class
+in the row's `classes` (255 = none); `present`, the names of the classes in it."""
+
+
+def model_description(name: str, production: str) -> str:
+    """The registered model's description (markdown): what it is, takes and returns, how to load it."""
+    if name == production:
+        what = (f"fmbseg's segmenter: open-vocabulary semantic segmentation trained without annotations "
+                f"(a DINOv2 aligner on CLIP + SAM pseudo labels). Versions are the pipeline's models only; "
+                f"the alias `{CHAMPION_ALIAS}` names the one the nightly job judged best.")
+        load = f'mlflow.pyfunc.load_model("models:/{name}@{CHAMPION_ALIAS}")'
+    else:
+        what = (f"Ablations of `{production}`: models trained with settings that differ from the pipeline's "
+                f"(each version names them). They never become `{production}`'s champion.")
+        load = f'mlflow.pyfunc.load_model("models:/{name}/<version>")'
+    return f"{what}\n\n{_MODEL_IO}\n\n**Load**: `{load}`; each version's description gives its profile and scores."
+
+
+def version_description(run: Any) -> str:
+    """A model version's description (markdown) from its training run: profile and models, the
+    aligner and loss, an ablation's changed settings, and the mIoU scores evaluated so far."""
+    data = run.data
+    profile = data.params.get("models.profile", "?")
+    models = ", ".join(data.params.get(f"models.profiles.{profile}.{m}", "?") for m in ("clip", "sam", "dino"))
+    lines = [f"**Profile** `{profile}` ({models}); aligner `{data.params.get('aligner.kind', '?')}`, "
+             f"loss `{data.params.get('train.loss', '?')}`, MLflow run `{run.info.run_id}`."]
+    if data.tags.get(CHANGED_TAG):
+        lines.append(f"**Ablation**: {data.tags[CHANGED_TAG]}.")
+    scores = sorted({k.rsplit("/", 1)[0] for k in data.metrics if k.endswith(("/mIoU_base", "/mIoU_refined"))},
+                    key=lambda b: (b != "mean", b))
+    if not scores:
+        lines.append("**Scores**: not evaluated yet.")
+    else:
+        def pair(bench: str) -> str:
+            values = [data.metrics.get(f"{bench}/mIoU_{v}") for v in ("base", "refined")]
+            return " / ".join("-" if x is None else f"{x:.1f}" for x in values)
+        lines.append("**Scores** (mIoU %, base / refined): " + "; ".join(f"{b} {pair(b)}" for b in scores) + ".")
+    return "\n\n".join(lines)
+
+
+_RUN_NOTE_TAG = "mlflow.note.content"  # the run page's "Description"
+
+
+def _describe_versions(mlflow: MlflowClient, run_id: str) -> None:
+    """Bring the description of every model version the run registered, and the run's own, up to
+    date (new scores)."""
+    versions = mlflow.search_model_versions(f"run_id = '{run_id}'")
+    if versions:
+        run = mlflow.get_run(run_id)
+        text = version_description(run)
+        if run.data.tags.get(_RUN_NOTE_TAG) != text:
+            mlflow.set_tag(run_id, _RUN_NOTE_TAG, text)
+        for v in versions:
+            if v.description != text:
+                mlflow.update_model_version(v.name, v.version, description=text)
+
+
+def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str], *,
+              registered_model: str | None = None) -> str:
     """Log the checkpoint as the run's pyfunc model (``flows.serving.SegmenterModel`` with its
     signature, input example, the project's code and pinned requirements) and register it as a new
-    version of ``tracking.registered_model``; return the version.
+    version of ``registered_model`` (default ``tracking.registered_model``; an ablation passes
+    :func:`registered_model_for`'s name); return the version. The registered model and the version
+    carry descriptions (:func:`model_description`, :func:`version_description`).
 
     Written with the store's client (MLflow's ``log_model`` would go through the process-wide
     tracking URI and active run): a logged model of the run's experiment, its files, the run's
@@ -392,17 +576,20 @@ def log_model(params: Params, run_id: str, checkpoint: str | os.PathLike[str]) -
         raise
     mlflow.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    name = params.tracking.registered_model
+    name = registered_model or params.tracking.registered_model
+    description = model_description(name, params.tracking.registered_model)
     try:
-        mlflow.get_registered_model(name)
+        if mlflow.get_registered_model(name).description != description:
+            mlflow.update_registered_model(name, description=description)
     except MlflowException:
-        mlflow.create_registered_model(name)
+        mlflow.create_registered_model(name, description=description)
     # MLflow's registry resolves a ``models:/<model id>`` source through the process-wide tracking
     # URI, whose default (the working directory's mlflow.db) is not this store inside a DVC
     # queued-experiment copy: point it at the store for this one call.
     with _process_tracking_uri(mlflow.tracking_uri):
         version = mlflow.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
-                                              model_id=logged.model_id)
+                                              model_id=logged.model_id, description=version_description(run))
+    mlflow.set_tag(run_id, _RUN_NOTE_TAG, version_description(run))
     return str(version.version)
 
 
@@ -435,6 +622,7 @@ def attach_metrics(
         means = benchmark_means(logged, params.evaluate.benchmarks)
         if means:
             _log_metrics(mlflow, run_id, _metrics(means, 0))
+        _describe_versions(mlflow, run_id)
 
 
 def benchmark_means(logged: Mapping[str, float], benchmarks: Sequence[str]) -> dict[str, float]:
@@ -462,7 +650,7 @@ def run_scores(run_id: str, benchmarks: Sequence[str], metric: str, *, tracking_
     """``{"run_id", "score": mean over benchmarks of <benchmark>/<metric>, "metrics": {benchmark: value}}``."""
     if not benchmarks:
         raise ValueError("no benchmarks to score a run on")
-    logged = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+    logged = open_store(tracking_uri).get_run(run_id).data.metrics
     keys = {b: f"{b}/{metric}" for b in benchmarks}
     missing = [k for k in keys.values() if k not in logged]
     if missing:
@@ -474,7 +662,7 @@ def run_scores(run_id: str, benchmarks: Sequence[str], metric: str, *, tracking_
 def champion_run_id(registered_model: str, *, tracking_uri: str) -> str | None:
     """The run behind the registered model's ``champion`` alias (None: no champion)."""
     try:
-        return MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS).run_id
+        return open_store(tracking_uri).get_model_version_by_alias(registered_model, CHAMPION_ALIAS).run_id
     except MlflowException:
         return None
 
@@ -490,7 +678,7 @@ def champion_scores(
 def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -> str:
     """Point the ``champion`` alias of ``registered_model`` at the version the run registered
     (:func:`log_model`; its newest, should it have several); return the version."""
-    mlflow = MlflowClient(tracking_uri)
+    mlflow = open_store(tracking_uri)
     versions = mlflow.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'")
     if not versions:
         raise LookupError(f"run {run_id} registered no version of {registered_model!r}: only a model "
@@ -501,6 +689,16 @@ def promote_champion(registered_model: str, run_id: str, *, tracking_uri: str) -
 
 
 # ------------------------------------------------------------------------------- comparing runs
+def headline_url(params: Params, ui: str = "http://127.0.0.1:5000", *, experiment: str | None = None) -> str | None:
+    """The UI's page of the experiment's runs (default ``tracking.experiment``) in the model-training
+    view, opened on the shared :data:`HEADLINE_VIEW`; None when the store has no such experiment."""
+    found = _client(params).get_experiment_by_name(experiment or params.tracking.experiment)
+    if found is None:
+        return None
+    return (f"{ui.rstrip('/')}/#/experiments/{found.experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}")
+
+
 def model_runs(params: Params, *, experiment: str | None = None, max_results: int = 50) -> pd.DataFrame:
     """The trained-model runs (``fmbseg.stage`` = train) of ``experiment`` (default
     ``tracking.experiment``), newest first, one row each as ``mlflow.search_runs`` frames them:

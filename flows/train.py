@@ -6,8 +6,12 @@ aligner on the training index -- features from the cache, or from DINOv2 on the 
 ``features.cache`` is false -- logging the loss per step and a summary per epoch, then writes the
 self-describing checkpoint ``${paths.checkpoint}`` with the run id in it, logs it as the run's
 artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered as a new version of
-``tracking.registered_model``. ``${paths.train_state}`` holds the end-of-epoch state while training
-runs; ``${paths.train_epochs}`` gets one row per epoch.
+``tracking.registered_model`` -- or, for an ablation (settings that differ from the baseline commit
+under `dvc exp run`, or from params.yaml with ``-S``), of ``<registered_model>-ablations``. The run
+logs the train stage's settings (dvc.yaml) and an ablation's changed ones, not all of params.yaml. ``${paths.train_state}`` holds the end-of-epoch state while training
+runs; ``${paths.train_epochs}`` gets one row per epoch, and ``${paths.metrics}/train_loss.png`` the loss
+curve (a DVC image plot: `dvc plots show` draws it offline). A new model makes the old one's
+benchmark scores stale: they are removed (:func:`drop_stale_scores`) until evaluate scores it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from flows.common import (
     table_artifact,
     train_settings,
 )
+from flows.plots import line_png
 
 __all__ = [
     "checkpoint_path",
@@ -44,6 +49,7 @@ __all__ = [
     "text_prototypes",
     "fit_aligner",
     "train_flow",
+    "drop_stale_scores",
     "register",
 ]
 
@@ -162,6 +168,19 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
             "steps": result.steps}
 
 
+def drop_stale_scores(params: Params) -> list[Path]:
+    """Remove the benchmark scores of the model this one replaces (evaluate's files of every benchmark
+    in ``evaluate.benchmarks``); return those removed. A benchmark the new model is not evaluated on
+    then has no numbers, rather than the old model's: `dvc exp show` gives an ablation evaluated on
+    pv21 only ``!`` for the others, not its baseline's scores."""
+    from flows.evaluate import score_files
+
+    removed = [path for b in params.evaluate.benchmarks for path in score_files(params, b) if path.exists()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def epoch_line(summary: dict[str, float]) -> str:
     """An epoch summary as one readable line: ``loss 5.4261, lr 0.05, seconds 0.09``."""
     return ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
@@ -244,12 +263,25 @@ def _corrected_images(params: Params) -> int:
     return int((variants == CORRECTED).sum())
 
 
-def _run_name(params: Params) -> str:
-    """Under `dvc exp run`: the settings that differ from the baseline commit (``aligner.kind=linear``),
-    so the runs of an ablation grid read as their axes; else the experiment's name or the model."""
+def _changed_settings(params: Params, params_path: str) -> dict[str, Any]:
+    """What makes this training an ablation: under `dvc exp run`, the settings that differ from the
+    baseline commit; with ``fmbseg train -S`` (a settings file other than ./params.yaml), those that
+    differ from ./params.yaml. Empty for the pipeline's own model."""
+    from components.config import load_params
+
+    changed = tracking.changed_settings(params)
+    project_file = Path(PARAMS_FILE)
+    if project_file.exists() and Path(params_path).resolve() != project_file.resolve():
+        base = flatten(load_params(project_file))
+        changed.update({k: v for k, v in flatten(params).items() if base.get(k) != v})
+    return changed
+
+
+def _run_name(params: Params, changed: dict[str, Any]) -> str:
+    """An ablation's run reads as its axes (``aligner.kind=linear``); else the experiment's name or the model."""
     a, t = params.aligner, params.train
     fallback = os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
-    return tracking.run_name_of(tracking.changed_settings(params), fallback)
+    return tracking.run_name_of(changed, fallback)
 
 
 @flow(name="train", flow_run_name="train", log_prints=True)
@@ -268,19 +300,27 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     run_to_resume = (resume or {}).get("mlflow_run_id")
     if run_to_resume is not None and not tracking.run_exists(params, run_to_resume):
         run_to_resume = None
+    changed = _changed_settings(params, params_path)
     tags = {**tracking.standard_tags(params, _input_paths(params)), tracking.STAGE_TAG: "train"}
-    with tracking.start_run(params, run_name=_run_name(params), tags=tags, resume_run_id=run_to_resume) as run_id:
+    if changed:
+        tags[tracking.CHANGED_TAG] = tracking.run_name_of(changed, "", limit=5000)
+    model_name = tracking.registered_model_for(params, changed)
+    with tracking.start_run(params, run_name=_run_name(params, changed), tags=tags, resume_run_id=run_to_resume,
+                            settings=tracking.stage_settings(params, "train", changed)) as run_id:
         tracking.log_data_counts(params, run_id, {"corrected_images": _corrected_images(params)})
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
-        version = tracking.log_model(params, run_id, result["checkpoint"])
+        version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
     state_path(params).unlink(missing_ok=True)
+    drop_stale_scores(params)
     last = result["epochs"][-1]
     summary = {"checkpoint": result["checkpoint"], "mlflow_run_id": run_id, "steps": result["steps"],
-               "model_version": f"{params.tracking.registered_model}/{version}",
+               "model_version": f"{model_name}/{version}",
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
     write_epochs_csv(project_path(params, "train_epochs"), rows)
+    line_png(project_path(params, "metrics") / "train_loss.png", [r["epoch"] for r in rows], [r["loss"] for r in rows],
+             xlabel="epoch", ylabel="loss", title=f"{params.train.loss} loss, MLflow run {run_id[:8]}")
     print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))
     table_artifact(rows, key="train-epochs", description=f"aligner training, MLflow run {run_id}")
     return summary

@@ -210,7 +210,7 @@ def test_evaluate_stage1_variants(tmp_path, monkeypatch, prefect_harness, mlflow
         rows = list(csv.DictReader((path.parent / f"pv21_{variant}_per_class.csv").open()))
         assert len(rows) == 21 and list(rows[0]) == ["class", "IoU", "Acc"]
         runs = client.search_runs(
-            [client.get_experiment_by_name("fmbseg").experiment_id],
+            [client.get_experiment_by_name("fmbseg-stage1").experiment_id],
             filter_string=f"tags.mlflow.runName = 'stage1-{variant}'",
         )
         assert len(runs) == 1

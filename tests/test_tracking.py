@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from mini_checkpoint import write_mini_checkpoint
 
 from components.aligner.checkpoint import InferenceSpec, save_checkpoint
 from components.aligner.model import Aligner
 from components.config import flatten, parse_params
 from flows import tracking
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_project_root_leaves_dvc_queued_experiment_copies(tmp_path) -> None:
@@ -45,7 +55,8 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
     assert uri == mlflow_uri
     artifact = tmp_path / "aligner.pt"
     artifact.write_bytes(b"weights")
-    with tracking.start_run(params, run_name="train", tags={"git.commit": "abc"}) as run_id:
+    settings = tracking.stage_settings(params, "train")
+    with tracking.start_run(params, run_name="train", tags={"git.commit": "abc"}, settings=settings) as run_id:
         with tracking.StepLogger(params, run_id, every=4) as steps:
             for step in range(10):
                 steps.log_step(step, {"loss": 1.0 / (step + 1)})
@@ -54,10 +65,18 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    # the UI opens the experiment on its runs, not on MLflow 3's GenAI overview
-    assert client.get_experiment(run.info.experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert run.data.params["train.lr"] == "0.2"
-    assert len(run.data.params) == len(flatten(params))
+    # the UI opens the experiment on its runs, not on MLflow 3's GenAI overview, and offers the
+    # headline view: the headline metrics as columns, sorted by the mean
+    experiment_tags = client.get_experiment(run.info.experiment_id).tags
+    assert experiment_tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    view = json.loads(experiment_tags[f"mlflow.sharedViewState.{tracking.HEADLINE_VIEW}"])
+    assert view["orderByKey"] == "metrics.`mean/mIoU_base`" and not view["orderByAsc"]
+    assert {"metrics.`mean/mIoU_base`", "metrics.`mean/mIoU_refined`", "metrics.`pv21/mIoU_base`",
+            "metrics.`pv21/mIoU_refined`"} <= set(view["selectedColumns"])
+    # the train stage's settings (dvc.yaml), not all of params.yaml
+    assert run.data.params["train.lr"] == "0.2" and run.data.params["aligner.kind"] == "transformer"
+    assert set(run.data.params) == set(settings) and len(settings) < len(flatten(params)) / 4
+    assert "evaluate.window" not in run.data.params and "models.profiles.demo.clip" not in run.data.params
     assert run.data.tags["git.commit"] == "abc"
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / (s + 1)) for s in range(10)]
@@ -76,14 +95,14 @@ def test_run_params_steps_epochs_artifacts(tmp_path, mlflow_uri) -> None:
 def test_failed_run_and_resumed_run(mlflow_uri) -> None:
     params = parse_params({})
     with pytest.raises(RuntimeError):
-        with tracking.start_run(params, run_name="t", tags={}) as run_id:
+        with tracking.start_run(params, run_name="t", tags={}, settings=flatten(params)) as run_id:
             raise RuntimeError("boom")
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.get_run(run_id).info.status == "FAILED"
     assert tracking.run_exists(params, run_id)
     assert not tracking.run_exists(params, "0" * 32)
     edited = parse_params({"evaluate": {"window": 224}})  # edited while the training was down
-    with tracking.start_run(edited, run_name="t", tags={}, resume_run_id=run_id) as again:
+    with tracking.start_run(edited, run_name="t", tags={}, settings=flatten(edited), resume_run_id=run_id) as again:
         assert again == run_id
         assert client.get_run(run_id).info.status == "RUNNING"
     run = client.get_run(run_id)
@@ -175,7 +194,8 @@ def test_model_runs_lists_trained_models_newest_first(mlflow_uri) -> None:
     ids = []
     for lr in (0.1, 0.2):
         p = parse_params({"train": {"lr": lr}})
-        with tracking.start_run(p, run_name=f"lr{lr}", tags={tracking.STAGE_TAG: "train"}) as run_id:
+        with tracking.start_run(p, run_name=f"lr{lr}", tags={tracking.STAGE_TAG: "train"},
+                                settings=tracking.stage_settings(p, "train")) as run_id:
             ids.append(run_id)
         tracking.attach_metrics(run_id, {"pv21/mIoU_base": 10 * lr}, params=p)
     with tracking.start_run(params, run_name="other", tags={}):
@@ -209,3 +229,149 @@ def test_runs_are_named_after_the_settings_that_differ_from_the_baseline(tmp_pat
     assert tracking.run_name_of({}, "fallback") == "fallback"
     assert tracking.changed_settings(params, "nosuchrev", cwd=tmp_path) == {}
     assert len(tracking.run_name_of({f"k{i}": "v" * 20 for i in range(20)}, "f")) == 120
+
+
+def test_stage_settings_follow_dvc_yaml(tmp_path) -> None:
+    params = parse_params({"models": {"profile": "demo"}})
+    stage1 = tracking.stage_settings(params, "evaluate-stage1")  # a foreach stage: params under do:
+    assert stage1["evaluate.split"] == "val" and stage1["label.grid"] == 4
+    assert stage1["models.profiles.demo.sam"] == "world-sam" and "models.profiles.paper.sam" not in stage1
+    assert "train.lr" not in stage1
+    # an ablation's axes are logged even when an upstream stage owns them
+    assert tracking.stage_settings(params, "train", {"balance.ratio": 0.33})["balance.ratio"] == 0.33
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        tracking.stage_settings(params, "nope")
+
+
+def _registered_run(params, checkpoint: Path, name: str, changed: dict) -> str:
+    """A train-like run that logs and registers ``checkpoint`` as `fmbseg train` does."""
+    tags = {tracking.STAGE_TAG: "train", **({tracking.CHANGED_TAG: tracking.run_name_of(changed, "")} if changed else {})}
+    with tracking.start_run(params, run_name=name, tags=tags, settings=tracking.stage_settings(params, "train", changed)
+                            ) as run_id:
+        tracking.log_model(params, run_id, checkpoint, registered_model=tracking.registered_model_for(params, changed))
+    return run_id
+
+
+def test_ablations_never_become_versions_of_the_production_model(tmp_path, mlflow_uri, monkeypatch) -> None:
+    params = parse_params({})
+    name = params.tracking.registered_model
+    checkpoint = write_mini_checkpoint(tmp_path / "aligner.pt", class_names=("sky", "tree"))
+    pipeline = _registered_run(params, checkpoint, "pipeline", {})
+    tracking.attach_metrics(pipeline, {"pv21/mIoU_base": 15.9, "pv21/mIoU_refined": 17.0}, params=params)
+    tracking.promote_champion(name, pipeline, tracking_uri=mlflow_uri)  # what the demo's first night does
+    ablation = _registered_run(params, checkpoint, "aligner.kind=linear", {"aligner.kind": "linear"})  # newer
+    tracking.attach_metrics(ablation, {"pv21/mIoU_base": 10.8}, params=params)
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert [v.run_id for v in client.search_model_versions(f"name = '{name}'")] == [pipeline]
+    assert [v.run_id for v in client.search_model_versions(f"name = '{name}-ablations'")] == [ablation]
+    with pytest.raises(LookupError, match="registered no version"):
+        tracking.promote_champion(name, ablation, tracking_uri=mlflow_uri)
+    assert tracking.champion_run_id(name, tracking_uri=mlflow_uri) == pipeline
+
+    # what the model page says: its input, and per version the profile and the scores
+    model = client.get_registered_model(name)
+    assert "base64" in model.description and "`classes`" in model.description and "@champion" in model.description
+    assert "never become" in client.get_registered_model(f"{name}-ablations").description
+    described = client.get_model_version(name, "1").description
+    assert "**Profile** `paper`" in described and "pv21 15.9 / 17.0" in described
+    assert client.get_run(pipeline).data.tags["mlflow.note.content"] == described  # the run page says it too
+    assert "**Ablation**: aligner.kind=linear" in client.get_model_version(f"{name}-ablations", "1").description
+
+    # the README's snippet: the champion, loaded by name and alias, segments a picture
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert loaded.metadata.run_id == pipeline
+    assert mlflow.pyfunc.load_model(f"models:/{name}/latest").metadata.run_id == pipeline
+    from flows import serving
+
+    image = serving.encode_image(np.full((40, 56, 3), 120, np.uint8))
+    out = loaded.predict(pd.DataFrame({"image": [image], "classes": ["sky, tree, person"]}))
+    assert serving.decode_label_map(out["label_map"][0]).shape == (40, 56)
+
+
+def test_training_with_changed_settings_is_an_ablation(tmp_path, monkeypatch) -> None:
+    from flows.train import _changed_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")
+    (tmp_path / ".params-set-x.yaml").write_text("train: {lr: 0.05}\n")  # what `fmbseg train -S train.lr=0.05` reads
+    from components.config import load_params
+
+    assert _changed_settings(load_params("params.yaml"), "params.yaml") == {}
+    changed = _changed_settings(load_params(".params-set-x.yaml"), ".params-set-x.yaml")
+    assert changed == {"train.lr": 0.05}
+    params = load_params("params.yaml")
+    assert tracking.registered_model_for(params, changed) == "fmbseg-aligner-ablations"
+    assert tracking.registered_model_for(params, {}) == "fmbseg-aligner"
+
+
+def _db_text(db: Path) -> str:
+    with sqlite3.connect(db) as con:
+        return "\n".join(con.iterdump())
+
+
+def test_a_copied_or_moved_workspace_keeps_working(tmp_path, _migrated_mlflow_db, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store: <root>/mlflow.db
+    params = parse_params({})
+    name = params.tracking.registered_model
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(_migrated_mlflow_db, old / "mlflow.db")
+    checkpoint = write_mini_checkpoint(tmp_path / "aligner.pt")
+    monkeypatch.chdir(old)
+    run_id = _registered_run(params, checkpoint, "pipeline", {})
+    tracking.log_checkpoint(params, run_id, checkpoint)
+    tracking.promote_champion(name, run_id, tracking_uri=tracking.tracking_uri(params))
+    table = tmp_path / "pv21_per_class.csv"
+    table.write_text("class,IoU\nsky,1\n")
+
+    # a copy logs into its own folder (a later stage process working in it); the original is left as it was
+    copy = tmp_path / "copy"
+    shutil.copytree(old, copy)
+    monkeypatch.chdir(copy)
+    script = (
+        "import sys\n"
+        "from components.config import parse_params\n"
+        "from flows import tracking\n"
+        "params = parse_params({})\n"
+        f"tracking.attach_metrics({run_id!r}, {{'pv21/mIoU_base': 1.0}}, [{str(table)!r}], 'evaluate/pv21', params=params)\n"
+        "with tracking.start_run(params, run_name='next', tags={}) as new_run:\n"
+        f"    tracking.log_checkpoint(params, new_run, {str(checkpoint)!r})\n"
+        "print(new_run)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=copy, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    new_run = done.stdout.split()[-1]
+    assert (copy / "mlartifacts" / run_id / "artifacts" / "evaluate" / "pv21" / "pv21_per_class.csv").is_file()
+    assert (copy / "mlartifacts" / new_run / "artifacts" / "model" / "aligner.pt").is_file()
+    assert (old / "mlartifacts" / run_id / "artifacts" / "model").is_dir()  # the original: as it was
+    assert not (old / "mlartifacts" / run_id / "artifacts" / "evaluate").exists()
+    assert not (old / "mlartifacts" / new_run).exists()
+    assert str(old) not in _db_text(copy / "mlflow.db")
+
+    # a moved one (the old folder gone) still serves its runs and its registered model
+    moved = tmp_path / "moved"
+    shutil.move(old, moved)
+    monkeypatch.chdir(moved)
+    uri = tracking.tracking_uri(params)
+    assert tracking.champion_run_id(name, tracking_uri=uri) == run_id
+    assert str(old) not in _db_text(moved / "mlflow.db")
+    client = mlflow.MlflowClient(uri)
+    assert Path(client.download_artifacts(run_id, "model/aligner.pt", str(tmp_path / "dl"))).read_bytes() == (
+        checkpoint.read_bytes())
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "m"),
+                                                     tracking_uri=uri))
+    assert (files / "artifacts" / "aligner.pt").read_bytes() == checkpoint.read_bytes()
+
+
+def test_headline_url_opens_the_model_training_view_on_the_headline_view(mlflow_uri) -> None:
+    params = parse_params({})
+    assert tracking.headline_url(params) is None  # no runs yet
+    with tracking.start_run(params, run_name="train", tags={}):
+        pass
+    experiment_id = mlflow.MlflowClient(mlflow_uri).get_experiment_by_name("fmbseg").experiment_id
+    assert tracking.headline_url(params, "http://127.0.0.1:5078/") == (
+        f"http://127.0.0.1:5078/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=headline")
