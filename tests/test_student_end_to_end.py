@@ -1,5 +1,7 @@
-"""The DINOv3 student end to end on the miniatures: features -> train -> evaluate-style scoring ->
-predict -> the MLflow model, with the 16-pixel patch grid read from the spec everywhere."""
+"""The modern composition end to end on its miniatures -- a DINOv3 student, a MetaCLIP 2 text space
+and SAM 2.1 refinement: features -> train -> evaluate-style scoring (base and SAM 2.1-refined) ->
+predict -> the MLflow model, with the 16-pixel patch grid read from the spec everywhere. (Stage 1
+with SAM 2.1 into the store: tests/test_sam2.py.)"""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from components.segmenter import Segmenter, VocabularySegmenter
 pytestmark = pytest.mark.slow
 
 STUDENT = "mini-dinov3"
+TEXT = "mini-metaclip2"
+MASK = "mini-sam2.1"
 
 
 @pytest.fixture
@@ -28,7 +32,8 @@ def project(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     write_stage1(tmp_path)
-    write_params(tmp_path, **{"models.profiles.mini.dino": STUDENT})
+    write_params(tmp_path, **{"models.profiles.mini.dino": STUDENT, "models.profiles.mini.clip": TEXT,
+                              "models.profiles.mini.sam": MASK})
     balance_flow.fn("params.yaml")
     return tmp_path
 
@@ -47,6 +52,7 @@ def test_a_dinov3_student_trains_evaluates_and_predicts(project, prefect_harness
     loaded = load_aligner(project / "models" / "aligner.pt")
     assert loaded.encoder_spec == STUDENT and loaded.specs["student"]["patch_size"] == 16
     assert loaded.specs["student"]["prefix_tokens"] == 5 and loaded.model.in_dim == spec.embed_dim
+    assert (loaded.specs["text"]["name"], loaded.specs["mask"]["name"]) == (TEXT, MASK)
 
     segmenter = Segmenter.from_checkpoint(loaded, device="cpu", student=STUDENT)
     image = np.asarray(Image.open(next((project / "data").rglob("img03.jpg"))).convert("RGB"))
