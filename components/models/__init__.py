@@ -24,6 +24,7 @@ _WHERE = {
     "build_clip": "registry",
     "build_dino": "registry",
     "build_sam": "registry",
+    "build_teacher": "registry",
     "clip_preprocess": "clip_dense",
     "dense_features": "clip_dense",
     "dino_preprocess": "dino",
