@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.io import unlabelled_for
 from components.models.sam3 import ConceptOutputs, Sam3Teacher
 
 __all__ = [
@@ -71,7 +72,8 @@ class ConceptSettings:
 
 
 class ConceptResult(NamedTuple):
-    """label: [H, W] uint8 (or int64 past 255 classes), UNLABELLED where nothing passes; presence:
+    """label: [H, W] uint8 (uint16 past 255 classes, as the store's maps), unlabelled (255; 65535
+    past 255 classes: :func:`components.io.unlabelled_for`) where nothing passes; presence:
     [K] float, p_c per class (NaN for a class that was not prompted); present: [K] bool."""
 
     label: np.ndarray
@@ -108,7 +110,7 @@ class ConceptFusion:
 
     def __init__(self, num_classes: int, size: tuple[int, int], device: torch.device) -> None:
         self.best = torch.zeros(size, device=device)
-        self.label = torch.full(size, UNLABELLED, dtype=torch.int64, device=device)
+        self.label = torch.full(size, unlabelled_for(num_classes), dtype=torch.int64, device=device)
         self.presence = torch.full((num_classes,), -1.0, device=device)
 
     def add(self, out: ConceptOutputs, prompt_classes: Tensor, presence: Tensor, size: tuple[int, int],
@@ -124,8 +126,9 @@ class ConceptFusion:
 
     def result(self, pixel: float, present: Tensor) -> ConceptResult:
         """present: [K] bool over classes."""
-        label = torch.where(self.best >= pixel, self.label, torch.full_like(self.label, UNLABELLED))
-        dtype = np.uint8 if self.presence.numel() <= UNLABELLED else np.int64
+        fill = unlabelled_for(self.presence.numel())
+        label = torch.where(self.best >= pixel, self.label, torch.full_like(self.label, fill))
+        dtype = np.uint8 if fill == UNLABELLED else np.uint16
         presence = torch.where(self.presence < 0, torch.full_like(self.presence, float("nan")), self.presence)
         return ConceptResult(label.cpu().numpy().astype(dtype), presence.cpu().numpy(), present.cpu().numpy())
 
@@ -205,7 +208,8 @@ def label_with_teacher(
     """
     order = prompt_order(prompt_classes, prompted)
     if order.numel() == 0:
-        label = np.full(size, UNLABELLED, dtype=np.uint8 if num_classes <= UNLABELLED else np.int64)
+        fill = unlabelled_for(num_classes)
+        label = np.full(size, fill, dtype=np.uint8 if fill == UNLABELLED else np.uint16)
         return ConceptResult(label, np.full(num_classes, np.nan), np.zeros(num_classes, dtype=bool))
     vocabulary = teacher.encode_vocabulary(prompts)
     vision = teacher.encode_image(image)
