@@ -13,9 +13,12 @@ from typing import Any
 
 from components.models.dense_modes import DENSE_MODES, DenseMode
 
-__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "stage1_variants"]
+__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "TEACHER_VARIANT",
+           "LABEL_VARIANTS", "stage1_variants"]
 
 STAGE1_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", "semi")
+TEACHER_VARIANT = "stage1_sam3"  # the concept teacher's maps (components/labelling/concepts.py; models.teacher)
+LABEL_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", TEACHER_VARIANT)  # the maps a Stage 1 store can hold
 """The Stage 1 label maps that evaluation scores (the paper's Table 2 rows): Stage 1.1, Stage 1.2,
 and Stage 1.1 with image-level labels from the ground truth instead of CLIP's presence detection
 (semi-supervised)."""
