@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -45,12 +45,18 @@ from components.labelling.store import (
     detection_rows,
     labels_row,
     shard_paths,
+    teacher_columns,
     write_shard,
 )
 from components.models.registry import ClipBundle
 
+if TYPE_CHECKING:
+    from components.labelling.concepts import ConceptResult, ConceptSettings
+    from components.models.sam3 import Sam3Teacher
+
 __all__ = [
     "GroundTruth",
+    "ConceptTeacher",
     "list_inputs",
     "prefetch",
     "ground_truth_classes",
@@ -128,6 +134,28 @@ class GroundTruth(NamedTuple):
     index_map: Tensor
 
 
+class ConceptTeacher(NamedTuple):
+    """The concept teacher of a run (Stage 1 variant stage1_sam3): the built model (its vocabulary's
+    text features are cached in it, so one text pass per run and worker), its settings, and the
+    vocabulary as prompts: prompts [P] (each line's comma-separated names) and prompt_classes [P]
+    long, the line each prompt belongs to."""
+
+    teacher: Sam3Teacher
+    settings: ConceptSettings
+    prompts: list[str]
+    prompt_classes: Tensor
+
+    @classmethod
+    def for_vocabulary(cls, teacher: Sam3Teacher, settings: ConceptSettings, vocabulary: Sequence[str]) -> ConceptTeacher:
+        """One prompt per name of each vocabulary line ("person, man" -> two prompts of that class)."""
+        prompts, owner = [], []
+        for k, line in enumerate(vocabulary):
+            names = [n.strip() for n in line.split(",") if n.strip()]
+            prompts.extend(names)
+            owner.extend([k] * len(names))
+        return cls(teacher, settings, prompts, torch.tensor(owner, dtype=torch.long))
+
+
 def ground_truth_classes(gt_root: str, image_id: str, index_map: Tensor) -> list[int] | None:
     """Image-level labels (vocabulary indices) of ``image_id`` from a canonical layout's
     labels/<split>/<id>.png, or None when it has no label file."""
@@ -188,6 +216,7 @@ def label_shard(
     mask_settings_hash: str,
     mask_sources: Mapping[str, MaskSource] | None = None,
     ground_truth: GroundTruth | None = None,
+    teacher: ConceptTeacher | None = None,
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
 ) -> dict[str, Any]:
@@ -196,10 +225,14 @@ def label_shard(
     images: the shard's members in order; prototypes: [K, D] text prototypes of ``vocabulary``
     (K lines); mask_sources: image id -> where its automatic masks of an earlier run are (the
     plan's, same mask settings); ground_truth: image-level labels for the presence (None: CLIP
-    detects it); an image without one is skipped. dtype: autocast of the model forwards;
+    detects it); an image without one is skipped. teacher: the concept teacher, whose map
+    (stage1_sam3) and presence scores join each row; with ``prompt: detected`` it prompts the
+    classes Stage 1 found present (CLIP's, or the ground truth's), and the ground truth's classes
+    replace its presence in the semi-supervised form. dtype: autocast of the model forwards;
     num_workers: decoding threads (0: decode in line).
 
-    Returns {"shard_id", "labelled", "skipped", "reused_masks", "timings"}: timings are the seconds
+    Returns {"shard_id", "labelled", "skipped", "reused_masks", "unlabelled", "timings"}
+    (unlabelled: images on which no class passed the teacher's presence; 0 without one): timings are the seconds
     of each step summed over the shard (:data:`~components.labelling.stage1.STEP_KEYS`; "io" also
     counts the wait for decoding, the kept-mask read and the writing).
     """
@@ -210,6 +243,7 @@ def label_shard(
     detections: list[dict[str, Any]] = []
     rows: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
+    unlabelled: list[str] = []
     decoded = prefetch(lambda entry: _load(entry, ground_truth), images, num_workers)
     for entry in images:
         with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
@@ -225,10 +259,18 @@ def label_shard(
             image_classes=loaded.image_classes, kept_masks=kept.get(entry.image_id), dtype=dtype,
             seconds=timings,
         )
+        row = labels_row(entry, result, height=loaded.image.shape[0], width=loaded.image.shape[1],
+                         sam_size=settings.sam_size)
+        if teacher is not None:
+            with timed(timings, "teacher"):
+                concepts = _teacher_map(teacher, loaded.image, result.presence.classes, loaded.image_classes,
+                                        len(vocabulary), settings.label_size)
+            row.update(teacher_columns(concepts.label, concepts.presence))
+            if not concepts.present.any():
+                unlabelled.append(entry.image_id)
         with timed(timings, "io"):
             rows[entry.image_id] = len(labels)
-            height, width = loaded.image.shape[:2]
-            labels.append(labels_row(entry, result, height=height, width=width, sam_size=settings.sam_size))
+            labels.append(row)
             detections.extend(detection_rows(entry.image_id, result, vocabulary))
     record = ShardRecord(
         shard_id=shard_id,
@@ -238,8 +280,25 @@ def label_shard(
         rows=rows,
         skipped=skipped,
         timings=timings,
+        unlabelled=unlabelled,
     )
     with timed(timings, "io"):
         write_shard(root, record, labels, detections)
     return {"shard_id": shard_id, "labelled": len(labels), "skipped": len(skipped),
-            "reused_masks": sum(1 for e in images if e.image_id in kept), "timings": timings}
+            "reused_masks": sum(1 for e in images if e.image_id in kept), "unlabelled": len(unlabelled),
+            "timings": timings}
+
+
+def _teacher_map(teacher: ConceptTeacher, image: np.ndarray, found: Tensor, image_classes: list[int] | None,
+                 num_classes: int, label_size: int) -> ConceptResult:
+    """The concept teacher's :class:`~components.labelling.concepts.ConceptResult` of one image.
+    found: the classes Stage 1 took as present (prompted under ``prompt: detected``)."""
+    from components.labelling.concepts import label_with_teacher
+
+    prompted = None
+    if teacher.settings.prompt == "detected":
+        prompted = torch.zeros(num_classes, dtype=torch.bool)
+        prompted[found.cpu().long()] = True
+    return label_with_teacher(teacher.teacher, image, teacher.prompts, teacher.prompt_classes, num_classes,
+                              (label_size, label_size), teacher.settings, prompted=prompted,
+                              image_classes=image_classes)
