@@ -19,7 +19,8 @@ from flows.common import PARAMS_FILE
 
 __all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "register"]
 
-VARIANT_HELP = "stage1_1 (SAM prompted by CLIP), stage1_2 (SAM's automatic masks labelled by CLIP) or both"
+VARIANT_HELP = ("stage1_1 (SAM prompted by CLIP), stage1_2 (SAM's automatic masks labelled by CLIP), both, or "
+                "stage1_sam3 (the SAM 3 concept teacher's maps: a store labelled with models.teacher)")
 
 
 def check_export(store: str, variant: str) -> list[str]:
@@ -29,7 +30,11 @@ def check_export(store: str, variant: str) -> list[str]:
     from components.labelling.store import PseudoLabels
 
     variants = check_variants([variant])
-    store_vocabulary(PseudoLabels(store))
+    labels = PseudoLabels(store)
+    store_vocabulary(labels)
+    for name in variants:
+        if not labels.has_variant(name):
+            raise ValueError(f"{store} holds no {name} maps: label with models.teacher set (e.g. sam3)")
     return variants
 
 

@@ -8,6 +8,8 @@ separate training sample.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,8 @@ INDEX_COLUMNS: tuple[str, ...] = ("sample_id", "image_id", "image_path", "varian
 _RECORD_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "shard", "row")
 
 
-def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
+def balance_index(records: pd.DataFrame, ratio: float, seed: int,
+                  shares: Mapping[str, float] | None = None) -> pd.DataFrame:
     """The training index: every image's Stage 1.1 map plus ``ratio`` of the images' Stage 1.2 maps.
 
     records: one row per labelled image with columns image_id (unique), image_path, shard, row
@@ -27,6 +30,10 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFram
     ``np.random.Generator(PCG64(seed)).permutation`` over the sorted image ids (halves round up),
     so the result depends on (records, ratio, seed) only. Returns a DataFrame with
     :data:`INDEX_COLUMNS`, sorted by (image_id, variant); sample_id = "<image_id>/<variant>".
+
+    shares: the share of the images per variant (params.yaml ``balance.variants`` over the paper's
+    {stage1_1: 1.0, stage1_2: ratio}), e.g. {"stage1_sam3": 1.0}. Stage 1.2 keeps the permutation
+    above; any other variant with a share below 1 draws its own, seeded by (seed, crc32 of its name).
     """
     missing = [c for c in _RECORD_COLUMNS if c not in records.columns]
     if missing:
@@ -38,11 +45,14 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int) -> pd.DataFram
         raise ValueError(f"image ids must be unique, repeated: {dupes}")
     base = records.loc[:, list(_RECORD_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
     n = len(base)
-    n_stage1_2 = math.floor(ratio * n + 0.5)
-    chosen = np.random.default_rng(seed).permutation(n)[:n_stage1_2]
-    stage1_1 = base.assign(variant=VARIANTS[0])
-    stage1_2 = base.iloc[np.sort(chosen)].assign(variant=VARIANTS[1])
-    index = pd.concat([stage1_1, stage1_2], ignore_index=True)
+    parts = []
+    for variant, share in {VARIANTS[0]: 1.0, VARIANTS[1]: ratio, **(shares or {})}.items():
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the share of {variant} must be in [0, 1], got {share}")
+        rng = np.random.default_rng(seed if variant == VARIANTS[1] else [seed, zlib.crc32(variant.encode())])
+        chosen = np.arange(n) if share == 1.0 else rng.permutation(n)[: math.floor(share * n + 0.5)]
+        parts.append(base.iloc[np.sort(chosen)].assign(variant=variant))
+    index = pd.concat(parts, ignore_index=True)
     index = index.sort_values(["image_id", "variant"], kind="stable").reset_index(drop=True)
     index.insert(0, "sample_id", index["image_id"] + "/" + index["variant"])
     index["row"] = index["row"].astype("int64")
