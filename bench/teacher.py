@@ -13,6 +13,7 @@ vocabulary (also apart).
 
     python bench/teacher.py [--classes 21,171,847] [--student dinov3_vitl16] [--text ViT-L-14-336/openai]
                             [--chunk 16] [--probe 2] [--full] [--images 1] [--device auto]
+                            [--skip-teacher | --skip-student]
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--skip-student", action="store_true",
+                        help="time the teacher only (needs no student spec: e.g. before dinov3_vitl16 is registered)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -132,7 +135,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8) for _ in range(args.images)]
     torch.set_grad_enabled(False)
-    rows = student_rows(images, counts, device, args.student, args.text, args.short_side)
+    rows = [] if args.skip_student else student_rows(images, counts, device, args.student, args.text, args.short_side)
     if not args.skip_teacher:
         rows += teacher_rows(images, counts, device, args.chunk, args.probe, args.full)
     print(f"device {device}, {args.images} image(s) of {IMAGE_HW[1]}x{IMAGE_HW[0]}, random weights")
