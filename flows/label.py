@@ -36,6 +36,7 @@ from flows.common import (
     Progress,
     cached_clip,
     cached_sam,
+    cached_teacher,
     make_task_runner,
     output_root,
     shard_resources,
@@ -154,22 +155,6 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
-_teacher_lock = threading.Lock()
-_teacher_cache: dict[tuple[Any, ...], Any] = {}
-
-
-def _cached_teacher(name: str, device: str, weights_dir: str | None) -> Any:
-    """The concept teacher, built once per worker process (its vocabulary's text features are
-    cached in it, so every shard of the worker reuses them)."""
-    from components.models.registry import build_teacher
-
-    key = (name, device, weights_dir)
-    with _teacher_lock:
-        if key not in _teacher_cache:
-            _teacher_cache[key] = build_teacher(name, device=device, weights_dir=weights_dir)
-        return _teacher_cache[key]
-
-
 def check_teacher(params: Params) -> None:
     """``models.teacher``: a teacher spec of the registry whose weights are on disk (gated ones: a
     one-line MissingWeightsError naming the licence page, HF_TOKEN and the fetch command), checked
@@ -211,10 +196,10 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         ground_truth = shard.GroundTruth(context["ground_truth_dir"], torch.tensor(context["ground_truth_map"]))
     teacher = None
     if context.get("teacher"):
-        from components.labelling.concepts import ConceptSettings
+        from components.labelling.concepts import ConceptSettings, ConceptTeacher
 
-        teacher = shard.ConceptTeacher.for_vocabulary(
-            _cached_teacher(context["teacher"], device, context["weights_dir"]),
+        teacher = ConceptTeacher.for_vocabulary(
+            cached_teacher(context["teacher"], device, context["weights_dir"]),
             ConceptSettings(**context["concepts"]), context["vocabulary"],
         )
     return shard.label_shard(

@@ -17,12 +17,11 @@ import yaml
 from PIL import Image
 
 import flows.label as label_module
-from components.config import ConfigError, parse_params
+from components.config import ConfigError, load_params, parse_params
 from components.datasets.synthetic import write_synthetic_unlabelled
 from components.io import encode_label_png
 from components.labelling.balance import balance_index
-from components.labelling.concepts import ConceptSettings
-from components.labelling.shard import ConceptTeacher
+from components.labelling.concepts import ConceptSettings, ConceptTeacher
 from components.labelling.store import SHARD_SCHEMA, TEACHER_SHARD_SCHEMA, PseudoLabels, read_records
 from components.models.registry import build_teacher, get_spec, list_specs
 from components.models.sam3 import Sam3Teacher
@@ -311,3 +310,32 @@ def test_label_shard_counts_unlabelled_only_with_a_teacher() -> None:
     assert teacher.prompts == ["sky", "person", "man", "car"]
     assert teacher.prompt_classes.tolist() == [0, 1, 1, 2]
     assert label_module.check_teacher(parse_params({}, "t")) is None
+
+
+# ------------------------------------------------------------------------------ evaluate-stage1
+def test_evaluate_stage1_scores_the_teacher_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 prefect_harness: None, mlflow_uri: str) -> None:
+    """With a teacher, evaluate-stage1 adds its two Table-2-style rows (a metrics file each); the
+    report reads them next to the paper's variants."""
+    from components.evaluation.report import stage1_rows
+    from flows.evaluate import evaluate_stage1_flow
+    from flows.report import read_stage1_metrics
+    from test_evaluate_flow import make_project, sequential
+
+    monkeypatch.chdir(tmp_path)
+    make_project(tmp_path, ("pv21",), num_images=2, overrides={
+        "models": {"teacher": "mini-sam3"}, "label": {"concepts": {"presence": 0.0, "pixel": 0.0, "chunk_size": 8}}})
+    variants = ["stage1_1", "stage1_sam3", "stage1_sam3_semi"]
+    results = sequential(evaluate_stage1_flow)("pv21", variants)
+    assert list(results) == variants
+    for variant in variants:
+        metrics = json.loads((tmp_path / "metrics" / "stage1" / f"pv21_{variant}.json").read_text())
+        assert metrics == results[variant] and metrics["images"] == 2 and metrics["mIoU"] >= 0
+    assert results["stage1_sam3"]["aAcc"] > 0  # every pixel labelled (presence 0, pixel 0): some are right
+    params = load_params(tmp_path / "params.yaml")
+    rows = {r["variant"]: r for r in stage1_rows(read_stage1_metrics(params))}
+    assert rows["stage1_sam3"]["paper"] is None and rows["stage1_1"]["paper"] is not None
+    with pytest.raises(ValueError, match="need models.teacher"):
+        from components.labelling.settings import stage1_variants
+
+        stage1_variants(["stage1_sam3"])

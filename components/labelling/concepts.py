@@ -41,6 +41,7 @@ __all__ = [
     "fuse_concepts",
     "prompt_order",
     "label_with_teacher",
+    "ConceptTeacher",
 ]
 
 UNLABELLED = 255
@@ -215,3 +216,39 @@ def label_with_teacher(
     vision = teacher.encode_image(image)
     chunks = teacher.iter_chunks(vision, vocabulary, order, settings.chunk_size)
     return fuse_concepts(chunks, prompt_classes, num_classes, size, settings, image_classes=image_classes)
+
+
+class ConceptTeacher(NamedTuple):
+    """A run's concept teacher over one vocabulary: the built model (its text features cached in
+    it: one text pass per vocabulary), its settings, and the vocabulary as prompts: prompts [P]
+    (each line's comma-separated names) and prompt_classes [P] long, the line each belongs to."""
+
+    teacher: Sam3Teacher
+    settings: ConceptSettings
+    prompts: list[str]
+    prompt_classes: Tensor
+    num_classes: int
+
+    @classmethod
+    def for_vocabulary(cls, teacher: Sam3Teacher, settings: ConceptSettings, vocabulary: Sequence[str]) -> ConceptTeacher:
+        """One prompt per name of each vocabulary line ("person, man" -> two prompts of that class)."""
+        prompts, owner = [], []
+        for k, line in enumerate(vocabulary):
+            names = [n.strip() for n in line.split(",") if n.strip()]
+            prompts.extend(names)
+            owner.extend([k] * len(names))
+        return cls(teacher, settings, prompts, torch.tensor(owner, dtype=torch.long), len(vocabulary))
+
+    def label(self, image: np.ndarray, size: tuple[int, int], *, detected: Tensor | None = None,
+              image_classes: Sequence[int] | None = None) -> ConceptResult:
+        """:func:`label_with_teacher` on one image. detected: the classes Stage 1 took as present
+        (prompted under ``prompt: detected``; CLIP's, or the ground truth's); image_classes: the
+        ground truth's classes, which replace presence (the semi-supervised form)."""
+        prompted = None
+        if self.settings.prompt == "detected":
+            if detected is None:
+                raise ValueError("prompt 'detected' needs the classes Stage 1 detected")
+            prompted = torch.zeros(self.num_classes, dtype=torch.bool)
+            prompted[detected.cpu().long()] = True
+        return label_with_teacher(self.teacher, image, self.prompts, self.prompt_classes, self.num_classes, size,
+                                  self.settings, prompted=prompted, image_classes=image_classes)

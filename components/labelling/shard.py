@@ -51,12 +51,10 @@ from components.labelling.store import (
 from components.models.registry import ClipBundle
 
 if TYPE_CHECKING:
-    from components.labelling.concepts import ConceptResult, ConceptSettings
-    from components.models.sam3 import Sam3Teacher
+    from components.labelling.concepts import ConceptTeacher
 
 __all__ = [
     "GroundTruth",
-    "ConceptTeacher",
     "list_inputs",
     "prefetch",
     "ground_truth_classes",
@@ -132,28 +130,6 @@ class GroundTruth(NamedTuple):
 
     root: str
     index_map: Tensor
-
-
-class ConceptTeacher(NamedTuple):
-    """The concept teacher of a run (Stage 1 variant stage1_sam3): the built model (its vocabulary's
-    text features are cached in it, so one text pass per run and worker), its settings, and the
-    vocabulary as prompts: prompts [P] (each line's comma-separated names) and prompt_classes [P]
-    long, the line each prompt belongs to."""
-
-    teacher: Sam3Teacher
-    settings: ConceptSettings
-    prompts: list[str]
-    prompt_classes: Tensor
-
-    @classmethod
-    def for_vocabulary(cls, teacher: Sam3Teacher, settings: ConceptSettings, vocabulary: Sequence[str]) -> ConceptTeacher:
-        """One prompt per name of each vocabulary line ("person, man" -> two prompts of that class)."""
-        prompts, owner = [], []
-        for k, line in enumerate(vocabulary):
-            names = [n.strip() for n in line.split(",") if n.strip()]
-            prompts.extend(names)
-            owner.extend([k] * len(names))
-        return cls(teacher, settings, prompts, torch.tensor(owner, dtype=torch.long))
 
 
 def ground_truth_classes(gt_root: str, image_id: str, index_map: Tensor) -> list[int] | None:
@@ -263,8 +239,8 @@ def label_shard(
                          sam_size=settings.sam_size)
         if teacher is not None:
             with timed(timings, "teacher"):
-                concepts = _teacher_map(teacher, loaded.image, result.presence.classes, loaded.image_classes,
-                                        len(vocabulary), settings.label_size)
+                concepts = teacher.label(loaded.image, (settings.label_size, settings.label_size),
+                                         detected=result.presence.classes, image_classes=loaded.image_classes)
             row.update(teacher_columns(concepts.label, concepts.presence))
             if not concepts.present.any():
                 unlabelled.append(entry.image_id)
@@ -288,17 +264,3 @@ def label_shard(
             "reused_masks": sum(1 for e in images if e.image_id in kept), "unlabelled": len(unlabelled),
             "timings": timings}
 
-
-def _teacher_map(teacher: ConceptTeacher, image: np.ndarray, found: Tensor, image_classes: list[int] | None,
-                 num_classes: int, label_size: int) -> ConceptResult:
-    """The concept teacher's :class:`~components.labelling.concepts.ConceptResult` of one image.
-    found: the classes Stage 1 took as present (prompted under ``prompt: detected``)."""
-    from components.labelling.concepts import label_with_teacher
-
-    prompted = None
-    if teacher.settings.prompt == "detected":
-        prompted = torch.zeros(num_classes, dtype=torch.bool)
-        prompted[found.cpu().long()] = True
-    return label_with_teacher(teacher.teacher, image, teacher.prompts, teacher.prompt_classes, num_classes,
-                              (label_size, label_size), teacher.settings, prompted=prompted,
-                              image_classes=image_classes)
