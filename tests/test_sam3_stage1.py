@@ -317,10 +317,11 @@ def test_evaluate_stage1_scores_the_teacher_rows(tmp_path: Path, monkeypatch: py
                                                  prefect_harness: None, mlflow_uri: str) -> None:
     """With a teacher, evaluate-stage1 adds its two Table-2-style rows (a metrics file each); the
     report reads them next to the paper's variants."""
+    from test_evaluate_flow import make_project, sequential
+
     from components.evaluation.report import stage1_rows
     from flows.evaluate import evaluate_stage1_flow
     from flows.report import read_stage1_metrics
-    from test_evaluate_flow import make_project, sequential
 
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, ("pv21",), num_images=2, overrides={

@@ -13,7 +13,12 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from components.io import unlabelled_for
-from components.labelling.settings import TEACHER_EVAL_VARIANTS, TEACHER_VARIANT, Stage1Settings, stage1_variants
+from components.labelling.settings import (
+    TEACHER_EVAL_VARIANTS,
+    TEACHER_VARIANT,
+    Stage1Settings,
+    stage1_variants,
+)
 from components.labelling.stage1 import label_image
 
 if TYPE_CHECKING:
