@@ -53,7 +53,7 @@ def empty_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_spec_names_and_families():
     for family in ("clip", "sam", "dino"):
         assert list_specs(family) == REAL[family] + MINI[family] + WORLD[family]
-    assert list_specs() == [n for f in ("clip", "sam", "dino") for n in REAL[f] + MINI[f] + WORLD[f]]
+    assert list_specs() == [n for f in ("clip", "sam", "dino") for n in REAL[f] + MINI[f] + WORLD[f]] + list_specs("teacher")
     with pytest.raises(ValueError, match="clip, sam, dino"):
         list_specs("vit")
 
