@@ -247,7 +247,6 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     start = time.perf_counter()
     log = get_run_logger()
     params = stage_params(params_path)
-    check_teacher(params)
     root = output_root(params)
     vocabulary = vocabulary_lines(params.label.vocabulary)
     full_hash, mask_hash = settings_hashes(params, vocabulary)
@@ -328,6 +327,7 @@ def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     from components.io import output_lock
 
     params = stage_params(params_path)
+    check_teacher(params)  # before the flow starts: a wrong name or absent gated weights is one line
     with output_lock(output_root(params), stage="label"):
         return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
@@ -410,7 +410,13 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
 def _run_label_cli(params_path: str) -> None:
     """:func:`run_label` for the command line: an output another run holds is one message, exit 75."""
     from components.io import OutputBusyError
+    from components.models.weights import MissingWeightsError
 
+    try:
+        check_teacher(stage_params(params_path))
+    except (MissingWeightsError, ConfigError) as err:  # a wrong teacher name, or its gated weights absent
+        typer.echo(f"fmbseg label: {err}", err=True)
+        raise typer.Exit(2) from None
     try:
         run_label(params_path)
     except OutputBusyError as err:

@@ -340,3 +340,22 @@ def test_evaluate_stage1_scores_the_teacher_rows(tmp_path: Path, monkeypatch: py
         from components.labelling.settings import stage1_variants
 
         stage1_variants(["stage1_sam3"])
+
+
+def test_cli_label_with_absent_gated_teacher_weights_is_one_line_exit_2(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = json.loads(json.dumps(PARAMS))
+    params["models"].update(teacher="sam3", weights_dir=str(tmp_path / "weights"))
+    project = _project(tmp_path / "p", params, images=1)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = CliRunner().invoke(app, ["label"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "https://huggingface.co/facebook/sam3" in lines[0] and "HF_TOKEN" in lines[0]
+    assert not (project / "pseudo").exists()  # nothing written, no model built
