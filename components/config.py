@@ -162,6 +162,8 @@ class ModelsConfig(_Section):
     device: str = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     weights_dir: str | None = None
+    # the concept teacher's registry name (sam3 | mini-sam3): Stage 1 also writes stage1_sam3; null: the paper's Stage 1
+    teacher: str | None = None
 
     @model_validator(mode="after")
     def _profile_exists(self) -> ModelsConfig:
@@ -234,6 +236,19 @@ class AmgConfig(_Section):
         return self
 
 
+class ConceptsConfig(_Section):
+    """The concept teacher's Stage 1 (variant stage1_sam3, with ``models.teacher``): the fields of
+    components.labelling.concepts.ConceptSettings (thresholds on sigmoid scores, prompts per
+    detector pass, which classes are prompted)."""
+
+    presence: float = Field(0.5, ge=0.0, le=1.0)  # a prompt counts when its presence score reaches this
+    instance: float = Field(0.5, ge=0.0, le=1.0)  # an instance is painted when query score x presence reaches this
+    mask: float = Field(0.5, ge=0.0, le=1.0)      # a pixel is in an instance's mask above this
+    pixel: float = Field(0.5, ge=0.0, le=1.0)     # a pixel is labelled when its best score reaches this
+    chunk_size: int = Field(16, ge=1)             # prompts per detector pass (memory grows with it)
+    prompt: Literal["vocabulary", "detected"] = "vocabulary"  # every class, or those CLIP detects
+
+
 MAX_LABEL_CLASSES = _MAX_LABEL_CLASSES  # label maps: uint8 up to 255 classes (255 = unlabelled), uint16 up to 65535
 
 
@@ -257,6 +272,7 @@ class LabelConfig(_Section):
     crop_batch: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)
     external_symlinks: Literal["refuse", "follow"] = "refuse"  # links out of the image folder
+    concepts: ConceptsConfig = ConceptsConfig()  # the concept teacher's Stage 1 (with models.teacher)
 
     @field_validator("templates")
     @classmethod
@@ -307,6 +323,25 @@ class LabelConfig(_Section):
 class BalanceConfig(_Section):
     ratio: float = Field(0.75, ge=0.0, le=1.0)
     seed: int = 0
+    # share of the images whose map of each variant joins training, over the paper's
+    # {stage1_1: 1.0, stage1_2: ratio}; e.g. {stage1_sam3: 1.0} adds the concept teacher's maps
+    variants: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _known_shares(cls, shares: dict[str, float]) -> dict[str, float]:
+        from components.labelling.settings import LABEL_VARIANTS
+
+        for variant, share in shares.items():
+            if variant not in LABEL_VARIANTS:
+                raise ValueError(f"unknown variant {variant!r}; known: {', '.join(LABEL_VARIANTS)}")
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"the share of {variant} must be in [0, 1], got {share}")
+        return shares
+
+    def shares(self) -> dict[str, float]:
+        """Share of the images per variant: the paper's {stage1_1: 1.0, stage1_2: ratio}, then ``variants``."""
+        return {"stage1_1": 1.0, "stage1_2": self.ratio, **self.variants}
 
 
 # -------------------------------------------------------------------------------------- features

@@ -31,13 +31,19 @@ def balance_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     labels = PseudoLabels(root)
     records = labels.index.loc[:, ["image_id", "image_path", "shard", "row"]].copy()
     records["shard"] = [(root / shard).as_posix() for shard in records["shard"]]
+    shares = params.balance.shares()
+    missing = [v for v, share in shares.items() if share > 0 and not labels.has_variant(v)]
+    if missing:
+        raise ValueError(f"balance.variants gives a share to {', '.join(missing)}, but {root} holds no such maps: "
+                         "label with models.teacher set (e.g. sam3), or drop it from balance.variants")
     corrected = Corrections(project_path(params, "corrections")).current(labels)
-    index = balance_index(records, params.balance.ratio, params.balance.seed, corrected)
+    index = balance_index(records, params.balance.ratio, params.balance.seed, shares, corrected)
     path = project_path(params, "train_index")
     write_table(path, pa.Table.from_pandas(index, preserve_index=False))
     counts = {CORRECTED: 0, **{variant: int(n) for variant, n in index["variant"].value_counts().sort_index().items()}}
     summary = {"images": len(records), "samples": len(index), **counts,
-               "ratio": params.balance.ratio, "seed": params.balance.seed}
+               "ratio": params.balance.ratio, "seed": params.balance.seed,
+               **{f"share {v}": share for v, share in params.balance.variants.items()}}
     print(f"{path}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     table_artifact([{"quantity": k, "value": v} for k, v in summary.items()], key="balance-summary",
                    description="training index: samples per pseudo label variant")

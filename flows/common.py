@@ -40,6 +40,7 @@ __all__ = [
     "shard_resources",
     "cached_clip",
     "cached_sam",
+    "cached_teacher",
     "cached_dino",
     "Progress",
     "table_artifact",
@@ -287,6 +288,15 @@ def cached_sam(name: str, device: str = "cpu", weights_dir: str | None = None) -
     from components.models.registry import build_sam
 
     return build_sam(name, device=device, weights_dir=weights_dir)
+
+
+@_locked_cache
+def cached_teacher(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
+    """The concept teacher (SAM 3) for ``name``, built once per process: the text features it
+    caches per vocabulary then serve every shard and image of the worker."""
+    from components.models.registry import build_teacher
+
+    return build_teacher(name, device=device, weights_dir=weights_dir)
 
 
 @_locked_cache

@@ -135,10 +135,23 @@ def _stage1_context(job: dict[str, Any]) -> _Context:
         class_map=prompts.class_map,
         num_classes=len(dataset.classes),
         settings=Stage1Settings.from_dict(job["stage1"]),
+        teacher=_stage1_teacher(job, prompts.names, str(device)),
     )
     # one column more than classes: Stage 1's unlabelled pixels (summarize(unlabelled_column=True))
     return _Context(dataset, segment, len(dataset.classes) + 1, display_names(dataset.classes),
                     tuple(job["variants"]), segment.needs_image_classes)
+
+
+def _stage1_teacher(job: dict[str, Any], prompts: list[str], device: str) -> Any:
+    """The concept teacher over the benchmark's prompts (each prompt its own class), when a teacher
+    variant is scored; else None."""
+    if not job.get("teacher"):
+        return None
+    from components.labelling.concepts import ConceptSettings, ConceptTeacher
+    from flows.common import cached_teacher
+
+    return ConceptTeacher.for_vocabulary(cached_teacher(job["teacher"], device, job["weights_dir"]),
+                                         ConceptSettings(**job["concepts"]), prompts)
 
 
 _context_lock = threading.Lock()
@@ -393,8 +406,10 @@ def evaluate_flow(dataset: str, params_path: str = "params.yaml", model_path: st
 def _stage1_job(params: Params, dataset: str, root: Path, variants: Sequence[str]) -> dict[str, Any]:
     """What a task needs to run Stage 1 on the benchmark (plain JSON types)."""
 
+    from components.labelling.settings import TEACHER_EVAL_VARIANTS
+
     settings = stage1_settings(params.label)
-    return {
+    job = {
         "kind": "stage1",
         "variants": list(variants),
         "dataset": dataset,
@@ -407,6 +422,9 @@ def _stage1_job(params: Params, dataset: str, root: Path, variants: Sequence[str
         "templates": list(params.label.templates),
         "stage1": asdict(settings),
     }
+    if set(variants) & set(TEACHER_EVAL_VARIANTS):  # absent otherwise: the paper's resume key is unchanged
+        job.update(teacher=params.models.teacher, concepts=params.label.concepts.model_dump())
+    return job
 
 
 @flow(name="evaluate-stage1", flow_run_name="evaluate-stage1-{dataset}")
@@ -420,8 +438,8 @@ def evaluate_stage1_flow(dataset: str, variants: Sequence[str] | None = None,
     from components.labelling.settings import stage1_variants
     from flows import tracking
 
-    variants = stage1_variants(variants)
     params = stage_params(params_path)
+    variants = stage1_variants(variants, teacher=params.models.teacher is not None)
     data, root, ids = _open_dataset(params, dataset)
     job = _stage1_job(params, dataset, root, variants)
     counted = {k: v for k, v in job.items() if k not in ("root", "device", "weights_dir")}
@@ -483,18 +501,20 @@ def register(app: typer.Typer) -> None:
     def evaluate_stage1_cmd(
         dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
         variant: list[str] = typer.Option(None, help="stage1_1 | stage1_2 | semi (Stage 1.1 with ground-truth "
-                                                    "image labels); repeatable; default: all three, in one pass"),
+                                                    "image labels) | stage1_sam3 | stage1_sam3_semi (with "
+                                                    "models.teacher); repeatable; default: all, in one pass"),
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
     ) -> None:
         """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
         from components.labelling.settings import stage1_variants
         from flows.common import make_task_runner
 
+        settings = stage_params(params)
         try:
-            variants = stage1_variants(variant)
+            variants = stage1_variants(variant, teacher=settings.models.teacher is not None)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--variant") from None
-        runner = make_task_runner(stage_params(params).orchestration)
+        runner = make_task_runner(settings.orchestration)
         results = evaluate_stage1_flow.with_options(task_runner=runner)(dataset, variants, str(params))
         for name, metrics in results.items():
             _echo(f"{dataset} {name}", metrics)

@@ -26,7 +26,8 @@ from flows.common import PARAMS_FILE
 __all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "check_format_export",
            "export_format_task", "export_format_flow", "register"]
 
-VARIANT_HELP = "stage1_1 (SAM prompted by CLIP), stage1_2 (SAM's automatic masks labelled by CLIP) or both"
+VARIANT_HELP = ("stage1_1 (SAM prompted by CLIP), stage1_2 (SAM's automatic masks labelled by CLIP), both, or "
+                "stage1_sam3 (the SAM 3 concept teacher's maps: a store labelled with models.teacher)")
 
 
 def check_export(store: str, variant: str, out: str, *, overwrite: bool = False) -> tuple[list[str], list[str]]:
@@ -40,6 +41,9 @@ def check_export(store: str, variant: str, out: str, *, overwrite: bool = False)
     variants = check_variants([variant])
     labels = PseudoLabels(store)
     store_vocabulary(labels)
+    for name in variants:
+        if not labels.has_variant(name):
+            raise ValueError(f"{store} holds no {name} maps: label with models.teacher set (e.g. sam3)")
     files, trees = export_outputs(labels, variants)
     check_output_folder(out, files, overwrite=overwrite, trees=trees)
     return variants, files
@@ -96,7 +100,11 @@ def check_format_export(fmt: str, out: str, *, store: str | None, predictions: s
     else:
         assert store is not None
         names = list(check_variants([variant]))
-        store_vocabulary(PseudoLabels(store))
+        labels = PseudoLabels(store)
+        store_vocabulary(labels)
+        for name in names:
+            if not labels.has_variant(name):
+                raise ValueError(f"{store} holds no {name} maps: label with models.teacher set (e.g. sam3)")
     folders = [name or PREDICTIONS_FOLDER for name in names]
     check_output_folder(out, [f"{folder}/" for folder in folders], overwrite=overwrite, trees=folders)
     return [(name, (Path(out) / folder).as_posix()) for name, folder in zip(names, folders, strict=True)]

@@ -29,12 +29,14 @@ from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
 from components.io import atomic_write_bytes, atomic_write_json, fs_path
+from components.labelling.settings import TEACHER_VARIANT
 from flows.common import (
     PARAMS_FILE,
     STAGE_DIR,
     Progress,
     cached_clip,
     cached_sam,
+    cached_teacher,
     make_task_runner,
     output_root,
     shard_resources,
@@ -94,6 +96,8 @@ def settings_hashes(params: Params, vocabulary: list[str]) -> tuple[str, str]:
         "ground_truth_dir": params.label.ground_truth_dir,
         **settings.label_side(),
     }
+    if params.models.teacher is not None:  # absent without a teacher: a paper run keeps its hash (and its shards)
+        labels["teacher"] = {"spec": params.models.teacher, **params.label.concepts.model_dump()}
     return settings_hash({"masks": masks, "labels": labels}), settings_hash(masks)
 
 
@@ -151,6 +155,24 @@ def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabula
         return _prototype_cache[key]
 
 
+def check_teacher(params: Params) -> None:
+    """``models.teacher``: a teacher spec of the registry whose weights are on disk (gated ones: a
+    one-line MissingWeightsError naming the licence page, HF_TOKEN and the fetch command), checked
+    before any model loads. Nothing to check without a teacher."""
+    from components.models.registry import get_spec, list_specs, teacher_weights
+
+    name = params.models.teacher
+    if name is None:
+        return
+    try:
+        spec = get_spec(name)
+    except KeyError:
+        spec = None
+    if spec is None or spec.family != "teacher":
+        raise ConfigError(f"models.teacher {name!r} is not a teacher spec; known: {', '.join(list_specs('teacher'))}")
+    teacher_weights(name, params.models.weights_dir)
+
+
 def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Label one shard with the worker's cached models (components.labelling.shard.label_shard);
     returns its report ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
@@ -172,6 +194,14 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     ground_truth = None
     if context["ground_truth_dir"]:
         ground_truth = shard.GroundTruth(context["ground_truth_dir"], torch.tensor(context["ground_truth_map"]))
+    teacher = None
+    if context.get("teacher"):
+        from components.labelling.concepts import ConceptSettings, ConceptTeacher
+
+        teacher = ConceptTeacher.for_vocabulary(
+            cached_teacher(context["teacher"], device, context["weights_dir"]),
+            ConceptSettings(**context["concepts"]), context["vocabulary"],
+        )
     return shard.label_shard(
         context["root"], job["shard_id"], [ImageEntry(**e) for e in job["images"]],
         clip=clip, sam=sam, prototypes=prototypes,
@@ -181,6 +211,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         mask_settings_hash=context["mask_settings_hash"],
         mask_sources={k: MaskSource(**v) for k, v in job["mask_sources"].items()},
         ground_truth=ground_truth,
+        teacher=teacher,
         dtype=context["dtype"],
         num_workers=context["num_workers"],
     )
@@ -197,7 +228,9 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {"quantity": key, "value": summary[key]}
         for key in ("images_found", "images_labelled", "images_labelled_this_run", "images_skipped",
-                    "shards", "shards_this_run", "shards_removed", "masks_reused_this_run", "wall_seconds")
+                    "shards", "shards_this_run", "shards_removed", "masks_reused_this_run", "wall_seconds",
+                    "images_unlabelled_stage1_sam3")
+        if key in summary
     ]
     rows += [{"quantity": f"seconds/image {k}", "value": round(v, 4)} for k, v in summary["seconds_per_image"].items()]
     rows += [{"quantity": f"detections {k}", "value": v} for k, v in summary["detections_per_class"].items()]
@@ -244,6 +277,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
         "num_workers": params.label.num_workers,
         "ground_truth_dir": gt_dir,
         "ground_truth_map": gt_map,
+        "teacher": params.models.teacher,
+        "concepts": params.label.concepts.model_dump(),
     }
     jobs = [
         {"shard_id": s.shard_id, "images": [asdict(e) for e in s.images],
@@ -275,6 +310,9 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     merged = merge_outputs(root, entries=entries, done=final.done, skipped=pre_skipped, vocabulary=vocabulary)
     summary = summarise(merged, images_found=len(entries) + len(pre_skipped), reports=reports,
                         settings_hash=full_hash, wall_seconds=time.perf_counter() - start)
+    if params.models.teacher is not None:  # images on which no class passed the teacher's presence
+        current = set(merged.index["image_id"])
+        summary["images_unlabelled_stage1_sam3"] = len({i for r in final.done for i in r.unlabelled if i in current})
     atomic_write_json(root / SUMMARY_FILE, summary)
     rows = _summary_rows(summary)
     print("\n".join(f"{r['quantity']:>32}  {r['value']}" for r in rows))
@@ -289,6 +327,7 @@ def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     from components.io import output_lock
 
     params = stage_params(params_path)
+    check_teacher(params)  # before the flow starts: a wrong name or absent gated weights is one line
     with output_lock(output_root(params), stage="label"):
         return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
 
@@ -364,8 +403,11 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
                   "incoming": (dest / STAGE_DIR / "no-incoming").as_posix()},
         "label": {"vocabulary": (dest / "classes.txt").as_posix(), "presence": "clip", "ground_truth_dir": None},
     })
-    parse_params(raw, f"{base} with the --images options")
+    parsed = parse_params(raw, f"{base} with the --images options")
     variants = variants or []
+    if TEACHER_VARIANT in variants and parsed.models.teacher is None:
+        raise ValueError("--variant stage1_sam3 needs a concept teacher: models.teacher (e.g. sam3) in the --params file")
+    check_teacher(parsed)  # a teacher spec, its (gated) weights on disk
     planned = [CLASSES_FILE, OWN_FOLDER_PARAMS, f"{STAGE_DIR}/", *(f"{v}.json" for v in variants)]
     check_output_folder(dest, planned, overwrite=overwrite, trees=variants)
     claim_outputs(dest, planned)  # the first write
@@ -378,7 +420,13 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
 def _run_label_cli(params_path: str) -> None:
     """:func:`run_label` for the command line: an output another run holds is one message, exit 75."""
     from components.io import OutputBusyError
+    from components.models.weights import MissingWeightsError
 
+    try:
+        check_teacher(stage_params(params_path))
+    except (MissingWeightsError, ConfigError) as err:  # a wrong teacher name, or its gated weights absent
+        typer.echo(f"fmbseg label: {err}", err=True)
+        raise typer.Exit(2) from None
     try:
         run_label(params_path)
     except OutputBusyError as err:
@@ -396,8 +444,8 @@ def register(app: typer.Typer) -> None:
                                        help="with --images: a shipped class list (e.g. cocostuff171) or a class file, "
                                             "one class per line, comma-separated synonyms"),
         out: Path = typer.Option(None, "--out", help="with --images: output folder (Stage 1 store + export)"),
-        variant: str = typer.Option(None, "--variant", help="with --images: the maps to export: stage1_1, stage1_2 "
-                                                             "or both (default)"),
+        variant: str = typer.Option(None, "--variant", help="with --images: the maps to export: stage1_1, stage1_2, "
+                                                             "both (default), or stage1_sam3 (needs models.teacher)"),
         profile: str = typer.Option(None, "--profile", help="with --images: the project's settings of this profile "
                                                              "(demo | paper) instead of --params"),
         overwrite: bool = typer.Option(False, "--overwrite",

@@ -35,12 +35,12 @@ def read_metrics(params: Params) -> dict[str, dict[str, float] | None]:
 
 def read_stage1_metrics(params: Params) -> dict[tuple[str, str], dict[str, float]]:
     """(benchmark, variant) -> the evaluate-stage1 metrics JSON, for every such file present."""
-    from components.labelling.settings import STAGE1_VARIANTS
+    from components.labelling.settings import STAGE1_VARIANTS, TEACHER_EVAL_VARIANTS
 
     stage1_dir = project_path(params, "stage1_metrics")
     out: dict[tuple[str, str], dict[str, float]] = {}
     for name in dict.fromkeys([*params.evaluate.stage1_benchmarks, *params.evaluate.benchmarks]):
-        for variant in STAGE1_VARIANTS:
+        for variant in STAGE1_VARIANTS + TEACHER_EVAL_VARIANTS:
             path = stage1_dir / f"{name}_{variant}.json"
             if path.exists():
                 out[(name, variant)] = json.loads(path.read_text(encoding="utf-8"))

@@ -13,13 +13,20 @@ __all__ = ["register", "profile_specs"]
 
 
 def profile_specs(params_path: Path, profile: str | None) -> tuple[str, list[str], str | None]:
-    """(profile name, its clip/sam/dino spec names, weights_dir) from params.yaml."""
+    """(profile name, its clip/sam/dino spec names and its concept teacher's, if it has one,
+    weights_dir) from params.yaml, with the profile's overlay (configs/<profile>.yaml) on top."""
+    from components.config import parse_params
+    from flows.common import profile_settings
+
     params = load_params(params_path)
     name = profile or params.models.profile
     if name not in params.models.profiles:
         raise typer.BadParameter(f"unknown profile {name!r}; params.yaml defines {sorted(params.models.profiles)}")
+    if profile is not None:  # the overlay may set more than the profile's three models (modern: the teacher)
+        params = parse_params(profile_settings(profile, params_path), f"{params_path} with --profile {profile}")
     chosen = params.models.profiles[name]
-    return name, [chosen.clip, chosen.sam, chosen.dino], params.models.weights_dir
+    teacher = [params.models.teacher] if params.models.teacher else []
+    return name, [chosen.clip, chosen.sam, chosen.dino, *teacher], params.models.weights_dir
 
 
 def _specs(names: list[str]) -> list:

@@ -63,8 +63,9 @@ def test_spec_names_and_families():
     for family in ("clip", "sam", "dino"):  # the text space's other specs: tests/test_text_space.py
         named = [n for n in list_specs(family) if n in REAL[family] + MINI[family] + WORLD[family]]
         assert named == REAL[family] + MINI[family] + WORLD[family]
-    assert sorted(list_specs()) == sorted(n for f in ("clip", "sam", "dino") for n in list_specs(f))
-    with pytest.raises(ValueError, match="clip, sam, dino .roles: student, text, mask"):
+    assert list_specs("teacher") == ["sam3", "mini-sam3"]
+    assert sorted(list_specs()) == sorted(n for f in ("clip", "sam", "dino", "teacher") for n in list_specs(f))
+    with pytest.raises(ValueError, match="clip, sam, dino, teacher .roles: student, text, mask, teacher"):
         list_specs("vit")
     assert [list_specs(role) for role in ("student", "text", "mask")] == [list_specs(f) for f in ("dino", "clip", "sam")]
 

@@ -56,6 +56,7 @@ def test_weights_status_modern_lists_the_gated_dinov3_files(repo_root, no_weight
     assert "dinov3_vitl16" in result.output and "model.safetensors" in result.output
     assert "facebook/dinov3-vitl16-pretrain-lvd1689m is gated" in result.output and "HF_TOKEN" in result.output
     assert "fmbseg weights fetch --profile modern" in result.output
+    assert "sam3" in result.output and "facebook/sam3 is gated" in result.output  # the overlay's concept teacher
 
 
 def test_fetching_gated_weights_without_a_token_explains_licence_and_token(repo_root, no_weights):

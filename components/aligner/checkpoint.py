@@ -128,13 +128,18 @@ def spec_record(name: str) -> dict[str, Any]:
     return {**record, "mean": list(spec.mean), "std": list(spec.std)}
 
 
+# the model roles a checkpoint records and runs with (the concept teacher only labels: Stage 1)
+RECORDED_ROLES: tuple[str, ...] = ("student", "text", "mask")
+
+
 def _checked_specs(path: Path, recorded: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The checkpoint's spec records, each checked against this version's registry: a spec this
     version does not know, or knows as another model, is an error saying which."""
     from components.models.registry import ROLES, list_specs
 
     out = {}
-    for role, family in ROLES.items():
+    for role in RECORDED_ROLES:
+        family = ROLES[role]
         record = dict(recorded[role])
         name = record.get("name")
         if name not in list_specs(family):

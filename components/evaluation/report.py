@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from components.evaluation.paper_numbers import PUBLISHED, TABLE1, TABLE2
-from components.labelling.settings import STAGE1_VARIANTS
+from components.labelling.settings import STAGE1_VARIANTS, TEACHER_EVAL_VARIANTS
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -95,11 +95,10 @@ def stage1_rows(metrics: Mapping[tuple[str, str], Mapping[str, float]]) -> list[
     """
     rows = []
     for (name, variant), values in sorted(metrics.items()):
-        if variant not in TABLE2:
-            raise ValueError(f"unknown Stage 1 variant {variant!r}; known: {list(STAGE1_VARIANTS)}")
-        rows.append(
-            {"benchmark": name, "variant": variant, "mIoU": values.get("mIoU"), "paper": TABLE2[variant].get(name)}
-        )
+        if variant not in TABLE2 and variant not in TEACHER_EVAL_VARIANTS:
+            raise ValueError(f"unknown Stage 1 variant {variant!r}; known: {list(STAGE1_VARIANTS + TEACHER_EVAL_VARIANTS)}")
+        paper = TABLE2.get(variant, {}).get(name)  # the concept teacher has no paper number
+        rows.append({"benchmark": name, "variant": variant, "mIoU": values.get("mIoU"), "paper": paper})
     return rows
 
 

@@ -4,7 +4,7 @@ and semi-supervised maps from components.labelling.stage1.label_image, one class
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,8 +13,16 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from components.io import unlabelled_for
-from components.labelling.settings import Stage1Settings, stage1_variants
+from components.labelling.settings import (
+    TEACHER_EVAL_VARIANTS,
+    TEACHER_VARIANT,
+    Stage1Settings,
+    stage1_variants,
+)
 from components.labelling.stage1 import label_image
+
+if TYPE_CHECKING:
+    from components.labelling.concepts import ConceptTeacher
 
 __all__ = ["Stage1Segmenter"]
 
@@ -31,6 +39,11 @@ class Stage1Segmenter:
     frame) are resized to the image by nearest sampling; unlabelled pixels (255 or 65535) become class C, an
     extra "unlabelled" column of the confusion matrix (``summarize(..., unlabelled_column=True)``),
     so they count as misses.
+
+    teacher: the concept teacher over the K' prompts (each prompt its own class, so its maps share
+    the lookup), for the variants "stage1_sam3" (SAM 3's presence, or CLIP's under ``prompt:
+    detected``) and "stage1_sam3_semi" (the ground truth's image-level labels as presence); its
+    maps are made in the SAM frame.
     """
 
     def __init__(
@@ -46,8 +59,9 @@ class Stage1Segmenter:
         class_map: Tensor,
         num_classes: int,
         settings: Stage1Settings,
+        teacher: ConceptTeacher | None = None,
     ) -> None:
-        variants = stage1_variants(variants)
+        variants = stage1_variants(variants, teacher=teacher is not None)
         if prototypes.ndim != 2 or class_map.shape != (prototypes.shape[0],):
             raise ValueError(
                 f"prototypes must be [K, D] and class_map [K]; got {tuple(prototypes.shape)} and "
@@ -63,11 +77,12 @@ class Stage1Segmenter:
         lookup = torch.full((unlabelled_for(prototypes.shape[0]) + 1,), num_classes, dtype=torch.int64)
         lookup[: class_map.shape[0]] = class_map.cpu()
         self.lookup = lookup
+        self.teacher = teacher
 
     @property
     def needs_image_classes(self) -> bool:
         """Whether calls must pass the ground truth's image-level labels (``semi`` is scored)."""
-        return "semi" in self.variants
+        return "semi" in self.variants or f"{TEACHER_VARIANT}_semi" in self.variants
 
     def _label_image(self, image: np.ndarray, maps: tuple[str, ...], image_classes: Sequence[int] | None) -> Any:
         return label_image(
@@ -83,13 +98,34 @@ class Stage1Segmenter:
         unlabelled (uint8; int32 with 65535 past 255 prompts)."""
         labels: dict[str, Tensor] = {}
         detected = tuple(v for v in ("stage1_1", "stage1_2") if v in self.variants)
+        result = None
         if detected:
             result = self._label_image(image, detected, None)
             for variant in detected:
                 labels[variant] = (result.stage1_1_detail if variant == "stage1_1" else result.stage1_2_detail).label
         if "semi" in self.variants:
             labels["semi"] = self._label_image(image, ("stage1_1",), image_classes).stage1_1_detail.label
+        if self.teacher is not None and set(TEACHER_EVAL_VARIANTS) & set(self.variants):
+            labels.update(self._teacher_labels(image, image_classes, result))
         return {v: labels[v] for v in self.variants}
+
+    def _teacher_labels(self, image: np.ndarray, image_classes: Sequence[int] | None, result: Any) -> dict[str, Tensor]:
+        """The concept teacher's maps (prompt index per pixel, SAM frame) of the variants asked for."""
+        assert self.teacher is not None
+        size = (self.settings.sam_size, self.settings.sam_size)
+        maps = {}
+        if TEACHER_VARIANT in self.variants:
+            found = None
+            if self.teacher.settings.prompt == "detected":  # CLIP's presence, from Stage 1's own pass
+                result = result if result is not None else self._label_image(image, ("stage1_1",), None)
+                found = result.presence.classes
+            maps[TEACHER_VARIANT] = self.teacher.label(image, size, detected=found).label
+        if f"{TEACHER_VARIANT}_semi" in self.variants:
+            present = set(image_classes or ())
+            prompts = [k for k, c in enumerate(self.prompt_classes.tolist()) if c in present]
+            maps[f"{TEACHER_VARIANT}_semi"] = self.teacher.label(
+                image, size, detected=torch.tensor(prompts, dtype=torch.long), image_classes=prompts).label
+        return {v: torch.from_numpy(m.astype(np.int32) if m.dtype != np.uint8 else m) for v, m in maps.items()}
 
     def __call__(self, image: np.ndarray, image_classes: Sequence[int] | None = None) -> dict[str, Tensor]:
         """[H, W, 3] uint8 RGB -> variant -> [H, W] int64 class map in [0, C] (C = unlabelled).

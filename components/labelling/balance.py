@@ -9,6 +9,8 @@ its corrected map alone: the correction takes precedence over both of Stage 1's 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,8 @@ INDEX_COLUMNS: tuple[str, ...] = ("sample_id", "image_id", "image_path", "varian
 _RECORD_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "shard", "row")
 
 
-def balance_index(records: pd.DataFrame, ratio: float, seed: int, corrected: pd.DataFrame | None = None) -> pd.DataFrame:
+def balance_index(records: pd.DataFrame, ratio: float, seed: int, shares: Mapping[str, float] | None = None,
+                  corrected: pd.DataFrame | None = None) -> pd.DataFrame:
     """The training index: every image's Stage 1.1 map plus ``ratio`` of the images' Stage 1.2 maps.
 
     records: one row per labelled image with columns image_id (unique), image_path, shard, row
@@ -30,6 +33,9 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int, corrected: pd.
     so the result depends on (records, ratio, seed) only. Returns a DataFrame with
     :data:`INDEX_COLUMNS`, sorted by (image_id, variant); sample_id = "<image_id>/<variant>".
 
+    shares: the share of the images per variant (params.yaml ``balance.variants`` over the paper's
+    {stage1_1: 1.0, stage1_2: ratio}), e.g. {"stage1_sam3": 1.0}. Stage 1.2 keeps the permutation
+    above; any other variant with a share below 1 draws its own, seeded by (seed, crc32 of its name).
     corrected: images with a corrected map (columns image_id, shard, row: where the map is); each
     such image of ``records`` has that map as its one sample (variant :data:`CORRECTED`) instead of
     its Stage 1 samples. The Stage 1.2 choice of the other images does not depend on it.
@@ -44,11 +50,13 @@ def balance_index(records: pd.DataFrame, ratio: float, seed: int, corrected: pd.
         raise ValueError(f"image ids must be unique, repeated: {dupes}")
     base = records.loc[:, list(_RECORD_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
     n = len(base)
-    n_stage1_2 = math.floor(ratio * n + 0.5)
-    chosen = np.random.default_rng(seed).permutation(n)[:n_stage1_2]
-    stage1_1 = base.assign(variant=VARIANTS[0])
-    stage1_2 = base.iloc[np.sort(chosen)].assign(variant=VARIANTS[1])
-    parts = [stage1_1, stage1_2]
+    parts = []
+    for variant, share in {VARIANTS[0]: 1.0, VARIANTS[1]: ratio, **(shares or {})}.items():
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the share of {variant} must be in [0, 1], got {share}")
+        rng = np.random.default_rng(seed if variant == VARIANTS[1] else [seed, zlib.crc32(variant.encode())])
+        chosen = np.arange(n) if share == 1.0 else rng.permutation(n)[: math.floor(share * n + 0.5)]
+        parts.append(base.iloc[np.sort(chosen)].assign(variant=variant))
     if corrected is not None and len(corrected):
         fixed = base.loc[base["image_id"].isin(corrected["image_id"]), ["image_id", "image_path"]]
         fixed = fixed.merge(corrected.loc[:, ["image_id", "shard", "row"]], on="image_id").assign(variant=CORRECTED)

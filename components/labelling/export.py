@@ -47,7 +47,7 @@ from components.io import (
     swap_in,
     unlabelled_of,
 )
-from components.labelling.store import VARIANTS, PseudoLabels
+from components.labelling.store import TEACHER_VARIANT, VARIANTS, PseudoLabels
 
 __all__ = [
     "CLASSES_FILE",
@@ -77,16 +77,17 @@ class ExportSummary(NamedTuple):
 
 
 def check_variants(variants: Sequence[str]) -> list[str]:
-    """The variants to export, validated (``both`` = every variant); raises ValueError naming the
-    supported ones."""
+    """The variants to export, validated (``both`` = stage1_1 and stage1_2; stage1_sam3 from a
+    store labelled with a concept teacher); raises ValueError naming the supported ones."""
+    known = (*VARIANTS, TEACHER_VARIANT)
     if not variants:
-        raise ValueError(f"no variant given; supported: {', '.join(VARIANTS)}, both")
+        raise ValueError(f"no variant given; supported: {', '.join(known)}, both")
     chosen: list[str] = []
     for variant in variants:
         names = list(VARIANTS) if variant == "both" else [variant]
         for name in names:
-            if name not in VARIANTS:
-                raise ValueError(f"unknown variant {variant!r}; supported: {', '.join(VARIANTS)}, both")
+            if name not in known:
+                raise ValueError(f"unknown variant {variant!r}; supported: {', '.join(known)}, both")
             if name not in chosen:
                 chosen.append(name)
     return chosen
@@ -156,8 +157,9 @@ def export_outputs(labels: PseudoLabels, variants: Sequence[str]) -> tuple[list[
 def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], variant: str) -> ExportSummary:
     """Write ``out_dir/<variant>/`` (label maps at the original sizes) and ``out_dir/<variant>.json``
     (COCO) for every image of the store, reading one shard at a time (this module's docstring)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; supported: {', '.join(VARIANTS)}")
+    check_variants([variant])
+    if not labels.has_variant(variant):
+        raise ValueError(f"{labels.root} holds no {variant} maps: label with models.teacher set (e.g. sam3)")
     vocabulary = store_vocabulary(labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

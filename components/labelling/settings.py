@@ -13,21 +13,29 @@ from typing import Any
 
 from components.models.dense_modes import DENSE_MODES, DenseMode
 
-__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "stage1_variants"]
+__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "TEACHER_VARIANT",
+           "LABEL_VARIANTS", "TEACHER_EVAL_VARIANTS", "stage1_variants"]
 
 STAGE1_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", "semi")
 """The Stage 1 label maps that evaluation scores (the paper's Table 2 rows): Stage 1.1, Stage 1.2,
 and Stage 1.1 with image-level labels from the ground truth instead of CLIP's presence detection
 (semi-supervised)."""
+TEACHER_VARIANT = "stage1_sam3"  # the concept teacher's maps (components/labelling/concepts.py; models.teacher)
+LABEL_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", TEACHER_VARIANT)  # the maps a Stage 1 store can hold
+TEACHER_EVAL_VARIANTS: tuple[str, ...] = (TEACHER_VARIANT, f"{TEACHER_VARIANT}_semi")
+"""The concept teacher's rows of evaluate-stage1 (with ``models.teacher``): its map with SAM 3's
+presence (or CLIP's, under ``prompt: detected``), and with the ground truth's image-level labels."""
 
 
-def stage1_variants(variants: Sequence[str] | None) -> tuple[str, ...]:
-    """The Stage 1 variants to score, checked (None or empty: all of :data:`STAGE1_VARIANTS`);
-    ValueError naming the known ones. The one check: the flow runs it before any model loads, the
-    segmenter on its own input."""
-    chosen = tuple(variants or STAGE1_VARIANTS)
-    if any(v not in STAGE1_VARIANTS for v in chosen) or len(set(chosen)) != len(chosen):
-        raise ValueError(f"{list(chosen)}: expected distinct Stage 1 variants among {', '.join(STAGE1_VARIANTS)}")
+def stage1_variants(variants: Sequence[str] | None, teacher: bool = False) -> tuple[str, ...]:
+    """The Stage 1 variants to score, checked (None or empty: all of :data:`STAGE1_VARIANTS`, and
+    of :data:`TEACHER_EVAL_VARIANTS` with a ``teacher``); ValueError naming the known ones. The one
+    check: the flow runs it before any model loads, the segmenter on its own input."""
+    known = STAGE1_VARIANTS + (TEACHER_EVAL_VARIANTS if teacher else ())
+    chosen = tuple(variants or known)
+    if any(v not in known for v in chosen) or len(set(chosen)) != len(chosen):
+        hint = "" if teacher else f" ({', '.join(TEACHER_EVAL_VARIANTS)} need models.teacher)"
+        raise ValueError(f"{list(chosen)}: expected distinct Stage 1 variants among {', '.join(known)}{hint}")
     return chosen
 
 

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -44,10 +44,14 @@ from components.labelling.store import (
     detection_rows,
     labels_row,
     shard_paths,
+    teacher_columns,
     write_shard,
 )
 from components.models.masks import MaskModel
 from components.models.registry import ClipBundle
+
+if TYPE_CHECKING:
+    from components.labelling.concepts import ConceptTeacher
 
 __all__ = [
     "GroundTruth",
@@ -188,6 +192,7 @@ def label_shard(
     mask_settings_hash: str,
     mask_sources: Mapping[str, MaskSource] | None = None,
     ground_truth: GroundTruth | None = None,
+    teacher: ConceptTeacher | None = None,
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
 ) -> dict[str, Any]:
@@ -196,10 +201,14 @@ def label_shard(
     images: the shard's members in order; prototypes: [K, D] text prototypes of ``vocabulary``
     (K lines); mask_sources: image id -> where its automatic masks of an earlier run are (the
     plan's, same mask settings); ground_truth: image-level labels for the presence (None: CLIP
-    detects it); an image without one is skipped. dtype: autocast of the model forwards;
+    detects it); an image without one is skipped. teacher: the concept teacher, whose map
+    (stage1_sam3) and presence scores join each row; with ``prompt: detected`` it prompts the
+    classes Stage 1 found present (CLIP's, or the ground truth's), and the ground truth's classes
+    replace its presence in the semi-supervised form. dtype: autocast of the model forwards;
     num_workers: decoding threads (0: decode in line).
 
-    Returns {"shard_id", "labelled", "skipped", "reused_masks", "timings"}: timings are the seconds
+    Returns {"shard_id", "labelled", "skipped", "reused_masks", "unlabelled", "timings"}
+    (unlabelled: images on which no class passed the teacher's presence; 0 without one): timings are the seconds
     of each step summed over the shard (:data:`~components.labelling.stage1.STEP_KEYS`; "io" also
     counts the wait for decoding, the kept-mask read and the writing).
     """
@@ -210,6 +219,7 @@ def label_shard(
     detections: list[dict[str, Any]] = []
     rows: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
+    unlabelled: list[str] = []
     decoded = prefetch(lambda entry: _load(entry, ground_truth), images, num_workers)
     for entry in images:
         with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
@@ -225,10 +235,18 @@ def label_shard(
             image_classes=loaded.image_classes, kept_masks=kept.get(entry.image_id), dtype=dtype,
             seconds=timings,
         )
+        row = labels_row(entry, result, height=loaded.image.shape[0], width=loaded.image.shape[1],
+                         sam_size=settings.sam_size)
+        if teacher is not None:
+            with timed(timings, "teacher"):
+                concepts = teacher.label(loaded.image, (settings.label_size, settings.label_size),
+                                         detected=result.presence.classes, image_classes=loaded.image_classes)
+            row.update(teacher_columns(concepts.label, concepts.presence))
+            if not concepts.present.any():
+                unlabelled.append(entry.image_id)
         with timed(timings, "io"):
             rows[entry.image_id] = len(labels)
-            height, width = loaded.image.shape[:2]
-            labels.append(labels_row(entry, result, height=height, width=width, sam_size=settings.sam_size))
+            labels.append(row)
             detections.extend(detection_rows(entry.image_id, result, vocabulary))
     record = ShardRecord(
         shard_id=shard_id,
@@ -238,8 +256,11 @@ def label_shard(
         rows=rows,
         skipped=skipped,
         timings=timings,
+        unlabelled=unlabelled,
     )
     with timed(timings, "io"):
         write_shard(root, record, labels, detections)
     return {"shard_id": shard_id, "labelled": len(labels), "skipped": len(skipped),
-            "reused_masks": sum(1 for e in images if e.image_id in kept), "timings": timings}
+            "reused_masks": sum(1 for e in images if e.image_id in kept), "unlabelled": len(unlabelled),
+            "timings": timings}
+

@@ -42,6 +42,7 @@ from components.io import (
     encode_label_png,
     file_sha256,
 )
+from components.labelling.settings import TEACHER_VARIANT
 from components.labelling.stage1 import Stage1Result
 from components.outputs import safe_relative
 
@@ -53,6 +54,8 @@ __all__ = [
     "VOCABULARY_FILE",
     "SUMMARY_FILE",
     "SHARD_SCHEMA",
+    "TEACHER_SHARD_SCHEMA",
+    "TEACHER_VARIANT",
     "DETECTION_SCHEMA",
     "INDEX_SCHEMA",
     "SKIPPED_SCHEMA",
@@ -66,6 +69,7 @@ __all__ = [
     "read_records",
     "rle_masks_from_row",
     "labels_row",
+    "teacher_columns",
     "detection_rows",
     "write_shard",
     "MergeResult",
@@ -106,6 +110,13 @@ SHARD_SCHEMA = pa.schema(
         ("sam_size", pa.int32()),  # side of the SAM frame the masks live in
         ("amg_masks", pa.list_(AMG_MASK_TYPE)),  # SAM automatic masks before the size filter
     ]
+)
+# A run with a concept teacher (models.teacher) writes two more columns; a paper run's files keep
+# SHARD_SCHEMA, byte for byte.
+TEACHER_SHARD_SCHEMA = SHARD_SCHEMA.append(
+    pa.field(TEACHER_VARIANT, pa.binary())  # PNG as stage1_1: the teacher's fused map, 255 = unlabelled
+).append(
+    pa.field("teacher_presence", pa.list_(pa.float32()))  # [K] presence score per class (NaN: not prompted)
 )
 DETECTION_SCHEMA = pa.schema(
     [
@@ -148,7 +159,8 @@ class ShardRecord:
     """Completion record of one shard: which images (by content) under which settings.
 
     rows: image_id -> row in the shard file; skipped: [{"image_id", "path", "reason"}] for members
-    that could not be used; timings: seconds per step (clip, sam_encoder, prompts, amg, io, other);
+    that could not be used; unlabelled: ids of labelled images on which no class passed the
+    concept teacher's presence (their stage1_sam3 map is empty); timings: seconds per step (clip, sam_encoder, prompts, amg, io, other);
     files: {"labels" | "detections": {"size", "sha256"}} of the data files the record vouches for
     (filled by :func:`write_shard`; records written before it have none and are not checked).
     """
@@ -161,9 +173,13 @@ class ShardRecord:
     skipped: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unlabelled: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["unlabelled"]:  # a paper run's record stays as it was
+            del data["unlabelled"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardRecord:
@@ -181,6 +197,7 @@ class ShardRecord:
             skipped=list(data["skipped"]),
             timings={k: float(v) for k, v in data["timings"].items()},
             files={k: {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in data.get("files", {}).items()},
+            unlabelled=list(data.get("unlabelled", [])),
         )
 
 
@@ -286,6 +303,7 @@ class PseudoLabels:
             for value in self.index[column]:
                 safe_relative(value, what=f"{index_path}: {what}")
         self._by_id = pd.Series(np.arange(len(self.index)), index=self.index["image_id"])
+        self._teacher: bool | None = None  # whether the shards hold stage1_sam3 (read on first use)
 
     @property
     def image_ids(self) -> list[str]:
@@ -307,12 +325,31 @@ class PseudoLabels:
         table = file.read_row_group(group, columns=columns)
         return {c: table.column(c)[offset].as_py() for c in columns}
 
+    def has_variant(self, variant: str) -> bool:
+        """Whether the store holds ``variant``'s maps (stage1_sam3: a run with ``models.teacher``;
+        one run's shards share their settings, so the first shard file answers for all)."""
+        if variant in VARIANTS:
+            return True
+        if variant != TEACHER_VARIANT:
+            raise ValueError(f"unknown variant {variant!r}; supported: {(*VARIANTS, TEACHER_VARIANT)}")
+        if self._teacher is None:
+            shards = self.index["shard"].unique()
+            self._teacher = bool(len(shards)) and variant in pq.read_schema(self.root / shards[0]).names
+        return self._teacher
+
     def read(self, image_id: str, variant: str) -> np.ndarray:
         """Label map of one image: [L, L] uint8 (255 = unlabelled), or uint16 (65535) for a vocabulary
-        of more than 255 classes; class index per pixel."""
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; supported: {VARIANTS}")
+        of more than 255 classes; class index per pixel. ``stage1_sam3`` needs a store labelled
+        with ``models.teacher`` set."""
+        if not self.has_variant(variant):
+            raise ValueError(f"{self.root} holds no {variant} maps: label with models.teacher set (e.g. sam3)")
         return decode_label_png(self._row(image_id, [variant])[variant])
+
+    def teacher_presence(self, image_id: str) -> np.ndarray:
+        """[K] float32: the concept teacher's presence score of each class on one image (NaN: not prompted)."""
+        if not self.has_variant(TEACHER_VARIANT):
+            raise ValueError(f"{self.root} holds no {TEACHER_VARIANT} maps: label with models.teacher set")
+        return np.asarray(self._row(image_id, ["teacher_presence"])["teacher_presence"], dtype=np.float32)
 
     def rle_masks(self, image_id: str) -> list[dict[str, Any]]:
         """SAM automatic masks of one image as COCO RLE records (SAM frame, before the size filter)."""
@@ -340,6 +377,12 @@ def labels_row(entry: ImageEntry, result: Stage1Result, *, height: int, width: i
         "sam_size": sam_size,
         "amg_masks": [m._asdict() for m in result.amg_masks],
     }
+
+
+def teacher_columns(label: np.ndarray, presence: np.ndarray) -> dict[str, Any]:
+    """The :data:`TEACHER_SHARD_SCHEMA` columns of one image: the concept teacher's map ([L, L]
+    uint8 / uint16) as PNG and its [K] presence scores."""
+    return {TEACHER_VARIANT: encode_label_png(label), "teacher_presence": np.asarray(presence, np.float32).tolist()}
 
 
 def detection_rows(image_id: str, result: Stage1Result, class_names: list[str]) -> list[dict[str, Any]]:
@@ -376,7 +419,8 @@ def write_shard(
     for entry in record.images:
         safe_relative(entry.image_id, what="image id")
     paths = shard_paths(root, record.shard_id)
-    write_table(paths["labels"], pa.Table.from_pylist(labels, schema=SHARD_SCHEMA))
+    schema = TEACHER_SHARD_SCHEMA if labels and TEACHER_VARIANT in labels[0] else SHARD_SCHEMA
+    write_table(paths["labels"], pa.Table.from_pylist(labels, schema=schema))
     write_table(paths["detections"], pa.Table.from_pylist(detections, schema=DETECTION_SCHEMA))
     written = replace(record, files={kind: _fingerprint(paths[kind]) for kind in ("labels", "detections")})
     write_record(paths["record"], written)
@@ -495,7 +539,8 @@ def summarise(
     math and painting, decoding and writing).
     """
     processed = sum(r["labelled"] + r["skipped"] for r in reports)
-    totals = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in TIMING_KEYS}
+    keys = TIMING_KEYS + (("teacher",) if any("teacher" in r["timings"] for r in reports) else ())  # concept teacher
+    totals = {key: sum(r["timings"].get(key, 0.0) for r in reports) for key in keys}
     per_image = {key: (value / processed if processed else 0.0) for key, value in totals.items()}
     per_image["total"] = sum(per_image.values())
     counts = merged.detections.groupby("class_name").size().sort_values(ascending=False)

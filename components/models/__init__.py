@@ -25,6 +25,7 @@ _WHERE = {
     "build_clip": "registry",
     "build_dino": "registry",
     "build_sam": "registry",
+    "build_teacher": "registry",
     "embed_image": "masks",
     "clip_preprocess": "clip_dense",
     "dense_features": "clip_dense",

@@ -25,7 +25,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -47,8 +47,11 @@ from transformers import (
     Dinov2WithRegistersModel,
     DINOv3ViTModel,
     Sam2Model,
+    Sam3Config,
+    Sam3Model,
 )
 
+from components.models.sam3 import SAM3_CONTEXT, SAM3_MEAN, SAM3_STD, Sam3Teacher
 from components.models.sam_attention import use_sdpa_attention
 from components.models.weights import (
     MissingWeightsError,
@@ -74,16 +77,20 @@ __all__ = [
     "build_clip",
     "build_sam",
     "build_dino",
+    "build_teacher",
+    "teacher_weights",
     "resolve_device",
     "autocast_context",
 ]
 
 log = logging.getLogger(__name__)
 
-Family = Literal["clip", "sam", "dino"]
-FAMILIES: tuple[str, ...] = ("clip", "sam", "dino")
+# The concept teacher (SAM 3, Stage 1's own variant stage1_sam3) is a family of its own, not a mask
+# model (it segments noun phrases, not points), built by :func:`build_teacher`.
+Family = Literal["clip", "sam", "dino", "teacher"]
+FAMILIES: tuple[str, ...] = ("clip", "sam", "dino", "teacher")
 # the role each family fills in the pipeline (the names users read in docs and checkpoints)
-ROLES: dict[str, Family] = {"student": "dino", "text": "clip", "mask": "sam"}
+ROLES: dict[str, Family] = {"student": "dino", "text": "clip", "mask": "sam", "teacher": "teacher"}
 
 OPENAI_MEAN: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_MEAN)
 OPENAI_STD: tuple[float, float, float] = tuple(open_clip.OPENAI_DATASET_STD)
@@ -426,6 +433,51 @@ _SPECS: dict[str, ModelSpec] = {
 }
 
 
+# ------------------------------------------------------------------------- the concept teacher
+SAM3_LICENCE_PAGE = "https://huggingface.co/facebook/sam3"
+
+
+def _teacher(name: str, repo: str) -> ModelSpec:
+    """SAM 3 (transformers ``Sam3Model``): its hub repo's config.json + model.safetensors. Gated:
+    the hub serves the files only to an account that accepted the SAM License, so no sha256 is
+    recorded (the hub pins each file by its LFS hash; there is no public copy to hash here)."""
+    folder = repo.split("/")[1]
+    files = tuple(
+        WeightFile(names=(n,), local_dir=f"teacher/{folder}", hub_repo=repo, sha256=None, gated=True)
+        for n in ("config.json", "model.safetensors")
+    )
+    return ModelSpec(
+        name=name,
+        family="teacher",
+        miniature=False,
+        image_size=1008,
+        patch_size=14,
+        embed_dim=256,
+        mean=SAM3_MEAN,
+        std=SAM3_STD,
+        architecture=f"{folder}.json",
+        weights=files,
+        hub_repo=repo,
+        licence="SAM License",
+    )
+
+
+def _mini_teacher(name: str) -> ModelSpec:
+    """A miniature ``Sam3Model`` from ``configs/<name>.json`` with seeded random weights."""
+    with open(CONFIG_DIR / f"{name}.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    backbone = cfg["vision_config"]["backbone_config"]
+    return replace(
+        _mini(name, "teacher", image_size=backbone["image_size"], patch_size=backbone["patch_size"],
+              embed_dim=cfg["vision_config"]["fpn_hidden_size"]),
+        mean=SAM3_MEAN,
+        std=SAM3_STD,
+    )
+
+
+_SPECS.update({spec.name: spec for spec in (_teacher("sam3", "facebook/sam3"), _mini_teacher("mini-sam3"))})
+
+
 def get_spec(name: str) -> ModelSpec:
     """The spec called ``name``; an unknown name raises KeyError listing the known ones."""
     try:
@@ -490,6 +542,8 @@ def init_model(name: str) -> torch.nn.Module:
             return AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         if spec.family == "clip":
             return _open_clip_model(cfg)
+        if spec.family == "teacher":
+            return Sam3Model(Sam3Config(**cfg))
         return _build_mini_sam(cfg)
 
 
@@ -678,6 +732,56 @@ def build_dino(
             f"{(spec.patch_size, spec.embed_dim, spec.prefix_tokens)}"
         )
     return _frozen(model, device)
+
+
+def teacher_weights(name: str, weights_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The files a teacher spec loads (none for a miniature). Absent gated files raise a one-line
+    :class:`MissingWeightsError` that names the licence page, HF_TOKEN and the fetch command."""
+    spec = _spec_of(name, "teacher")
+    try:
+        return [resolve_weight(name, f, weights_dir) for f in spec.weights]
+    except MissingWeightsError:
+        raise MissingWeightsError(
+            f"{name}: the gated weights of {spec.hub_repo} are not on disk: accept the {spec.licence} at "
+            f"{SAM3_LICENCE_PAGE}, set HF_TOKEN to a token of that account, then run `fmbseg weights fetch {name}`"
+        ) from None
+
+
+def build_teacher(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike[str] | None = None,
+    random_weights: bool = False,
+) -> Sam3Teacher:
+    """The frozen SAM 3 concept teacher (components/models/sam3.py) with the CLIP BPE tokenizer.
+
+    A real spec loads its hub repo's config.json + model.safetensors, every weight from the file.
+    Its files are gated: when one is absent, :class:`MissingWeightsError` says in one line where
+    to accept the licence and how to fetch them, before any model is built.
+    ``random_weights=True`` builds ``facebook/sam3``'s architecture (transformers' default
+    ``Sam3Config``) with random weights -- for benchmarks only.
+    """
+    spec = _spec_of(name, "teacher")
+    if spec.miniature:
+        model = _miniature(spec, weights_dir)
+    elif random_weights:
+        with _seeded(spec.seed):
+            model = Sam3Model(Sam3Config())
+        _warn_random(spec)
+    else:
+        config_path, weights_path = teacher_weights(name, weights_dir)
+        model, info = Sam3Model.from_pretrained(
+            str(weights_path.parent),
+            config=Sam3Config.from_pretrained(str(config_path)),
+            local_files_only=True,
+            output_loading_info=True,
+        )
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
+        if bad:
+            raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+    model = _frozen(model, device)
+    return Sam3Teacher(model, _tokenizer(SAM3_CONTEXT), image_size=model.config.vision_config.backbone_config.image_size)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

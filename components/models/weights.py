@@ -302,7 +302,7 @@ def _fetch_dino(spec: ModelSpec, missing: list[WeightFile], root: Path, progress
         raise GatedWeightsError(f"cannot fetch {spec.name}: the hub refused the token. {gated_help(file)}") from None
 
 
-_FETCHERS = {"clip": _fetch_clip, "sam": _fetch_sam, "dino": _fetch_dino}
+_FETCHERS = {"clip": _fetch_clip, "sam": _fetch_sam, "dino": _fetch_dino, "teacher": _fetch_dino}  # hub files
 
 
 def fetch_weights(
