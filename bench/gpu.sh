@@ -6,7 +6,8 @@
 # feature caching, training steps/s at the profile's batch size (5), and evaluation base and
 # refined, then extrapolates the seven benchmarks' evaluation time from the refined images/s
 # (refined scoring computes the base map too). Every number comes from the per-stage benchmarks
-# (bench/label.py, bench/train.py, bench/evaluate.py), whose full output lands in the log folder.
+# (bench/label.py, bench/train.py, bench/evaluate.py), whose full output lands in the log folder;
+# bench/teacher.py then times the SAM 3 teacher against the DINOv3 student (its own table in teacher.log).
 #
 #   bench/gpu.sh            # about 6-8 minutes on an H100/H200-class GPU
 #   bench/gpu.sh --quick    # under 3 minutes: fewer images and steps
@@ -71,6 +72,9 @@ run train "$PY" bench/train.py --profile "$profile" --images "$feature_images" -
     --device "$device" --repeats 3
 run evaluate "$PY" bench/evaluate.py --profile "$profile" --images "$eval_images" --warmup 1 \
     --device "$device" --dtype "$dtype"
+# SAM 3 teacher against the DINOv3 student at 21 / 171 / 847 classes (every prompt decoded unless --quick)
+if (( quick )); then teacher_mode=(--probe 1); else teacher_mode=(--full); fi
+run teacher "$PY" bench/teacher.py --device "$device" --images 2 "${teacher_mode[@]}" --json "$LOGS/teacher.json"
 
 # The summary, parsed from the logs above.
 "$PY" - "$LOGS" <<'EOF'
