@@ -1,7 +1,7 @@
-"""The modern composition end to end on its miniatures -- a DINOv3 student, a MetaCLIP 2 text space
-and SAM 2.1 refinement: features -> train -> evaluate-style scoring (base and SAM 2.1-refined) ->
-predict -> the MLflow model, with the 16-pixel patch grid read from the spec everywhere. (Stage 1
-with SAM 2.1 into the store: tests/test_sam2.py.)"""
+"""The modern composition end to end on its miniatures -- a DINOv3 student, a MetaCLIP 2 text space,
+SAM 2.1 masks: label -> balance -> features -> train -> evaluate-style scoring (base and SAM
+2.1-refined) -> predict -> the MLflow model, with the 16-pixel patch grid read from the spec
+everywhere."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_flow import IMAGE_SIZE, VOCABULARY, fmbseg, write_params, write_stage1
+from test_train_flow import IMAGE_SIZE, NUM_IMAGES, VOCABULARY, fmbseg, write_params, write_stage1
 
 from components.aligner.checkpoint import load_aligner
 from components.config import load_params
@@ -28,12 +28,20 @@ MASK = "mini-sam2.1"
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    from flows.balance import balance_flow
+    """The images of test_train_flow, labelled by Stage 1 with the modern miniatures (MetaCLIP 2
+    detects, SAM 2.1 segments), then balanced."""
+    import shutil
 
     monkeypatch.chdir(tmp_path)
     write_stage1(tmp_path)
+    shutil.rmtree(tmp_path / "data" / "pseudo" / "stage1")  # the images stay; Stage 1 labels them anew
     write_params(tmp_path, **{"models.profiles.mini.dino": STUDENT, "models.profiles.mini.clip": TEXT,
                               "models.profiles.mini.sam": MASK})
+    from flows.balance import balance_flow
+    from flows.label import run_label
+
+    summary = run_label("params.yaml")
+    assert summary["images_labelled"] == NUM_IMAGES, summary
     balance_flow.fn("params.yaml")
     return tmp_path
 
