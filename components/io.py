@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -43,6 +44,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "swap_in",
+    "voc_colour_map",
+    "class_colours",
     "file_sha256",
     "bytes_sha256",
     "UNLABELLED",
@@ -231,8 +234,38 @@ def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def encode_label_png(label: np.ndarray) -> bytes:
-    """Encode a label map as a lossless grayscale PNG: 8-bit for uint8, 16-bit for uint16.
+@functools.cache
+def voc_colour_map(size: int = 256) -> np.ndarray:
+    """[size, 3] uint8, read-only: the PASCAL VOC colour map (the bits of index i interleaved into
+    R, G, B, high bit first; 24 bits, so 16-bit indices get distinct colours too). Index 0 is black."""
+    index = np.arange(size)
+    colours = np.zeros((size, 3), dtype=np.int64)
+    for bit in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    colours = colours.astype(np.uint8)
+    colours.flags.writeable = False
+    return colours
+
+
+@functools.cache
+def class_colours(size: int = 256) -> np.ndarray:
+    """[size, 3] uint8, read-only: the colour of each class index in every picture fmbseg draws
+    and in its label PNGs. Class k takes VOC's colour of k + 1, so no class is black: black means
+    "no class" (the map's last value, 255 or 65535, whose row here is black)."""
+    colours = voc_colour_map(size + 1)[1:].copy()
+    colours[size - 1] = 0
+    colours.flags.writeable = False
+    return colours
+
+
+def encode_label_png(label: np.ndarray, *, palette: bool = False) -> bytes:
+    """Encode a label map as a lossless PNG: 8-bit for uint8, 16-bit grayscale for uint16.
+
+    palette: the 8-bit map as a palette PNG (the same index per pixel, shown in
+    :func:`class_colours` by any image viewer, as VOC ships its maps) -- the maps a person opens
+    (predict, export, the web page, the served model); internal stores keep plain 8-bit grayscale,
+    768 bytes smaller each.
 
     label: [H, W] uint8 (255 = unlabelled / ignore) or uint16 (65535 = unlabelled / ignore),
     class index per pixel.
@@ -242,7 +275,12 @@ def encode_label_png(label: np.ndarray) -> bytes:
             f"a label map must be [H, W] uint8 or uint16, got shape {label.shape} dtype {label.dtype}"
         )
     buf = io.BytesIO()
-    Image.fromarray(label).save(buf, format="PNG", compress_level=1)  # mode L or I;16
+    if palette and label.dtype == np.uint8:  # the indices as they are, with a palette
+        image = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label).tobytes())
+        image.putpalette(class_colours(256).reshape(-1).tolist())
+    else:
+        image = Image.fromarray(label)  # L or I;16
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

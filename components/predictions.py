@@ -382,7 +382,7 @@ def predict_images(
         lines = []
         for item, result in zip(batch, results, strict=True):
             assert item.image is not None
-            atomic_write_bytes(out / f"{item.source.stem}.png", encode_label_map(result.label_map))
+            atomic_write_bytes(out / f"{item.source.stem}.png", encode_label_png(result.label_map, palette=True))
             if overlays:
                 atomic_write_bytes(out / f"{item.source.stem}_overlay.jpg",
                                    _overlay_jpeg(item.image, result.label_map, classes))

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.datasets.readers import UnreadableImageError, read_image_rgb
 from components.datasets.registry import display_name
-from components.evaluation.overlay import palette
+from components.io import class_colours
 from components.segmenter import SegmentResult
 
 __all__ = ["DEFAULT_MAX_PIXELS", "read_upload", "legend_rows"]
@@ -52,7 +52,7 @@ def legend_rows(result: SegmentResult, classes: Sequence[str]) -> list[dict[str,
     """One row per class present in the result, largest share first: index, name (the first
     synonym), colour ("#rrggbb", the overlay's VOC colour), share (of the image's pixels, in [0, 1])
     and score (the mean cosine of the class's pixels to its prototype, in [-1, 1])."""
-    colours = palette(256 if result.label_map.dtype == np.uint8 else 65536)
+    colours = class_colours(256 if result.label_map.dtype == np.uint8 else 65536)
     rows = [{"index": k, "name": display_name(classes[k]), "colour": "#{:02x}{:02x}{:02x}".format(*colours[k]),
              "share": float(result.shares[k]), "score": float(result.scores[k])} for k in result.present]
     return sorted(rows, key=lambda r: (-r["share"], r["index"]))

@@ -133,7 +133,7 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
         picture = overlay_picture(image, None, {"refined" if refine else "base": result.label_map},
                                   [display_name(line) for line in classes])
         label_path = downloads / f"{Path(path).stem}_label.png"
-        label_path.write_bytes(encode_label_png(result.label_map))
+        label_path.write_bytes(encode_label_png(result.label_map, palette=True))
         status = (f"**{len(result.present)} of {len(classes)} classes** in {image.shape[1]} x {image.shape[0]} "
                   f"pixels ({'SAM-refined' if refine else 'base'} map) by `{checkpoint}`")
         return picture, _legend_html(legend_rows(result, classes)), str(label_path), status

@@ -24,7 +24,7 @@ images of one request hold at most ``max_pixels`` pixels together, a row names a
 (``--timeout``, $MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT): the server has answered 504 by then, and
 the work is checked against that deadline before every encoder forward.
 
-The frame out, one row per input row: ``label_map``, a base64-encoded grayscale PNG at the image's
+The frame out, one row per input row: ``label_map``, a base64-encoded label PNG (8-bit palette or 16-bit grayscale) at the image's
 size holding each pixel's index into that row's classes (8-bit, 255 = none; 16-bit with 65535 = none
 for a row of more than 255 classes), and ``present``, the names of the classes in it (as
 :func:`parse_classes` reads them). A row that cannot be
@@ -182,8 +182,8 @@ def decode_image(text: str) -> np.ndarray:
 
 def encode_label_map(label_map: np.ndarray) -> str:
     """[H, W] uint8 class indices (255 = none), or uint16 past 255 classes (65535 = none) -> base64
-    grayscale PNG, 8- or 16-bit (the ``label_map`` column)."""
-    return base64.b64encode(encode_label_png(label_map)).decode("ascii")
+    label PNG, an 8-bit palette or 16-bit grayscale one (the ``label_map`` column)."""
+    return base64.b64encode(encode_label_png(label_map, palette=True)).decode("ascii")
 
 
 def decode_label_map(text: str) -> np.ndarray:

@@ -114,4 +114,5 @@ def test_legend_rows_largest_share_first() -> None:
     result = SegmentResult(label_map=np.zeros((2, 2), np.uint8), scores=np.array([0.2, 0.0, 0.7], np.float32),
                            shares=np.array([0.25, 0.0, 0.75], np.float32), present=[0, 2])
     rows = legend_rows(result, ["sky, clouds", "grass", "car"])
-    assert [(r["name"], r["colour"], r["share"]) for r in rows] == [("car", "#008000", 0.75), ("sky", "#000000", 0.25)]
+    # class k shows in VOC's colour of k + 1: no class is black
+    assert [(r["name"], r["colour"], r["share"]) for r in rows] == [("car", "#808000", 0.75), ("sky", "#800000", 0.25)]

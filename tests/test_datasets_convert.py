@@ -24,12 +24,11 @@ from components.datasets.readers import CanonicalDataset
 from components.datasets.registry import BENCHMARKS, class_file_path, read_class_file
 from components.datasets.synthetic import (
     synthetic_scenes,
-    voc_palette,
     write_synthetic_benchmark,
     write_synthetic_source,
     write_synthetic_unlabelled,
 )
-from components.io import label_dtype, unlabelled_for
+from components.io import label_dtype, unlabelled_for, voc_colour_map
 
 # COCO-Stuff labels.txt (github.com/nightrome/cocostuff), index = value in the stuffthingmaps
 # (COCO id - 1); 255 is 'unlabeled'. Spaces inside a name are written "_". The reference the
@@ -236,9 +235,9 @@ def test_voc_twin_is_a_palette_png_with_boundaries(synthetic_root):
     )
     with Image.open(path) as im:
         assert im.mode == "P"
-        assert np.array_equal(np.array(im.getpalette()[:768]).reshape(256, 3), voc_palette())
+        assert np.array_equal(np.array(im.getpalette()[:768]).reshape(256, 3), voc_colour_map())
         assert 255 in np.asarray(im)
-    assert voc_palette()[255].tolist() == [224, 224, 192] and voc_palette()[1].tolist() == [128, 0, 0]
+    assert voc_colour_map()[255].tolist() == [224, 224, 192] and voc_colour_map()[1].tolist() == [128, 0, 0]
 
 
 def test_pv21_meta_names_the_extra_background_prompts(synthetic_root):

@@ -54,6 +54,24 @@ def test_label_png_round_trip_and_validation():
         encode_label_png(np.zeros((2, 3, 3), np.uint8))
 
 
+def test_an_8_bit_label_png_is_a_palette_png_that_shows_the_class_colours():
+    """As VOC ships its maps: each pixel's index as it is, and a palette any image viewer shows."""
+    import io
+
+    from PIL import Image
+
+    from components.io import class_colours
+
+    label = np.array([[0, 1, 2], [254, 255, 7]], dtype=np.uint8)
+    assert Image.open(io.BytesIO(encode_label_png(label))).mode == "L"  # internal maps: plain grayscale
+    with Image.open(io.BytesIO(encode_label_png(label, palette=True))) as im:
+        assert im.mode == "P"
+        np.testing.assert_array_equal(np.asarray(im), label)  # the indices, untouched
+        shown = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(shown, class_colours(256)[label])
+    assert shown[1, 1].tolist() == [0, 0, 0] and (shown[0] != 0).any(axis=1).all()  # black = no class only
+
+
 def test_output_lock_refuses_a_second_run_at_once_and_frees_on_exit(tmp_path):
     import subprocess
     import sys

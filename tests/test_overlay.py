@@ -1,4 +1,4 @@
-"""Overlay pictures: the VOC colour map, blending, panels and the legend."""
+"""Overlay pictures: the VOC colour map and the class colours, blending, panels and the legend."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.evaluation.overlay import colorize, overlay_picture, palette, write_overlay
+from components.evaluation.overlay import colorize, overlay_picture, write_overlay
+from components.io import class_colours, voc_colour_map
 
 
 def naive_voc_palette() -> list[tuple[int, int, int]]:
@@ -25,15 +26,23 @@ def naive_voc_palette() -> list[tuple[int, int, int]]:
 
 
 def test_palette_is_the_voc_colour_map():
-    assert [tuple(int(v) for v in row) for row in palette()] == naive_voc_palette()
-    assert tuple(palette()[15]) == (192, 128, 128)  # person
+    assert [tuple(int(v) for v in row) for row in voc_colour_map()] == naive_voc_palette()
+    assert tuple(voc_colour_map()[15]) == (192, 128, 128)  # person
+    assert voc_colour_map()[255].tolist() == [224, 224, 192] and voc_colour_map()[1].tolist() == [128, 0, 0]
+
+
+@pytest.mark.parametrize("size", [256, 65536])
+def test_no_class_is_black_only_no_class_is(size):
+    colours = class_colours(size)
+    np.testing.assert_array_equal(colours[: size - 1], voc_colour_map(size)[1:size])  # class k: VOC's k + 1
+    assert not (colours[: size - 1] == 0).all(axis=1).any() and colours[size - 1].tolist() == [0, 0, 0]
 
 
 def test_colorize_looks_up_each_pixel():
-    label = np.array([[0, 1], [15, 255]], dtype=np.uint8)
+    label = np.array([[0, 1], [14, 255]], dtype=np.uint8)
     rgb = colorize(label)
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
-    assert tuple(rgb[1, 0]) == (192, 128, 128) and tuple(rgb[0, 1]) == (128, 0, 0)
+    assert tuple(rgb[1, 0]) == (192, 128, 128) and tuple(rgb[0, 0]) == (128, 0, 0) and tuple(rgb[1, 1]) == (0, 0, 0)
     with pytest.raises(ValueError, match="uint8"):
         colorize(label.astype(np.int64))
 
@@ -59,10 +68,10 @@ def test_panels_blend_labels_and_leave_ignored_pixels_alone():
     np.testing.assert_array_equal(image_panel, image)
     truth_panel = picture[title : title + height, width + 6 : 2 * width + 6].astype(np.int64)
     np.testing.assert_array_equal(truth_panel[:5], image[:5])  # ignored rows: the image unchanged
-    expected = np.round(image[10, 40] * 0.45 + palette()[2] * 0.55)
+    expected = np.round(image[10, 40] * 0.45 + class_colours()[2] * 0.55)
     np.testing.assert_allclose(truth_panel[10, 40], expected, atol=1)
     base_panel = picture[title : title + height, 2 * (width + 6) :].astype(np.int64)
-    np.testing.assert_allclose(base_panel[10, 5], np.round(image[10, 5] * 0.45 + palette()[1] * 0.55), atol=1)
+    np.testing.assert_allclose(base_panel[10, 5], np.round(image[10, 5] * 0.45 + class_colours()[1] * 0.55), atol=1)
 
 
 def test_legend_lists_only_present_classes():

@@ -44,6 +44,7 @@ from components.datasets.download import STAMP_NAME
 from components.datasets.extract import atomic_directory
 from components.datasets.registry import class_file_path, get_benchmark, get_source, read_class_file
 from components.datasets.world import VOID, paint
+from components.io import voc_colour_map
 
 __all__ = [
     "PlantedRegion",
@@ -53,7 +54,6 @@ __all__ = [
     "write_synthetic_source",
     "write_synthetic_benchmark",
     "write_synthetic_unlabelled",
-    "voc_palette",
 ]
 
 # source -> the family whose plan it draws (sources sharing a family share images and ids)
@@ -102,19 +102,6 @@ class SyntheticScene:
     regions: tuple[PlantedRegion, ...]
     raw_label: np.ndarray
     image: np.ndarray
-
-
-def voc_palette() -> np.ndarray:
-    """PASCAL VOC's colour map: [256, 3] uint8 (index bits spread over R, G, B, high bit first)."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = rgb
-    return pal
 
 
 def _rng(family: str, seed: int) -> np.random.Generator:
@@ -400,7 +387,7 @@ def _write_source_tree(source_name: str, root: Path, scenes: list[SyntheticScene
             _save_png(s.raw_label, root / s.split / f"{s.id}.png")
     elif source_name == "voc2012":
         voc = root / "VOCdevkit" / "VOC2012"
-        palette = voc_palette()
+        palette = voc_colour_map(256)
         for s in scenes:
             _save_jpeg(s.image, voc / "JPEGImages" / f"{s.id}.jpg")
             _save_png(s.raw_label, voc / "SegmentationClass" / f"{s.id}.png", palette=palette)

@@ -1,13 +1,12 @@
 """Overlay pictures for eyeballing predictions: image | ground truth | prediction(s), with a legend.
 
-Label maps are blended over the image in the PASCAL VOC colour map (class c gets the colour of the
-bit-interleaved index c, the colours every segmentation viewer uses); ignored pixels (255, or 65535 in
-a 16-bit map) show the image unchanged. The legend lists every class present in the ground truth or a prediction.
+Label maps are blended over the image in fmbseg's class colours (components.io.class_colours:
+class c takes PASCAL VOC's colour of c + 1, so no class is painted black, the colour of "no
+class"); ignored pixels (255, or 65535 in a 16-bit map) show the image unchanged. The legend lists every class present in the ground truth or a prediction.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from components.io import UNLABELLED, atomic_write_bytes, unlabelled_of
+from components.io import UNLABELLED, atomic_write_bytes, class_colours, unlabelled_of
 
-__all__ = ["IGNORE_INDEX", "palette", "colorize", "overlay_picture", "write_overlay"]
+__all__ = ["IGNORE_INDEX", "colorize", "overlay_picture", "write_overlay"]
 
 IGNORE_INDEX = UNLABELLED
 _LABEL_DTYPES = (np.uint8, np.uint16)
@@ -27,26 +26,12 @@ _SWATCH = 14
 _PAD = 6
 
 
-@functools.cache
-def palette(size: int = 256) -> np.ndarray:
-    """[size, 3] uint8: the PASCAL VOC colour map (bits of the class index interleaved into R, G,
-    B; 24 bits, so 16-bit class maps get distinct colours too). Read-only (cached)."""
-    index = np.arange(size)
-    colours = np.zeros((size, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    colours = colours.astype(np.uint8)
-    colours.flags.writeable = False
-    return colours
-
-
 def colorize(label: np.ndarray) -> np.ndarray:
     """[H, W] uint8 (255 = ignore) or uint16 (65535 = ignore) class map -> [H, W, 3] uint8 RGB in
-    the VOC colour map."""
+    the class colours (ignored pixels black)."""
     if label.ndim != 2 or label.dtype not in _LABEL_DTYPES:
         raise ValueError(f"a label map must be [H, W] uint8 or uint16, got shape {label.shape} dtype {label.dtype}")
-    return palette(256 if label.dtype == np.uint8 else 65536)[label]
+    return class_colours(256 if label.dtype == np.uint8 else 65536)[label]
 
 
 def _blend(image: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
@@ -110,7 +95,7 @@ def overlay_picture(
         x = i * (width + _PAD)
         draw.text((x + 2, 4), title, fill="black", font=font)
         canvas.paste(panel, (x, _TITLE_HEIGHT))
-    colours = palette(256 if present.dtype == np.uint8 else 65536)
+    colours = class_colours(256 if present.dtype == np.uint8 else 65536)
     y = _TITLE_HEIGHT + height + _PAD
     for row in legend:
         for x, index in row:

@@ -175,7 +175,7 @@ def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], varian
             for row in shard.itertuples(index=False):
                 image_id, height, width = row.image_id, int(row.height), int(row.width)
                 label = resize_nearest(decode_label_png(getattr(row, variant)), height, width)
-                atomic_write_bytes(partial / f"{image_id}.png", encode_label_png(label))
+                atomic_write_bytes(partial / f"{image_id}.png", encode_label_png(label, palette=True))
                 coco_id = coco_ids[image_id]
                 images.append({"id": coco_id, "file_name": f"{image_id}{suffixes[image_id]}",
                                "height": height, "width": width})

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import colorsys
 import io
 
 import numpy as np
 
-__all__ = ["label_palette", "colourise", "render_pseudo_labels"]
+from components.io import class_colours
 
-
-def label_palette(num_classes: int) -> np.ndarray:
-    """[num_classes, 3] uint8 RGB colours, well apart in hue (golden-ratio steps), stable per index."""
-    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
-    values = 0.95 - 0.3 * ((np.arange(num_classes) // 7) % 2)
-    return np.array(
-        [[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, v)] for h, v in zip(hues, values, strict=True)],
-        dtype=np.uint8,
-    ).reshape(num_classes, 3)
+__all__ = ["colourise", "render_pseudo_labels"]
 
 
 def colourise(label: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
@@ -42,7 +33,7 @@ def render_pseudo_labels(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    palette = label_palette(len(class_names))
+    palette = class_colours(256)[: len(class_names)]
     shown = sorted((set(np.unique(stage1_1).tolist()) | set(np.unique(stage1_2).tolist())) - {255})
     unknown = [k for k in shown if k >= len(class_names)]
     if unknown:
