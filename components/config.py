@@ -68,7 +68,8 @@ SUB_PATHS: dict[str, tuple[str, str]] = {
     "corrections": ("pseudo", "corrections"),            # import-labels: corrected maps (balance, train read them)
     "checkpoint": ("models", "aligner.pt"),              # train: the self-describing checkpoint
     "train_state": ("models", "train_state.pt"),         # train: end-of-epoch state while it runs
-    "train_epochs": ("metrics", "train_epochs.csv"),     # train: the loss curve (dvc plots)
+    "train_epochs": ("metrics", "train_epochs.csv"),     # train: one row per epoch
+    "train_loss_plot": ("metrics", "train_loss.png"),    # train: the loss curve (dvc plots)
     "stage1_metrics": ("metrics", "stage1"),             # evaluate-stage1: <benchmark>_<variant>.json
     "overlays": ("reports", "overlays"),                 # evaluate: <benchmark>/<image>.png
     "eval_state": ("reports", ".eval_state"),            # evaluate: resume state of a run
@@ -100,6 +101,7 @@ class PathsConfig(_Section):
     checkpoint: str
     train_state: str
     train_epochs: str
+    train_loss_plot: str
     stage1_metrics: str
     overlays: str
     eval_state: str

@@ -9,7 +9,7 @@ artifact and as the run's MLflow pyfunc model (``flows/serving.py``), registered
 ``tracking.registered_model`` -- or, for an ablation (settings that differ from the baseline commit
 under `dvc exp run`, or from params.yaml with ``-S``), of ``<registered_model>-ablations``. The run
 logs the train stage's settings (dvc.yaml) and an ablation's changed ones, not all of params.yaml. ``${paths.train_state}`` holds the end-of-epoch state while training
-runs; ``${paths.train_epochs}`` gets one row per epoch, and ``${paths.metrics}/train_loss.png`` the loss
+runs; ``${paths.train_epochs}`` gets one row per epoch, and ``${paths.train_loss_plot}`` the loss
 curve (a DVC image plot: `dvc plots show` draws it offline). A new model makes the old one's
 benchmark scores stale: they are removed (:func:`drop_stale_scores`) until evaluate scores it.
 """
@@ -319,7 +319,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
                "resumed_at_epoch": result["start_epoch"], "final_loss": last["loss"]}
     rows = [{"epoch": e, **{k: round(v, 5) for k, v in s.items()}} for e, s in enumerate(result["epochs"])]
     write_epochs_csv(project_path(params, "train_epochs"), rows)
-    line_png(project_path(params, "metrics") / "train_loss.png", [r["epoch"] for r in rows], [r["loss"] for r in rows],
+    line_png(project_path(params, "train_loss_plot"), [r["epoch"] for r in rows], [r["loss"] for r in rows],
              xlabel="epoch", ylabel="loss", title=f"{params.train.loss} loss, MLflow run {run_id[:8]}")
     print("\n".join(f"{k:>18}  {v}" for k, v in summary.items()))
     table_artifact(rows, key="train-epochs", description=f"aligner training, MLflow run {run_id}")

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_plot_of_the_pipeline_is_an_image() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    plots = [next(iter(p)) if isinstance(p, dict) else p
+    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
+    plots = [re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], next(iter(p)) if isinstance(p, dict) else p)
              for stage in stages.values() for p in stage.get("do", stage).get("plots") or []]
     assert plots and all(p.endswith(".png") for p in plots), plots
 

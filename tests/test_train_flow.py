@@ -237,7 +237,7 @@ def test_a_sigkill_right_after_an_epochs_state_save_loses_nothing_in_mlflow(
                 for key in ("loss", "epoch/loss", "epoch/valid_patch_fraction", "epoch/lr")}
 
     (project / "models" / "aligner.pt").unlink()
-    monkeypatch.setattr("flows.train._run_name", lambda params: "uninterrupted")
+    monkeypatch.setattr("flows.train._run_name", lambda params, changed: "uninterrupted")
     reference = train_flow("params.yaml")
     assert reference["resumed_at_epoch"] == 0 and reference["mlflow_run_id"] != resumed["mlflow_run_id"]
     got, want = history(resumed["mlflow_run_id"]), history(reference["mlflow_run_id"])
