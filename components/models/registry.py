@@ -564,9 +564,16 @@ def _transformers_model(
         _warn_random(spec)
         return init_model(spec.name)
     config_path, weights_path = (resolve_weight(spec.name, f, weights_dir) for f in spec.weights)
-    model, info = AutoModel.from_pretrained(
+    return _from_pretrained(spec, config_path, weights_path)
+
+
+def _from_pretrained(spec: ModelSpec, config_path: Path, weights_path: Path, model_class: Any = AutoModel,
+                     config_class: Any = AutoConfig) -> torch.nn.Module:
+    """A transformers model from a hub repo's ``config.json`` + ``model.safetensors`` on disk, every
+    weight from the file: a missing or mismatched key is an error naming the spec, never a random init."""
+    model, info = model_class.from_pretrained(
         str(weights_path.parent),
-        config=AutoConfig.from_pretrained(str(config_path)),
+        config=config_class.from_pretrained(str(config_path)),
         local_files_only=True,
         output_loading_info=True,
     )
@@ -771,15 +778,7 @@ def build_teacher(
         _warn_random(spec)
     else:
         config_path, weights_path = teacher_weights(name, weights_dir)
-        model, info = Sam3Model.from_pretrained(
-            str(weights_path.parent),
-            config=Sam3Config.from_pretrained(str(config_path)),
-            local_files_only=True,
-            output_loading_info=True,
-        )
-        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "error_msgs")}
-        if bad:
-            raise ValueError(f"{weights_path} does not fit {spec.name} ({spec.hub_repo}): {bad}")
+        model = _from_pretrained(spec, config_path, weights_path, Sam3Model, Sam3Config)
     model = _frozen(model, device)
     return Sam3Teacher(model, _tokenizer(SAM3_CONTEXT), image_size=model.config.vision_config.backbone_config.image_size)
 
