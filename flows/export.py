@@ -8,7 +8,8 @@ folder is ``components.labelling.export``; with ``--format coco-polygons|yolo-se
 or format, a store of more classes than a 16-bit map holds, or an output folder holding files fmbseg
 did not write at the paths the export replaces (components.outputs: never replaced, even with
 ``--overwrite``, which only allows writing into a non-empty folder of the user's) is reported in one
-line before anything is written (exit 2).
+line before anything is written (exit 2). The command runs its flow as a Prefect flow run only with
+a Prefect server configured (flows.runmode), else as plain calls of the same functions.
 """
 
 from __future__ import annotations

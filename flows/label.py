@@ -8,7 +8,9 @@ summary. A shard's work is components/labelling/shard.py's ``label_shard``, on t
 worker process built once (flows.common's caches): every image goes through the per-image
 sequence as plain calls, not tasks, so a shard costs one task run whatever its size and tensors
 never leave the worker; each step's seconds are summed into the shard's timings (the summary's
-seconds per image). The shard task takes and returns plain records.
+seconds per image). The shard task takes and returns plain records. ``label --images`` (one-off
+work) runs the same flow as plain calls unless a Prefect server is configured (flows.runmode);
+the DVC stage ``fmbseg label`` is always a flow run.
 """
 
 from __future__ import annotations

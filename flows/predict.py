@@ -9,7 +9,8 @@ dtype and weights folder. What lands in the output folder, and how a rerun resum
 folder that holds a source or files fmbseg did not write: components.outputs) is checked before
 any model loads and before any write; the command prints one line and exits 2 for it. A run holds
 the lock ``label`` takes on its output (components.io.output_lock): a second run on the same
-``--out`` exits 75 naming the holder.
+``--out`` exits 75 naming the holder. The flow is a Prefect flow run only with a Prefect server
+configured (flows.runmode), else plain calls of the same functions: no server starts.
 """
 
 from __future__ import annotations
