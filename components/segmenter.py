@@ -47,7 +47,6 @@ from components.models.masks import embed_image
 from components.models.preprocess import resize_normalize
 from components.models.registry import (
     ClipBundle,
-    ModelSpec,
     autocast_context,
     build_clip,
     build_dino,
@@ -55,6 +54,7 @@ from components.models.registry import (
     get_spec,
     resolve_device,
 )
+from components.models.specs import ModelSpec
 
 __all__ = [
     "Vocabulary",
