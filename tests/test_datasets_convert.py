@@ -22,13 +22,13 @@ from components.datasets.convert import (
 )
 from components.datasets.readers import CanonicalDataset
 from components.datasets.registry import BENCHMARKS, class_file_path, read_class_file
-from components.datasets.synthetic import (
+from components.io import label_dtype, unlabelled_for, voc_colour_map
+from demoworld.synthetic import (
     synthetic_scenes,
     write_synthetic_benchmark,
     write_synthetic_source,
     write_synthetic_unlabelled,
 )
-from components.io import label_dtype, unlabelled_for, voc_colour_map
 
 # COCO-Stuff labels.txt (github.com/nightrome/cocostuff), index = value in the stuffthingmaps
 # (COCO id - 1); 255 is 'unlabeled'. Spaces inside a name are written "_". The reference the

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from components.datasets.readers import CanonicalDataset
-from components.datasets.synthetic import write_synthetic_benchmark
 from components.evaluation.benchmark import (
     BatchResult,
     EvalState,
@@ -28,6 +27,7 @@ from components.evaluation.prompts import background_index, benchmark_prompts, d
 from components.evaluation.refine import refine_with_masks, size_filter
 from components.evaluation.stage1 import Stage1Segmenter
 from components.evaluation.summary import summarize, write_summary
+from demoworld.synthetic import write_synthetic_benchmark
 
 
 # ------------------------------------------------------------------------------------ references

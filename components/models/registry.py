@@ -5,7 +5,7 @@ builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vi
 smaller siblings) load published weights (weights.py); miniature specs build the *same classes* --
 open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
 ``Dinov2WithRegistersModel`` -- with a few layers: ``mini-*`` with seeded random weights (tests),
-``world-*`` trained on the demo world (components/models/standins/; the demo profile), their small
+``world-*`` trained on the demo world (demoworld/standins/; the demo profile), their small
 files bundled with the project and retrained by ``fmbseg weights train-demo``.
 The "sam" family holds two mask models behind one interface (components/models/masks.py):
 segment_anything ``Sam`` (SAM v1) and transformers ``Sam2Model`` (SAM 2.1, ``mini-sam2.1``).
