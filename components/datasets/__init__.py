@@ -6,7 +6,7 @@ Canonical layout (docs/design.md §3): ``images/<split>/<id>.<ext>``, ``labels/<
 255 = ignore), ``classes.txt``, ``meta.json``.
 """
 
-from components.datasets.convert import convert_benchmark, convert_image_folder, prepare_dataset
+from components.datasets.convert import convert_benchmark
 from components.datasets.download import (
     ChecksumMismatchError,
     DownloadError,
@@ -52,8 +52,6 @@ __all__ = [
     "safe_extract",
     "UnsafeArchiveError",
     "convert_benchmark",
-    "convert_image_folder",
-    "prepare_dataset",
     "CanonicalDataset",
     "UnreadableImageError",
     "list_images",
