@@ -171,9 +171,9 @@ class _Step(NamedTuple):
 
 
 def _run_epoch(step: _Step, loader: DataLoader, steps_per_epoch: int, losses: list[float],
-               on_step: Callable[[int, float], None] | None) -> dict[str, float]:
-    """One pass over ``loader``; appends each step's loss to ``losses``, calls on_step(step in the
-    epoch, loss), and returns the epoch's summary."""
+               on_step: Callable[[int, float], None] | None, *, first_step: int) -> dict[str, float]:
+    """One pass over ``loader``; appends each step's loss to ``losses``, calls on_step(global step,
+    loss) counting from ``first_step``, and returns the epoch's summary."""
     t0 = time.perf_counter()
     loss_sum, valid, total = 0.0, 0, 0
     for i, batch in enumerate(loader):
@@ -183,7 +183,7 @@ def _run_epoch(step: _Step, loader: DataLoader, steps_per_epoch: int, losses: li
         total += labels.numel()
         losses.append(value)
         if on_step is not None:
-            on_step(i, value)
+            on_step(first_step + i, value)
     seconds = time.perf_counter() - t0
     return {
         "loss": loss_sum / steps_per_epoch,
@@ -254,8 +254,7 @@ def train_aligner(
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         sampler.order = torch.randperm(len(dataset), generator=shuffle).tolist()
-        summary = _run_epoch(step, loader, steps_per_epoch, losses,
-                             None if on_step is None else lambda i, v, e=epoch: on_step(e * steps_per_epoch + i, v))
+        summary = _run_epoch(step, loader, steps_per_epoch, losses, on_step, first_step=epoch * steps_per_epoch)
         summaries.append(summary)
         if path is not None:
             _save_state(path, {"resume_key": key, "epoch": epoch + 1, **_trainer_state(step, shuffle),
