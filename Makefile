@@ -49,7 +49,7 @@ app: install
 	$(VENV)/bin/fmbseg app $(if $(MODEL),--model $(MODEL)) --port 7860
 
 lint: install
-	$(VENV)/bin/ruff check components flows tests bench
+	$(VENV)/bin/ruff check components demoworld flows tests bench
 
 bench: install
 	$(PY) bench/models.py --profile demo

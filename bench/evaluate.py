@@ -33,7 +33,6 @@ from components.aligner.checkpoint import InferenceSpec
 from components.aligner.model import Aligner
 from components.config import Params
 from components.datasets.readers import CanonicalDataset
-from components.datasets.synthetic import write_synthetic_benchmark
 from components.evaluation.benchmark import evaluate_batch
 from components.models import (
     build_clip,
@@ -44,6 +43,7 @@ from components.models import (
     weights_status,
 )
 from components.segmenter import Segmenter, VocabularySegmenter
+from demoworld.synthetic import write_synthetic_benchmark
 
 IMAGE_HW = (375, 500)
 MODULES = ("dino", "aligner", "sam_encoder", "sam_decoder")

@@ -42,7 +42,6 @@ from _shared import clock, load_params
 from segment_anything import SamAutomaticMaskGenerator
 
 from components.datasets.readers import read_image_rgb
-from components.datasets.synthetic import write_synthetic_unlabelled
 from components.labelling.settings import Stage1Settings
 from components.labelling.shard import label_shard
 from components.labelling.stage1 import (
@@ -73,6 +72,7 @@ from components.models import (
     resolve_device,
     weights_status,
 )
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.label import stage1_settings, vocabulary_lines
 
 IMAGE_HW = (480, 640)

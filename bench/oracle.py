@@ -1,6 +1,6 @@
 """Stage 2's ceiling on the demo world: the aligner trained on the unlabelled twin's TRUE labels.
 
-The coco_train twin is written from a seeded plan (components/datasets/synthetic.py), so its label
+The coco_train twin is written from a seeded plan (demoworld/synthetic.py), so its label
 maps can be drawn again although the twin stores none. In a demo workspace (`fmbseg demo
 --workspace DIR`, which has run label, balance and features), this trains the aligner with the
 workspace's settings (``-S`` overrides them, as on the stage commands) on the same images, patches
@@ -52,12 +52,12 @@ def main() -> None:
     from components.aligner.train import train_aligner
     from components.config import load_params
     from components.datasets.convert import apply_lut, cocostuff_lut
-    from components.datasets.synthetic import synthetic_scenes
     from components.features.encode import DinoEncoder
     from components.labelling.store import PseudoLabels
     from components.models.clip_dense import prototypes as text_prototypes
     from components.models.dino import dino_preprocess
     from components.models.registry import get_spec
+    from demoworld.synthetic import synthetic_scenes
     from flows.cli import parse_set
     from flows.common import cached_clip, cached_dino, output_root, project_path
     from flows.train import _manifest, _train_settings, _training_data

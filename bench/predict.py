@@ -29,10 +29,10 @@ from _shared import ForwardTimer, clock, load_params
 
 from components.aligner.model import Aligner
 from components.config import Params
-from components.datasets.synthetic import write_synthetic_unlabelled
 from components.models import build_clip, build_dino, build_sam, get_spec, resolve_device, weights_status
 from components.predictions import list_sources, predict_images
 from components.segmenter import Segmenter
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.evaluate import inference_spec
 from flows.label import vocabulary_lines
 

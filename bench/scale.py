@@ -111,7 +111,7 @@ def _count_task_runs(api: str) -> int:
 
 def _project(root: Path, images: int, shard_size: int) -> Path:
     from components.config import deep_merge
-    from components.datasets.synthetic import write_synthetic_unlabelled
+    from demoworld.synthetic import write_synthetic_unlabelled
     from flows.common import profile_settings
 
     raw = profile_settings("demo")

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from components.aligner.settings import AlignerKind, LossName
-from components.io import MAX_LABEL_CLASSES as _MAX_LABEL_CLASSES
+from components.io import MAX_LABEL_CLASSES
 from components.labelling.settings import DenseMode
 
 __all__ = [
@@ -251,7 +251,6 @@ class ConceptsConfig(_Section):
     prompt: Literal["vocabulary", "detected"] = "vocabulary"  # every class, or those CLIP detects
 
 
-MAX_LABEL_CLASSES = _MAX_LABEL_CLASSES  # label maps: uint8 up to 255 classes (255 = unlabelled), uint16 up to 65535
 
 
 class LabelConfig(_Section):
@@ -297,9 +296,9 @@ class LabelConfig(_Section):
         # Checked when params.yaml is read, before any model runs: Stage 1's label maps are uint8
         # with 255 = unlabelled, so class indices 0..254. A path that does not exist is the label
         # stage's to name (components/datasets/registry.py reads both kinds of vocabulary).
-        from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+        from components.datasets.registry import class_list_path, read_class_file
 
-        path = class_file_path(value) if value in CLASS_FILES else Path(value)
+        path = class_list_path(value)
         if path.is_file():
             check_vocabulary(read_class_file(path), source=str(path))
         return value
@@ -575,7 +574,7 @@ class ServeConfig(_Section):
     work of a request is at most max_pixels x max_classes upsampled scores."""
 
     max_pixels: int = Field(16_777_216, ge=1)  # the images of one request together (4096 x 4096)
-    max_classes: int = Field(1024, ge=1, le=_MAX_LABEL_CLASSES)  # the classes of one row (16-bit maps: <= 65535)
+    max_classes: int = Field(1024, ge=1, le=MAX_LABEL_CLASSES)  # the classes of one row (16-bit maps: <= 65535)
 
 
 # ----------------------------------------------------------------------------------- orchestration
@@ -643,12 +642,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-MAX_VOCABULARY = MAX_LABEL_CLASSES  # 16-bit label maps: classes 0..65534, 65535 = unlabelled
 
 
 def check_vocabulary(lines: list[str], *, source: str, unit: str = "line") -> list[str]:
     """A vocabulary's class lines, or ConfigError naming ``source``: not empty, no class name (the
-    first name of a line, case-insensitive) twice, and at most MAX_VOCABULARY classes (what 16-bit
+    first name of a line, case-insensitive) twice, and at most MAX_LABEL_CLASSES classes (what 16-bit
     label maps hold). unit: what the error calls a line ("line", or "class" in a list)."""
     if not lines:
         raise ConfigError(f"{source} holds no class names: a vocabulary lists one class per line")
@@ -658,9 +656,9 @@ def check_vocabulary(lines: list[str], *, source: str, unit: str = "line") -> li
         if name in seen:
             raise ConfigError(f"{source}: class {name!r} appears more than once ({unit}s {seen[name]} and {number})")
         seen[name] = number
-    if len(lines) > MAX_VOCABULARY:
+    if len(lines) > MAX_LABEL_CLASSES:
         raise ConfigError(f"{source} has {len(lines)} classes; label maps are at most 16-bit (65535 = unlabelled), so a "
-                          f"vocabulary holds at most {MAX_VOCABULARY}: split it or merge synonyms into one line ('a, b')")
+                          f"vocabulary holds at most {MAX_LABEL_CLASSES}: split it or merge synonyms into one line ('a, b')")
     return lines
 
 

@@ -32,13 +32,14 @@ from torch import Tensor, nn
 
 from components.aligner.checkpoint import InferenceSpec, LoadedAligner, load_aligner, refuse_other_student
 from components.evaluation.inference import (
+    Prediction,
     PromptSet,
     labels_from_scores,
     predict_logits_batch,
     predict_scores_batch,
     resize_short_side,
 )
-from components.evaluation.refine import refine_with_masks
+from components.evaluation.refine import refine_with_masks, size_filter
 from components.io import label_dtype, unlabelled_for
 from components.models.clip_dense import prototypes as text_prototypes
 from components.models.dino import patch_features
@@ -46,7 +47,6 @@ from components.models.masks import embed_image
 from components.models.preprocess import resize_normalize
 from components.models.registry import (
     ClipBundle,
-    ModelSpec,
     autocast_context,
     build_clip,
     build_dino,
@@ -54,26 +54,18 @@ from components.models.registry import (
     get_spec,
     resolve_device,
 )
+from components.models.specs import ModelSpec
 
 __all__ = [
-    "Prediction",
     "Vocabulary",
     "SegmentResult",
     "Segmenter",
     "VocabularySegmenter",
-    "size_filter",
     "no_class_index",
 ]
 
 ImageInput = np.ndarray | Image.Image
 """[H, W, 3] uint8 RGB array, or a PIL image (EXIF orientation applied, converted to RGB)."""
-
-
-class Prediction(NamedTuple):
-    """A segmenter's output for one image: [H, W] int64 class maps at the image's size."""
-
-    base: Tensor
-    refined: Tensor | None
 
 
 class SegmentResult(NamedTuple):
@@ -117,13 +109,6 @@ def no_class_index(num_classes: int) -> int:
     """The label of "no class" in a label map of `num_classes` classes: 255 (uint8) up to 255
     classes, else 65535 (uint16)."""
     return unlabelled_for(num_classes)
-
-
-def size_filter(records: Sequence[Mapping[str, Any]], image_area: int, min_area_frac: float,
-                max_area_frac: float) -> list[Mapping[str, Any]]:
-    """Automatic-mask records whose area is within [min_area_frac, max_area_frac] of the image."""
-    low, high = min_area_frac * image_area, max_area_frac * image_area
-    return [r for r in records if low <= r["area"] <= high]
 
 
 def _as_rgb(image: ImageInput) -> np.ndarray:

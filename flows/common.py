@@ -38,6 +38,7 @@ __all__ = [
     "visible_gpus",
     "pinned_gpu_cluster",
     "shard_resources",
+    "worker_cache",
     "cached_clip",
     "cached_sam",
     "cached_teacher",
@@ -46,7 +47,6 @@ __all__ = [
     "table_artifact",
     "markdown_artifact",
     "in_flow_run",
-    "timed",
     "project_path",
     "PROJECT_ROOT",
     "STAGE_DIR",
@@ -257,24 +257,30 @@ def shard_resources(orch: OrchestrationConfig) -> Iterator[None]:
         yield
 
 
-# One model of each kind per worker process: threads share it, Dask/Ray workers each load theirs
-# once. The lock keeps two threads from building the same model twice.
-_model_lock = threading.Lock()
+def worker_cache(maxsize: int | None = 4) -> Any:
+    """Decorator: build a value once per worker process and argument tuple (hashable arguments).
+
+    Threads share what is built, Dask/Ray workers each build theirs once. One lock per decorated
+    builder keeps two threads from building the same thing twice; a builder may call another one
+    (each has its own lock). maxsize: values kept (least recently used dropped; None: all)."""
+
+    def decorate(builder: Any) -> Any:
+        cached = functools.lru_cache(maxsize=maxsize)(builder)
+        lock = threading.Lock()
+
+        @functools.wraps(builder)
+        def get(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return cached(*args, **kwargs)
+
+        get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        return get
+
+    return decorate
 
 
-def _locked_cache(builder: Any) -> Any:
-    cached = functools.lru_cache(maxsize=4)(builder)
-
-    @functools.wraps(builder)
-    def get(*args: Any, **kwargs: Any) -> Any:
-        with _model_lock:
-            return cached(*args, **kwargs)
-
-    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
-    return get
-
-
-@_locked_cache
+# One model of each kind per worker process.
+@worker_cache()
 def cached_clip(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
     """The CLIP bundle (model, tokenizer, spec) for ``name``, built once per process."""
     from components.models.registry import build_clip
@@ -282,7 +288,7 @@ def cached_clip(name: str, device: str = "cpu", weights_dir: str | None = None) 
     return build_clip(name, device=device, weights_dir=weights_dir)
 
 
-@_locked_cache
+@worker_cache()
 def cached_sam(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
     """The SAM model for ``name``, built once per process."""
     from components.models.registry import build_sam
@@ -290,7 +296,7 @@ def cached_sam(name: str, device: str = "cpu", weights_dir: str | None = None) -
     return build_sam(name, device=device, weights_dir=weights_dir)
 
 
-@_locked_cache
+@worker_cache()
 def cached_teacher(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
     """The concept teacher (SAM 3) for ``name``, built once per process: the text features it
     caches per vocabulary then serve every shard and image of the worker."""
@@ -299,7 +305,7 @@ def cached_teacher(name: str, device: str = "cpu", weights_dir: str | None = Non
     return build_teacher(name, device=device, weights_dir=weights_dir)
 
 
-@_locked_cache
+@worker_cache()
 def cached_dino(name: str, device: str = "cpu", weights_dir: str | None = None) -> Any:
     """The DINOv2 model for ``name``, built once per process."""
     from components.models.registry import build_dino
@@ -378,16 +384,6 @@ def markdown_artifact(markdown: str, key: str | None, description: str) -> None:
         create_markdown_artifact(markdown=markdown, key=key, description=description)
 
 
-@contextmanager
-def timed(store: dict[str, float], key: str) -> Iterator[None]:
-    """Add the wall time of the block to ``store[key]`` (seconds)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        store[key] = store.get(key, 0.0) + time.perf_counter() - t0
-
-
 def project_path(params: Params, name: str) -> Path:
     """A path of the ``paths`` section, relative to the working directory (the project root)."""
     return Path(getattr(params.paths, name))
@@ -396,7 +392,7 @@ def project_path(params: Params, name: str) -> Path:
 def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
     """The vocabulary: ``--classes "sky,grass,car"`` (one class per comma) or ``--vocabulary`` (a
     shipped class list's name or a class file, one class per line, comma-separated synonyms)."""
-    from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+    from components.datasets.registry import read_class_list
 
     if (classes is None) == (vocabulary is None):
         raise ValueError("give the class names with exactly one of --classes and --vocabulary")
@@ -406,13 +402,7 @@ def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
             raise ValueError(f"--classes {classes!r} holds an empty class name")
         return lines
     assert vocabulary is not None
-    if vocabulary in CLASS_FILES:
-        return read_class_file(class_file_path(vocabulary))
-    if Path(vocabulary).is_file():
-        lines = read_class_file(vocabulary)
-        if not lines:
-            raise ValueError(f"vocabulary file {vocabulary} holds no class")
-        return lines
-    raise FileNotFoundError(
-        f"--vocabulary {vocabulary!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor a file"
-    )
+    lines = read_class_list(vocabulary, source="--vocabulary")
+    if not lines:
+        raise ValueError(f"vocabulary file {vocabulary} holds no class")
+    return lines

@@ -31,7 +31,7 @@ def fetch_source(source: str, raw_dir: str, lock_file: str, url: str | None, roo
 @task
 def write_twin(source: str, raw_dir: str, num_images: int, seed: int) -> str:
     """Write the synthetic twin of one source in its raw on-disk format."""
-    from components.datasets.synthetic import write_synthetic_source
+    from demoworld.synthetic import write_synthetic_source
 
     return str(write_synthetic_source(source, Path(raw_dir) / source, num_images=num_images, seed=seed))
 

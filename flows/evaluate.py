@@ -23,7 +23,6 @@ import functools
 import json
 import re
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +44,7 @@ from flows.common import (
     stage1_settings,
     stage_params,
     table_artifact,
+    worker_cache,
 )
 from flows.plots import bars_png
 
@@ -154,10 +154,7 @@ def _stage1_teacher(job: dict[str, Any], prompts: list[str], device: str) -> Any
                                          ConceptSettings(**job["concepts"]), prompts)
 
 
-_context_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=2)
+@worker_cache(maxsize=2)
 def _build_context(job_json: str) -> _Context:
     job = json.loads(job_json)
     return _stage1_context(job) if job["kind"] == "stage1" else _stage2_context(job)
@@ -165,8 +162,7 @@ def _build_context(job_json: str) -> _Context:
 
 def _context(job: dict[str, Any]) -> _Context:
     """The models, prompts and segmenter of one job, built once per worker process."""
-    with _context_lock:
-        return _build_context(json.dumps(job, sort_keys=True))
+    return _build_context(json.dumps(job, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------ the tasks

@@ -16,7 +16,6 @@ the DVC stage ``fmbseg label`` is always a flow run.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
-from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+from components.datasets.registry import class_list_path, read_class_file, read_class_list
 from components.io import atomic_write_bytes, atomic_write_json, fs_path
 from components.labelling.settings import TEACHER_VARIANT
 from flows import runmode
@@ -45,6 +44,7 @@ from flows.common import (
     stage1_settings,
     stage_params,
     table_artifact,
+    worker_cache,
 )
 
 __all__ = [
@@ -68,16 +68,13 @@ __all__ = [
 def vocabulary_lines(spec: str) -> list[str]:
     """``label.vocabulary``: a shipped class list's name or a class file's path -> its class lines
     (checked: UTF-8, not empty, no name twice, at most 65535 classes)."""
-    path = class_file_path(spec) if spec in CLASS_FILES else Path(spec)
-    if spec in CLASS_FILES or path.is_file():
-        try:
-            lines = read_class_file(path)
-        except ValueError as err:
-            raise ConfigError(f"label.vocabulary: {err}") from None
-        return check_vocabulary(lines, source=f"label.vocabulary {path}")
-    raise ConfigError(
-        f"label.vocabulary {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
-    )
+    try:
+        lines = read_class_list(spec, source="label.vocabulary")
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"label.vocabulary: {err}") from None
+    return check_vocabulary(lines, source=f"label.vocabulary {class_list_path(spec)}")
 
 
 def settings_hashes(params: Params, vocabulary: list[str]) -> tuple[str, str]:
@@ -138,23 +135,16 @@ def list_inputs(
 
 
 # ------------------------------------------------------------------------------ inside one shard
-_prototype_lock = threading.Lock()
-_prototype_cache: dict[tuple[Any, ...], Any] = {}
-
-
+@worker_cache(maxsize=None)
 def _cached_prototypes(clip: str, device: str, weights_dir: str | None, vocabulary: tuple[str, ...],
                        templates: tuple[str, ...], dtype: str) -> Any:
     """Text prototypes [K, D] of the vocabulary, computed once per worker process."""
     from components.models.clip_dense import prototypes
     from components.models.registry import autocast_context
 
-    key = (clip, device, weights_dir, vocabulary, templates, dtype)
-    with _prototype_lock:
-        if key not in _prototype_cache:
-            bundle = cached_clip(clip, device, weights_dir)
-            with autocast_context(device, dtype):
-                _prototype_cache[key] = prototypes(bundle.model, bundle.tokenizer, list(vocabulary), templates).float()
-        return _prototype_cache[key]
+    bundle = cached_clip(clip, device, weights_dir)
+    with autocast_context(device, dtype):
+        return prototypes(bundle.model, bundle.tokenizer, list(vocabulary), templates).float()
 
 
 def check_teacher(params: Params) -> None:
@@ -385,8 +375,8 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     import yaml
 
     from components.config import deep_merge, parse_params
-    from components.io import atomic_write_text
-    from components.labelling.export import CLASSES_FILE, MAX_CLASSES
+    from components.io import MAX_LABEL_CLASSES, atomic_write_text
+    from components.labelling.export import CLASSES_FILE
     from components.labelling.show import OVERLAYS_FOLDER
     from components.outputs import check_apart, check_output_folder, claim_outputs
     from flows.common import PROJECT_ROOT, class_lines, profile_settings
@@ -398,8 +388,8 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
         raise ValueError(f"--images {images} holds no image")
     check_apart(out, [images], what="--images")
     lines = check_vocabulary(class_lines(classes, vocabulary), source="--classes" if classes else f"--vocabulary {vocabulary}")
-    if len(lines) > MAX_CLASSES:
-        raise ValueError(f"Stage 1 label maps are at most 16-bit (65535 = none): at most {MAX_CLASSES} classes, got {len(lines)}")
+    if len(lines) > MAX_LABEL_CLASSES:
+        raise ValueError(f"Stage 1 label maps are at most 16-bit (65535 = none): at most {MAX_LABEL_CLASSES} classes, got {len(lines)}")
     if profile is not None and params_path is not None:
         raise ValueError("give at most one of --profile and --params")
     if profile is not None and profile not in PROFILES:

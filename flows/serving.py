@@ -64,7 +64,6 @@ from components.io import MAX_LABEL_CLASSES, UNLABELLED, decode_label_png, encod
 __all__ = [
     "CHECKPOINT_ARTIFACT",
     "NONE_INDEX",
-    "MAX_CLASSES",
     "SIGNATURE",
     "SegmenterModel",
     "model_config",
@@ -80,7 +79,6 @@ __all__ = [
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the key of the aligner checkpoint in the model's artifacts
 NONE_INDEX = UNLABELLED  # label map value of a pixel that no class claims (65535 in a 16-bit map)
-MAX_CLASSES = MAX_LABEL_CLASSES  # uint8 maps up to 255 classes, uint16 beyond
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 SIGNATURE = ModelSignature(
@@ -131,8 +129,8 @@ def parse_classes(value: str | Sequence[str]) -> list[str]:
     names = [name for name in names if name]
     if not names:
         raise ValueError(f"no class names in {value!r}: write them comma-separated, e.g. 'sky, tree'")
-    if len(names) > MAX_CLASSES:
-        raise ValueError(f"{len(names)} classes; at most {MAX_CLASSES} per row (65535 marks 'none')")
+    if len(names) > MAX_LABEL_CLASSES:
+        raise ValueError(f"{len(names)} classes; at most {MAX_LABEL_CLASSES} per row (65535 marks 'none')")
     return check_vocabulary(names, source="classes", unit="name")
 
 

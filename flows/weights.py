@@ -108,8 +108,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Retrain the demo world's stand-in models (world-clip, world-sam) from their seeded inits,
         on the CPU (a few minutes); they reproduce the files bundled in components/models/standins/weights."""
-        from components.models.standins import TRAINED_FAMILIES, train_standin
         from components.models.weights import default_weights_dir
+        from demoworld.standins import TRAINED_FAMILIES, train_standin
 
         families = list(only) if only else list(TRAINED_FAMILIES)
         unknown = [f for f in families if f not in TRAINED_FAMILIES]

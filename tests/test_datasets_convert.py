@@ -17,18 +17,17 @@ from components.datasets.convert import (
     apply_lut,
     cocostuff_lut,
     convert_benchmark,
-    convert_image_folder,
-    prepare_dataset,
 )
+from components.datasets.download import download_source
 from components.datasets.readers import CanonicalDataset
-from components.datasets.registry import BENCHMARKS, class_file_path, read_class_file
-from components.datasets.synthetic import (
+from components.datasets.registry import BENCHMARKS, class_file_path, get_benchmark, read_class_file
+from components.io import label_dtype, unlabelled_for, voc_colour_map
+from demoworld.synthetic import (
     synthetic_scenes,
     write_synthetic_benchmark,
     write_synthetic_source,
     write_synthetic_unlabelled,
 )
-from components.io import label_dtype, unlabelled_for, voc_colour_map
 
 # COCO-Stuff labels.txt (github.com/nightrome/cocostuff), index = value in the stuffthingmaps
 # (COCO id - 1); 255 is 'unlabeled'. Spaces inside a name are written "_". The reference the
@@ -257,15 +256,15 @@ def test_unlabelled_training_set_has_no_labels(synthetic_root):
 
 
 def test_image_folder_conversion_finds_nested_images(tmp_path):
-    write_synthetic_unlabelled(tmp_path / "photos", num_images=2, seed=1)
-    write_synthetic_unlabelled(tmp_path / "photos" / "trip", num_images=1, seed=2)
-    (tmp_path / "photos" / "notes.txt").write_text("not an image")
-    out = convert_image_folder(
-        tmp_path / "photos", out_dir=tmp_path / "ds", class_names=["cat", "dog, puppy"]
-    )
+    # the unlabelled training set (coco_train) is any folder of images, found recursively
+    photos = tmp_path / "raw" / "coco_train2017" / "train2017"
+    write_synthetic_unlabelled(photos, num_images=2, seed=1)
+    write_synthetic_unlabelled(photos / "trip", num_images=1, seed=2)
+    (photos / "notes.txt").write_text("not an image")
+    out = convert_benchmark("coco_train", raw_dirs={"coco_train2017": photos.parent}, out_dir=tmp_path / "ds")
     ds = CanonicalDataset(out, "train")
     assert ds.ids == ["img_00000", "img_00001", "trip__img_00000"]
-    assert ds.classes == ["cat", "dog, puppy"] and ds.meta["labelled"] is False
+    assert ds.classes == read_class_file(class_file_path("cocostuff171")) and ds.meta["labelled"] is False
 
 
 def test_limit_expect_count_and_atomic_replacement(tmp_path):
@@ -292,29 +291,21 @@ def test_damaged_label_file_is_reported_with_its_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_dataset_uses_local_roots_in_place(tmp_path):
+def test_local_roots_are_used_in_place(tmp_path):
+    # what the download stage runs for a source with datasets.<source>.root: download_source, then convert
     user = tmp_path / "user"
     write_synthetic_source("voc2012", user / "voc", num_images=2)
-    out = prepare_dataset(
-        "pv20",
-        data_dir=tmp_path / "data",
-        overrides={
-            "voc2012": {"root": str(user / "voc" / "VOCdevkit" / "VOC2012"), "url": None},
-            "ade20k": {},
-        },
-        limit=2,
-        progress=False,
-    )
+    raw, lock = tmp_path / "data" / "raw", tmp_path / "data" / "downloads.lock.json"
+    root = download_source("voc2012", raw_dir=raw, lock_file=lock, local_root=user / "voc" / "VOCdevkit" / "VOC2012",
+                           progress=False)
+    out = convert_benchmark("pv20", raw_dirs={"voc2012": root}, out_dir=tmp_path / "data" / "datasets" / "pv20",
+                            limit=2)
     assert out == tmp_path / "data" / "datasets" / "pv20" and len(CanonicalDataset(out, "val")) == 2
-    assert not (tmp_path / "data" / "raw").exists()  # nothing downloaded or copied
-    with pytest.raises(ValueError, match="overrides are per source.*pv21 uses voc2012"):
-        prepare_dataset("pv21", data_dir=tmp_path / "data", overrides={"pv21": {"root": "x"}})
-    with pytest.raises(ValueError, match="unknown keys \\['mirror'\\]"):
-        prepare_dataset("pv21", data_dir=tmp_path / "data", overrides={"voc2012": {"mirror": "x"}})
+    assert not raw.exists()  # nothing downloaded or copied
+    root = download_source("voc2012", raw_dir=raw, lock_file=lock, local_root=user / "voc", progress=False)
     with pytest.raises(ValueError, match="full split has 1449"):  # a full run insists on the published size
-        prepare_dataset(
-            "pv20", data_dir=tmp_path / "data", overrides={"voc2012": {"root": str(user / "voc")}}
-        )
+        convert_benchmark("pv20", raw_dirs={"voc2012": root}, out_dir=tmp_path / "data" / "datasets" / "pv20",
+                          expect_count=get_benchmark("pv20").expected_images)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from components.datasets.readers import CanonicalDataset, UnreadableImageError, list_images, read_image_rgb
-from components.datasets.synthetic import write_synthetic_benchmark
+from demoworld.synthetic import write_synthetic_benchmark
 
 
 def _save(im: Image.Image, path: Path, **kw: object) -> Path:

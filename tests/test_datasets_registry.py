@@ -16,7 +16,7 @@ from components.datasets.registry import (
     get_source,
     read_class_file,
 )
-from components.datasets.synthetic import SYNTHETIC_SOURCES, synthetic_scenes
+from demoworld.synthetic import SYNTHETIC_SOURCES, synthetic_scenes
 
 
 def test_unknown_names_list_the_known_ones():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.datasets.synthetic import write_synthetic_unlabelled
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.label import run_label
 
 pytestmark = pytest.mark.slow

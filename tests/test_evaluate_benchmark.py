@@ -12,24 +12,22 @@ import pytest
 import torch
 
 from components.datasets.readers import CanonicalDataset
-from components.datasets.synthetic import write_synthetic_benchmark
 from components.evaluation.benchmark import (
     BatchResult,
     EvalState,
-    Prediction,
     evaluate_batch,
     load_state,
     save_state,
-    size_filter,
     state_key,
     write_overlays,
 )
-from components.evaluation.inference import predict_logits
+from components.evaluation.inference import Prediction, predict_logits_batch
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.prompts import background_index, benchmark_prompts, display_names
-from components.evaluation.refine import refine_with_masks
+from components.evaluation.refine import refine_with_masks, size_filter
 from components.evaluation.stage1 import Stage1Segmenter
 from components.evaluation.summary import summarize, write_summary
+from demoworld.synthetic import write_synthetic_benchmark
 
 
 # ------------------------------------------------------------------------------------ references
@@ -363,8 +361,8 @@ def test_stage2_segmenter_base_and_refined(mini_models, tmp_path):
     assert int(prediction.base.max()) < 21  # the stuff prompts all vote for background
     spec = segmenter.dino_spec
     normalised = resize_normalize(torch.from_numpy(image.copy()), (height, width), spec.mean, spec.std)[0]
-    logits = predict_logits(normalised, encode_fn=segmenter.encode, prototypes=vocabulary.prototypes, window=56,
-                            stride=28, short_side=56)
+    logits = predict_logits_batch([normalised], encode_fn=segmenter.encode, prototypes=vocabulary.prototypes, window=56,
+                            stride=28, short_side=56)[0]
     torch.testing.assert_close(prediction.base, prompts.class_map[logits.argmax(dim=0)])
     masks = segmenter.masks(image)
     assert masks.dtype == torch.bool and masks.shape[1:] == (height, width)

@@ -17,7 +17,7 @@ import yaml
 from components.aligner.checkpoint import save_checkpoint
 from components.aligner.model import Aligner
 from components.config import flatten, load_params
-from components.datasets.synthetic import write_synthetic_benchmark
+from demoworld.synthetic import write_synthetic_benchmark
 
 ALL_BENCHMARKS = ("pv21", "pv20", "pc59", "pc60", "pc459", "co80", "coco_object", "cs171", "cityscapes", "ade20k",
                   "ade847")

@@ -15,7 +15,6 @@ from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from components.datasets.synthetic import write_synthetic_unlabelled
 from components.io import decode_label_png, encode_label_png
 from components.labelling.export import export_variant, resize_nearest, write_classes
 from components.labelling.store import (
@@ -26,6 +25,7 @@ from components.labelling.store import (
     merge_outputs,
     write_shard,
 )
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.cli import app
 
 VOCABULARY = ["sky", "grass, lawn", "car"]

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from components.datasets.registry import class_file_path, read_class_file
 from components.evaluation.inference import (
     build_prompt_set,
-    labels_from_logits,
+    labels_from_scores,
     patch_logits,
-    predict_base,
-    predict_logits,
+    predict_logits_batch,
+    predict_scores_batch,
     resize_short_side,
-    sliding_window_logits,
+    sliding_window_logits_batch,
 )
 
 
@@ -104,11 +104,11 @@ def test_window_positions_snap_to_border_and_small_axes() -> None:
             seen.append((int(crop[0, 0, 0]), int(crop[1, 0, 0]), crop.shape[1], crop.shape[2]))
         return crops[:, :1]
 
-    sliding_window_logits(coordinate_image(5, 7), recording_fn, window=4, stride=3, num_classes=1)
+    sliding_window_logits_batch([coordinate_image(5, 7)], recording_fn, window=4, stride=3, num_classes=1)
     assert seen == [(0, 0, 4, 4), (0, 3, 4, 4), (1, 0, 4, 4), (1, 3, 4, 4)]
 
     seen.clear()  # height 3 < window 4: one window of height 3 along that axis
-    sliding_window_logits(coordinate_image(3, 10), recording_fn, window=4, stride=2, num_classes=1)
+    sliding_window_logits_batch([coordinate_image(3, 10)], recording_fn, window=4, stride=2, num_classes=1)
     assert seen == [(0, 0, 3, 4), (0, 2, 3, 4), (0, 4, 3, 4), (0, 6, 3, 4)]
 
 
@@ -116,7 +116,7 @@ def test_window_positions_snap_to_border_and_small_axes() -> None:
 def test_window_covering_image_equals_whole_image_inference(window: int) -> None:
     image = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
     logits_fn = pooled_logits_fn(4)
-    got = sliding_window_logits(image, logits_fn, window=window, stride=4, num_classes=4)
+    got = sliding_window_logits_batch([image], logits_fn, window=window, stride=4, num_classes=4)[0]
     want = F.interpolate(logits_fn(image[None]), size=(8, 8), mode="bilinear", align_corners=False)[0]
     assert torch.allclose(got, want, atol=1e-6)
 
@@ -126,7 +126,7 @@ def test_overlapping_windows_average_by_hand() -> None:
     def start_column(crops: torch.Tensor) -> torch.Tensor:
         return crops[:, 1:2, :1, :1].amin(dim=(2, 3), keepdim=True).expand(-1, 1, 2, 2)
 
-    got = sliding_window_logits(coordinate_image(4, 6), start_column, window=4, stride=2, num_classes=1)
+    got = sliding_window_logits_batch([coordinate_image(4, 6)], start_column, window=4, stride=2, num_classes=1)[0]
     assert got.shape == (1, 4, 6)
     assert torch.equal(got[0], torch.tensor([[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]]).expand(4, 6))
 
@@ -140,14 +140,14 @@ def test_sliding_window_matches_naive_loop(height: int, width: int, window: int,
     want = naive_sliding(image, logits_fn, window, stride)
     for batch_size in (1, 2, 8):
         batches: list[int] = []
-        got = sliding_window_logits(
-            image,
+        got = sliding_window_logits_batch(
+            [image],
             counting(logits_fn, batches),
             window=window,
             stride=stride,
             num_classes=3,
             batch_size=batch_size,
-        )
+        )[0]
         assert torch.allclose(got, want, atol=1e-5)
         assert max(batches) <= batch_size
         assert sum(batches) == len(naive_window_starts(height, window, stride)) * len(
@@ -158,9 +158,9 @@ def test_sliding_window_matches_naive_loop(height: int, width: int, window: int,
 def test_sliding_window_errors() -> None:
     image = torch.rand(3, 8, 8)
     with pytest.raises(ValueError, match="leave pixels"):
-        sliding_window_logits(image, pooled_logits_fn(2), window=4, stride=5, num_classes=2)
+        sliding_window_logits_batch([image], pooled_logits_fn(2), window=4, stride=5, num_classes=2)[0]
     with pytest.raises(ValueError, match="logits_fn must return"):
-        sliding_window_logits(image, pooled_logits_fn(2), window=4, stride=4, num_classes=3)
+        sliding_window_logits_batch([image], pooled_logits_fn(2), window=4, stride=4, num_classes=3)[0]
 
 
 def test_patch_logits_is_cosine_similarity() -> None:
@@ -193,9 +193,9 @@ def test_predict_logits_composes_resize_window_and_upsample() -> None:
     image = torch.randn(3, 10, 15, generator=torch.Generator().manual_seed(5))
     prototypes = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
     encode_fn = make_encoder(patch=2, dim=6)
-    got = predict_logits(
-        image, encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
-    )
+    got = predict_logits_batch(
+        [image], encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
+    )[0]
     assert got.shape == (4, 10, 15)
 
     resized = F.interpolate(image[None], size=(8, 12), mode="bilinear", align_corners=False)[0]
@@ -203,9 +203,11 @@ def test_predict_logits_composes_resize_window_and_upsample() -> None:
     want = F.interpolate(small[None], size=(10, 15), mode="bilinear", align_corners=False)[0]
     assert torch.allclose(got, want, atol=1e-5)
 
-    labels = predict_base(
-        image, encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
-    )
+    # the base prediction as the Segmenter makes it: the best prompt per pixel, then its class
+    score, prompt = predict_scores_batch(
+        [image], encode_fn=encode_fn, prototypes=prototypes, window=8, stride=4, short_side=8, batch_size=2
+    )[0]
+    labels = labels_from_scores(score, prompt)
     assert labels.dtype == torch.int64 and labels.shape == (10, 15)
     assert torch.equal(labels, got.argmax(dim=0))
 
@@ -214,9 +216,9 @@ def test_predict_logits_without_resize_one_window() -> None:
     image = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(7))
     prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
     encode_fn = make_encoder(patch=4, dim=5)
-    got = predict_logits(
-        image, encode_fn=encode_fn, prototypes=prototypes, window=12, stride=6, short_side=None
-    )
+    got = predict_logits_batch(
+        [image], encode_fn=encode_fn, prototypes=prototypes, window=12, stride=6, short_side=None
+    )[0]
     want = F.interpolate(
         patch_logits(encode_fn(image[None]), prototypes), size=(8, 12), mode="bilinear", align_corners=False
     )[0]
@@ -235,9 +237,9 @@ def test_pv21_stuff_prompts_map_to_background() -> None:
     # Pixel winners, one per pixel: prompt 3 (sky), 1 (aeroplane), 4 (grass), 2 (bicycle), 0.
     winners = torch.tensor([[3, 1, 4, 2, 0]])
     logits = F.one_hot(winners, 5).permute(2, 0, 1).float() + 0.1 * torch.rand(5, 1, 5)
-    labels = labels_from_logits(logits, class_map=prompts.class_map)
+    labels = labels_from_scores(*logits.max(dim=0), class_map=prompts.class_map)
     assert labels.tolist() == [[0, 1, 0, 2, 0]]
-    assert labels_from_logits(logits).tolist() == winners.tolist()  # no map: prompt index
+    assert labels_from_scores(*logits.max(dim=0)).tolist() == winners.tolist()  # no map: prompt index
 
 
 def test_build_prompt_set_errors_and_no_extra() -> None:
@@ -281,15 +283,15 @@ def test_pv21_shipped_background_prompts_are_disjoint_from_its_classes() -> None
 def test_background_threshold() -> None:
     logits = torch.tensor([[[0.9, 0.1, 0.05]], [[0.2, 0.3, 0.01]], [[0.1, 0.25, 0.02]]])  # [K=3, 1, 3]
     class_map = torch.tensor([0, 1, 2])
-    got = labels_from_logits(logits, class_map=class_map, bg_threshold=0.28, background_index=0)
+    got = labels_from_scores(*logits.max(dim=0), class_map=class_map, bg_threshold=0.28, background_index=0)
     # maxima 0.9 (class 0), 0.3 (class 1), 0.05 (class 0, below threshold -> background 0).
     assert got.tolist() == [[0, 1, 0]]
-    got = labels_from_logits(logits, bg_threshold=0.5, background_index=2)
+    got = labels_from_scores(*logits.max(dim=0), bg_threshold=0.5, background_index=2)
     assert got.tolist() == [[0, 2, 2]]
     with pytest.raises(ValueError, match="needs background_index"):
-        labels_from_logits(logits, bg_threshold=0.5)
+        labels_from_scores(*logits.max(dim=0), bg_threshold=0.5)
     with pytest.raises(ValueError, match="class_map must be"):
-        labels_from_logits(logits, class_map=torch.tensor([0, 1]))
+        labels_from_scores(*logits.max(dim=0), class_map=torch.tensor([[0, 1, 2]]))
 
 
 # ------------------------------------------- windows whose side is not a multiple of the patch size
@@ -332,8 +334,8 @@ def test_windows_of_any_size_are_padded_to_the_patch_grid(height, width, short_s
     image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(9))
     prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(10))
     encode_fn = strict_encoder(patch=4, dim=5)
-    got = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
-                         short_side=short_side, pad_to=4)
+    got = predict_logits_batch([image], encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+                         short_side=short_side, pad_to=4)[0]
     assert got.shape == (3, height, width)
     resized = image if short_side is None else resize_short_side(image, short_side)
     small = naive_padded(resized, lambda crops: patch_logits(encode_fn(crops), prototypes), window, stride, 4)
@@ -345,9 +347,9 @@ def test_padding_changes_nothing_on_the_patch_grid() -> None:
     image = torch.randn(3, 16, 24, generator=torch.Generator().manual_seed(11))
     prototypes = torch.randn(3, 5, generator=torch.Generator().manual_seed(12))
     encode_fn = strict_encoder(patch=4, dim=5)
-    plain = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8, short_side=None)
-    padded = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8,
-                            short_side=None, pad_to=4)
+    plain = predict_logits_batch([image], encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8, short_side=None)[0]
+    padded = predict_logits_batch([image], encode_fn=encode_fn, prototypes=prototypes, window=16, stride=8,
+                            short_side=None, pad_to=4)[0]
     assert torch.equal(plain, padded)
 
 
@@ -363,8 +365,8 @@ def test_a_batch_of_images_equals_one_image_at_a_time() -> None:
     got = predict_logits_batch(images, encode_fn=counted, prototypes=prototypes, window=12, stride=8,
                                short_side=12, batch_size=8, pad_to=4)
     for image, logits in zip(images, got, strict=True):
-        alone = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=12, stride=8,
-                               short_side=12, pad_to=4)
+        alone = predict_logits_batch([image], encode_fn=encode_fn, prototypes=prototypes, window=12, stride=8,
+                               short_side=12, pad_to=4)[0]
         assert torch.allclose(logits, alone, atol=1e-6)
     assert max(batches) <= 8 and len(batches) < len(images) * 2  # windows of several images share forwards
 

@@ -18,7 +18,6 @@ import yaml
 from PIL import Image
 
 import flows.label as label_module
-from components.datasets.synthetic import write_synthetic_unlabelled
 from components.io import encode_label_png
 from components.labelling.store import (
     DETECTION_SCHEMA,
@@ -28,6 +27,7 @@ from components.labelling.store import (
     PseudoLabels,
     read_records,
 )
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.balance import balance_flow
 from flows.label import run_label
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "components/models/registry.py": "the specs themselves",
     "components/datasets/convert.py": "dataset class ids",
-    "components/datasets/synthetic.py": "Cityscapes class ids",
-    "components/datasets/world.py": "an index into a scene's random digits",
+    "demoworld/synthetic.py": "Cityscapes class ids",
+    "demoworld/world.py": "an index into a scene's random digits",
     "components/evaluation/overlay.py": "the side of a legend swatch in pixels",
 }
 # a 14 written as a patch side in a docstring or comment: "S/14", "÷ 14", "% 14", "patch size 14"
@@ -33,7 +33,7 @@ def _patch_literals(path: Path) -> list[str]:
 
 
 def test_no_patch_size_literal_outside_the_specs():
-    files = [p for d in ("components", "flows", "bench") for p in sorted((ROOT / d).rglob("*.py"))]
+    files = [p for d in ("components", "demoworld", "flows", "bench") for p in sorted((ROOT / d).rglob("*.py"))]
     assert len(files) > 50
     hits = [h for p in files if str(p.relative_to(ROOT)) not in ALLOWED for h in _patch_literals(p)]
     assert not hits, "patch sizes written outside the specs:\n" + "\n".join(hits)

@@ -18,7 +18,6 @@ from PIL import Image
 
 import flows.label as label_module
 from components.config import ConfigError, load_params, parse_params
-from components.datasets.synthetic import write_synthetic_unlabelled
 from components.io import encode_label_png
 from components.labelling.balance import balance_index
 from components.labelling.concepts import ConceptSettings, ConceptTeacher
@@ -26,6 +25,7 @@ from components.labelling.store import SHARD_SCHEMA, TEACHER_SHARD_SCHEMA, Pseud
 from components.models.registry import build_teacher, get_spec, list_specs
 from components.models.sam3 import Sam3Teacher
 from components.models.weights import MissingWeightsError
+from demoworld.synthetic import write_synthetic_unlabelled
 from flows.balance import balance_flow
 from flows.label import check_teacher, run_label, settings_hashes, vocabulary_lines
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from components.models.registry import build_clip, init_model
-from components.models.standins.clip import EVAL_LISTS, evaluate_clip, train_clip
 from components.models.standins.store import read_metadata, save_trained
+from demoworld.standins.clip import EVAL_LISTS, evaluate_clip, train_clip
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from components.datasets.registry import class_file_path, read_class_file
-from components.datasets.world import world_scene
 from components.models.dino import dino_preprocess, patch_features
 from components.models.registry import build_dino
+from demoworld.world import world_scene
 
 # the demo's features.image_size: the input size the aligner sees world-dino's patches at
 DEMO_SIZE = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())["features"]["image_size"]

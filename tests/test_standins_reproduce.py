@@ -19,8 +19,8 @@ import pytest
 from safetensors import safe_open
 
 from components.models.registry import get_spec
-from components.models.standins import TRAINED_FAMILIES
 from components.models.standins.store import read_metadata
+from demoworld.standins import TRAINED_FAMILIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.standins]
 

@@ -1,4 +1,4 @@
-"""The world-sam stand-in (components/models/standins/sam.py): seeded training, its file, its scores."""
+"""The world-sam stand-in (demoworld/standins/sam.py): seeded training, its file, its scores."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from components.models.registry import build_sam, init_model
-from components.models.standins import sam as standin
 from components.models.standins.store import read_metadata, save_trained
+from demoworld.standins import sam as standin
 
 # The bundled file's held-out scores (evaluate_sam(seed=0), the defaults: 0.61, 0.69, 0.81, 0.74
 # when trained), less a margin for a retrained file.

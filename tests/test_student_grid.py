@@ -10,7 +10,7 @@ from test_inference import naive_padded
 from test_pooling import ref_pool
 
 from components.aligner.pooling import pool_labels
-from components.evaluation.inference import patch_logits, predict_logits
+from components.evaluation.inference import patch_logits, predict_logits_batch
 from components.models.dino import patch_features
 from components.models.registry import build_dino, get_spec
 
@@ -37,8 +37,8 @@ def test_sliding_windows_on_the_16_pixel_grid_match_a_naive_loop(student, height
 
     image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(height))
     prototypes = F.normalize(torch.randn(3, spec.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
-    got = predict_logits(image, encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
-                         short_side=None, pad_to=spec.patch_size)
+    got = predict_logits_batch([image], encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
+                         short_side=None, pad_to=spec.patch_size)[0]
     assert seen and all(h % 16 == 0 and w % 16 == 0 for h, w in seen)
     want = naive_padded(image, lambda crops: patch_logits(encode_fn(crops), prototypes), window, stride, 16)
     assert got.shape == (3, height, width)

@@ -105,6 +105,95 @@ def _build_model(settings: TrainSettings, out_dim: int) -> Aligner:
         return Aligner(settings.in_dim, out_dim, kind=settings.kind, num_heads=settings.num_heads)
 
 
+def _check_dataset(dataset: Dataset, settings: TrainSettings) -> None:
+    """A training set that is not empty and marks unlabelled patches as the loss ignores them."""
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty: no samples in the train index")
+    pooled_ignore = getattr(dataset, "ignore_index", settings.ignore_index)
+    if pooled_ignore != settings.ignore_index:
+        raise ValueError(f"the samples mark unlabelled patches {pooled_ignore} but the loss ignores "
+                         f"{settings.ignore_index}: both follow the vocabulary's label maps (components.io.unlabelled_for)")
+
+
+def _restore(state: dict[str, Any], model: Aligner, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler,
+             shuffle: torch.Generator) -> tuple[list[dict[str, float]], list[float], int]:
+    """Load a saved end-of-epoch state into the trainer's parts; returns (epoch summaries, per-step
+    losses, the epoch to start at)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    shuffle.set_state(state["shuffle"])
+    return [dict(s) for s in state["epochs"]], [float(v) for v in state.get("losses", [])], int(state["epoch"])
+
+
+def _trainer_state(step: _Step, shuffle: torch.Generator) -> dict[str, Any]:
+    """The parts of the trainer an end-of-epoch state holds (what :func:`_restore` loads back)."""
+    return {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(), "shuffle": shuffle.get_state()}
+
+
+class _Step(NamedTuple):
+    """What one optimizer step uses: the model and its optimizer, the loss against the prototypes
+    [K, D] (``text``), and how a batch becomes features on ``device``."""
+
+    model: Aligner
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable[..., torch.Tensor]
+    text: torch.Tensor
+    settings: TrainSettings
+    encoder: Encoder | None
+    device: torch.device
+    pin: bool
+
+    def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, h, w, C] float patch features of a batch: cached features, or the encoder's of its pixels."""
+        if "features" in batch:
+            return batch["features"].to(self.device, non_blocking=self.pin).float()
+        if self.encoder is not None:
+            return self.encoder(batch["pixels"].to(self.device, non_blocking=self.pin)).float()
+        raise ValueError("the dataset yields pixels but no encoder was given to compute features")
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """One optimizer step on a batch; returns (its loss, its [B, h, w] labels on the device)."""
+        labels = batch["labels"].to(self.device, non_blocking=self.pin)  # [B, h, w]
+        x = self.features(batch)
+        b, h, w, c = x.shape
+        z = self.model(x.reshape(b, h * w, c))  # [B, N, D]
+        loss = self.loss_fn(z.reshape(b * h * w, -1), labels.reshape(-1), self.text, self.settings.temperature,
+                            self.settings.ignore_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach()), labels
+
+
+def _run_epoch(step: _Step, loader: DataLoader, steps_per_epoch: int, losses: list[float],
+               on_step: Callable[[int, float], None] | None, *, first_step: int) -> dict[str, float]:
+    """One pass over ``loader``; appends each step's loss to ``losses``, calls on_step(global step,
+    loss) counting from ``first_step``, and returns the epoch's summary."""
+    t0 = time.perf_counter()
+    loss_sum, valid, total = 0.0, 0, 0
+    for i, batch in enumerate(loader):
+        value, labels = step(batch)
+        loss_sum += value
+        valid += int((labels != step.settings.ignore_index).sum())
+        total += labels.numel()
+        losses.append(value)
+        if on_step is not None:
+            on_step(first_step + i, value)
+    seconds = time.perf_counter() - t0
+    return {
+        "loss": loss_sum / steps_per_epoch,
+        "valid_patch_fraction": valid / max(total, 1),
+        "lr": step.scheduler.get_last_lr()[0],
+        "seconds": seconds,
+        "steps_per_second": steps_per_epoch / max(seconds, 1e-9),
+    }
+
+
 def train_aligner(
     dataset: Dataset,
     prototypes: torch.Tensor,
@@ -132,14 +221,8 @@ def train_aligner(
     on_resume(summaries, losses) when a saved state is restored: the epoch summaries and per-step
     losses it holds, so that a caller killed before logging them can log what it lacks.
     """
-    if len(dataset) == 0:
-        raise ValueError("the training set is empty: no samples in the train index")
-    pooled_ignore = getattr(dataset, "ignore_index", settings.ignore_index)
-    if pooled_ignore != settings.ignore_index:
-        raise ValueError(f"the samples mark unlabelled patches {pooled_ignore} but the loss ignores "
-                         f"{settings.ignore_index}: both follow the vocabulary's label maps (components.io.unlabelled_for)")
+    _check_dataset(dataset, settings)
     device = torch.device(device)
-    loss_fn = get_loss(settings.loss)
     text = prototypes.detach().float().to(device)
     key = resume_key(settings, prototypes, data_fingerprint)
     steps_per_epoch = -(-len(dataset) // settings.batch_size)
@@ -157,13 +240,7 @@ def train_aligner(
     path = Path(state_path) if state_path is not None else None
     state = _load_state(path, key) if path is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        shuffle.set_state(state["shuffle"])
-        summaries = [dict(s) for s in state["epochs"]]
-        losses = [float(v) for v in state.get("losses", [])]
-        start_epoch = int(state["epoch"])
+        summaries, losses, start_epoch = _restore(state, model, optimizer, scheduler, shuffle)
         if on_resume is not None:
             on_resume(summaries, losses)
 
@@ -173,60 +250,16 @@ def train_aligner(
         dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
+    step = _Step(model, optimizer, scheduler, get_loss(settings.loss), text, settings, encoder, device, pin)
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         sampler.order = torch.randperm(len(dataset), generator=shuffle).tolist()
-        t0 = time.perf_counter()
-        loss_sum, valid, total = 0.0, 0, 0
-        for i, batch in enumerate(loader):
-            labels = batch["labels"].to(device, non_blocking=pin)  # [B, h, w]
-            if "features" in batch:
-                x = batch["features"].to(device, non_blocking=pin).float()
-            elif encoder is not None:
-                x = encoder(batch["pixels"].to(device, non_blocking=pin)).float()
-            else:
-                raise ValueError("the dataset yields pixels but no encoder was given to compute features")
-            b, h, w, c = x.shape
-            z = model(x.reshape(b, h * w, c))  # [B, N, D]
-            loss = loss_fn(z.reshape(b * h * w, -1), labels.reshape(-1), text, settings.temperature,
-                           settings.ignore_index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            loss_sum += value
-            valid += int((labels != settings.ignore_index).sum())
-            total += labels.numel()
-            losses.append(value)
-            if on_step is not None:
-                on_step(epoch * steps_per_epoch + i, value)
-        seconds = time.perf_counter() - t0
-        summary = {
-            "loss": loss_sum / steps_per_epoch,
-            "valid_patch_fraction": valid / max(total, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "seconds": seconds,
-            "steps_per_second": steps_per_epoch / max(seconds, 1e-9),
-        }
+        summary = _run_epoch(step, loader, steps_per_epoch, losses, on_step, first_step=epoch * steps_per_epoch)
         summaries.append(summary)
         if path is not None:
-            _save_state(
-                path,
-                {
-                    "resume_key": key,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "shuffle": shuffle.get_state(),
-                    "epochs": summaries,
-                    "losses": losses,
-                    "extra": dict(extra or {}),
-                },
-            )
+            _save_state(path, {"resume_key": key, "epoch": epoch + 1, **_trainer_state(step, shuffle),
+                               "epochs": summaries, "losses": losses, "extra": dict(extra or {})})
         if on_epoch is not None:
             on_epoch(epoch, summary)
     model.eval()
     return TrainResult(model=model, epochs=summaries, start_epoch=start_epoch, steps=total_steps)
-

@@ -1,10 +1,12 @@
-"""Datasets: the source registry, downloads, conversion to the canonical layout, readers, twins.
+"""Datasets: the source registry, downloads, conversion to the canonical layout, readers.
+
+The benchmarks' synthetic twins are the demo world's (demoworld/synthetic.py), above this library.
 
 Canonical layout (docs/design.md §3): ``images/<split>/<id>.<ext>``, ``labels/<split>/<id>.png`` (uint8,
 255 = ignore), ``classes.txt``, ``meta.json``.
 """
 
-from components.datasets.convert import convert_benchmark, convert_image_folder, prepare_dataset
+from components.datasets.convert import convert_benchmark
 from components.datasets.download import (
     ChecksumMismatchError,
     DownloadError,
@@ -31,12 +33,6 @@ from components.datasets.registry import (
     get_source,
     read_class_file,
 )
-from components.datasets.synthetic import (
-    synthetic_scenes,
-    write_synthetic_benchmark,
-    write_synthetic_source,
-    write_synthetic_unlabelled,
-)
 
 __all__ = [
     "BENCHMARKS",
@@ -56,15 +52,9 @@ __all__ = [
     "safe_extract",
     "UnsafeArchiveError",
     "convert_benchmark",
-    "convert_image_folder",
-    "prepare_dataset",
     "CanonicalDataset",
     "UnreadableImageError",
     "list_images",
     "read_image_rgb",
     "read_label_png",
-    "synthetic_scenes",
-    "write_synthetic_source",
-    "write_synthetic_benchmark",
-    "write_synthetic_unlabelled",
 ]

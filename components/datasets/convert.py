@@ -50,11 +50,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from components.datasets.download import download_source, read_stamp
+from components.datasets.download import read_stamp
 from components.datasets.extract import atomic_directory
 from components.datasets.readers import list_images
 from components.datasets.registry import (
-    SOURCES,
     BenchmarkSpec,
     class_file_path,
     get_benchmark,
@@ -83,8 +82,6 @@ __all__ = [
     "ade_full_lut",
     "ade_full_object_index",
     "convert_benchmark",
-    "convert_image_folder",
-    "prepare_dataset",
 ]
 
 IGNORE_INDEX = UNLABELLED
@@ -584,118 +581,5 @@ def convert_benchmark(
         meta=meta,
         link_mode=link_mode,
         expect_count=None if limit is not None else expect_count,
-        progress=progress,
-    )
-
-
-def convert_image_folder(
-    folder: Path,
-    *,
-    out_dir: Path,
-    class_names: list[str],
-    split: str = "train",
-    limit: int | None = None,
-    link_mode: LinkMode = "copy",
-    progress: bool = False,
-) -> Path:
-    """Any folder of images -> the canonical layout without labels (an unlabelled training set).
-
-    Images are found recursively (readers.list_images); an image's id is its path relative to
-    ``folder`` without extension, folders joined by '__'. class_names: the vocabulary, one per line
-    of classes.txt. Unreadable images are copied as they are (Stage 1 reports and skips them).
-    """
-    folder = Path(folder)
-    if not class_names or any(not c.strip() or "\n" in c for c in class_names):
-        raise ValueError("class_names must be a non-empty list of non-blank, single-line class names")
-    samples = _image_folder_samples(folder)
-    if limit is not None:
-        samples = samples[:limit]
-    meta = {
-        "benchmark": Path(out_dir).name,
-        "display_name": f"images of {folder}",
-        "split": split,
-        "source_split": None,
-        "labelled": False,
-        "num_classes": len(class_names),
-        "ignore_index": unlabelled_for(len(class_names)),
-        "background": "none",
-        "reduce_zero_label": False,
-        "class_file": None,
-        "extra_background_classes": None,
-        "protocol": "unlabelled image folder",
-        "limit": limit,
-        "sources": {"folder": {"root": str(folder), "archive_sha256": None, "synthetic": False}},
-    }
-    return _write_layout(
-        samples,
-        out_dir=Path(out_dir),
-        split=split,
-        class_lines=list(class_names),
-        meta=meta,
-        link_mode=link_mode,
-        expect_count=None,
-        progress=progress,
-    )
-
-
-# ------------------------------------------------------------------------------------ prepare
-_OVERRIDE_FIELDS = ("url", "root")
-
-
-def prepare_dataset(
-    name: str,
-    *,
-    data_dir: Path,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    raw_dir: Path | None = None,
-    lock_file: Path | None = None,
-    limit: int | None = None,
-    link_mode: LinkMode = "copy",
-    progress: bool = True,
-) -> Path:
-    """Download (or locate) every source of ``name`` and convert it; return ``data_dir/datasets/<name>``.
-
-    overrides: {source name: {"url": mirror URL, "root": local copy}} (params.yaml ``datasets``);
-        entries for sources this dataset does not use are ignored, unknown names are an error.
-    raw_dir: downloads and extracted trees (default ``data_dir/raw``).
-    lock_file: sha256 pins of sources without a published checksum (default
-        ``data_dir/downloads.lock.json``).
-    A full conversion (no ``limit``) must find the split's published number of images.
-    """
-    spec = get_benchmark(name)
-    data_dir = Path(data_dir)
-    raw_dir = Path(raw_dir) if raw_dir is not None else data_dir / "raw"
-    lock_file = Path(lock_file) if lock_file is not None else data_dir / "downloads.lock.json"
-    overrides = dict(overrides or {})
-    for key, fields in overrides.items():
-        if key not in SOURCES:
-            raise ValueError(
-                f"datasets.{key}: overrides are per source and {key!r} is not one; known sources: "
-                f"{', '.join(sorted(SOURCES))} ({name} uses {', '.join(spec.sources)})"
-            )
-        unknown = set(fields) - set(_OVERRIDE_FIELDS)
-        if unknown:
-            raise ValueError(
-                f"datasets.{key}: unknown keys {sorted(unknown)}; valid keys: {', '.join(_OVERRIDE_FIELDS)}"
-            )
-    raw_dirs = {}
-    for source in spec.sources:
-        fields = overrides.get(source, {})
-        root = fields.get("root")
-        raw_dirs[source] = download_source(
-            source,
-            raw_dir=raw_dir,
-            lock_file=lock_file,
-            url_override=fields.get("url"),
-            local_root=Path(root) if root is not None else None,
-            progress=progress,
-        )
-    return convert_benchmark(
-        name,
-        raw_dirs=raw_dirs,
-        out_dir=data_dir / "datasets" / name,
-        limit=limit,
-        expect_count=spec.expected_images,
-        link_mode=link_mode,
         progress=progress,
     )

@@ -664,77 +664,19 @@ def _download_source_locked(
 
     expected, origin = _expected_digests(spec, lock_file)
     if extracted.exists():
-        stamp = read_stamp(extracted)
-        if stamp is None:
-            raise DownloadError(
-                f"{extracted} exists but was not produced by fmbseg download. If it holds {spec.filename}'s "
-                f"layout, set datasets.{spec.name}.root to it; otherwise move it away and run again."
-            )
-        if "sha256" in expected and stamp["sha256"] != expected["sha256"]:
-            raise ChecksumMismatchError(
-                f"{extracted} was extracted from an archive with sha256 {stamp['sha256']}, but "
-                f"{origin['sha256']} expects {expected['sha256']}. Move {extracted} away to download again.",
-                path=extracted,
-                algorithm="sha256",
-                expected=expected["sha256"],
-                got=stamp["sha256"],
-            )
-        return extracted
+        return _extracted_before(spec, extracted, expected, origin)
 
     archive = raw_dir / "downloads" / spec.filename
     if not spec.urls and url_override is None:
-        if not archive.exists():
-            assert spec.manual_instructions is not None, (
-                f"source {spec.name} has neither URLs nor instructions"
-            )
-            raise ManualDownloadRequired(spec.manual_instructions.format(path=archive))
-        remedy = (
-            f"Your file {archive} was left untouched; download {spec.filename} again from {spec.homepage}."
-        )
-        digests = _verify(
-            archive, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress
-        )
-        return _extract_verified(
-            archive, spec, extracted, digests, str(archive), progress,
-            lock_file=lock_file, pin="sha256" not in expected, owned=False,
-        )
+        return _extract_manual_download(spec, archive, extracted, expected, origin, lock_file=lock_file,
+                                        progress=progress)
 
     urls = (url_override,) if url_override is not None else spec.urls
     if not archive.exists():
-        part = archive.with_name(archive.name + ".part")
-        done = part.stat().st_size if part.exists() else 0
-        total = spec.size_bytes if spec.size_bytes is not None else spec.approx_bytes
-        check_free_space(
-            raw_dir,
-            max(total - done, 0) + spec.extracted_bytes,
-            what=f"downloading and extracting {spec.filename}",
+        digests, used_url = _fetch_archive(
+            spec, urls, archive, expected, origin, lock_file=lock_file, progress=progress, retries=retries,
+            timeout=timeout, backoff=backoff, deadline=deadline,
         )
-        fetched = download_file(
-            urls,
-            archive,
-            expected_size=spec.size_bytes,
-            approx_size=spec.approx_bytes,
-            progress=progress,
-            retries=retries,
-            timeout=timeout,
-            backoff=backoff,
-            deadline=deadline,
-        )
-        part, used_url = fetched.path, fetched.url
-        remedy = (
-            "The downloaded file was deleted (a corrupted transfer usually succeeds when run again). "
-            "If it fails again with the same digest, the file on the server differs from the one "
-            f"expected: check {spec.homepage}, and if the change is legitimate remove the entry "
-            f"{spec.name!r} from {lock_file}."
-        )
-        try:
-            digests = _verify(
-                part, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress
-            )
-        except ChecksumMismatchError:
-            part.unlink(missing_ok=True)
-            raise
-        os.replace(part, archive)
     else:
         used_url = str(archive)
         remedy = f"Delete {archive} and run again to download it afresh."
@@ -748,3 +690,96 @@ def _download_source_locked(
     if not keep_archive:
         archive.unlink()
     return result
+
+
+def _extracted_before(spec: SourceSpec, extracted: Path, expected: dict[str, str], origin: dict[str, str]) -> Path:
+    """A tree fmbseg extracted before, checked against the expected sha256 of its archive."""
+    stamp = read_stamp(extracted)
+    if stamp is None:
+        raise DownloadError(
+            f"{extracted} exists but was not produced by fmbseg download. If it holds {spec.filename}'s "
+            f"layout, set datasets.{spec.name}.root to it; otherwise move it away and run again."
+        )
+    if "sha256" in expected and stamp["sha256"] != expected["sha256"]:
+        raise ChecksumMismatchError(
+            f"{extracted} was extracted from an archive with sha256 {stamp['sha256']}, but "
+            f"{origin['sha256']} expects {expected['sha256']}. Move {extracted} away to download again.",
+            path=extracted,
+            algorithm="sha256",
+            expected=expected["sha256"],
+            got=stamp["sha256"],
+        )
+    return extracted
+
+
+def _extract_manual_download(spec: SourceSpec, archive: Path, extracted: Path, expected: dict[str, str],
+                             origin: dict[str, str], *, lock_file: Path, progress: bool) -> Path:
+    """A source without URLs: the archive the user put in place (instructions when it is missing),
+    verified, then extracted; the user's file is kept."""
+    if not archive.exists():
+        assert spec.manual_instructions is not None, (
+            f"source {spec.name} has neither URLs nor instructions"
+        )
+        raise ManualDownloadRequired(spec.manual_instructions.format(path=archive))
+    remedy = (
+        f"Your file {archive} was left untouched; download {spec.filename} again from {spec.homepage}."
+    )
+    digests = _verify(
+        archive, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress
+    )
+    return _extract_verified(
+        archive, spec, extracted, digests, str(archive), progress,
+        lock_file=lock_file, pin="sha256" not in expected, owned=False,
+    )
+
+
+def _fetch_archive(
+    spec: SourceSpec,
+    urls: tuple[str, ...],
+    archive: Path,
+    expected: dict[str, str],
+    origin: dict[str, str],
+    *,
+    lock_file: Path,
+    progress: bool,
+    retries: int,
+    timeout: float,
+    backoff: float,
+    deadline: float | None,
+) -> tuple[dict[str, str], str]:
+    """Download the archive (resuming a ``.part``, after checking the disk has room for it and its
+    tree), verify it and move it into place; returns (its digests, the URL it came from). A
+    transfer with the wrong digest is deleted."""
+    part = archive.with_name(archive.name + ".part")
+    done = part.stat().st_size if part.exists() else 0
+    total = spec.size_bytes if spec.size_bytes is not None else spec.approx_bytes
+    check_free_space(
+        archive.parent.parent,  # raw_dir (the archive is raw_dir/downloads/<filename>): the tree goes there too
+        max(total - done, 0) + spec.extracted_bytes,
+        what=f"downloading and extracting {spec.filename}",
+    )
+    fetched = download_file(
+        urls,
+        archive,
+        expected_size=spec.size_bytes,
+        approx_size=spec.approx_bytes,
+        progress=progress,
+        retries=retries,
+        timeout=timeout,
+        backoff=backoff,
+        deadline=deadline,
+    )
+    part = fetched.path
+    remedy = (
+        "The downloaded file was deleted (a corrupted transfer usually succeeds when run again). "
+        "If it fails again with the same digest, the file on the server differs from the one "
+        f"expected: check {spec.homepage}, and if the change is legitimate remove the entry "
+        f"{spec.name!r} from {lock_file}."
+    )
+    try:
+        digests = _verify(part, spec=spec, expected=expected, origin=origin, remedy=remedy, progress=progress)
+    except ChecksumMismatchError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, archive)
+    return digests, fetched.url

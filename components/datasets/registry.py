@@ -30,6 +30,8 @@ __all__ = [
     "SOURCES",
     "BENCHMARKS",
     "CLASS_FILES",
+    "class_list_path",
+    "read_class_list",
     "UnknownDatasetError",
     "get_source",
     "get_benchmark",
@@ -564,6 +566,23 @@ def class_file_path(name: str) -> Path:
             f"unknown class list {name!r}; shipped class lists: {', '.join(CLASS_FILES)}"
         )
     return Path(str(resources.files("components.datasets") / "classes" / f"{name}.txt"))
+
+
+def class_list_path(spec: str) -> Path:
+    """A vocabulary given as a shipped class list's name or as a class file's path -> the file's path
+    (not checked to exist)."""
+    return class_file_path(spec) if spec in CLASS_FILES else Path(spec)
+
+
+def read_class_list(spec: str, *, source: str) -> list[str]:
+    """Class lines (:func:`read_class_file`) of a vocabulary given as a shipped class list's name or a
+    class file's path; FileNotFoundError naming ``source`` and the shipped lists when it is neither."""
+    path = class_list_path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{source} {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
+        )
+    return read_class_file(path)
 
 
 def display_name(line: str) -> str:

@@ -33,19 +33,17 @@ import torch
 from torch import Tensor
 
 from components.datasets.readers import UnreadableImageError
+from components.evaluation.inference import Prediction
 from components.evaluation.metrics import MeanIoU
 from components.evaluation.overlay import write_overlay
 from components.io import UNLABELLED, atomic_write_bytes, unlabelled_of
-from components.segmenter import Prediction, size_filter
 
 __all__ = [
     "IGNORE_INDEX",
     "IGNORED_TARGET",
     "STATE_FORMAT",
-    "Prediction",
     "SegmentFn",
     "LabelledImages",
-    "size_filter",
     "BatchResult",
     "evaluate_batch",
     "write_overlays",

@@ -136,25 +136,6 @@ def sliding_window_logits_batch(
     return [total / count for total, count in zip(sums, counts, strict=True)]
 
 
-@torch.no_grad()
-def sliding_window_logits(
-    image: Tensor,
-    logits_fn: Callable[[Tensor], Tensor],
-    *,
-    window: int,
-    stride: int,
-    num_classes: int,
-    batch_size: int = 8,
-    pad_to: int = 1,
-) -> Tensor:
-    """Sliding-window dense logits of one image: [3, H, W] float -> [K, H, W] float32
-    (:func:`sliding_window_logits_batch` of that one image; see it for the arguments)."""
-    return sliding_window_logits_batch(
-        [image], logits_fn, window=window, stride=stride, num_classes=num_classes, batch_size=batch_size,
-        pad_to=pad_to,
-    )[0]
-
-
 def patch_logits(z: Tensor, prototypes: Tensor) -> Tensor:
     """Cosine similarity of every patch embedding with every text prototype (paper §3.4).
 
@@ -290,25 +271,6 @@ def predict_scores_batch(
             for image, image_logits in zip(images, logits, strict=True)]
 
 
-def predict_logits(
-    image: Tensor,
-    *,
-    encode_fn: Callable[[Tensor], Tensor],
-    prototypes: Tensor,
-    window: int,
-    stride: int,
-    short_side: int | None,
-    batch_size: int = 8,
-    pad_to: int = 1,
-) -> Tensor:
-    """FMbSeg Stage 2 (base) logits at the original image size: [3, H, W] float -> [K, H, W]
-    float32 cosine similarities (:func:`predict_logits_batch` of that one image)."""
-    return predict_logits_batch(
-        [image], encode_fn=encode_fn, prototypes=prototypes, window=window, stride=stride,
-        short_side=short_side, batch_size=batch_size, pad_to=pad_to,
-    )[0]
-
-
 def labels_from_scores(
     score: Tensor,
     prompt: Tensor,
@@ -323,7 +285,7 @@ def labels_from_scores(
     int64 maps prompt index -> output class (e.g. PV-21's stuff prompts -> background, see
     `build_prompt_set`); None: class = prompt index. With `bg_threshold`, pixels whose score is
     below it get `background_index` (an output class index; required then): cosine similarities
-    from `predict_logits`. Returns [H, W] int64.
+    from `predict_logits_batch`. Returns [H, W] int64.
     """
     if class_map is None:
         labels = prompt
@@ -340,58 +302,12 @@ def labels_from_scores(
     return labels
 
 
-def labels_from_logits(
-    logits: Tensor,
-    *,
-    class_map: Tensor | None = None,
-    bg_threshold: float | None = None,
-    background_index: int | None = None,
-) -> Tensor:
-    """Per-pixel class from prompt logits: [K, H, W] -> [H, W] int64.
+class Prediction(NamedTuple):
+    """A segmenter's output for one image: [H, W] int64 class maps at the image's size (the base
+    prediction, and the SAM-refined one or None)."""
 
-    The prompt with the highest score wins (ties: the lower prompt index), then
-    :func:`labels_from_scores` (class_map, bg_threshold / background_index: see there).
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [K, H, W], got {tuple(logits.shape)}")
-    if class_map is not None and class_map.shape != (logits.shape[0],):
-        raise ValueError(f"class_map must be [K={logits.shape[0]}] int64, got {tuple(class_map.shape)} {class_map.dtype}")
-    score, prompt = logits.max(dim=0)
-    return labels_from_scores(score, prompt, class_map=class_map, bg_threshold=bg_threshold,
-                              background_index=background_index)
-
-
-def predict_base(
-    image: Tensor,
-    *,
-    encode_fn: Callable[[Tensor], Tensor],
-    prototypes: Tensor,
-    window: int,
-    stride: int,
-    short_side: int | None,
-    batch_size: int = 8,
-    pad_to: int = 1,
-    class_map: Tensor | None = None,
-    bg_threshold: float | None = None,
-    background_index: int | None = None,
-) -> Tensor:
-    """FMbSeg Stage 2 (base) prediction: [H, W] int64 class map at the original image size.
-
-    `predict_logits` followed by `labels_from_logits` (see both for the arguments).
-    """
-    logits = predict_logits(
-        image,
-        encode_fn=encode_fn,
-        prototypes=prototypes,
-        window=window,
-        stride=stride,
-        short_side=short_side,
-        batch_size=batch_size,
-        pad_to=pad_to,
-    )
-    return labels_from_logits(
-        logits, class_map=class_map, bg_threshold=bg_threshold, background_index=background_index
-    )
+    base: Tensor
+    refined: Tensor | None
 
 
 class PromptSet(NamedTuple):

@@ -5,6 +5,9 @@ is components/labelmaps.py's (shared with Stage 1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -15,7 +18,7 @@ from components.labelmaps import (
     stack_masks,
 )
 
-__all__ = ["refine_with_masks"]
+__all__ = ["refine_with_masks", "size_filter"]
 
 
 def _majority_labels(masks: Tensor, base: Tensor, num_classes: int) -> Tensor:
@@ -52,3 +55,10 @@ def refine_with_masks(base: Tensor, masks: MaskStack, num_classes: int) -> Tenso
     labels = _majority_labels(stack, base, num_classes)
     winner = last_painted(stack, area_desc_order(stack))
     return torch.where(winner >= 0, labels[winner.clamp(min=0)], base)
+
+
+def size_filter(records: Sequence[Mapping[str, Any]], image_area: int, min_area_frac: float,
+                max_area_frac: float) -> list[Mapping[str, Any]]:
+    """Automatic-mask records whose area is within [min_area_frac, max_area_frac] of the image."""
+    low, high = min_area_frac * image_area, max_area_frac * image_area
+    return [r for r in records if low <= r["area"] <= high]

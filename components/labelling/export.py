@@ -51,7 +51,6 @@ from components.labelling.store import TEACHER_VARIANT, VARIANTS, PseudoLabels
 
 __all__ = [
     "CLASSES_FILE",
-    "MAX_CLASSES",
     "ExportSummary",
     "check_variants",
     "resize_nearest",
@@ -63,7 +62,6 @@ __all__ = [
 ]
 
 CLASSES_FILE = "classes.txt"
-MAX_CLASSES = MAX_LABEL_CLASSES  # the store's maps: uint8 with 255 = unlabelled, uint16 with 65535 past 255 classes
 
 
 class ExportSummary(NamedTuple):
@@ -129,10 +127,10 @@ def coco_annotations(label: np.ndarray, image_id: int, first_id: int) -> list[di
 def store_vocabulary(labels: PseudoLabels) -> list[str]:
     """The store's class lines; raises ValueError for more than a 16-bit label map holds."""
     vocabulary = labels.vocabulary
-    if len(vocabulary) > MAX_CLASSES:
+    if len(vocabulary) > MAX_LABEL_CLASSES:
         raise ValueError(
             f"{labels.root} has {len(vocabulary)} classes; Stage 1 label maps are at most 16-bit (65535 = unlabelled), "
-            f"so a store holds at most {MAX_CLASSES}"
+            f"so a store holds at most {MAX_LABEL_CLASSES}"
         )
     return vocabulary
 

@@ -5,7 +5,7 @@ builder. Real specs (the paper's ``ViT-L-14-336/openai``, ``vit_h``, ``dinov2_vi
 smaller siblings) load published weights (weights.py); miniature specs build the *same classes* --
 open_clip ``CLIP``, segment_anything ``Sam``, transformers ``Dinov2Model`` /
 ``Dinov2WithRegistersModel`` -- with a few layers: ``mini-*`` with seeded random weights (tests),
-``world-*`` trained on the demo world (components/models/standins/; the demo profile), their small
+``world-*`` trained on the demo world (demoworld/standins/; the demo profile), their small
 files bundled with the project and retrained by ``fmbseg weights train-demo``.
 The "sam" family holds two mask models behind one interface (components/models/masks.py):
 segment_anything ``Sam`` (SAM v1) and transformers ``Sam2Model`` (SAM 2.1, ``mini-sam2.1``).
@@ -23,9 +23,8 @@ import json
 import logging
 import os
 import re
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -53,9 +52,9 @@ from transformers import (
 
 from components.models.sam3 import SAM3_CONTEXT, SAM3_MEAN, SAM3_STD, Sam3Teacher
 from components.models.sam_attention import use_sdpa_attention
+from components.models.specs import FAMILIES, Family, ModelSpec, WeightFile
 from components.models.weights import (
     MissingWeightsError,
-    WeightFile,
     fetch_command,
     hub_cache_dir,
     load_state_dict,
@@ -63,9 +62,7 @@ from components.models.weights import (
 )
 
 __all__ = [
-    "Family",
     "ROLES",
-    "ModelSpec",
     "ClipBundle",
     "OPENAI_MEAN",
     "OPENAI_STD",
@@ -85,10 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The concept teacher (SAM 3, Stage 1's own variant stage1_sam3) is a family of its own, not a mask
-# model (it segments noun phrases, not points), built by :func:`build_teacher`.
-Family = Literal["clip", "sam", "dino", "teacher"]
-FAMILIES: tuple[str, ...] = ("clip", "sam", "dino", "teacher")
 # the role each family fills in the pipeline (the names users read in docs and checkpoints)
 ROLES: dict[str, Family] = {"student": "dino", "text": "clip", "mask": "sam", "teacher": "teacher"}
 
@@ -98,52 +91,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CONFIG_DIR = Path(__file__).with_name("configs")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One named model.
-
-    image_size: CLIP input side S; SAM encoder ``img_size``; a student's default input side (÷ patch_size).
-    patch_size: ViT patch side in pixels.
-    embed_dim: CLIP joint embedding dim D; SAM encoder output channels; a student's hidden size C.
-    mean / std: per-channel RGB normalisation for pixels in [0, 1] (SAM's ``pixel_mean`` /
-        ``pixel_std`` are these × 255; SAM normalises inside the model).
-    weights: files a real spec loads (empty for miniatures).
-    architecture: what builds it -- an open_clip model config name (real CLIP), a
-        segment_anything ``sam_model_registry`` key (real SAM), or a JSON file in ``configs/``
-        (miniatures; DINOv2).
-    pretrained_tag: open_clip pretrained tag (real CLIP only).
-    hub_repo: Hugging Face repo of the weights (real students and SAM 2.1).
-    prefix_tokens: tokens before the patch tokens in the encoder's output (a student's class token
-        plus its register tokens: 1 for DINOv2, 5 for DINOv2 with registers and DINOv3).
-    licence: the licence the weights are published under, as their model card states it.
-    """
-
-    name: str
-    family: Family
-    miniature: bool
-    image_size: int
-    patch_size: int
-    embed_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    architecture: str
-    weights: tuple[WeightFile, ...] = ()
-    pretrained_tag: str | None = None
-    hub_repo: str | None = None
-    prefix_tokens: int = 0
-    licence: str = ""
-
-    @property
-    def gated(self) -> bool:
-        """The hub asks each user to accept the licence first (downloads then need ``HF_TOKEN``)."""
-        return any(f.gated for f in self.weights)
-
-    @property
-    def seed(self) -> int:
-        """Seed of a miniature's random weights: fixed per name."""
-        return zlib.crc32(self.name.encode())
 
 
 class ClipBundle(NamedTuple):

@@ -15,7 +15,8 @@ for, in this order, in
 A missing file raises :class:`MissingWeightsError` naming the file, every path looked in and the
 command that fetches it; a real spec never falls back to random weights. Miniature specs need no
 files unless they are trained stand-ins. Checkpoints load with ``torch.load(..., map_location="cpu", weights_only=True)`` or
-safetensors. This module takes specs, never names: the registry imports it, never the reverse.
+safetensors. This module takes specs (components/models/specs.py), never names: the registry imports it,
+never the reverse.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from components.io import atomic_path
-
-if TYPE_CHECKING:
-    from components.models.registry import ModelSpec
+from components.models.specs import ModelSpec, WeightFile
 
 __all__ = [
     "WEIGHTS_DIR_ENV",
@@ -41,7 +39,6 @@ __all__ = [
     "MissingWeightsError",
     "GatedWeightsError",
     "gated_help",
-    "WeightFile",
     "WeightStatus",
     "default_weights_dir",
     "hub_cache_dir",
@@ -60,34 +57,6 @@ FETCH_PROFILE_COMMAND = "fmbseg weights fetch --profile paper"
 
 class MissingWeightsError(FileNotFoundError):
     """A real spec's weight file is in none of the places looked in (the message says which)."""
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file a real spec needs and where it comes from.
-
-    names: accepted file names, preferred first (e.g. safetensors before a pickle).
-    local_dir: folder under the weights dir that may hold the file.
-    url / sha256: direct download and the hex sha256 of the published file (None: not recorded).
-    hub_repo: Hugging Face repo that holds the file under one of ``names``.
-    size: bytes of the published file where recorded, else None.
-    bundled: a copy shipped with the project, looked in last (the world stand-ins' files).
-    gated: the hub repo asks each user to accept its licence first; downloads then need a token.
-    """
-
-    names: tuple[str, ...]
-    local_dir: str
-    url: str | None = None
-    sha256: str | None = None
-    hub_repo: str | None = None
-    size: int | None = None
-    bundled: Path | None = None
-    gated: bool = False
-
-    @property
-    def name(self) -> str:
-        """The preferred file name."""
-        return self.names[0]
 
 
 @dataclass(frozen=True)

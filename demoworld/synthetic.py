@@ -7,7 +7,7 @@ converters, readers and every later
 stage run on them unchanged. ``synthetic_scenes`` is the pure, seeded plan: the tests read the
 planted regions from it and check converted labels pixel by pixel.
 
-Regions are painted with the demo world's look of their class (components/datasets/world.py), so
+Regions are painted with the demo world's look of their class (demoworld/world.py), so
 "car" looks the same in every twin and the world stand-in models see the twins' classes. Pixels no
 class describes (COCO's unlabelled 255, Context's unannotated 0, ADE's "other") look like the
 world's void; VOC's background is painted as two COCO-Stuff stuff classes (sky over grass, wall
@@ -43,8 +43,8 @@ from components.datasets.convert import (
 from components.datasets.download import STAMP_NAME
 from components.datasets.extract import atomic_directory
 from components.datasets.registry import class_file_path, get_benchmark, get_source, read_class_file
-from components.datasets.world import VOID, paint
 from components.io import voc_colour_map
+from demoworld.world import VOID, paint
 
 __all__ = [
     "PlantedRegion",

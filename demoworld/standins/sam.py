@@ -1,7 +1,7 @@
 """The SAM stand-in: segment_anything's ``Sam`` trained from scratch on the demo world.
 
 Training follows SAM's recipe, simplified to foreground point prompts (what the pipeline sends):
-each step draws a batch of world scenes (components/datasets/world.py), brought to SAM's input
+each step draws a batch of world scenes (demoworld/world.py), brought to SAM's input
 frame the way the pipeline brings its images there (the demo's bicubic resize to a square, or
 segment_anything's ``ResizeLongestSide`` of a scene of random size and aspect); the image encoder
 runs once per image and the prompt encoder + mask decoder answer many prompts of it:
@@ -41,9 +41,9 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import sigmoid_focal_loss
 
-from components.datasets.world import concepts, world_scene
 from components.models.registry import STANDIN_DIR, init_model
 from components.models.sam import SamImage
+from demoworld.world import concepts, world_scene
 
 __all__ = [
     "SPEC",

@@ -1,6 +1,6 @@
 """The world-clip stand-in: a tiny open_clip ``CLIP`` trained on scenes of the demo world.
 
-Training (:func:`train_clip`) draws seeded world scenes (components/datasets/world.py), cuts crops
+Training (:func:`train_clip`) draws seeded world scenes (demoworld/world.py), cuts crops
 of them -- the 2×2 tiling of Stage 1.1 at grid 2 (the whole 96×128 scene resized to a 2S square, an
 aspect distortion) and random boxes of several scales and aspects, each resized to S -- and optimises two terms with one learnable ``logit_scale`` (open_clip's):
 
@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from components.datasets import world
 from components.datasets.registry import class_file_path, read_class_file
 from components.labelling.detect import prompt_patches
 from components.models.clip_dense import dense_features, prototypes, tiled_features
 from components.models.preprocess import resize_normalize
 from components.models.registry import OPENAI_MEAN, OPENAI_STD, init_model
+from demoworld import world
 
 __all__ = ["NAME", "TEXT_LISTS", "EVAL_LISTS", "DEFAULT_STEPS", "train_clip", "evaluate_clip"]
 

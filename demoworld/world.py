@@ -8,8 +8,8 @@ matches both joins the one with the longest shared synonym, "potted plant").
 
 Each concept looks one way everywhere: an :class:`Identity` (two colours, a pattern, a period and
 an angle) derived from a hash of its key, painted with a per-region phase, a small brightness
-jitter and pixel noise. The stand-in foundation models (components/models/standins/) are trained
-on scenes of this world, and every twin (components/datasets/synthetic.py) paints its regions with
+jitter and pixel noise. The stand-in foundation models (demoworld/standins/) are trained
+on scenes of this world, and every twin (demoworld/synthetic.py) paints its regions with
 it, so a model that learnt the world sees the twins' classes.
 """
 
