@@ -23,7 +23,6 @@ from typing import Any
 import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
@@ -33,17 +32,16 @@ from components.labelling.settings import TEACHER_VARIANT
 from flows.common import (
     PARAMS_FILE,
     STAGE_DIR,
-    Progress,
     cached_clip,
     cached_sam,
     cached_teacher,
     make_task_runner,
     output_root,
-    shard_resources,
     stage1_settings,
     stage_params,
     table_artifact,
 )
+from flows.shards import map_shards
 
 __all__ = [
     "STAGE_DIR",
@@ -173,9 +171,10 @@ def check_teacher(params: Params) -> None:
     teacher_weights(name, params.models.weights_dir)
 
 
-def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Label one shard with the worker's cached models (components.labelling.shard.label_shard);
-    returns its report ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
+def run_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+    """Label one shard with the worker's cached models (components.labelling.shard.label_shard),
+    ticking the tally file ``tally`` (components.progress.counter) per image; returns its report ({"shard_id", "labelled", "skipped",
+    "reused_masks", "timings"})."""
     import torch
 
     from components.labelling import shard
@@ -183,6 +182,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from components.labelling.settings import Stage1Settings
     from components.labelling.store import ImageEntry
     from components.models.registry import resolve_device
+    from components.progress import counter
 
     device = str(resolve_device(context["device"]))
     clip = cached_clip(context["clip"], device, context["weights_dir"])
@@ -214,13 +214,15 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         teacher=teacher,
         dtype=context["dtype"],
         num_workers=context["num_workers"],
+        on_image=counter(tally),
     )
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{job[shard_id]}")
-def label_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1 for one shard of images, written atomically with its completion record."""
-    return run_shard(context, job)
+def label_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+    """Stage 1 for one shard of images, written atomically with its completion record; each image
+    done ticks the flow's progress tally (the file ``tally``, when given)."""
+    return run_shard(context, job, tally)
 
 
 # ------------------------------------------------------------------------------------- the flow
@@ -285,23 +287,9 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
          "mask_sources": {k: asdict(v) for k, v in s.mask_sources.items()}}
         for s in plan.pending
     ]
-    reports: list[dict[str, Any]] = []
-    failures: list[str] = []
-    with Progress(total=todo, desc="label", key="label-progress") as progress:
-        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
-            futures = {label_shard.submit(context, job): job for job in jobs}
-        for future in as_completed(list(futures)):
-            job = futures[future]
-            try:
-                reports.append(future.result())
-            except Exception as err:  # one shard's failure must not hide the others' results
-                failures.append(f"{job['shard_id']}: {type(err).__name__}: {err}")
-            progress.update(len(job["images"]))
-    if failures:
-        raise RuntimeError(
-            f"{len(failures)} of {len(jobs)} shards failed (finished shards are kept; rerun to resume):\n  "
-            + "\n  ".join(failures)
-        )
+    reports = map_shards(label_shard, context, jobs, name=lambda job: job["shard_id"],
+                         size=lambda job: len(job["images"]), out=root, orchestration=params.orchestration,
+                         desc="label", key="label-progress")
 
     final = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
                         shard_size=params.label.shard_size)
