@@ -56,7 +56,8 @@ def export_variant_task(store: str, out: str, variant: str) -> dict[str, Any]:
     from components.labelling.store import PseudoLabels
 
     labels = PseudoLabels(store)
-    with Progress(len(labels.image_ids), desc=f"export {variant}", key=f"export-{variant}") as bar:
+    key = f"export-{variant}".replace("_", "-")  # a Prefect artifact key: lowercase letters, digits, dashes
+    with Progress(len(labels.image_ids), desc=f"export {variant}", key=key) as bar:
         return export_variant(labels, out, variant, on_image=bar.update)._asdict()
 
 
