@@ -10,8 +10,8 @@ its path relative to its SOURCE folder:
 - ``DIR/classes.txt``: the vocabulary, one class per line (synonyms kept);
 - ``DIR/predictions.jsonl``: one line per image, in listing order: source path, sha256 of the
   file, size, and each present class with its pixel share, score and mask as COCO RLE;
-- ``DIR/skipped.csv`` (``path,reason``): every input not segmented (never fatal): what the folder
-  scanner of ``label`` refuses (not an image, a dangling or looping link, a link out of the folder
+- ``DIR/skipped.parquet`` (``path``, ``reason``: components/skipped.py, the format of ``label``'s
+  store): every input not segmented (never fatal): what the folder scanner of ``label`` refuses (not an image, a dangling or looping link, a link out of the folder
   unless ``label.external_symlinks: follow``), a file that cannot be decoded, and an image above
   the pixel budget (``max_pixels``: its memory grows with its pixels, so it is skipped, not tiled);
 - ``DIR/.predict_settings.json``: the key of the settings (model hash, vocabulary, variant,
@@ -30,13 +30,12 @@ order.
 
 from __future__ import annotations
 
-import csv
+import contextvars
 import glob
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -62,12 +61,13 @@ from components.io import (
     file_sha256,
 )
 from components.outputs import safe_relative
+from components.prefetch import batched, prefetch
 from components.segmenter import Segmenter, SegmentResult
+from components.skipped import SKIPPED_FILE, write_skipped
 
 __all__ = [
     "CLASSES_FILE",
     "PREDICTIONS_FILE",
-    "SKIPPED_FILE",
     "SETTINGS_FILE",
     "DEFAULT_MAX_PIXELS",
     "Source",
@@ -79,18 +79,18 @@ __all__ = [
     "decode_label_map",
     "mask_rle",
     "settings_key",
+    "PredictionWriter",
     "predict_images",
 ]
 
 CLASSES_FILE = "classes.txt"
 PREDICTIONS_FILE = "predictions.jsonl"
-SKIPPED_FILE = "skipped.csv"
 SETTINGS_FILE = ".predict_settings.json"
 _GLOB_CHARS = frozenset("*?[")
 DEFAULT_MAX_PIXELS = 50_000_000
 """Pixel budget of one image (``--max-pixels``): a 48-megapixel phone photo fits. Peak memory grows
 with the pixels of the largest image (decoded RGB, the resized copies, the label map at full size),
-so a bigger one is skipped with its size in skipped.csv instead of taking the machine's memory."""
+so a bigger one is skipped with its size in skipped.parquet instead of taking the machine's memory."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _under(path: Path, base: Path) -> PurePosixPath:
 
 class Listing(NamedTuple):
     """What :func:`list_sources` found: the images, every entry it will not segment with the
-    reason ([(path, reason)], as skipped.csv lists them), and the folders it scanned (given or
+    reason ([(path, reason)], as the skipped file lists them), and the folders it scanned (given or
     matched by a glob: an output folder must keep apart from them)."""
 
     sources: list[Source]
@@ -321,12 +321,92 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _skipped_csv(rows: Sequence[tuple[str, str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(rows)
-    return buf.getvalue()
+class PredictionWriter:
+    """The files of one output folder (this module's layout), written a batch at a time on a thread
+    of its own while the model runs the next batch.
+
+    Opening a folder readies it for the settings ``key``: the records of another key are dropped
+    and the vocabulary is written; :meth:`is_done` tells which images an earlier run with this key
+    already segmented. :meth:`submit` writes a batch; :meth:`finish` the skipped inputs and the
+    records in listing order. on_image(n): called on the writer thread as n more images are done
+    (each segmented one once its files are written; the resumed and skipped ones with their batch).
+    """
+
+    def __init__(self, out: Path, classes: Sequence[str], *, key: str, overlays: bool,
+                 overlay_height: int | None = PANEL_HEIGHT, on_image: Callable[[int], None] | None = None) -> None:
+        self.out = out
+        self.classes = list(classes)
+        self.overlays = overlays
+        self.overlay_height = overlay_height
+        self._on_image = on_image
+        self._records = out / PREDICTIONS_FILE
+        out.mkdir(parents=True, exist_ok=True)
+        settings_path = out / SETTINGS_FILE
+        previous_key = json.loads(settings_path.read_text())["key"] if settings_path.exists() else None
+        if previous_key != key:
+            self._records.unlink(missing_ok=True)
+            atomic_write_text(settings_path, json.dumps({"key": key}) + "\n")
+        atomic_write_text(out / CLASSES_FILE, "".join(f"{c}\n" for c in self.classes))
+        self._done = {r["output"]: r for r in _read_records(self._records)}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer")
+        self._pending: Future[None] | None = None
+
+    def is_done(self, source: Source, sha: str) -> bool:
+        """Whether an earlier run segmented these bytes (``sha``) and its outputs are in place."""
+        record = self._done.get(f"{source.stem}.png")
+        return (record is not None and record["sha256"] == sha and (self.out / record["output"]).exists()
+                and (not self.overlays or (self.out / f"{source.stem}_overlay.jpg").exists()))
+
+    def submit(self, items: Sequence[_Item], results: Sequence[SegmentResult], others: int) -> None:
+        """Write the outputs of ``items`` (segmented as ``results``) once the previous batch's are in
+        place; ``others``: the batch's images not segmented (resumed or skipped), done with it."""
+        self.wait()
+        # the caller's context (a flow run's) goes along, for an on_image that reports to it
+        self._pending = self._thread.submit(contextvars.copy_context().run, self._write, items, results, others)
+
+    def wait(self) -> None:
+        """Block until the submitted batch is written (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _tick(self, n: int) -> None:
+        if self._on_image is not None and n:
+            self._on_image(n)
+
+    def _write(self, items: Sequence[_Item], results: Sequence[SegmentResult], others: int) -> None:
+        """The label maps and overlays (each atomically), then the batch's records in one append."""
+        lines = []
+        for item, result in zip(items, results, strict=True):
+            assert item.image is not None
+            stem = item.source.stem
+            atomic_write_bytes(self.out / f"{stem}.png", encode_label_png(result.label_map, palette=True))
+            if self.overlays:
+                atomic_write_bytes(self.out / f"{stem}_overlay.jpg",
+                                   _overlay_jpeg(item.image, result.label_map, self.classes, self.overlay_height))
+            lines.append(json.dumps(_record(item.source, item.sha256, result, self.classes), separators=(",", ":")))
+            self._tick(1)
+        if lines:
+            with open(self._records, "ab") as f:  # the batch's records in one write
+                f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        self._tick(others)
+
+    def finish(self, sources: Sequence[Source], skipped: Iterable[tuple[str, str]]) -> None:
+        """After the last batch: the skipped inputs (components/skipped.py), and the records
+        rewritten atomically in listing order (the last record of an image wins)."""
+        self.wait()
+        write_skipped(self.out / SKIPPED_FILE, [{"path": path, "reason": reason} for path, reason in skipped])
+        records = {r["output"]: r for r in _read_records(self._records)}
+        ordered = [records[f"{s.stem}.png"] for s in sources if f"{s.stem}.png" in records]
+        atomic_write_text(self._records, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in ordered))
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.shutdown(wait=True)  # an interrupted run still completes the batch being written
 
 
 def predict_images(
@@ -341,7 +421,7 @@ def predict_images(
     overlay_height: int | None = PANEL_HEIGHT,
     batch_size: int = 8,
     num_workers: int = 2,
-    on_batch: Callable[[int], None] | None = None,
+    on_image: Callable[[int], None] | None = None,
     sha256: Callable[[Path], str] = file_sha256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skipped: Sequence[tuple[str, str]] = (),
@@ -350,93 +430,31 @@ def predict_images(
 
     key: :func:`settings_key` of everything that changes the outputs (model, classes, refine,
     protocol, dtype); records made under another key are discarded. Images are read and decoded
-    by `num_workers` threads ahead of the model, and their outputs written by one more thread
-    while the next batch runs. on_batch(n): called after each batch's outputs are in place with
-    the number of images it handled (progress). sha256(path): the file's hex digest (a
+    by `num_workers` threads (0: in line) two batches ahead of the model, and their outputs
+    written by a :class:`PredictionWriter` while the next batch runs. on_image(n): n more images
+    done (progress; see :class:`PredictionWriter`). sha256(path): the file's hex digest (a
     :class:`~components.hashcache.HashCache`'s skips rereading unchanged files). max_pixels: the
     pixel budget of one image (larger ones are skipped, never decoded). skipped: entries the
-    listing left out ([(path, reason)], :class:`Listing`), written first to skipped.csv.
-    overlay_height: the overlays' panel height in pixels, None for the image's own size. Returns a
-    :class:`PredictSummary`.
+    listing left out ([(path, reason)], :class:`Listing`), written to the skipped file with the
+    images that cannot be segmented. overlay_height: the overlays' panel height in pixels, None for the
+    image's own size. Returns a :class:`PredictSummary`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     classes = list(classes)
     segmenter.vocabulary(classes)  # a bad vocabulary fails before any file is touched
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records_path, settings_path = out / PREDICTIONS_FILE, out / SETTINGS_FILE
-    previous_key = json.loads(settings_path.read_text())["key"] if settings_path.exists() else None
-    if previous_key != key:
-        records_path.unlink(missing_ok=True)
-        atomic_write_text(settings_path, json.dumps({"key": key}) + "\n")
-    atomic_write_text(out / CLASSES_FILE, "".join(f"{c}\n" for c in classes))
-    done = {r["output"]: r for r in _read_records(records_path)}
-
-    def is_done(source: Source, sha: str) -> bool:
-        record = done.get(f"{source.stem}.png")
-        return (record is not None and record["sha256"] == sha and (out / record["output"]).exists()
-                and (not overlays or (out / f"{source.stem}_overlay.jpg").exists()))
-
-    def write(batch: list[_Item], results: list[SegmentResult]) -> int:
-        lines = []
-        for item, result in zip(batch, results, strict=True):
-            assert item.image is not None
-            atomic_write_bytes(out / f"{item.source.stem}.png", encode_label_png(result.label_map, palette=True))
-            if overlays:
-                atomic_write_bytes(out / f"{item.source.stem}_overlay.jpg",
-                                   _overlay_jpeg(item.image, result.label_map, classes, overlay_height))
-            lines.append(json.dumps(_record(item.source, item.sha256, result, classes), separators=(",", ":")))
-        if lines:
-            with open(records_path, "ab") as f:  # the batch's records in one write
-                f.write(("\n".join(lines) + "\n").encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-        return len(batch)
-
     skipped = list(skipped)
     segmented = resumed = 0
-    def finish(pending: tuple[Future[int], int] | None) -> None:
-        if pending is not None:
-            pending[0].result()
-            if on_batch is not None:
-                on_batch(pending[1])
-
-    with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as readers, ThreadPoolExecutor(max_workers=1) as writer:
-        pending: tuple[Future[int], int] | None = None
-        for batch_items in _batches(readers, sources, batch_size, ahead=2,
-                                    load=lambda s: _load(s, sha256, is_done, max_pixels)):
-            todo = []
-            for item in batch_items:
-                if item.error is not None:
-                    skipped.append((item.source.path.as_posix(), item.error))
-                elif item.done:
-                    resumed += 1
-                else:
-                    todo.append(item)
-            results = segmenter.segment_batch([i.image for i in todo], classes, refine=refine) if todo else []
-            finish(pending)  # the previous batch's files, written while this batch ran
-            pending = (writer.submit(write, todo, results), len(batch_items))
+    with PredictionWriter(Path(out_dir), classes, key=key, overlays=overlays, overlay_height=overlay_height,
+                          on_image=on_image) as writer:
+        loaded = prefetch(lambda source: _load(source, sha256, writer.is_done, max_pixels), sources,
+                          num_workers=num_workers, depth=2 * batch_size)
+        for batch in batched(loaded, batch_size):
+            todo = [item for item in batch if item.error is None and not item.done]
+            skipped.extend((item.source.path.as_posix(), item.error) for item in batch if item.error is not None)
+            resumed += sum(item.done for item in batch)
+            results = segmenter.segment_batch([item.image for item in todo], classes, refine=refine) if todo else []
+            writer.submit(todo, results, others=len(batch) - len(todo))
             segmented += len(todo)
-        finish(pending)
-
-    atomic_write_text(out / SKIPPED_FILE, _skipped_csv(skipped))
-    records = {r["output"]: r for r in _read_records(records_path)}  # the last record of an image wins
-    ordered = [records[f"{s.stem}.png"] for s in sources if f"{s.stem}.png" in records]
-    atomic_write_text(records_path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in ordered))
+        writer.finish(sources, skipped)
     return PredictSummary(images=len(sources), segmented=segmented, resumed=resumed, skipped=len(skipped))
-
-
-def _batches(pool: ThreadPoolExecutor, sources: Sequence[Source], size: int, ahead: int,
-             load: Callable[[Source], _Item]) -> Iterator[list[_Item]]:
-    """Batches of loaded items in listing order (batch i = sources[i*size:(i+1)*size]), `ahead`
-    batches loading in `pool` while the caller works."""
-    chunks = [sources[i : i + size] for i in range(0, len(sources), size)]
-    queue: list[list[Future[_Item]]] = []
-    for chunk in chunks[:ahead]:
-        queue.append([pool.submit(load, s) for s in chunk])
-    for index in range(len(chunks)):
-        futures = queue.pop(0)
-        if index + ahead < len(chunks):
-            queue.append([pool.submit(load, s) for s in chunks[index + ahead]])
-        yield [f.result() for f in futures]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -323,19 +322,20 @@ def in_flow_run() -> bool:
 
 
 class Progress:
-    """A progress bar on a terminal and a Prefect progress artifact in the UI, updated together.
+    """A progress bar on a terminal (components.progress.terminal_bar) and a Prefect progress
+    artifact in the UI, updated together.
 
     The artifact is updated at most every ``artifact_every`` seconds so that a fast loop does not
     turn into a stream of API calls.
     """
 
     def __init__(self, total: int, desc: str, key: str | None = None, artifact_every: float = 2.0,
-                 unit: str = "it") -> None:
-        from tqdm.auto import tqdm
+                 unit: str = "img") -> None:
+        from components.progress import terminal_bar
 
         self.total = max(int(total), 0)
         self.done = 0
-        self._bar = tqdm(total=self.total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+        self._bar = terminal_bar(self.total, desc, unit)
         self._artifact_id = None
         self._every = artifact_every
         self._last = 0.0
@@ -353,6 +353,11 @@ class Progress:
 
             update_progress_artifact(self._artifact_id, progress=100.0 * self.done / max(self.total, 1))
             self._last = now
+
+    def advance_to(self, done: int) -> None:
+        """Move to ``done`` items, if that is ahead (counts polled from workers)."""
+        if done > self.done:
+            self.update(done - self.done)
 
     def close(self) -> None:
         if self._artifact_id is not None:

@@ -34,19 +34,18 @@ from prefect import flow, get_run_logger, task
 from components.config import ConfigError, OrchestrationConfig, Params
 from components.io import bytes_sha256, file_sha256
 from flows.common import (
-    Progress,
     cached_clip,
     cached_dino,
     cached_sam,
     inference_spec,
     project_path,
-    shard_resources,
     stage1_settings,
     stage_params,
     table_artifact,
     worker_cache,
 )
 from flows.plots import bars_png
+from flows.shards import map_shards
 
 __all__ = [
     "evaluate_flow",
@@ -167,10 +166,15 @@ def _context(job: dict[str, Any]) -> _Context:
 
 # ------------------------------------------------------------------------------------ the tasks
 @task(name="evaluate-images")
-def evaluate_images(job: dict[str, Any], ids: list[str], overlay_ids: list[str], overlay_dir: str | None) -> Any:
-    """Score one batch of images; returns a BatchResult (ids done, ids skipped, confusion counts)."""
+def evaluate_images(job: dict[str, Any], batch: tuple[list[str], list[str], str | None],
+                    tally: str | None = None) -> Any:
+    """Score one batch of images (ids, the ids to draw overlays of, the overlay folder), ticking
+    the tally file ``tally`` per image; returns a BatchResult (ids done, ids skipped, confusion
+    counts)."""
     from components.evaluation.benchmark import evaluate_batch
+    from components.progress import counter
 
+    ids, overlay_ids, overlay_dir = batch
     ctx = _context(job)
     return evaluate_batch(
         ctx.dataset,
@@ -182,6 +186,7 @@ def evaluate_images(job: dict[str, Any], ids: list[str], overlay_ids: list[str],
         overlay_ids=overlay_ids,
         overlay_dir=overlay_dir,
         image_level_labels=ctx.image_level_labels,
+        on_image=counter(tally),
     )
 
 
@@ -264,19 +269,17 @@ def _score(
     if len(todo) < len(ids):
         logger.info("resuming %s: %d of %d images already scored", label, len(ids) - len(todo), len(ids))
     wanted = set(overlay_ids)
-    with Progress(len(ids), desc=f"evaluate {label}", key=_artifact_key("evaluate", label)) as bar:
-        bar.update(len(ids) - len(todo))
-        with shard_resources(orchestration):  # on Ray: gpus_per_task GPUs per batch task
-            futures = [
-                evaluate_images.submit(job, batch, [i for i in batch if i in wanted],
-                                       str(overlay_dir) if overlay_dir else None)
-                for batch in _chunks(todo, batch_size)
-            ]
-        for future in futures:
-            result = future.result()
-            state.add(result)
-            save_state(state_file, state)
-            bar.update(len(result.done) + len(result.skipped))
+
+    def saved(_batch: list[str], result: Any) -> None:
+        state.add(result)
+        save_state(state_file, state)
+
+    overlays = str(overlay_dir) if overlay_dir else None
+    map_shards(evaluate_images, job, [(batch, [i for i in batch if i in wanted], overlays)
+                                      for batch in _chunks(todo, batch_size)],
+               name=lambda shard: f"images {shard[0][0]} .. {shard[0][-1]}", size=lambda shard: len(shard[0]),
+               out=state_file, orchestration=orchestration, desc=f"evaluate {label}",
+               key=_artifact_key("evaluate", label), done_before=len(ids) - len(todo), on_report=saved)
     for image_id, why in sorted(state.skipped.items()):
         logger.warning("%s: image %s left out of the metric: %s", label, image_id, why)
     if state.skipped:

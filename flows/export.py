@@ -23,7 +23,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import runmode
-from flows.common import PARAMS_FILE
+from flows.common import PARAMS_FILE, Progress
 
 __all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "check_format_export",
            "export_format_task", "export_format_flow", "register"]
@@ -57,7 +57,10 @@ def export_variant_task(store: str, out: str, variant: str) -> dict[str, Any]:
     from components.labelling.export import export_variant
     from components.labelling.store import PseudoLabels
 
-    return export_variant(PseudoLabels(store), out, variant)._asdict()
+    labels = PseudoLabels(store)
+    key = f"export-{variant}".replace("_", "-")  # a Prefect artifact key: lowercase letters, digits, dashes
+    with Progress(len(labels.image_ids), desc=f"export {variant}", key=key) as bar:
+        return export_variant(labels, out, variant, on_image=bar.update)._asdict()
 
 
 @flow(name="export", flow_run_name="export-{variant}", log_prints=True)

@@ -17,19 +17,17 @@ import pandas as pd
 import typer
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from components.features.cache import CacheImage, ShardPlan
 from flows.common import (
     PARAMS_FILE,
-    Progress,
     cached_dino,
     make_task_runner,
     project_path,
-    shard_resources,
     stage_params,
     table_artifact,
 )
+from flows.shards import map_shards
 
 __all__ = ["list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 
@@ -47,11 +45,13 @@ def list_cache_images(train_index: str, num_workers: int) -> list[CacheImage]:
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, task_run_name="features-shard-{shard.shard_id}")
-def features_shard(context: dict[str, Any], shard: ShardPlan) -> dict[str, Any]:
-    """Encode one shard and write it with its completion record; returns {"shard_id", "images", "seconds"}."""
+def features_shard(context: dict[str, Any], shard: ShardPlan, tally: str | None = None) -> dict[str, Any]:
+    """Encode one shard and write it with its completion record, ticking the flow's progress tally
+    (the file ``tally``, when given) per image encoded; returns {"shard_id", "images", "seconds"}."""
     from components.features.cache import write_shard
     from components.features.encode import DinoEncoder
     from components.models.registry import get_spec, resolve_device
+    from components.progress import counter
 
     device = resolve_device(context["device"])
     spec = get_spec(context["dino"])
@@ -61,6 +61,7 @@ def features_shard(context: dict[str, Any], shard: ShardPlan) -> dict[str, Any]:
         context["root"], shard, encoder, settings=context["settings"], project_root=".",
         image_size=context["image_size"], mean=spec.mean, std=spec.std, batch_size=context["batch_size"],
         num_workers=context["num_workers"],
+        on_images=counter(tally),
     )
     return {"shard_id": record.shard_id, "images": len(record.images), "seconds": record.seconds}
 
@@ -97,23 +98,9 @@ def features_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
         "num_workers": feats.num_workers,
         "settings": settings,
     }
-    reports: list[dict[str, Any]] = []
-    failures: list[str] = []
-    with Progress(total=todo, desc="features", key="features-progress") as progress:
-        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
-            futures = {features_shard.submit(context, shard): shard for shard in plan.todo}
-        for future in as_completed(list(futures)):
-            shard = futures[future]
-            try:
-                reports.append(future.result())
-            except Exception as err:  # one shard's failure must not hide the others' results
-                failures.append(f"{shard.shard_id}: {type(err).__name__}: {err}")
-            progress.update(len(shard.images))
-    if failures:
-        raise RuntimeError(
-            f"{len(failures)} of {len(plan.todo)} shards failed (finished shards are kept; rerun to resume):\n  "
-            + "\n  ".join(failures)
-        )
+    reports = map_shards(features_shard, context, plan.todo, name=lambda shard: shard.shard_id,
+                         size=lambda shard: len(shard.images), out=root, orchestration=params.orchestration,
+                         desc="features", key="features-progress")
     manifest = finalize_cache(root, images, dino=dino, image_size=feats.image_size, precision=params.models.dtype)
     encode_seconds = sum(r["seconds"] for r in reports)
     rows = [

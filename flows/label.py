@@ -34,18 +34,17 @@ from flows import runmode
 from flows.common import (
     PARAMS_FILE,
     STAGE_DIR,
-    Progress,
     cached_clip,
     cached_sam,
     cached_teacher,
     make_task_runner,
     output_root,
-    shard_resources,
     stage1_settings,
     stage_params,
     table_artifact,
     worker_cache,
 )
+from flows.shards import map_shards
 
 __all__ = [
     "STAGE_DIR",
@@ -165,9 +164,10 @@ def check_teacher(params: Params) -> None:
     teacher_weights(name, params.models.weights_dir)
 
 
-def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Label one shard with the worker's cached models (components.labelling.shard.label_shard);
-    returns its report ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
+def run_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+    """Label one shard with the worker's cached models (components.labelling.shard.label_shard),
+    ticking the tally file ``tally`` (components.progress.counter) per image; returns its report ({"shard_id", "labelled", "skipped",
+    "reused_masks", "timings"})."""
     import torch
 
     from components.labelling import shard
@@ -175,6 +175,7 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from components.labelling.settings import Stage1Settings
     from components.labelling.store import ImageEntry
     from components.models.registry import resolve_device
+    from components.progress import counter
 
     device = str(resolve_device(context["device"]))
     clip = cached_clip(context["clip"], device, context["weights_dir"])
@@ -206,13 +207,15 @@ def run_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         teacher=teacher,
         dtype=context["dtype"],
         num_workers=context["num_workers"],
+        on_image=counter(tally),
     )
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{job[shard_id]}")
-def label_shard(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1 for one shard of images, written atomically with its completion record."""
-    return run_shard(context, job)
+def label_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+    """Stage 1 for one shard of images, written atomically with its completion record; each image
+    done ticks the flow's progress tally (the file ``tally``, when given)."""
+    return run_shard(context, job, tally)
 
 
 # ------------------------------------------------------------------------------------- the flow
@@ -277,23 +280,9 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
          "mask_sources": {k: asdict(v) for k, v in s.mask_sources.items()}}
         for s in plan.pending
     ]
-    reports: list[dict[str, Any]] = []
-    failures: list[str] = []
-    with Progress(total=todo, desc="label", key="label-progress") as progress:
-        with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
-            done = runmode.completed(label_shard, [(context, job) for job in jobs],
-                                     max_workers=params.orchestration.max_workers)
-            for k, report, err in done:
-                if err is None:
-                    reports.append(report)
-                else:  # one shard's failure must not hide the others' results
-                    failures.append(f"{jobs[k]['shard_id']}: {type(err).__name__}: {err}")
-                progress.update(len(jobs[k]["images"]))
-    if failures:
-        raise RuntimeError(
-            f"{len(failures)} of {len(jobs)} shards failed (finished shards are kept; rerun to resume):\n  "
-            + "\n  ".join(failures)
-        )
+    reports = map_shards(label_shard, context, jobs, name=lambda job: job["shard_id"],
+                         size=lambda job: len(job["images"]), out=root, orchestration=params.orchestration,
+                         desc="label", key="label-progress")
 
     final = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
                         shard_size=params.label.shard_size)

@@ -95,7 +95,8 @@ def segment_images(job: dict[str, Any]) -> dict[str, int]:
     with Progress(len(sources), desc="predict", key="predict", unit="img") as bar, HashCache() as hashes:
         summary = predict_images(
             segmenter, sources, job["classes"], job["out"], key=job["key"], refine=job["refine"],
-            overlays=job["overlays"], overlay_height=job["overlay_height"], batch_size=job["batch_size"], num_workers=READ_WORKERS, on_batch=bar.update,
+            overlays=job["overlays"], overlay_height=job["overlay_height"], batch_size=job["batch_size"],
+            num_workers=READ_WORKERS, on_image=bar.update,
             sha256=hashes.sha256, max_pixels=job["max_pixels"], skipped=[tuple(row) for row in job["skipped"]],
         )
     return summary._asdict()
@@ -131,7 +132,9 @@ def predict_flow(
              len(job["classes"]), len(job["sources"]), out)
     summary = runmode.call(segment_images, job)
     if summary["skipped"]:
-        log.warning("%d entries skipped: listed with the reason in %s", summary["skipped"], Path(out) / "skipped.csv")
+        from components.skipped import SKIPPED_FILE
+
+        log.warning("%d entries skipped: listed with the reason in %s", summary["skipped"], Path(out) / SKIPPED_FILE)
     return {**summary, "model": job["checkpoint"], "out": out}
 
 
@@ -170,7 +173,7 @@ def register(app: typer.Typer) -> None:
                                             "never replaced)"),
         max_pixels: int = typer.Option(None, "--max-pixels",
                                        help="pixel budget of one image, larger ones are skipped (listed in "
-                                            "skipped.csv); default 50 megapixels"),
+                                            "skipped.parquet); default 50 megapixels"),
     ) -> None:
         """Segment new images with a trained model, for any class names (resumable)."""
         import json

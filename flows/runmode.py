@@ -61,21 +61,31 @@ def call(task: Any, *args: Any, **kwargs: Any) -> Any:
 
 def completed(task: Any, calls: Sequence[tuple[Any, ...]], *, max_workers: int = 1
               ) -> Iterator[tuple[int, Any, BaseException | None]]:
-    """Run ``task(*args)`` for each ``args`` of ``calls``; yield ``(index, result, error)`` in the
-    order they finish, ``error`` the exception a call raised (then ``result`` is None). Inside a flow
-    run: task runs submitted to the flow's task runner; outside one: the task's function on
-    ``max_workers`` threads."""
+    """Submit ``task(*args)`` for each ``args`` of ``calls`` now, in the caller's thread (and so in
+    its flow run and resources); return an iterator of ``(index, result, error)`` in the order they
+    finish, ``error`` the exception a call raised (then ``result`` is None). Inside a flow run: task
+    runs on the flow's task runner; outside one: the task's function on ``max_workers`` threads."""
     if in_flow_run():
         from prefect.futures import as_completed
 
         futures = {task.submit(*args): k for k, args in enumerate(calls)}
-        for future in as_completed(list(futures)):
-            yield _outcome(futures[future], future.result)
-        return
-    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        pending = {pool.submit(task.fn, *args): k for k, args in enumerate(calls)}
-        for future in _pool_completed(pending):
-            yield _outcome(pending[future], future.result)
+
+        def flow_outcomes() -> Iterator[tuple[int, Any, BaseException | None]]:
+            for future in as_completed(list(futures)):
+                yield _outcome(futures[future], future.result)
+
+        return flow_outcomes()
+    pool = ThreadPoolExecutor(max_workers=max(1, max_workers))
+    pending = {pool.submit(task.fn, *args): k for k, args in enumerate(calls)}
+
+    def pool_outcomes() -> Iterator[tuple[int, Any, BaseException | None]]:
+        try:
+            for future in _pool_completed(pending):
+                yield _outcome(pending[future], future.result)
+        finally:
+            pool.shutdown(wait=True)
+
+    return pool_outcomes()
 
 
 def _outcome(index: int, result: Callable[[], Any]) -> tuple[int, Any, BaseException | None]:

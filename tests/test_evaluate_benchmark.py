@@ -93,9 +93,12 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path):
         truth[image.tobytes()] = data.read_label(i)
     bad = data.ids[1]
     data.image_path(bad).write_bytes(b"this is not a jpeg")
-    result = evaluate_batch(data, data.ids, segment=segment, num_classes=20, variants=("base",))
+    ticks: list[int] = []
+    result = evaluate_batch(data, data.ids, segment=segment, num_classes=20, variants=("base",),
+                            on_image=ticks.append)
     assert result.done == [data.ids[0], data.ids[2]]
     assert list(result.skipped) == [bad] and "UnreadableImageError" in result.skipped[bad]
+    assert ticks == [1, 1, 1]  # progress: one per image, the skipped one too
     others = evaluate_batch(data, [data.ids[0], data.ids[2]], segment=segment, num_classes=20, variants=("base",))
     assert result.confusion == others.confusion
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from components.features.cache import (
     write_shard,
     write_uncached_manifest,
 )
-from components.features.encode import DinoEncoder, encode_images, prefetch
+from components.features.encode import DinoEncoder, encode_images
 from components.models.dino import dino_preprocess, patch_features
 from components.models.registry import IMAGENET_MEAN, IMAGENET_STD, build_dino, get_spec
 
@@ -216,26 +214,6 @@ def test_encode_images_batches_in_order(tmp_path, encoder) -> None:
     single = list(encode_images(encoder, paths[3:4], image_size=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 batch_size=1, num_workers=0))
     np.testing.assert_allclose(batches[1][1].astype(np.float32), single[0][0].astype(np.float32), atol=2e-3)
-
-
-def test_prefetch_keeps_order_and_stays_bounded() -> None:
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def work(i: int) -> int:
-        with lock:
-            started.append(i)
-        time.sleep(0.002 * (i % 3))  # finish out of order
-        return i * i
-
-    seen = []
-    for n, value in enumerate(prefetch(work, range(20), num_workers=3, depth=4), start=1):
-        seen.append(value)
-        time.sleep(0.005)
-        with lock:
-            assert len(started) <= n + 4  # never more than `depth` items ahead of the consumer
-    assert seen == [i * i for i in range(20)]
-    assert list(prefetch(work, range(3), num_workers=0, depth=1)) == [0, 1, 4]
 
 
 def test_encoder_features_can_feed_a_trained_module(encoder) -> None:

@@ -23,10 +23,10 @@ from components.labelling.store import (
     DETECTION_SCHEMA,
     INDEX_SCHEMA,
     SHARD_SCHEMA,
-    SKIPPED_SCHEMA,
     PseudoLabels,
     read_records,
 )
+from components.skipped import SKIPPED_SCHEMA
 from demoworld.synthetic import write_synthetic_unlabelled
 from flows.balance import balance_flow
 from flows.label import run_label
@@ -160,11 +160,11 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
     real_run_shard = label_module.run_shard
     calls: list[list[str]] = []
 
-    def failing_after_first(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    def failing_after_first(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
         calls.append([e["image_id"] for e in job["images"]])
         if len(calls) > 1:
             raise RuntimeError("simulated crash")
-        return real_run_shard(context, job)
+        return real_run_shard(context, job, tally)
 
     monkeypatch.setattr(label_module, "run_shard", failing_after_first)
     with pytest.raises(RuntimeError, match="3 of 4 shards failed"):
@@ -177,9 +177,9 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
 
     calls.clear()
 
-    def counting(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    def counting(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
         calls.append([e["image_id"] for e in job["images"]])
-        return real_run_shard(context, job)
+        return real_run_shard(context, job, tally)
 
     monkeypatch.setattr(label_module, "run_shard", counting)
     summary = run_label("params.yaml")

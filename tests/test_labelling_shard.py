@@ -4,8 +4,6 @@ generated, and image-level labels read from a ground truth."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from PIL import Image
 
 from components.io import encode_label_png
 from components.labelling.plan import MaskSource
-from components.labelling.shard import GroundTruth, ground_truth_classes, label_shard, prefetch
+from components.labelling.shard import GroundTruth, ground_truth_classes, label_shard
 from components.labelling.stage1 import AmgSettings, Stage1Settings
 from components.labelling.store import ImageEntry, read_records, shard_paths
 from components.models.clip_dense import prototypes as text_prototypes
@@ -56,26 +54,6 @@ def _shard(models: dict, root: Path, shard_id: str, images: list[ImageEntry], **
     return label_shard(root, shard_id, images, clip=models["clip"], sam=models["sam"],
                        prototypes=models["prototypes"], settings=SETTINGS, vocabulary=VOCABULARY,
                        settings_hash="s", mask_settings_hash="m", **kw)
-
-
-@pytest.mark.parametrize("workers", [0, 1, 3])
-def test_prefetch_keeps_the_order_and_reads_at_most_workers_plus_one_ahead(workers: int) -> None:
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def load(item: int) -> int:
-        with lock:
-            started.append(item)
-        time.sleep(0.002 * (item % 3))  # later items may finish first
-        return item * item
-
-    ahead = 0
-    for n, value in enumerate(prefetch(load, list(range(12)), workers)):
-        assert value == n * n
-        time.sleep(0.005)  # the model's turn: the threads decode the next items meanwhile
-        with lock:
-            ahead = max(ahead, len(started) - (n + 1))
-    assert ahead <= workers and (ahead > 0) == (workers > 0)
 
 
 def test_a_shard_is_written_with_its_record_and_relabelled_from_its_kept_masks(models: dict, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from components.labelling.store import (
     DETECTION_SCHEMA,
     INDEX_SCHEMA,
     SHARD_SCHEMA,
-    SKIPPED_SCHEMA,
     ImageEntry,
     PseudoLabels,
     ShardRecord,
@@ -27,6 +26,7 @@ from components.labelling.store import (
     shard_paths,
     write_shard,
 )
+from components.skipped import SKIPPED_SCHEMA
 
 
 def _entries(n: int, prefix: str = "img") -> list[ImageEntry]:

@@ -4,7 +4,6 @@ miniature model never trained on; resuming after an interruption; model URIs; us
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from typer.testing import CliRunner
 from components.predictions import (
     CLASSES_FILE,
     PREDICTIONS_FILE,
-    SKIPPED_FILE,
     decode_label_map,
     encode_label_map,
     list_sources,
     predict_images,
 )
 from components.segmenter import Segmenter
+from components.skipped import SKIPPED_FILE, read_skipped
 
 NEW_VOCABULARY = ["sky, clouds", "grass", "car"]  # the checkpoint trained on "thing", "stuff"
 
@@ -77,7 +76,7 @@ def test_outputs_at_original_sizes_with_records_and_skips(segmenter, tmp_path):
     assert summary._asdict() == {"images": 5, "segmented": 4, "resumed": 0, "skipped": 2}
 
     assert (out / CLASSES_FILE).read_text() == "sky, clouds\ngrass\ncar\n"
-    skipped = list(csv.DictReader((out / SKIPPED_FILE).open()))
+    skipped = read_skipped(out / SKIPPED_FILE)
     assert [r["path"] for r in skipped] == [(tmp_path / "in" / name).as_posix() for name in ("notes.txt",
                                                                                              "sub/corrupt.jpg")]
     assert "not an image file" in skipped[0]["reason"] and "corrupt or truncated" in skipped[1]["reason"]
@@ -108,15 +107,19 @@ def test_resume_after_an_interruption_is_byte_identical(segmenter, tmp_path, mon
     predict_images(segmenter, sources, NEW_VOCABULARY, whole, key="k", batch_size=2)
 
     interrupted = tmp_path / "interrupted"
+    segment_batch = segmenter.segment_batch
     batches: list[int] = []
 
-    def stop_after_one_batch(n: int) -> None:
-        batches.append(n)
-        raise KeyboardInterrupt
+    def stop_at_the_second_batch(images: list, *args: object, **kwargs: object) -> list:
+        batches.append(len(images))
+        if len(batches) == 2:  # Ctrl-C while the model runs: the first batch's outputs are being written
+            raise KeyboardInterrupt
+        return segment_batch(images, *args, **kwargs)
 
+    monkeypatch.setattr(segmenter, "segment_batch", stop_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        predict_images(segmenter, sources, NEW_VOCABULARY, interrupted, key="k", batch_size=2,
-                       on_batch=stop_after_one_batch)
+        predict_images(segmenter, sources, NEW_VOCABULARY, interrupted, key="k", batch_size=2)
+    monkeypatch.undo()
     assert len((interrupted / PREDICTIONS_FILE).read_text().splitlines()) == 2
     with open(interrupted / PREDICTIONS_FILE, "ab") as f:  # and a torn line, as a kill mid-write leaves
         f.write(b'{"source": "half')

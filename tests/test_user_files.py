@@ -34,6 +34,7 @@ from components.labelling.store import (
     write_table,
 )
 from components.outputs import MANIFEST_FILE, check_output_folder, claim_outputs, safe_relative
+from components.skipped import SKIPPED_FILE, read_skipped
 from flows.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_predict_refuses_an_out_that_holds_or_lies_in_a_source(project: Path, so
 def test_predict_refuses_a_users_folder_and_never_replaces_their_files(project: Path, prefect_harness: str) -> None:
     mine = project / "mine"
     mine.mkdir()
-    for name in ("img_00003.png", "img_00004_overlay.jpg", "predictions.jsonl", "classes.txt", "skipped.csv"):
+    for name in ("img_00003.png", "img_00004_overlay.jpg", "predictions.jsonl", "classes.txt", SKIPPED_FILE):
         (mine / name).write_text(f"the user's {name}")
     before = snapshot(mine)
     assert "fmbseg did not write it" in one_line_refusal(predict("photos", "--out", "mine"))
@@ -103,7 +104,7 @@ def test_predict_refuses_a_users_folder_and_never_replaces_their_files(project: 
 
     # --overwrite writes next to the user's files that it would not replace, and keeps them
     (mine / "img_00003.png").unlink()
-    for name in ("img_00004_overlay.jpg", "predictions.jsonl", "classes.txt", "skipped.csv"):
+    for name in ("img_00004_overlay.jpg", "predictions.jsonl", "classes.txt", SKIPPED_FILE):
         (mine / name).rename(mine / f"kept_{name}")
     kept = snapshot(mine)
     result = predict("photos", "--out", "mine", "--overwrite")
@@ -137,7 +138,7 @@ def test_second_predict_on_one_out_exits_75_naming_the_holder(project: Path) -> 
 
 def test_predict_reports_every_skipped_entry_with_labels_link_rules(project: Path, prefect_harness: str) -> None:
     """label's scanner: links out of the folder follow `label.external_symlinks`; broken and looping
-    links, non-images and an image above the pixel budget are each a line of skipped.csv."""
+    links, non-images and an image above the pixel budget are each a row of the skipped file."""
     outside = photos(project / "elsewhere", n=1)[0]
     folder = project / "photos"
     (folder / "outside.png").symlink_to(outside)
@@ -148,8 +149,7 @@ def test_predict_reports_every_skipped_entry_with_labels_link_rules(project: Pat
     photos(project / "big", n=1, size=(100, 120))[0].rename(folder / "big.png")
     result = predict("photos", "--out", "out", "--max-pixels", "10000")
     assert result.exit_code == 0, result.output
-    rows = (project / "out" / "skipped.csv").read_text().splitlines()[1:]
-    reasons = {Path(row.split(",", 1)[0]).name: row.split(",", 1)[1] for row in rows}
+    reasons = {Path(row["path"]).name: row["reason"] for row in read_skipped(project / "out" / SKIPPED_FILE)}
     assert sorted(reasons) == ["big.png", "dangling.png", "loop_a.png", "loop_b.png", "notes.txt", "outside.png"]
     assert "outside the image folder" in reasons["outside.png"] and "12000 pixels" in reasons["big.png"]
     assert json.loads(result.stdout[result.stdout.index("{"):])["segmented"] == 4

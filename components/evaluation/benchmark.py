@@ -141,8 +141,10 @@ def evaluate_batch(
     overlay_ids: Sequence[str] = (),
     overlay_dir: str | Path | None = None,
     image_level_labels: bool = False,
+    on_image: Callable[[int], None] | None = None,
 ) -> BatchResult:
-    """Score `segment` on the images `ids` of `dataset`.
+    """Score `segment` on the images `ids` of `dataset`; on_image(1) as each is scored or
+    skipped (progress).
 
     variants: the predictions scored: Prediction fields ("base", and "refined" when the segmenter
     refines), or the keys of the mapping `segment` returns (Stage 1's variants).
@@ -168,19 +170,23 @@ def evaluate_batch(
             label = dataset.read_label(image_id)
         except _UNREADABLE as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
-            continue
-        problem = _pair_problem(image, label, num_classes)
-        if problem:
-            skipped[image_id] = problem
-            continue
-        prediction = segment(image, image_classes=_image_classes(label)) if image_level_labels else segment(image)
-        maps = _variant_maps(prediction, variants, image_id)
-        target = torch.from_numpy(np.where(label == unlabelled_of(label), IGNORED_TARGET, label.astype(np.int64)))
-        for variant, pred in maps.items():
-            metrics[variant].update(pred, target)
-        done.append(image_id)
-        if image_id in wanted_overlays:
-            _overlay(overlay_dir, image_id, image, label, maps, class_names)  # type: ignore[arg-type]
+        else:
+            problem = _pair_problem(image, label, num_classes)
+            if problem:
+                skipped[image_id] = problem
+            else:
+                prediction = (segment(image, image_classes=_image_classes(label)) if image_level_labels
+                              else segment(image))
+                maps = _variant_maps(prediction, variants, image_id)
+                target = torch.from_numpy(np.where(label == unlabelled_of(label), IGNORED_TARGET,
+                                                   label.astype(np.int64)))
+                for variant, pred in maps.items():
+                    metrics[variant].update(pred, target)
+                done.append(image_id)
+                if image_id in wanted_overlays:
+                    _overlay(overlay_dir, image_id, image, label, maps, class_names)  # type: ignore[arg-type]
+        if on_image is not None:
+            on_image(1)
     return BatchResult(done=done, skipped=skipped, confusion={v: m.confusion.cpu().tolist() for v, m in metrics.items()})
 
 

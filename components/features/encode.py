@@ -10,12 +10,9 @@ block (r, c) cover the same part of the image.
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,12 +21,9 @@ from components.datasets.readers import read_image_rgb
 from components.io import fs_path
 from components.models.dino import StudentModel, dino_preprocess, patch_features
 from components.models.registry import autocast_context
+from components.prefetch import batched, prefetch
 
-__all__ = ["load_pixels", "PixelSource", "prefetch", "DinoEncoder", "encode_images"]
-
-T = TypeVar("T")
-R = TypeVar("R")
-
+__all__ = ["load_pixels", "PixelSource", "DinoEncoder", "encode_images"]
 
 def load_pixels(
     path: str | os.PathLike[str], image_size: int, mean: Sequence[float], std: Sequence[float]
@@ -52,23 +46,6 @@ class PixelSource:
 
     def sample(self, image_id: str, image_path: str) -> dict[str, torch.Tensor]:
         return {"pixels": load_pixels(self.project_root / fs_path(image_path), self.image_size, self.mean, self.std)}
-
-
-def prefetch(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int, depth: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, computed by ``num_workers`` threads at most ``depth`` items ahead
-    (``num_workers=0``: in the calling thread)."""
-    if num_workers == 0:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[R]] = deque(pool.submit(fn, item) for item in islice(it, max(depth, 1)))
-        while pending:
-            result = pending.popleft().result()
-            for item in it:
-                pending.append(pool.submit(fn, item))
-                break
-            yield result
 
 
 class DinoEncoder:
@@ -120,11 +97,7 @@ def encode_images(
     pixels = prefetch(
         lambda p: load_pixels(Path(p), image_size, mean, std), paths, num_workers=num_workers, depth=2 * batch_size
     )
-    batch: list[torch.Tensor] = []
-    for i, x in enumerate(pixels, start=1):
-        batch.append(x)
-        if len(batch) == batch_size or i == len(paths):
-            stacked = torch.stack(batch)
-            features = encoder(stacked.pin_memory() if pin else stacked)
-            yield features.to(torch.float16).cpu().numpy()
-            batch = []
+    for batch in batched(pixels, batch_size):
+        stacked = torch.stack(batch)
+        features = encoder(stacked.pin_memory() if pin else stacked)
+        yield features.to(torch.float16).cpu().numpy()

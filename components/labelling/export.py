@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -152,9 +152,11 @@ def export_outputs(labels: PseudoLabels, variants: Sequence[str]) -> tuple[list[
     return files, list(variants)
 
 
-def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], variant: str) -> ExportSummary:
+def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], variant: str, *,
+                   on_image: Callable[[int], None] | None = None) -> ExportSummary:
     """Write ``out_dir/<variant>/`` (label maps at the original sizes) and ``out_dir/<variant>.json``
-    (COCO) for every image of the store, reading one shard at a time (this module's docstring)."""
+    (COCO) for every image of the store, reading one shard at a time (this module's docstring);
+    on_image(1) as each label map is written (progress)."""
     check_variants([variant])
     if not labels.has_variant(variant):
         raise ValueError(f"{labels.root} holds no {variant} maps: label with models.teacher set (e.g. sam3)")
@@ -178,6 +180,8 @@ def export_variant(labels: PseudoLabels, out_dir: str | os.PathLike[str], varian
                 images.append({"id": coco_id, "file_name": f"{image_id}{suffixes[image_id]}",
                                "height": height, "width": width})
                 annotations.extend(coco_annotations(label, coco_id, len(annotations) + 1))
+                if on_image is not None:
+                    on_image(1)
         swap_in(partial, out / variant)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -3,7 +3,7 @@
 - :func:`list_inputs`: every image under the input folders with its id and sha256 (from the hash
   cache where a file is unchanged), and the files that cannot be used with the reason.
 - :func:`label_shard`: one shard, image by image through :func:`~components.labelling.stage1.label_image`
-  (the per-image sequence), images decoded on threads ahead of the models (:func:`prefetch`),
+  (the per-image sequence), images decoded on threads ahead of the models (components/prefetch.py),
   automatic masks of an earlier run reused where the plan found them (:func:`kept_masks`),
   image-level labels read from a ground truth for the semi-supervised presence
   (:func:`ground_truth_classes`); the shard's files and completion record written at the end
@@ -15,11 +15,10 @@ The models come in built: loading and caching them per worker is the caller's (f
 from __future__ import annotations
 
 import glob
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,6 +48,7 @@ from components.labelling.store import (
 )
 from components.models.masks import MaskModel
 from components.models.registry import ClipBundle
+from components.prefetch import prefetch
 
 if TYPE_CHECKING:
     from components.labelling.concepts import ConceptTeacher
@@ -56,15 +56,10 @@ if TYPE_CHECKING:
 __all__ = [
     "GroundTruth",
     "list_inputs",
-    "prefetch",
     "ground_truth_classes",
     "kept_masks",
     "label_shard",
 ]
-
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 def list_inputs(
     folders: Iterable[str], workers: int, external_symlinks: str = "refuse"
@@ -105,22 +100,6 @@ def list_inputs(
             seen[image_id] = text
             entries.append({"image_id": image_id, "path": text, "sha256": sha})
     return entries, skipped
-
-
-def prefetch(load: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``load(item)`` for each item in order, computed up to ``workers + 1`` items ahead on threads
-    (``workers`` < 1: in the calling thread, one at a time)."""
-    if workers < 1:
-        yield from map(load, items)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue: deque[Future[R]] = deque()
-        for item in items:
-            queue.append(pool.submit(load, item))
-            if len(queue) > workers:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
 
 
 class GroundTruth(NamedTuple):
@@ -195,6 +174,7 @@ def label_shard(
     teacher: ConceptTeacher | None = None,
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
+    on_image: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Label one shard and write its files and completion record into the store at ``root``.
 
@@ -205,7 +185,8 @@ def label_shard(
     (stage1_sam3) and presence scores join each row; with ``prompt: detected`` it prompts the
     classes Stage 1 found present (CLIP's, or the ground truth's), and the ground truth's classes
     replace its presence in the semi-supervised form. dtype: autocast of the model forwards;
-    num_workers: decoding threads (0: decode in line).
+    num_workers: decoding threads (0: decode in line). on_image(1): called as each image is
+    labelled or skipped (progress).
 
     Returns {"shard_id", "labelled", "skipped", "reused_masks", "unlabelled", "timings"}
     (unlabelled: images on which no class passed the teacher's presence; 0 without one): timings are the seconds
@@ -220,12 +201,14 @@ def label_shard(
     rows: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
     unlabelled: list[str] = []
-    decoded = prefetch(lambda entry: _load(entry, ground_truth), images, num_workers)
+    decoded = prefetch(lambda entry: _load(entry, ground_truth), images, num_workers=num_workers, depth=num_workers)
     for entry in images:
         with timed(timings, "io"):  # the wait for the decoding threads, not their (overlapped) work
             loaded = next(decoded)
         if loaded.image is None:
             skipped.append({"image_id": entry.image_id, "path": entry.path, "reason": str(loaded.reason)})
+            if on_image is not None:
+                on_image(1)
             continue
         # the per-image sequence runs on this thread, torch resizing included: on the decoding
         # threads it would compete with the model forwards for torch's intra-op threads
@@ -248,6 +231,8 @@ def label_shard(
             rows[entry.image_id] = len(labels)
             labels.append(row)
             detections.extend(detection_rows(entry.image_id, result, vocabulary))
+        if on_image is not None:
+            on_image(1)
     record = ShardRecord(
         shard_id=shard_id,
         settings_hash=settings_hash,

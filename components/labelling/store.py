@@ -44,6 +44,7 @@ from components.io import (
 )
 from components.labelling.settings import TEACHER_VARIANT
 from components.outputs import safe_relative
+from components.skipped import SKIPPED_FILE, write_skipped
 
 if TYPE_CHECKING:  # a type only: importing Stage 1 loads torch and open_clip, which reading a store needs not
     from components.labelling.stage1 import Stage1Result
@@ -52,7 +53,6 @@ __all__ = [
     "SHARDS_DIR",
     "INDEX_FILE",
     "DETECTIONS_FILE",
-    "SKIPPED_FILE",
     "VOCABULARY_FILE",
     "SUMMARY_FILE",
     "SHARD_SCHEMA",
@@ -60,7 +60,6 @@ __all__ = [
     "TEACHER_VARIANT",
     "DETECTION_SCHEMA",
     "INDEX_SCHEMA",
-    "SKIPPED_SCHEMA",
     "ImageEntry",
     "ShardRecord",
     "shard_id_for",
@@ -86,7 +85,6 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.parquet"
 DETECTIONS_FILE = "detections.parquet"
-SKIPPED_FILE = "skipped.parquet"
 VOCABULARY_FILE = "vocabulary.txt"
 SUMMARY_FILE = "summary.json"
 VARIANTS: tuple[str, str] = ("stage1_1", "stage1_2")
@@ -143,7 +141,6 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 DETECTION_COLUMNS: tuple[str, ...] = tuple(DETECTION_SCHEMA.names)
-SKIPPED_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -490,11 +487,10 @@ def merge_outputs(
             parts.append(table.filter(pc.is_in(table["image_id"], pa.array(sorted(mine), pa.string()))))
     detections = pa.concat_tables(parts) if parts else DETECTION_SCHEMA.empty_table()
     detections = detections.sort_by([("image_id", "ascending"), ("class_id", "ascending")])
-    skipped_table = pa.Table.from_pylist(sorted(skipped_rows, key=lambda r: r["path"]), schema=SKIPPED_SCHEMA)
 
     write_table(root / INDEX_FILE, index)
     write_table(root / DETECTIONS_FILE, detections)
-    write_table(root / SKIPPED_FILE, skipped_table)
+    skipped_table = write_skipped(root / SKIPPED_FILE, skipped_rows)
     atomic_write_text(root / VOCABULARY_FILE, "".join(f"{line}\n" for line in vocabulary))
 
     keep = {shard_id for shard_id, mine in members_by_shard.items() if mine}
