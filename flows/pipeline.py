@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
 
-from components.config import deep_merge, load_params, parse_params
+from components.config import ConfigError, deep_merge, load_params, parse_params
 from flows.common import PROJECT_ROOT
 from flows.parent import PARENT_ENV
 
@@ -34,6 +35,8 @@ __all__ = [
     "dvc_command",
     "stage_env",
     "pipeline_flow",
+    "profile_overrides",
+    "experiment_args",
     "prepare_workspace",
     "demo_champion",
     "browse_lines",
@@ -91,18 +94,76 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: object | Non
     return output
 
 
-def pipeline_flow(project_dir: str = ".", targets: tuple[str, ...] = (), force: bool = False) -> str:
-    """Run `dvc repro [targets]` in ``project_dir``, each stage reporting to this flow's server."""
+def pipeline_flow(project_dir: str = ".", targets: tuple[str, ...] = (), force: bool = False,
+                  experiment: tuple[str, ...] | None = None) -> str:
+    """Run `dvc repro [targets]` in ``project_dir``, each stage reporting to this flow's server; with
+    ``experiment`` (`dvc exp run` arguments, e.g. a profile's ``-S`` items from
+    :func:`profile_overrides`), `dvc exp run <experiment> [targets]` instead."""
     from prefect import flow, get_run_logger, runtime
 
     @flow(name="pipeline", flow_run_name="pipeline", log_prints=True)
     def _pipeline(project_dir: str, targets: tuple[str, ...], force: bool) -> str:
         logger = get_run_logger()
         env = stage_env({PARENT_ENV: str(runtime.flow_run.id)})
-        cmd = [dvc_command(), "repro", *(["--force"] if force else []), *targets]
+        verb = ["repro"] if experiment is None else ["exp", "run", *experiment]
+        cmd = [dvc_command(), *verb, *(["--force"] if force else []), *targets]
         return run_logged(cmd, Path(project_dir), env, logger)
 
     return _pipeline(project_dir, tuple(targets), force)
+
+
+def _hydra_value(value: Any) -> str:
+    """``value`` in the Hydra override grammar that `dvc exp run -S` parses (strings quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"a setting of type {type(value).__name__} has no -S form: {value!r}")
+
+
+def profile_overrides(overlay: Mapping[str, Any], base: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The `dvc exp run -S` items that turn the settings ``base`` into ``deep_merge(base, overlay)``:
+    one item per leaf of the overlay (a mapping merges key by key, anything else replaces), ``+key``
+    where ``base`` has no such key, so that `dvc exp run` with them reproduces a profile
+    (configs/<profile>.yaml) on top of params.yaml and records exactly what it changed."""
+    items: list[str] = []
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if key in base and isinstance(value, dict) and isinstance(base[key], dict):
+            items += profile_overrides(value, base[key], f"{dotted}.")
+        else:
+            items.append(f"{'' if key in base else '+'}{dotted}={_hydra_value(value)}")
+    return items
+
+
+def profile_file(profile: str) -> Path:
+    """configs/<profile>.yaml of this checkout, or ``profile`` itself when it names a YAML file."""
+    shipped = PROJECT_ROOT / "configs" / f"{profile}.yaml"
+    if shipped.is_file():
+        return shipped
+    if Path(profile).suffix in (".yaml", ".yml") and Path(profile).is_file():
+        return Path(profile)
+    names = sorted(p.stem for p in (PROJECT_ROOT / "configs").glob("*.yaml"))
+    raise ConfigError(f"no profile {profile!r}: one of {', '.join(names)}, or a YAML file of settings to merge")
+
+
+def experiment_args(params_path: Path, profile: str, name: str | None = None, temp: bool = False) -> list[str]:
+    """`dvc exp run` arguments that run ``profile`` over ``params_path`` as one DVC experiment; the
+    merged settings are validated first (a bad overlay fails here, before any server starts)."""
+    base = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    source = profile_file(profile)
+    overlay = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    parse_params(deep_merge(base, overlay), f"{params_path} with {source.name}")
+    settings = [arg for item in profile_overrides(overlay, base) for arg in ("-S", item)]
+    return [*(["--name", name] if name else []), *(["--temp"] if temp else []), *settings]
 
 
 def _copy_into(src: Path, dst: Path) -> None:
@@ -264,12 +325,26 @@ def register(app: typer.Typer) -> None:
     def pipeline_cmd(
         targets: list[str] = typer.Argument(None, help="dvc.yaml stages to reproduce (default: all)"),
         force: bool = typer.Option(False, help="rerun stages even when up to date"),
+        profile: str = typer.Option(None, "--profile", help="run as a DVC experiment (`dvc exp run -S ...`) with this "
+                                    "profile's settings over params.yaml: modern, demo, or a YAML file"),
+        name: str = typer.Option(None, "--name", help="with --profile: the experiment's name in `dvc exp show`"),
+        temp: bool = typer.Option(False, "--temp", help="with --profile: run in a temporary copy; the workspace keeps its outputs"),
     ) -> None:
         """Run the whole pipeline (`dvc repro`) as one Prefect flow, one server for every stage."""
         from flows.server import prefect_server
 
+        experiment = None
+        if profile is not None:
+            try:
+                experiment = tuple(experiment_args(Path("params.yaml"), profile, name, temp))
+            except (ConfigError, OSError) as err:
+                typer.echo(f"fmbseg: {err}", err=True)
+                raise typer.Exit(2) from None
+        elif name or temp:
+            typer.echo("fmbseg: --name and --temp go with --profile (a DVC experiment)", err=True)
+            raise typer.Exit(2)
         with prefect_server(home=Path(".prefect")) as api_url, _api(api_url):
-            pipeline_flow(".", tuple(targets or ()), force)
+            pipeline_flow(".", tuple(targets or ()), force, experiment)
 
     @app.command("demo")
     def demo_cmd(

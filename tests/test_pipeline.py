@@ -251,3 +251,53 @@ def test_the_demo_ends_with_the_mlflow_page_of_the_headline_metrics(tmp_path, ml
     lines = browse_lines(tmp_path)
     assert lines[1].endswith(tracking.headline_url(params, "http://127.0.0.1:5000"))
     assert "viewStateShareKey=headline" in lines[1]
+
+
+def test_the_modern_profile_runs_as_one_dvc_experiment(ws, first_run):
+    """configs/modern.yaml through `fmbseg pipeline --profile`: one `dvc exp run -S ...` with the
+    SAM 3 teacher, the DINOv3 student, SAM 2.1 and MetaCLIP 2 -- here their miniatures (the same
+    transformers / open_clip classes, random weights) at the demo's sizes, on the demo's twins --
+    and `fmbseg compare` shows it beside the baseline. The workspace keeps its outputs (--temp)."""
+    import mlflow
+
+    from components.config import deep_merge
+
+    base = yaml.safe_load((ws / "params.yaml").read_text())
+    overlay = deep_merge(yaml.safe_load((PROJECT_ROOT / "configs" / "modern.yaml").read_text()), {
+        "models": {"teacher": "mini-sam3",
+                   "profiles": {"modern": {"clip": "mini-metaclip2", "sam": "mini-sam2.1", "dino": "mini-dinov3"}}},
+        "features": {"image_size": base["features"]["image_size"]},
+        "download": {"datasets": base["download"]["datasets"]},  # the twins the demo made
+        "evaluate": {"benchmarks": ["pv21"]},
+    })
+    (ws / "mini-modern.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    before = {r.info.run_id for r in _runs(ws)}
+    fmbseg = str(Path(sys.executable).with_name("fmbseg"))
+    out = run_logged([fmbseg, "pipeline", "--profile", "mini-modern.yaml", "--name", "modern", "--temp"], ws, stage_env())
+    assert {"label", "balance", "features", "train", "evaluate@pv21", "evaluate-stage1@pv21"} <= _ran(out)
+    assert yaml.safe_load((ws / "params.yaml").read_text()) == base  # the workspace is the baseline still
+
+    shown = json.loads(_dvc(ws, "exp", "show", "--json"))
+    exps = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "modern"]
+    assert len(exps) == 1
+    data = exps[0]["revs"][0]["data"]
+    params = data["params"]["params.yaml"]["data"]
+    assert params["models"]["teacher"] == "mini-sam3" and params["models"]["profile"] == "modern"
+    assert params["balance"]["variants"] == {"stage1_sam3": 1.0}
+    assert "mIoU_base" in json.dumps(data["metrics"]["metrics/pv21.json"]["data"])
+
+    new = [r for r in _runs(ws) if r.info.run_id not in before]
+    assert len(new) == 1 and "pv21/mIoU_base" in new[0].data.metrics
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    stage1 = client.get_experiment_by_name("fmbseg-stage1")
+    teacher_runs = client.search_runs([stage1.experiment_id], filter_string="attributes.run_name = 'stage1-stage1_sam3'")
+    assert teacher_runs and "pv21/mIoU" in teacher_runs[0].data.metrics  # the teacher's Table-2 row
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--params", str(ws / "params.yaml")],
+                                env={"MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}"})
+    assert result.exit_code == 0, result.output
+    assert new[0].info.run_name[:20] in result.output
