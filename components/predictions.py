@@ -52,7 +52,7 @@ from components.datasets.readers import (
     scan_image_folder,
 )
 from components.datasets.registry import display_name
-from components.evaluation.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
+from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.io import (
     atomic_write_bytes,
     atomic_write_text,

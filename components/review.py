@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from components.datasets.registry import display_name
-from components.evaluation.overlay import overlay_picture
+from components.overlay import overlay_picture
 from components.io import unlabelled_of
 from components.labelling.export import resize_nearest
 from components.labelling.store import DETECTIONS_FILE, VARIANTS, PseudoLabels

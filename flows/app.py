@@ -102,7 +102,7 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
 
     from components.datasets.readers import UnreadableImageError
     from components.datasets.registry import CLASS_FILES, display_name
-    from components.evaluation.overlay import overlay_picture
+    from components.overlay import overlay_picture
     from components.io import encode_label_png
     from components.labelling.store import PseudoLabels
     from components.review import image_detections, read_store_image, review_order, review_picture

@@ -464,7 +464,7 @@ def register(app: typer.Typer) -> None:
             return
         import json
 
-        from components.evaluation.overlay import PANEL_HEIGHT, overlay_height
+        from components.overlay import PANEL_HEIGHT, overlay_height
         from components.labelling.export import check_variants
         from flows.export import export_flow
 

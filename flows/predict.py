@@ -39,7 +39,7 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
     overlay_size: ``full`` or a panel height in pixels (None: the overlays' default height).
     Raises FileNotFoundError / ValueError with a message for the user."""
     from components.aligner.checkpoint import load_aligner
-    from components.evaluation.overlay import PANEL_HEIGHT, overlay_height
+    from components.overlay import PANEL_HEIGHT, overlay_height
     from components.io import file_sha256
     from components.models import resolve_device
     from components.outputs import check_apart, check_output_folder

@@ -25,7 +25,7 @@ from mini_checkpoint import write_mini_checkpoint
 from PIL import Image
 from test_app_logic import store_maps, write_store
 
-from components.evaluation.overlay import overlay_picture
+from components.overlay import overlay_picture
 from components.io import decode_label_png
 from components.review import review_picture
 from components.segmenter import Segmenter

@@ -15,7 +15,7 @@ ALLOWED = {
     "components/datasets/convert.py": "dataset class ids",
     "demoworld/synthetic.py": "Cityscapes class ids",
     "demoworld/world.py": "an index into a scene's random digits",
-    "components/evaluation/overlay.py": "the side of a legend swatch in pixels",
+    "components/overlay.py": "the side of a legend swatch in pixels",
 }
 # a 14 written as a patch side in a docstring or comment: "S/14", "÷ 14", "% 14", "patch size 14"
 # (names such as "ViT-L/14-336" and "dinov2_vitl14" are model names, not sizes)

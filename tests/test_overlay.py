@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.evaluation.overlay import colorize, overlay_picture, write_overlay
+from components.overlay import colorize, overlay_picture, write_overlay
 from components.io import class_colours, voc_colour_map
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from components.datasets.readers import read_image_rgb
 from components.datasets.registry import display_name
-from components.evaluation.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
+from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.io import atomic_write_bytes, class_colours, decode_label_png, fs_path
 from components.labelling.export import resize_nearest, store_vocabulary
 from components.labelling.formats.target import fresh_folder
@@ -70,7 +70,7 @@ def render_pseudo_labels(
 def write_store_overlays(labels: PseudoLabels, out_dir: str | os.PathLike[str], variants: Sequence[str], *,
                          panel_height: int | None = PANEL_HEIGHT) -> int:
     """Write ``out_dir/<image id>.jpg`` for every image of the store: the image | each variant's map
-    at the image's size, in the class colours, with a legend (components.evaluation.overlay;
+    at the image's size, in the class colours, with a legend (components.overlay;
     panel_height None: full resolution). The folder is written whole and swapped in, as an
     export's variant folder is. Returns the number of pictures."""
     names = [display_name(line) for line in store_vocabulary(labels)]
