@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import REPO_ROOT
+
 # Telemetry off and no network: set before prefect / mlflow / huggingface are imported anywhere.
 os.environ.update(
     DO_NOT_TRACK="true",
@@ -16,8 +18,6 @@ os.environ.update(
     HF_HUB_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
