@@ -23,7 +23,6 @@ from components.predictions import (
     list_sources,
     predict_images,
 )
-from components.segmenter import Segmenter
 from tests.mini_checkpoint import write_mini_checkpoint
 
 NEW_VOCABULARY = ["sky, clouds", "grass", "car"]  # the checkpoint trained on "thing", "stuff"
@@ -49,16 +48,6 @@ def write_inputs(root: Path) -> dict[str, tuple[int, int]]:
     (root / "sub" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated mid-scan
     (root / "notes.txt").write_text("not an image")
     return {"plain": (40, 60), "sub/gray": (35, 50), "sub/cmyk": (30, 45), "sub/deeper/rotated": (32, 48)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_mini_checkpoint(tmp_path_factory.mktemp("model") / "aligner.pt")
-
-
-@pytest.fixture(scope="module")
-def segmenter(checkpoint):
-    return Segmenter.from_checkpoint(checkpoint, device="cpu")
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -27,16 +27,6 @@ def picture(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_mini_checkpoint(tmp_path_factory.mktemp("model") / "aligner.pt")
-
-
-@pytest.fixture(scope="module")
-def segmenter(checkpoint):
-    return Segmenter.from_checkpoint(checkpoint, device="cpu")
-
-
 def test_built_from_the_checkpoint_alone(segmenter, checkpoint):
     assert segmenter.inference == MINI_INFERENCE
     assert segmenter.dino_spec.name == "mini-dino" and segmenter.clip.spec.name == "mini-clip"
