@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 # them to the builds on disk (torch 2.14.1 / torchvision 0.29.1).
 TORCH  ?= "torch>=2.3" "torchvision>=0.18"
 PYTEST_ARGS ?=
+# `make test` runs on this many pytest-xdist workers (one per core of the 2-core CI machine; 1 = no workers)
+TEST_WORKERS ?= 2
 
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -m "not standins" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not standins" -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not standins" $(PYTEST_ARGS)

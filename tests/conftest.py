@@ -18,6 +18,9 @@ os.environ.update(
     HF_HUB_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
 )
+# One intra-op thread in the stage subprocesses too (see pytest_configure): `make test` runs one pytest
+# worker per core, so a process that took every core would only contend with the other worker.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

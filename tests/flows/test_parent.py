@@ -75,7 +75,7 @@ def test_a_stage_process_is_a_subflow_of_the_pipeline_flow_run(tmp_path, repo_ro
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parent", [str(uuid.uuid4()), "not-a-flow-run-id"])
+@pytest.mark.parametrize("parent", [str(uuid.uuid4()), "not-a-flow-run-id"], ids=["unknown-id", "not-an-id"])
 def test_a_stage_with_an_unknown_parent_still_runs(parent, tmp_path, repo_root, prefect_harness):
     done = _sync(_project(tmp_path, repo_root), parent)
     assert done.returncode == 0, done.stdout + done.stderr
