@@ -10,6 +10,7 @@ import yaml
 
 from components.datasets.synthetic import write_synthetic_unlabelled
 from flows.label import run_label
+from tests.flows.test_label import _outputs
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +31,6 @@ def _project(root: Path, runner: dict) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "orchestration": runner}))
     write_synthetic_unlabelled(root / "imgs", num_images=5, seed=3, size=(48, 64))
     return root
-
-
-def _outputs(root: Path) -> dict[str, bytes]:
-    out = root / "pseudo" / "stage1"
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
-    files["vocabulary.txt"] = (out / "vocabulary.txt").read_bytes()
-    return files
 
 
 def test_label_flow_on_a_dask_cluster_equals_the_threaded_run(tmp_path, monkeypatch, prefect_harness):

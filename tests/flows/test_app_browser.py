@@ -28,6 +28,7 @@ from components.io import decode_label_png
 from components.review import review_picture
 from components.segmenter import Segmenter
 from components.tryout import legend_rows, read_upload
+from tests.components.test_predictions import photo
 from tests.components.test_review import store_maps, write_store
 from tests.mini_checkpoint import write_mini_checkpoint
 
@@ -39,12 +40,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 MAX_PIXELS = 2000  # the page's pixel budget here: 30 x 40 passes, 50 x 50 is refused
 CLASSES = ["sky", "grass", "car"]
 START_S = 240  # a loaded 2-core machine takes ~30 s to import Gradio, torch and the models
-
-
-def photo(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
 
 
 def free_port() -> int:
