@@ -53,7 +53,7 @@ from components.datasets.readers import (
     scan_image_folder,
 )
 from components.datasets.registry import display_name
-from components.evaluation.overlay import overlay_picture
+from components.evaluation.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.io import (
     atomic_write_bytes,
     atomic_write_text,
@@ -252,11 +252,9 @@ def _record(source: Source, sha256: str, result: SegmentResult, classes: Sequenc
             "width": width, "height": height, "classes": present}
 
 
-def _overlay_jpeg(image: np.ndarray, label: np.ndarray, classes: Sequence[str]) -> bytes:
-    picture = overlay_picture(image, None, {"prediction": label}, [display_name(c) for c in classes])
-    buf = io.BytesIO()
-    picture.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+def _overlay_jpeg(image: np.ndarray, label: np.ndarray, classes: Sequence[str], panel_height: int | None) -> bytes:
+    return jpeg_bytes(overlay_picture(image, None, {"prediction": label}, [display_name(c) for c in classes],
+                                      panel_height=panel_height))
 
 
 class PredictSummary(NamedTuple):
@@ -340,6 +338,7 @@ def predict_images(
     key: str,
     refine: bool = False,
     overlays: bool = False,
+    overlay_height: int | None = PANEL_HEIGHT,
     batch_size: int = 8,
     num_workers: int = 2,
     on_batch: Callable[[int], None] | None = None,
@@ -356,7 +355,8 @@ def predict_images(
     the number of images it handled (progress). sha256(path): the file's hex digest (a
     :class:`~components.hashcache.HashCache`'s skips rereading unchanged files). max_pixels: the
     pixel budget of one image (larger ones are skipped, never decoded). skipped: entries the
-    listing left out ([(path, reason)], :class:`Listing`), written first to skipped.csv. Returns a
+    listing left out ([(path, reason)], :class:`Listing`), written first to skipped.csv.
+    overlay_height: the overlays' panel height in pixels, None for the image's own size. Returns a
     :class:`PredictSummary`.
     """
     if batch_size < 1:
@@ -385,7 +385,7 @@ def predict_images(
             atomic_write_bytes(out / f"{item.source.stem}.png", encode_label_png(result.label_map, palette=True))
             if overlays:
                 atomic_write_bytes(out / f"{item.source.stem}_overlay.jpg",
-                                   _overlay_jpeg(item.image, result.label_map, classes))
+                                   _overlay_jpeg(item.image, result.label_map, classes, overlay_height))
             lines.append(json.dumps(_record(item.source, item.sha256, result, classes), separators=(",", ":")))
         if lines:
             with open(records_path, "ab") as f:  # the batch's records in one write

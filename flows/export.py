@@ -8,7 +8,8 @@ folder is ``components.labelling.export``; with ``--format coco-polygons|yolo-se
 or format, a store of more classes than a 16-bit map holds, or an output folder holding files fmbseg
 did not write at the paths the export replaces (components.outputs: never replaced, even with
 ``--overwrite``, which only allows writing into a non-empty folder of the user's) is reported in one
-line before anything is written (exit 2).
+line before anything is written (exit 2). The command runs its flow as a Prefect flow run only with
+a Prefect server configured (flows.runmode), else as plain calls of the same functions.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import runmode
 from flows.common import PARAMS_FILE
 
 __all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "check_format_export",
@@ -58,7 +60,7 @@ def export_variant_task(store: str, out: str, variant: str) -> dict[str, Any]:
     return export_variant(PseudoLabels(store), out, variant)._asdict()
 
 
-@flow(name="export", log_prints=True)
+@flow(name="export", flow_run_name="export-{variant}", log_prints=True)
 def export_flow(store: str, out: str, variant: str = "both", overwrite: bool = False) -> dict[str, Any]:
     """Export the Stage 1 store ``store`` into ``out``: classes.txt, then each variant."""
     from components.labelling.export import write_classes
@@ -68,10 +70,10 @@ def export_flow(store: str, out: str, variant: str = "both", overwrite: bool = F
     variants, files = check_export(store, variant, out, overwrite=overwrite)
     claim_outputs(out, files)
     classes = write_classes(PseudoLabels(store), out)
-    log = get_run_logger()
+    log = runmode.logger()
     results = {}
     for name in variants:
-        results[name] = export_variant_task(store, out, name)
+        results[name] = runmode.call(export_variant_task, store, out, name)
         log.info("%s: %d label maps in %s, %d annotations in %s", name, results[name]["images"],
                  results[name]["labels_dir"], results[name]["annotations"], results[name]["coco_json"])
     return {"store": store, "out": out, "classes": classes.as_posix(), "variants": results}
@@ -130,7 +132,7 @@ def export_format_task(fmt: str, target: str, *, store: str | None, predictions:
     return {"format": fmt, "out": target, **summary}
 
 
-@flow(name="export-format", log_prints=True)
+@flow(name="export-format", flow_run_name="export-{fmt}", log_prints=True)
 def export_format_flow(fmt: str, out: str, store: str | None = None, predictions: str | None = None,
                        variant: str = "both", overwrite: bool = False) -> dict[str, Any]:
     """Export a store's variants (or a predict folder) in format ``fmt`` into ``out``."""
@@ -139,11 +141,11 @@ def export_format_flow(fmt: str, out: str, store: str | None = None, predictions
     targets = check_format_export(fmt, out, store=store, predictions=predictions, variant=variant,
                                   overwrite=overwrite)
     claim_outputs(out, [f"{Path(target).name}/" for _, target in targets])
-    log = get_run_logger()
+    log = runmode.logger()
     results = {}
     for name, target in targets:
-        results[name or "predictions"] = result = export_format_task(
-            fmt, target, store=store, predictions=predictions, variant=name)
+        results[name or "predictions"] = result = runmode.call(
+            export_format_task, fmt, target, store=store, predictions=predictions, variant=name)
         log.info("%s: %s", target, result)
     return {"format": fmt, "out": out, "results": results}
 
@@ -180,7 +182,7 @@ def register(app: typer.Typer) -> None:
             except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
                 typer.echo(f"fmbseg export: {err}", err=True)
                 raise typer.Exit(2) from None
-            typer.echo(json.dumps(export_format_flow(fmt, str(out), **kwargs), indent=2))
+            typer.echo(json.dumps(runmode.run(export_format_flow, fmt, str(out), **kwargs), indent=2))
             return
         try:
             if store is None:
@@ -191,4 +193,4 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
             typer.echo(f"fmbseg export: {err}", err=True)
             raise typer.Exit(2) from None
-        typer.echo(json.dumps(export_flow(str(store), str(out), variant, overwrite), indent=2))
+        typer.echo(json.dumps(runmode.run(export_flow, str(store), str(out), variant, overwrite), indent=2))

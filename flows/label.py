@@ -8,7 +8,9 @@ summary. A shard's work is components/labelling/shard.py's ``label_shard``, on t
 worker process built once (flows.common's caches): every image goes through the per-image
 sequence as plain calls, not tasks, so a shard costs one task run whatever its size and tensors
 never leave the worker; each step's seconds are summed into the shard's timings (the summary's
-seconds per image). The shard task takes and returns plain records.
+seconds per image). The shard task takes and returns plain records. ``label --images`` (one-off
+work) runs the same flow as plain calls unless a Prefect server is configured (flows.runmode);
+the DVC stage ``fmbseg label`` is always a flow run.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
 from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
 from components.io import atomic_write_bytes, atomic_write_json, fs_path
 from components.labelling.settings import TEACHER_VARIANT
+from flows import runmode
 from flows.common import (
     PARAMS_FILE,
     STAGE_DIR,
@@ -245,7 +247,7 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     from components.labelling.store import SUMMARY_FILE, ImageEntry, merge_outputs, read_records, summarise
 
     start = time.perf_counter()
-    log = get_run_logger()
+    log = runmode.logger()
     params = stage_params(params_path)
     root = output_root(params)
     vocabulary = vocabulary_lines(params.label.vocabulary)
@@ -253,8 +255,8 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     gt_dir = params.label.ground_truth_dir if params.label.presence == "ground_truth" else None
     gt_map = class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist() if gt_dir else None
 
-    raw_entries, pre_skipped = list_inputs(image_folders(params), params.label.num_workers,
-                                           params.label.external_symlinks)
+    raw_entries, pre_skipped = runmode.call(list_inputs, image_folders(params), params.label.num_workers,
+                                            params.label.external_symlinks)
     entries = [ImageEntry(**e) for e in raw_entries]
     plan = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,
                        shard_size=params.label.shard_size)
@@ -289,14 +291,14 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     failures: list[str] = []
     with Progress(total=todo, desc="label", key="label-progress") as progress:
         with shard_resources(params.orchestration):  # on Ray: gpus_per_task GPUs per shard task
-            futures = {label_shard.submit(context, job): job for job in jobs}
-        for future in as_completed(list(futures)):
-            job = futures[future]
-            try:
-                reports.append(future.result())
-            except Exception as err:  # one shard's failure must not hide the others' results
-                failures.append(f"{job['shard_id']}: {type(err).__name__}: {err}")
-            progress.update(len(job["images"]))
+            done = runmode.completed(label_shard, [(context, job) for job in jobs],
+                                     max_workers=params.orchestration.max_workers)
+            for k, report, err in done:
+                if err is None:
+                    reports.append(report)
+                else:  # one shard's failure must not hide the others' results
+                    failures.append(f"{jobs[k]['shard_id']}: {type(err).__name__}: {err}")
+                progress.update(len(jobs[k]["images"]))
     if failures:
         raise RuntimeError(
             f"{len(failures)} of {len(jobs)} shards failed (finished shards are kept; rerun to resume):\n  "
@@ -320,16 +322,22 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     return summary
 
 
-def run_label(params_path: str = PARAMS_FILE) -> dict[str, Any]:
+def run_label(params_path: str = PARAMS_FILE, *, one_off: bool = False) -> dict[str, Any]:
     """Run :func:`label_flow` on the task runner params.yaml's ``orchestration`` names, holding the
     lock on its output: a second run fails at once (OutputBusyError) instead of deleting the
-    first one's shards in its merge, which removes every unclaimed shard and temporary file."""
+    first one's shards in its merge, which removes every unclaimed shard and temporary file.
+    ``one_off`` (``label --images``): on the ``threads`` runner, a flow run only with a Prefect
+    server configured (flows.runmode), else the flow's function on ``max_workers`` threads; Dask
+    and Ray are Prefect task runners, so with them it is always a flow run."""
     from components.io import output_lock
 
     params = stage_params(params_path)
     check_teacher(params)  # before the flow starts: a wrong name or absent gated weights is one line
     with output_lock(output_root(params), stage="label"):
-        return label_flow.with_options(task_runner=make_task_runner(params.orchestration))(params_path)
+        labelling = label_flow.with_options(task_runner=make_task_runner(params.orchestration))
+        if one_off and params.orchestration.task_runner == "threads":
+            return runmode.run(labelling, params_path)
+        return labelling(params_path)
 
 
 def show_image(image_id: str, params_path: str = PARAMS_FILE, out: str | None = None) -> Path:
@@ -364,9 +372,10 @@ PROFILES = ("demo", "paper")
 
 def own_folder_settings(images: str, out: str, *, classes: str | None, vocabulary: str | None,
                         profile: str | None, params_path: str | None, variants: list[str] | None = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, overlays: bool = False) -> Path:
     """Check every option of ``fmbseg label --images`` (and that ``out`` may take the run's files,
-    those of the export of ``variants`` included: components.outputs), then write the run's settings file
+    those of the export of ``variants`` and, with ``overlays``, its overlays folder included:
+    components.outputs), then write the run's settings file
     ``<out>/label_params.yaml``: the base settings (``--params``, ./params.yaml, or the project's own
     profile: ``paper`` = its params.yaml, ``demo`` = that with configs/demo.yaml on top) with the image
     folder, the class list (``<out>/classes.txt``) and the store (``<out>/stage1``) set, and
@@ -378,6 +387,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     from components.config import deep_merge, parse_params
     from components.io import atomic_write_text
     from components.labelling.export import CLASSES_FILE, MAX_CLASSES
+    from components.labelling.show import OVERLAYS_FOLDER
     from components.outputs import check_apart, check_output_folder, claim_outputs
     from flows.common import PROJECT_ROOT, class_lines, profile_settings
 
@@ -408,8 +418,10 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     if TEACHER_VARIANT in variants and parsed.models.teacher is None:
         raise ValueError("--variant stage1_sam3 needs a concept teacher: models.teacher (e.g. sam3) in the --params file")
     check_teacher(parsed)  # a teacher spec, its (gated) weights on disk
-    planned = [CLASSES_FILE, OWN_FOLDER_PARAMS, f"{STAGE_DIR}/", *(f"{v}.json" for v in variants)]
-    check_output_folder(dest, planned, overwrite=overwrite, trees=variants)
+    trees = [*variants, *([OVERLAYS_FOLDER] if overlays else [])]
+    planned = [CLASSES_FILE, OWN_FOLDER_PARAMS, f"{STAGE_DIR}/", *(f"{v}.json" for v in variants),
+               *(f"{tree}/" for tree in trees[len(variants):])]
+    check_output_folder(dest, planned, overwrite=overwrite, trees=trees)
     claim_outputs(dest, planned)  # the first write
     atomic_write_text(dest / CLASSES_FILE, "".join(f"{line}\n" for line in lines))
     settings = dest / OWN_FOLDER_PARAMS
@@ -417,7 +429,7 @@ def own_folder_settings(images: str, out: str, *, classes: str | None, vocabular
     return settings
 
 
-def _run_label_cli(params_path: str) -> None:
+def _run_label_cli(params_path: str, *, one_off: bool = False) -> None:
     """:func:`run_label` for the command line: an output another run holds is one message, exit 75."""
     from components.io import OutputBusyError
     from components.models.weights import MissingWeightsError
@@ -428,7 +440,7 @@ def _run_label_cli(params_path: str) -> None:
         typer.echo(f"fmbseg label: {err}", err=True)
         raise typer.Exit(2) from None
     try:
-        run_label(params_path)
+        run_label(params_path, one_off=one_off)
     except OutputBusyError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
@@ -451,13 +463,19 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="with --images: write into a non-empty --out fmbseg did not create (its "
                                             "files are never replaced)"),
+        overlays: bool = typer.Option(False, "--overlays", help="with --images: also write overlays/<id>.jpg, the "
+                                                                 "image and each exported map with a legend"),
+        overlay_size: str = typer.Option(None, "--overlay-size",
+                                         help="with --overlays: full (the image's own size) or a panel height in "
+                                              "pixels (default 320)"),
     ) -> None:
         """Stage 1: pseudo labels from CLIP + SAM for every new or changed image (resumable).
 
         With --images DIR --out DIR2: any folder, any class names; PNG + COCO export in DIR2.
         """
         own = {"--classes": classes, "--vocabulary": vocabulary, "--out": out, "--variant": variant,
-               "--profile": profile, "--overwrite": overwrite or None}
+               "--profile": profile, "--overwrite": overwrite or None, "--overlays": overlays or None,
+               "--overlay-size": overlay_size}
         if images is None:
             given = [name for name, value in own.items() if value is not None]
             if given:
@@ -467,6 +485,7 @@ def register(app: typer.Typer) -> None:
             return
         import json
 
+        from components.evaluation.overlay import PANEL_HEIGHT, overlay_height
         from components.labelling.export import check_variants
         from flows.export import export_flow
 
@@ -474,15 +493,27 @@ def register(app: typer.Typer) -> None:
         try:
             if out is None:
                 raise ValueError("--images needs --out DIR (where the labels go)")
+            if overlay_size is not None and not overlays:
+                raise ValueError("--overlay-size goes with --overlays")
+            height = PANEL_HEIGHT if overlay_size is None else overlay_height(overlay_size)
+            variants = check_variants([variant])
             settings = own_folder_settings(str(images), str(out), classes=classes, vocabulary=vocabulary,
                                            profile=profile, params_path=str(params) if params else None,
-                                           variants=check_variants([variant]), overwrite=overwrite)
+                                           variants=variants, overwrite=overwrite, overlays=overlays)
         except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
             typer.echo(f"fmbseg label: {err}", err=True)
             raise typer.Exit(2) from None
-        _run_label_cli(settings.as_posix())
+        _run_label_cli(settings.as_posix(), one_off=True)
         store = Path(stage_params(settings.as_posix()).paths.stage1).resolve()
-        typer.echo(json.dumps(export_flow(store.as_posix(), str(out), variant, overwrite), indent=2))
+        result = runmode.run(export_flow, store.as_posix(), str(out), variant, overwrite)
+        if overlays:
+            from components.labelling.show import OVERLAYS_FOLDER, write_store_overlays
+            from components.labelling.store import PseudoLabels
+
+            folder = Path(out) / OVERLAYS_FOLDER
+            count = write_store_overlays(PseudoLabels(store), folder, variants, panel_height=height)
+            result["overlays"] = {"images": count, "out": folder.as_posix()}
+        typer.echo(json.dumps(result, indent=2))
 
     @app.command("show")
     def show_cmd(

@@ -36,6 +36,7 @@ __all__ = [
     "pipeline_flow",
     "prepare_workspace",
     "demo_champion",
+    "browse_lines",
     "demo_ablation",
     "register",
 ]
@@ -189,6 +190,7 @@ def demo_champion(workspace: Path) -> str:
 # The demo's ablation: the paper's Table 3 axis (aligner.kind) as one DVC experiment, evaluated on
 # the benchmarks named here only, which keeps `make demo` in its time budget.
 DEMO_ABLATION = ("aligner.kind=linear",)
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
 DEMO_ABLATION_TARGETS = ("evaluate@pv21",)
 
 
@@ -208,6 +210,20 @@ def demo_ablation(workspace: Path) -> Path:
     out = workspace / "reports" / "ablation.csv"
     atomic_write_text(out, table.to_csv(index=False))
     return out
+
+
+def browse_lines(workspace: Path) -> list[str]:
+    """The demo's closing pointers to its MLflow runs: the `make ui` command, and the UI's page of
+    the runs opened on the headline metrics (tracking.headline_url), once the store has them."""
+    from flows import tracking
+
+    store = workspace.resolve()
+    ui = "make ui STORE=demo" if store == (PROJECT_ROOT / "demo").resolve() else f"make ui STORE={store}"
+    lines = [f"[demo] browse the runs: {ui}  (MLflow UI on {MLFLOW_UI}, store sqlite:///{store / 'mlflow.db'})"]
+    url = tracking.headline_url(load_params(workspace / "params.yaml"), MLFLOW_UI)
+    if url is not None:
+        lines.append(f"[demo] the headline metrics (mean and PV-21 mIoU, base and refined), with `make ui` running: {url}")
+    return lines
 
 
 def _demo(workspace: Path) -> None:
@@ -237,9 +253,7 @@ def _demo(workspace: Path) -> None:
     print(table[shown].to_string(index=False, na_rep="-"))
     print(f"[demo] done in {time.monotonic() - t0:.0f} s. The numbers come from miniature stand-ins trained on a toy "
           "world: they show the machinery working end to end; the method's real numbers need the paper profile.")
-    store = workspace.resolve()
-    ui = "make ui STORE=demo" if store == (PROJECT_ROOT / "demo").resolve() else f"make ui STORE={store}"
-    print(f"[demo] browse the runs: {ui}  (MLflow UI on http://127.0.0.1:5000, store sqlite:///{store / 'mlflow.db'})")
+    print("\n".join(browse_lines(workspace)))
     print(f"[demo] serve the model (docs/mlflow.md): source .venv/bin/activate && MLFLOW_TRACKING_URI="
           f"{os.environ['MLFLOW_TRACKING_URI']} mlflow models serve -m {demo_champion(workspace)} --env-manager local "
           "--host 127.0.0.1 --port 5001")

@@ -9,7 +9,8 @@ dtype and weights folder. What lands in the output folder, and how a rerun resum
 folder that holds a source or files fmbseg did not write: components.outputs) is checked before
 any model loads and before any write; the command prints one line and exits 2 for it. A run holds
 the lock ``label`` takes on its output (components.io.output_lock): a second run on the same
-``--out`` exits 75 naming the holder.
+``--out`` exits 75 naming the holder. The flow is a Prefect flow run only with a Prefect server
+configured (flows.runmode), else plain calls of the same functions: no server starts.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Params
+from flows import runmode
 from flows.common import PARAMS_FILE, Progress, class_lines, stage_params
 
 __all__ = ["class_lines", "prepare", "segment_images", "predict_flow", "run_predict", "register"]
@@ -31,11 +33,13 @@ READ_WORKERS = 2  # decoding threads ahead of the model
 
 def prepare(params: Params, sources: list[str], out: str, *, classes: str | None, vocabulary: str | None,
             model: str | None, refine: bool, overlays: bool, batch_size: int, overwrite: bool = False,
-            max_pixels: int | None = None) -> dict[str, Any]:
+            max_pixels: int | None = None, overlay_size: str | None = None) -> dict[str, Any]:
     """Check every user input and resolve it, loading no foundation model and writing nothing: the
-    job of the task (plain types). max_pixels None: components.predictions.DEFAULT_MAX_PIXELS.
+    job of the task (plain types). max_pixels None: components.predictions.DEFAULT_MAX_PIXELS;
+    overlay_size: ``full`` or a panel height in pixels (None: the overlays' default height).
     Raises FileNotFoundError / ValueError with a message for the user."""
     from components.aligner.checkpoint import load_aligner
+    from components.evaluation.overlay import PANEL_HEIGHT, overlay_height
     from components.io import file_sha256
     from components.models import resolve_device
     from components.outputs import check_apart, check_output_folder
@@ -47,6 +51,9 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if max_pixels < 1:
         raise ValueError(f"--max-pixels must be >= 1, got {max_pixels}")
+    height = PANEL_HEIGHT if overlay_size is None else overlay_height(overlay_size)
+    if overlay_size is not None and not overlays:
+        raise ValueError("--overlay-size goes with --overlays")
     lines = class_lines(classes, vocabulary)
     if overlays and len(lines) > 255:
         raise ValueError(f"--overlays colours at most 255 classes; the vocabulary has {len(lines)}")
@@ -66,7 +73,7 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
         "sources": [[s.path.as_posix(), s.relative.as_posix()] for s in listed], "out": out, "key": key,
         "skipped": [list(row) for row in pre_skipped], "planned": planned, "overwrite": overwrite,
         "max_pixels": max_pixels,
-        "refine": refine, "overlays": overlays, "batch_size": batch_size, "device": str(device), "dtype": dtype,
+        "refine": refine, "overlays": overlays, "overlay_height": height, "batch_size": batch_size, "device": str(device), "dtype": dtype,
         "weights_dir": params.models.weights_dir,
     }
 
@@ -88,7 +95,7 @@ def segment_images(job: dict[str, Any]) -> dict[str, int]:
     with Progress(len(sources), desc="predict", key="predict", unit="img") as bar, HashCache() as hashes:
         summary = predict_images(
             segmenter, sources, job["classes"], job["out"], key=job["key"], refine=job["refine"],
-            overlays=job["overlays"], batch_size=job["batch_size"], num_workers=READ_WORKERS, on_batch=bar.update,
+            overlays=job["overlays"], overlay_height=job["overlay_height"], batch_size=job["batch_size"], num_workers=READ_WORKERS, on_batch=bar.update,
             sha256=hashes.sha256, max_pixels=job["max_pixels"], skipped=[tuple(row) for row in job["skipped"]],
         )
     return summary._asdict()
@@ -107,6 +114,7 @@ def predict_flow(
     params_path: str = PARAMS_FILE,
     overwrite: bool = False,
     max_pixels: int | None = None,
+    overlay_size: str | None = None,
 ) -> dict[str, Any]:
     """Segment the images of `sources` into `out` (resumable); returns what was done. The caller
     holds the output's lock (:func:`run_predict`)."""
@@ -114,25 +122,27 @@ def predict_flow(
 
     params = stage_params(params_path)
     job = prepare(params, sources, out, classes=classes, vocabulary=vocabulary, model=model, refine=refine,
-                  overlays=overlays, batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels)
+                  overlays=overlays, batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels,
+                  overlay_size=overlay_size)
     check_output_folder(out, job["planned"], overwrite=overwrite)  # again, under the lock
     claim_outputs(out, job["planned"])  # the first write
-    log = get_run_logger()
+    log = runmode.logger()
     log.info("model %s (sha256 %s), %d classes, %d images -> %s", job["checkpoint"], job["model_sha256"][:12],
              len(job["classes"]), len(job["sources"]), out)
-    summary = segment_images(job)
+    summary = runmode.call(segment_images, job)
     if summary["skipped"]:
         log.warning("%d entries skipped: listed with the reason in %s", summary["skipped"], Path(out) / "skipped.csv")
     return {**summary, "model": job["checkpoint"], "out": out}
 
 
 def run_predict(sources: list[str], out: str, **options: Any) -> dict[str, Any]:
-    """:func:`predict_flow` holding the lock on ``out`` that ``label`` takes on its output: a
-    second run fails at once (OutputBusyError) instead of doing the same work beside the first."""
+    """:func:`predict_flow` (a flow run only with a Prefect server configured: flows.runmode)
+    holding the lock on ``out`` that ``label`` takes on its output: a second run fails at once
+    (OutputBusyError) instead of doing the same work beside the first."""
     from components.io import output_lock
 
     with output_lock(out, stage="predict"):
-        return predict_flow(sources, out, **options)
+        return runmode.run(predict_flow, sources, out, **options)
 
 
 def register(app: typer.Typer) -> None:
@@ -149,6 +159,9 @@ def register(app: typer.Typer) -> None:
                                        "registered champion, else ${paths.checkpoint})"),
         refine: bool = typer.Option(False, "--refine", help="SAM-refined label maps"),
         overlays: bool = typer.Option(False, "--overlays", help="also write <name>_overlay.jpg with a legend"),
+        overlay_size: str = typer.Option(None, "--overlay-size",
+                                         help="with --overlays: full (the image's own size) or a panel height in "
+                                              "pixels (default 320)"),
         batch_size: int = typer.Option(8, "--batch-size", help="images per model batch"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (device, dtype, weights folder, "
                                                             "label.external_symlinks)"),
@@ -165,7 +178,8 @@ def register(app: typer.Typer) -> None:
         from components.io import OutputBusyError
 
         options = {"classes": classes, "vocabulary": vocabulary, "model": model, "refine": refine,
-                   "overlays": overlays, "batch_size": batch_size, "overwrite": overwrite, "max_pixels": max_pixels}
+                   "overlays": overlays, "batch_size": batch_size, "overwrite": overwrite, "max_pixels": max_pixels,
+                   "overlay_size": overlay_size}
         try:
             settings = stage_params(params)
             prepare(settings, sources, str(out), **options)

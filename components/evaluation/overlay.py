@@ -16,11 +16,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from components.io import UNLABELLED, atomic_write_bytes, class_colours, unlabelled_of
 
-__all__ = ["IGNORE_INDEX", "colorize", "overlay_picture", "write_overlay"]
+__all__ = ["IGNORE_INDEX", "PANEL_HEIGHT", "colorize", "jpeg_bytes", "overlay_picture", "overlay_height", "write_overlay"]
 
 IGNORE_INDEX = UNLABELLED
 _LABEL_DTYPES = (np.uint8, np.uint16)
 
+PANEL_HEIGHT = 320  # pixels: the panels' default height; None draws them at the image's own size
 _TITLE_HEIGHT = 22
 _SWATCH = 14
 _PAD = 6
@@ -52,7 +53,7 @@ def overlay_picture(
     predictions: Mapping[str, np.ndarray],
     class_names: Sequence[str],
     *,
-    panel_height: int = 320,
+    panel_height: int | None = PANEL_HEIGHT,
     alpha: float = 0.55,
 ) -> Image.Image:
     """One RGB picture: image | ground truth | each prediction, titled, and a legend underneath.
@@ -60,7 +61,8 @@ def overlay_picture(
     image: [H, W, 3] uint8 RGB; ground_truth: [H, W] uint8 (255 = ignore; uint16 with 65535 for
     more than 255 classes), or None for no ground truth panel (new images); predictions: title ->
     [H, W] class map of the same dtype (e.g. {"base": ...,
-    "refined": ...}); class_names: one name per class index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour).
+    "refined": ...}); class_names: one name per class index. Every panel is scaled to `panel_height` pixels high (labels with nearest neighbour),
+    or drawn pixel for pixel at the image's size when `panel_height` is None (full resolution).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
@@ -77,7 +79,7 @@ def overlay_picture(
     if present.size and int(present.max()) >= len(class_names):
         raise ValueError(f"class index {int(present.max())} has no name ({len(class_names)} class names)")
 
-    height = panel_height
+    height = shape[0] if panel_height is None else panel_height
     width = max(1, round(shape[1] * height / shape[0]))
     panels = [("image", Image.fromarray(image).resize((width, height), Image.BILINEAR))]
     for title, label in labels.items():
@@ -106,6 +108,16 @@ def overlay_picture(
     return canvas
 
 
+def overlay_height(size: str) -> int | None:
+    """The panel height an ``--overlay-size`` option names: ``full`` (None: the image's own size) or
+    a height in pixels. Raises ValueError with the accepted forms."""
+    if size == "full":
+        return None
+    if size.isdigit() and int(size) >= 16:
+        return int(size)
+    raise ValueError(f"--overlay-size must be 'full' or a height in pixels (at least 16), got {size!r}")
+
+
 def _legend_rows(
     indices: list[int], class_names: Sequence[str], font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
     width: int,
@@ -123,14 +135,21 @@ def _legend_rows(
     return rows
 
 
+def jpeg_bytes(picture: Image.Image, quality: int = 90) -> bytes:
+    """An overlay picture as JPEG bytes (the form predict and ``label --images`` write)."""
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def write_overlay(
     path: str | Path,
     image: np.ndarray,
-    ground_truth: np.ndarray,
+    ground_truth: np.ndarray | None,
     predictions: Mapping[str, np.ndarray],
     class_names: Sequence[str],
     *,
-    panel_height: int = 320,
+    panel_height: int | None = PANEL_HEIGHT,
 ) -> Path:
     """Write :func:`overlay_picture` as a PNG to `path` atomically; returns the path."""
     picture = overlay_picture(image, ground_truth, predictions, class_names, panel_height=panel_height)

@@ -1,14 +1,25 @@
-"""A picture of one image's pseudo labels: the image, Stage 1.1 and Stage 1.2, with a legend."""
+"""Pictures of pseudo labels: one image's (the image, Stage 1.1 and Stage 1.2, with a legend) for
+`fmbseg show`, and a whole store's overlays for `fmbseg label --images --overlays`."""
 
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Sequence
 
 import numpy as np
 
-from components.io import class_colours
+from components.datasets.readers import read_image_rgb
+from components.datasets.registry import display_name
+from components.evaluation.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
+from components.io import atomic_write_bytes, class_colours, decode_label_png, fs_path
+from components.labelling.export import resize_nearest, store_vocabulary
+from components.labelling.formats.target import fresh_folder
+from components.labelling.store import PseudoLabels
 
-__all__ = ["colourise", "render_pseudo_labels"]
+__all__ = ["OVERLAYS_FOLDER", "colourise", "render_pseudo_labels", "write_store_overlays"]
+
+OVERLAYS_FOLDER = "overlays"  # `label --images --overlays`: OUT/<this>/<image id>.jpg
 
 
 def colourise(label: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
@@ -54,3 +65,23 @@ def render_pseudo_labels(
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def write_store_overlays(labels: PseudoLabels, out_dir: str | os.PathLike[str], variants: Sequence[str], *,
+                         panel_height: int | None = PANEL_HEIGHT) -> int:
+    """Write ``out_dir/<image id>.jpg`` for every image of the store: the image | each variant's map
+    at the image's size, in the class colours, with a legend (components.evaluation.overlay;
+    panel_height None: full resolution). The folder is written whole and swapped in, as an
+    export's variant folder is. Returns the number of pictures."""
+    names = [display_name(line) for line in store_vocabulary(labels)]
+    count = 0
+    with fresh_folder(out_dir) as partial:
+        for shard in labels.iter_shards(columns=["image_id", "image_path", *variants]):
+            for row in shard.itertuples(index=False):
+                image = read_image_rgb(fs_path(row.image_path))
+                maps = {variant: resize_nearest(decode_label_png(getattr(row, variant)), *image.shape[:2])
+                        for variant in variants}
+                picture = overlay_picture(image, None, maps, names, panel_height=panel_height)
+                atomic_write_bytes(partial / f"{row.image_id}.jpg", jpeg_bytes(picture))
+                count += 1
+    return count

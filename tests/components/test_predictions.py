@@ -24,6 +24,7 @@ from components.predictions import (
     predict_images,
 )
 from tests.mini_checkpoint import write_mini_checkpoint
+from tests.oneoff_runs import run_fmbseg
 
 NEW_VOCABULARY = ["sky, clouds", "grass", "car"]  # the checkpoint trained on "thing", "stuff"
 
@@ -180,11 +181,31 @@ def test_command_from_a_paper_profile_root(tmp_path, monkeypatch, repo_root, pre
         (["in", "--model", "runs:/0123abc", "--classes", "a", "--out", "o"], "no such run"),
         (["in", "--model", "models:/fmbseg-aligner@champion", "--classes", "a", "--out", "o"], "no such registered"),
         (["in", "--classes", "a", "--out", "o"], "no aligner checkpoint at models/aligner.pt: run `fmbseg train`"),
+        (["in", "--model", str(model), "--classes", "a", "--out", "o", "--overlays", "--overlay-size", "big"],
+         "--overlay-size must be 'full' or a height in pixels"),
+        (["in", "--model", str(model), "--classes", "a", "--out", "o", "--overlay-size", "full"],
+         "--overlay-size goes with --overlays"),
     ]:
         result = runner.invoke(app, ["predict", *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_command_without_a_prefect_server_writes_full_resolution_overlays(tmp_path, repo_root, checkpoint):
+    """`fmbseg predict` as a real process without PREFECT_API_URL starts no Prefect server
+    (flows.runmode); `--overlay-size full` draws each panel at the image's own size."""
+    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text().replace("device: auto",
+                                                                                          "device: cpu"))
+    sizes = write_inputs(tmp_path / "in")
+    done, started = run_fmbseg(["predict", "in", "--model", str(checkpoint), "--classes", "sky,grass,car",
+                                "--out", "out", "--overlays", "--overlay-size", "full"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not started, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["segmented"] == len(sizes)
+    for stem, (height, width) in sizes.items():  # image | prediction, 6 px apart, a title and legend around
+        with Image.open(tmp_path / "out" / f"{stem}_overlay.jpg") as overlay:
+            assert overlay.width == 2 * width + 6 and overlay.height > height
 
 
 def test_model_uris_resolve_to_the_logged_checkpoint(tmp_path, monkeypatch, mlflow_uri):

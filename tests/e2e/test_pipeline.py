@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import PROJECT_ROOT, dvc_command, prepare_workspace, run_logged, stage_env
+from flows.pipeline import PROJECT_ROOT, browse_lines, dvc_command, prepare_workspace, run_logged, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -235,3 +235,19 @@ def test_stage_log_records_are_not_relayed_a_second_time(tmp_path, capsys):
     assert recorder.lines == ["Running stage 'label':"]  # dvc's own line, once, through the logger
     assert "12:00:01.250 | INFO    | Flow run 'label' - 3 images" in capsys.readouterr().out
     assert out.count("3 images") == 1
+
+
+def test_the_demo_ends_with_the_mlflow_page_of_the_headline_metrics(tmp_path, mlflow_uri):
+    """`fmbseg demo`'s closing lines name `make ui` and, once the store holds the experiment, the
+    MLflow UI's page of the runs on the headline metrics (tracking.headline_url)."""
+    from components.config import load_params
+    from flows import tracking
+
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert len(browse_lines(tmp_path)) == 1 and "make ui STORE=" in browse_lines(tmp_path)[0]  # no runs yet
+    params = load_params(tmp_path / "params.yaml")
+    with tracking.start_run(params, run_name="train", tags={}):
+        pass
+    lines = browse_lines(tmp_path)
+    assert lines[1].endswith(tracking.headline_url(params, "http://127.0.0.1:5000"))
+    assert "viewStateShareKey=headline" in lines[1]

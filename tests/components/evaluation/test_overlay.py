@@ -98,3 +98,20 @@ def test_write_overlay_writes_a_png(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "RGB" and im.size[0] == 3 * 120 + 12
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temporary file left behind
+
+
+def test_full_resolution_overlay_png_paints_every_class_and_no_class_black(tmp_path):
+    """panel_height None: each panel is the image's own pixels (no resampling), read back from a
+    real PNG; on a black image every class shows in its colour, and only unlabelled pixels stay black."""
+    height, width = 37, 53
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    label = np.random.default_rng(1).integers(0, 4, (height, width)).astype(np.uint8)
+    label[label == 3] = 255
+    path = write_overlay(tmp_path / "full.png", image, None, {"prediction": label}, ["a", "b", "c"], panel_height=None)
+    with Image.open(path) as im:
+        picture = np.asarray(im.convert("RGB"))
+    assert picture.shape[1] == 2 * width + 6
+    panel = picture[22 : 22 + height, width + 6 :]
+    np.testing.assert_array_equal(panel, np.round(class_colours()[label] * 0.55).astype(np.uint8) * (label != 255)[..., None])
+    assert not (panel[label != 255] == 0).all(axis=1).any()  # no class is painted black
+    assert (panel[label == 255] == 0).all()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from components.labelling.store import (
 )
 from flows.cli import app
 from tests import REPO_ROOT
+from tests.oneoff_runs import run_fmbseg
 
 VOCABULARY = ["sky", "grass, lawn", "car"]
 # image id -> (original height, width): a square, a wide, a tall one, one in a sub-folder
@@ -132,10 +131,36 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
 
 
+def test_export_runs_without_a_prefect_server_and_as_a_named_flow_with_one(tmp_path: Path, prefect_harness: str) -> None:
+    """`fmbseg export` without PREFECT_API_URL starts no Prefect server (flows.runmode: the flow's
+    own function); with it, the same export is a flow run named after what it exports."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    rng = np.random.default_rng(0)
+    _write_store(tmp_path / "store", {i: (rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(16, 16)),
+                                          rng.choice(np.array([0, 1, 255], np.uint8), size=(16, 16))) for i in SIZES})
+    plain, started = run_fmbseg(["export", "--store", "store", "--out", "plain"], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert not started, plain.stderr[-3000:]
+    assert json.loads(plain.stdout)["variants"]["stage1_2"]["images"] == len(SIZES)
+
+    flowed, started = run_fmbseg(["export", "--store", "store", "--out", "flowed"], tmp_path, api_url=prefect_harness)
+    assert flowed.returncode == 0 and not started, flowed.stderr[-3000:]
+    for name in ("classes.txt", "stage1_1.json", "stage1_2.json", "stage1_1/sub/c.png"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "flowed" / name).read_bytes()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["export-both"])))
+    ours = [r for r in runs if r.parameters.get("out") == "flowed"]
+    assert len(ours) == 1 and ours[0].state is not None and ours[0].state.is_completed()
+
+
 @pytest.mark.parametrize("fillers", [0, pytest.param(297, marks=pytest.mark.slow)], ids=["8bit", "16bit"])
-def test_label_own_folder_command_end_to_end(tmp_path: Path, prefect_harness: str, fillers: int) -> None:
-    """`fmbseg label --images --classes --out --profile demo` in a folder without params.yaml: the
-    demo's miniature models label real JPEG and PNG files; then `fmbseg export` re-exports one variant.
+def test_label_own_folder_command_end_to_end(tmp_path: Path, fillers: int) -> None:
+    """`fmbseg label --images --classes --out --profile demo --overlays --overlay-size full` in a
+    folder without params.yaml, and without a Prefect server (none starts: flows.runmode): the
+    demo's miniature models label real JPEG and PNG files, with full-resolution overlays; then
+    `fmbseg export` re-exports one variant.
     With 297 more classes before the three (a 300-class --vocabulary) every map is a 16-bit PNG."""
     images = tmp_path / "photos"
     write_synthetic_unlabelled(images, num_images=2, seed=0, size=(48, 64))
@@ -145,10 +170,10 @@ def test_label_own_folder_command_end_to_end(tmp_path: Path, prefect_harness: st
     if fillers:
         (tmp_path / "vocabulary.txt").write_text("\n".join(classes) + "\n")
     chosen = ["--vocabulary", "vocabulary.txt"] if fillers else ["--classes", "sky,grass,car"]
-    cmd = [sys.executable, "-m", "flows.cli", "label", "--images", "photos", *chosen,
-           "--out", "labels", "--profile", "demo"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    done, started = run_fmbseg(["label", "--images", "photos", *chosen, "--out", "labels", "--profile", "demo",
+                                "--overlays", "--overlay-size", "full"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not started, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{\n"):])
     out = tmp_path / "labels"
     assert (out / "classes.txt").read_text().splitlines() == classes
@@ -163,6 +188,10 @@ def test_label_own_folder_command_end_to_end(tmp_path: Path, prefect_harness: st
             png = decode_label_png((out / variant / f"{image_id}.png").read_bytes())
             assert png.dtype == (np.uint16 if fillers else np.uint8)
             assert png.shape == sizes[image_id] and np.array_equal(_decoded(coco, image, 65535 if fillers else 255), png)
+    assert result["overlays"]["images"] == 3
+    for image_id, (height, width) in sizes.items():  # full resolution: image | stage1_1 | stage1_2, 6 px apart
+        with Image.open(out / "overlays" / f"{image_id}.jpg") as overlay:
+            assert overlay.format == "JPEG" and overlay.width == 3 * width + 2 * 6 and overlay.height > height
     assert not (tmp_path / "params.yaml").exists()
     if fillers:
         return  # the re-export below is the same code for 16-bit maps (an in-process Prefect run per test)
