@@ -153,13 +153,13 @@ def test_stage1_label_to_store_with_sam2(tmp_path):
     1.2 automatic masks) and written to the store, then relabelled from its kept masks alone. The
     shard test's images (one of them truncated) and settings, with SAM 2.1 in place of SAM."""
     import pyarrow.parquet as pq
-    import test_labelling_shard as shard_test
 
     from components.io import decode_label_png
     from components.labelling.plan import MaskSource
     from components.labelling.store import read_records, shard_paths
     from components.models.clip_dense import prototypes as text_prototypes
     from components.models.registry import build_clip
+    from tests.components.labelling import test_shard as shard_test
 
     clip = build_clip("mini-clip")
     models = {"clip": clip, "sam": build_sam("mini-sam2.1"),
