@@ -7,6 +7,11 @@ PY     := $(VENV)/bin/python
 # them to the builds on disk (torch 2.14.1 / torchvision 0.29.1).
 TORCH  ?= "torch>=2.3" "torchvision>=0.18"
 PYTEST_ARGS ?=
+# `make test` and `make test-fast` run on this many pytest-xdist workers (one per core of the 2-core CI
+# machine; 0 = in pytest's own process), each worker running whole test files (a file's module-scoped
+# fixtures are built once)
+TEST_WORKERS ?= 2
+XDIST  := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -25,10 +30,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -m "not standins" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not standins" $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not standins" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not standins" $(XDIST) $(PYTEST_ARGS)
 
 # `fmbseg weights train-demo` reproduces the bundled stand-in files (both retrained side by side, ~10 min)
 test-standins: install

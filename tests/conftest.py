@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import REPO_ROOT
+
 # Telemetry off and no network: set before prefect / mlflow / huggingface are imported anywhere.
 os.environ.update(
     DO_NOT_TRACK="true",
@@ -16,8 +18,9 @@ os.environ.update(
     HF_HUB_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# One intra-op thread in the stage subprocesses too (see pytest_configure): `make test` runs one pytest
+# worker per core, so a process that took every core would only contend with the other worker.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,3 +81,15 @@ def mlflow_uri(tmp_path, _migrated_mlflow_db, monkeypatch) -> str:
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On pytest-xdist workers (`make test`: `--dist loadfile --no-loadscope-reorder`, a file's tests on
+    one worker, so a module-scoped fixture such as the pipeline's workspace is built once): the files
+    that hold slow end-to-end tests go first, so that the last minutes are short files that both
+    workers share, not one long file that the other worker waits on. Stable: the order is kept
+    otherwise."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO_ROOT
+
 SERVER_MODULE = "prefect.server.api.server"  # imported only by a Prefect server's start
 _PROBE = (
     "import atexit, runpy, sys; "
@@ -23,7 +24,7 @@ def run_fmbseg(args: list[str], cwd: Path, *, api_url: str | None = None,
     ``api_url`` or unset; returns (the finished process, whether it started a Prefect server:
     imported the server module or said "Starting temporary server")."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "FMBSEG_AS_FLOW")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
     env["PREFECT_HOME"] = str(cwd / ".prefect-home")
     if api_url is not None:
         env["PREFECT_API_URL"] = api_url

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import REPO_ROOT
+
+ROOT = REPO_ROOT
 CODE_DIRS = ("components", "flows", "tests", "bench")
 DESIGN = ROOT / "docs" / "design.md"
 

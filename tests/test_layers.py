@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 # (importing package, imported package): each pair a module of the first may not import from the second
 FORBIDDEN: list[tuple[str, str, str]] = [

@@ -1,7 +1,7 @@
 """Stage 1 math on CLIP features: object presence, SAM point prompts, mask labelling.
 
 Paper §3.2 and appendix §1.1.3-1.1.4, §1.2; decisions in docs/design.md §4. Pure tensor functions, no
-model calls: every function here has a loop reference in tests/test_labelling_detect.py.
+model calls: every function here has a loop reference in tests/components/labelling/test_detect.py.
 
 Frames: the dense CLIP map covers the whole image resized to G·S × G·S, stitched to an [h, w]
 patch grid; SAM sees the whole image resized to a ``sam_size`` square. Both are resizes of the same

@@ -8,7 +8,7 @@ square), and the low-resolution logits return to the image's size through its
 ``post_process_masks`` (one bilinear resize), so a prompt decodes exactly as
 ``Sam2Model(pixel_values, input_points)`` does. The automatic masks are the interface's generator
 (segment_anything's filters and records) over these decodes; on a square image they are the masks
-of transformers' ``pipeline("mask-generation")`` with the same settings (tests/test_sam2.py).
+of transformers' ``pipeline("mask-generation")`` with the same settings (tests/components/models/test_sam2.py).
 """
 
 from __future__ import annotations

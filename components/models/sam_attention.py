@@ -4,7 +4,7 @@ segment_anything's ``Attention`` writes softmax(q k^T * scale + rel-pos bias) v 
 a GPU every block materialises and normalises the attention matrix in separate kernels. The same
 function with the decomposed relative-position terms passed as SDPA's additive mask runs in
 PyTorch's fused kernels (flash / memory-efficient where they apply, the math kernel elsewhere):
-same parameters, same state dict, outputs equal to float rounding (tests/test_sam.py).
+same parameters, same state dict, outputs equal to float rounding (tests/components/models/test_sam.py).
 """
 
 from __future__ import annotations
