@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import typer
-from prefect import flow, get_run_logger, task
 
 from components.config import ConfigError, OrchestrationConfig, Params
 from components.io import bytes_sha256, file_sha256
@@ -46,6 +45,7 @@ from flows.common import (
     stage_params,
     table_artifact,
 )
+from flows.deferred import flow, get_run_logger, task
 from flows.plots import bars_png
 
 __all__ = [

@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
@@ -44,6 +41,7 @@ from flows.common import (
     stage_params,
     table_artifact,
 )
+from flows.deferred import NO_CACHE, as_completed, flow, get_run_logger, task
 
 __all__ = [
     "STAGE_DIR",

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from components.config import Params
 from flows.common import PARAMS_FILE, Progress, class_lines, stage_params
+from flows.deferred import NO_CACHE, flow, get_run_logger, task
 
 __all__ = ["class_lines", "prepare", "segment_images", "predict_flow", "run_predict", "register"]
 

@@ -2,69 +2,45 @@
 
 Canonical layout (docs/design.md §3): ``images/<split>/<id>.<ext>``, ``labels/<split>/<id>.png`` (uint8,
 255 = ignore), ``classes.txt``, ``meta.json``.
+
+The names below load on first use, so that components.datasets.registry (names and class files,
+what components/config.py and the command line's checks read) imports without scipy and requests.
 """
 
-from components.datasets.convert import convert_benchmark, convert_image_folder, prepare_dataset
-from components.datasets.download import (
-    ChecksumMismatchError,
-    DownloadError,
-    InsufficientDiskSpaceError,
-    ManualDownloadRequired,
-    download_source,
-)
-from components.datasets.extract import UnsafeArchiveError, safe_extract
-from components.datasets.readers import (
-    CanonicalDataset,
-    UnreadableImageError,
-    list_images,
-    read_image_rgb,
-    read_label_png,
-)
-from components.datasets.registry import (
-    BENCHMARKS,
-    SOURCES,
-    BenchmarkSpec,
-    SourceSpec,
-    UnknownDatasetError,
-    class_file_path,
-    get_benchmark,
-    get_source,
-    read_class_file,
-)
-from components.datasets.synthetic import (
-    synthetic_scenes,
-    write_synthetic_benchmark,
-    write_synthetic_source,
-    write_synthetic_unlabelled,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BENCHMARKS",
-    "SOURCES",
-    "BenchmarkSpec",
-    "SourceSpec",
-    "UnknownDatasetError",
-    "get_benchmark",
-    "get_source",
-    "class_file_path",
-    "read_class_file",
-    "download_source",
-    "DownloadError",
-    "ChecksumMismatchError",
-    "InsufficientDiskSpaceError",
-    "ManualDownloadRequired",
-    "safe_extract",
-    "UnsafeArchiveError",
-    "convert_benchmark",
-    "convert_image_folder",
-    "prepare_dataset",
-    "CanonicalDataset",
-    "UnreadableImageError",
-    "list_images",
-    "read_image_rgb",
-    "read_label_png",
-    "synthetic_scenes",
-    "write_synthetic_source",
-    "write_synthetic_benchmark",
-    "write_synthetic_unlabelled",
-]
+from components.lazy import lazy_exports
+
+_WHERE = {
+    "BENCHMARKS": "registry",
+    "BenchmarkSpec": "registry",
+    "CanonicalDataset": "readers",
+    "ChecksumMismatchError": "download",
+    "DownloadError": "download",
+    "InsufficientDiskSpaceError": "download",
+    "ManualDownloadRequired": "download",
+    "SOURCES": "registry",
+    "SourceSpec": "registry",
+    "UnknownDatasetError": "registry",
+    "UnreadableImageError": "readers",
+    "UnsafeArchiveError": "extract",
+    "class_file_path": "registry",
+    "convert_benchmark": "convert",
+    "convert_image_folder": "convert",
+    "download_source": "download",
+    "get_benchmark": "registry",
+    "get_source": "registry",
+    "list_images": "readers",
+    "prepare_dataset": "convert",
+    "read_class_file": "registry",
+    "read_image_rgb": "readers",
+    "read_label_png": "readers",
+    "safe_extract": "extract",
+    "synthetic_scenes": "synthetic",
+    "write_synthetic_benchmark": "synthetic",
+    "write_synthetic_source": "synthetic",
+    "write_synthetic_unlabelled": "synthetic",
+}
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_exports(__name__, _WHERE)
