@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -62,7 +62,9 @@ from components.io import (
     file_sha256,
 )
 from components.outputs import safe_relative
-from components.segmenter import Segmenter, SegmentResult
+
+if TYPE_CHECKING:  # the segmenter (torch) loads with the model, not with this module
+    from components.segmenter import Segmenter, SegmentResult
 
 __all__ = [
     "CLASSES_FILE",

@@ -61,6 +61,13 @@ class _LazyGroup(TyperGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+            from components.hints import did_you_mean
+
+            raise _fail(f"no such command {args[0]!r}{did_you_mean(args[0], COMMANDS)}; see `fmbseg -h`")
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
@@ -83,6 +90,16 @@ class _LazyGroup(TyperGroup):
         except ValueError as err:
             raise _fail(str(err)) from None
         return super().parse_args(ctx, args[: head + 1] + rest)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """A user error that escapes a command (a missing file, a bad setting or value, a network
+        that is down) is one line on stderr and exit status 2; FMBSEG_TRACEBACK=1 shows the traceback."""
+        try:
+            return super().invoke(ctx)
+        except (OSError, ValueError) as err:  # FileNotFoundError, ConfigError, ConnectionError, ...
+            if os.environ.get("FMBSEG_TRACEBACK"):
+                raise
+            raise _fail(str(err) or type(err).__name__) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -157,8 +174,9 @@ def _in_parent_flow_run(command: Any) -> Any:
 
 
 def _fail(message: str) -> typer.Exit:
-    """A user error: one line on stderr, exit status 2 (raise what this returns)."""
-    typer.echo(f"fmbseg: {message}", err=True)
+    """A user error: one line on stderr, exit status 2 (raise what this returns); a message of
+    several lines (a settings file's list of errors) is joined into one."""
+    typer.echo(f"fmbseg: {' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
     return typer.Exit(2)
 
 
@@ -190,6 +208,7 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
             # --store DIR` or `--predictions DIR`) checks its options itself, before any start-up
             if items:
                 raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
+            _preflight(command.name, kwargs, None)
             return run(*args, **kwargs)
         path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
         try:
@@ -201,6 +220,7 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
                 check_models(params, dense_text=MODEL_CHECKED[command.name])
         except (ConfigError, ValueError) as err:
             raise _fail(str(err)) from None
+        _preflight(command.name, kwargs, params)
         if not settings:
             return run(*args, **kwargs)
         raw = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, settings)
@@ -214,6 +234,16 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
     command.callback = checked
     return command
+
+
+def _preflight(command: str, options: dict[str, Any], params: Any) -> None:
+    """flows/preflight.py's checks of ``command``: a mistake exits before the command's start-up."""
+    from flows import preflight
+
+    try:
+        preflight.check(command, options, params)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
 
 
 def _version(value: bool) -> None:

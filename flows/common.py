@@ -397,6 +397,7 @@ def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
     """The vocabulary: ``--classes "sky,grass,car"`` (one class per comma) or ``--vocabulary`` (a
     shipped class list's name or a class file, one class per line, comma-separated synonyms)."""
     from components.datasets.registry import CLASS_FILES, class_file_path, read_class_file
+    from components.hints import did_you_mean
 
     if (classes is None) == (vocabulary is None):
         raise ValueError("give the class names with exactly one of --classes and --vocabulary")
@@ -414,5 +415,6 @@ def class_lines(classes: str | None, vocabulary: str | None) -> list[str]:
             raise ValueError(f"vocabulary file {vocabulary} holds no class")
         return lines
     raise FileNotFoundError(
-        f"--vocabulary {vocabulary!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor a file"
+        f"--vocabulary {vocabulary!r} is neither a shipped class list nor a file{did_you_mean(vocabulary, CLASS_FILES)};"
+        f" shipped class lists: {', '.join(CLASS_FILES)}"
     )

@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from components.hints import did_you_mean
+
 __all__ = [
     "ArchiveKind",
     "BackgroundHandling",
@@ -543,7 +545,7 @@ def get_source(name: str) -> SourceSpec:
         return SOURCES[name]
     except KeyError:
         raise UnknownDatasetError(
-            f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}"
+            f"unknown source {name!r}{did_you_mean(name, SOURCES)}; known sources: {', '.join(sorted(SOURCES))}"
         ) from None
 
 
@@ -553,7 +555,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         return BENCHMARKS[name]
     except KeyError:
         raise UnknownDatasetError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(BENCHMARKS))}"
+            f"unknown dataset {name!r}{did_you_mean(name, BENCHMARKS)}; known datasets: {', '.join(sorted(BENCHMARKS))}"
         ) from None
 
 
@@ -561,7 +563,7 @@ def class_file_path(name: str) -> Path:
     """Path of the shipped class list ``name`` (components/datasets/classes/<name>.txt)."""
     if name not in CLASS_FILES:
         raise UnknownDatasetError(
-            f"unknown class list {name!r}; shipped class lists: {', '.join(CLASS_FILES)}"
+            f"unknown class list {name!r}{did_you_mean(name, CLASS_FILES)}; shipped class lists: {', '.join(CLASS_FILES)}"
         )
     return Path(str(resources.files("components.datasets") / "classes" / f"{name}.txt"))
 

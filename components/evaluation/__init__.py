@@ -1,41 +1,38 @@
-"""Evaluation math: inference over any encoder, SAM-mask refinement and label painting, mIoU."""
+"""Evaluation math: inference over any encoder, SAM-mask refinement and label painting, mIoU.
 
-from components.evaluation.inference import (
-    PromptSet,
-    build_prompt_set,
-    labels_from_logits,
-    labels_from_scores,
-    patch_logits,
-    predict_base,
-    predict_logits,
-    predict_logits_batch,
-    predict_scores_batch,
-    resize_short_side,
-    sliding_window_logits,
-    sliding_window_logits_batch,
-    upsampled_max,
-)
-from components.evaluation.metrics import MeanIoU
-from components.evaluation.refine import refine_with_masks
-from components.labelmaps import PAINT_ORDERS, paint_by_score, paint_masks
+The names below load on first use, so that a light module of the package (the overlay picture)
+imports without torch.
+"""
 
-__all__ = [
-    "PAINT_ORDERS",
-    "MeanIoU",
-    "PromptSet",
-    "build_prompt_set",
-    "labels_from_logits",
-    "labels_from_scores",
-    "paint_by_score",
-    "paint_masks",
-    "patch_logits",
-    "predict_base",
-    "predict_logits",
-    "predict_logits_batch",
-    "predict_scores_batch",
-    "refine_with_masks",
-    "resize_short_side",
-    "sliding_window_logits",
-    "sliding_window_logits_batch",
-    "upsampled_max",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "MeanIoU": "components.evaluation.metrics",
+    "PAINT_ORDERS": "components.labelmaps",
+    "PromptSet": "components.evaluation.inference",
+    "build_prompt_set": "components.evaluation.inference",
+    "labels_from_logits": "components.evaluation.inference",
+    "labels_from_scores": "components.evaluation.inference",
+    "paint_by_score": "components.labelmaps",
+    "paint_masks": "components.labelmaps",
+    "patch_logits": "components.evaluation.inference",
+    "predict_base": "components.evaluation.inference",
+    "predict_logits": "components.evaluation.inference",
+    "predict_logits_batch": "components.evaluation.inference",
+    "predict_scores_batch": "components.evaluation.inference",
+    "refine_with_masks": "components.evaluation.refine",
+    "resize_short_side": "components.evaluation.inference",
+    "sliding_window_logits": "components.evaluation.inference",
+    "sliding_window_logits_batch": "components.evaluation.inference",
+    "upsampled_max": "components.evaluation.inference",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
