@@ -72,12 +72,16 @@ class _LazyGroup(TyperGroup):
         if cmd_name not in COMMANDS:
             return None
         module = importlib.import_module(f"flows.{COMMANDS[cmd_name][0]}")
-        sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        sub = typer.Typer(**_TYPER_STYLE)
         sub.callback()(lambda: None)  # always a group, so one-command modules resolve the same way
         module.register(sub)
         group = typer.main.get_group(sub)
         command = group.get_command(ctx, cmd_name)
-        return _checked_settings(_in_parent_flow_run(command), self._set_items) if command is not None else None
+        if command is None:
+            return None
+        if any(p.name == "params" for p in command.params):
+            command.epilog = SET_HELP
+        return _checked_settings(_in_parent_flow_run(command), self._set_items)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # `-S KEY=VALUE` after the command name belongs to the stage command (see _checked_settings)
@@ -107,6 +111,16 @@ class _LazyGroup(TyperGroup):
 
 
 _SET_FLAGS = ("-S", "--set")
+# the end of a stage command's help: _LazyGroup.parse_args takes -S out before the command parses
+SET_HELP = ("-S, --set KEY=VALUE  override a setting of the settings file for this run (repeatable), as "
+            "`dvc exp run -S` does: -S train.lr=0.05 (values are YAML)")
+# one help style for the root and every command: click's plain help, -h and --help
+_TYPER_STYLE: dict[str, Any] = {
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
 
 
 def split_set_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -263,10 +277,7 @@ app = typer.Typer(
     "Every stage command takes --params FILE and -S KEY=VALUE (repeatable) to override a setting for "
     "one run, as `dvc exp run -S` does: `fmbseg train -S train.lr=0.05`.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **_TYPER_STYLE,
 )
 
 

@@ -10,13 +10,20 @@ FileNotFoundError or ValueError with the message for the user. The command itsel
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from components.config import Params
 
-__all__ = ["check", "CHECKS"]
+__all__ = ["check", "CHECKS", "check_online", "check_weights", "WEIGHT_HOSTS"]
+
+# where `fmbseg weights fetch` downloads from: the Hugging Face hub (or HF_ENDPOINT) and SAM's host
+WEIGHT_HOSTS = ("huggingface.co", "dl.fbaipublicfiles.com")
+ONLINE_TIMEOUT_S = 5
 
 
 def _vocabulary(options: dict[str, Any], params: Params | None) -> None:
@@ -60,8 +67,33 @@ def _evaluate(options: dict[str, Any], params: Params | None) -> None:
 
 
 def _label(options: dict[str, Any], params: Params | None) -> None:
-    if options.get("images") is not None:
+    """The vocabulary of ``--images``, and the weights of Stage 1's models: CLIP, SAM and the
+    concept teacher where the settings name one (the student's are the features stage's)."""
+    from flows.common import PARAMS_FILE, PROJECT_ROOT
+    from flows.weights import profile_specs
+
+    if params is None or options.get("images") is not None:
         _vocabulary(options, params)
+        base = options.get("params") or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else PROJECT_ROOT / PARAMS_FILE)
+        profile, (clip, sam, _dino, *teacher), weights_dir = profile_specs(Path(base), options.get("profile"))
+    else:
+        profile, selected, weights_dir = params.models.profile, params.models.selected, params.models.weights_dir
+        clip, sam, teacher = selected.clip, selected.sam, [params.models.teacher] if params.models.teacher else []
+    check_weights([clip, sam, *teacher], weights_dir=weights_dir, profile=profile)
+
+
+def check_weights(specs: list[str], *, weights_dir: str | None, profile: str) -> None:
+    """Every weight file of the registry specs ``specs`` is on disk; a FileNotFoundError naming the
+    first missing file and the command that fetches (or, for a stand-in, trains) it otherwise."""
+    from components.models.registry import get_spec
+    from components.models.weights import weights_status
+
+    missing = [row for row in weights_status([get_spec(n) for n in specs], weights_dir=weights_dir) if not row.present]
+    if missing:
+        first = missing[0]
+        more = f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else ""
+        fix = "fmbseg weights train-demo" if get_spec(first.spec).miniature else f"fmbseg weights fetch --profile {profile}"
+        raise FileNotFoundError(f"missing weights of {first.spec!r}: {first.path}{more}; get them with `{fix}`")
 
 
 CHECKS: dict[str, Callable[[dict[str, Any], Params | None], None]] = {
@@ -71,6 +103,24 @@ CHECKS: dict[str, Callable[[dict[str, Any], Params | None], None]] = {
     "download": _benchmark,
     "label": _label,
 }
+
+
+def check_online(hosts: tuple[str, ...] = WEIGHT_HOSTS) -> None:
+    """At least one of the weights' hosts answers on port 443 (HF_ENDPOINT replaces the hub); a
+    ConnectionError that says so otherwise, before the model libraries load and retry each file."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("HF_HUB_OFFLINE is set: unset it to fetch weights")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "")).hostname
+    hosts = tuple(endpoint if h == "huggingface.co" and endpoint else h for h in hosts)
+    errors = []
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=ONLINE_TIMEOUT_S).close()
+            return
+        except OSError as err:
+            errors.append(f"{host}: {err}")
+    raise ConnectionError(f"offline? cannot reach {'; '.join(errors)}. Copy the weight files into the weights "
+                          "folder instead (`fmbseg weights status` lists them)")
 
 
 def check(command: str, options: dict[str, Any], params: Params | None) -> None:

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -43,8 +43,10 @@ from components.io import (
     file_sha256,
 )
 from components.labelling.settings import TEACHER_VARIANT
-from components.labelling.stage1 import Stage1Result
 from components.outputs import safe_relative
+
+if TYPE_CHECKING:  # Stage 1's models (torch, open_clip) load with the labelling, not with the store
+    from components.labelling.stage1 import Stage1Result
 
 __all__ = [
     "SHARDS_DIR",
