@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         from flows.preflight import check_online
 
         check_online()  # offline: one line now, not five retries per file after the model libraries load
-        from components.models.weights import GatedWeightsError, fetch_weights
+        from components.models.weights import GatedWeightsError, fetch_weights  # torch (5 s): after the check
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs
