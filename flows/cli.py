@@ -198,6 +198,11 @@ def _fail(message: str) -> typer.Exit:
 MODEL_CHECKED = {"features": False, "train": False, "label": True}
 
 
+# commands a user runs on files of their own, from any folder: where the folder has no params.yaml,
+# the settings of the checkout fmbseg runs from apply (the device, dtype and weights folder they need)
+ANYWHERE = ("predict", "show", "export", "app")
+
+
 def _checked_settings(command: Any, items: list[str]) -> Any:
     """A stage command (one with a ``--params`` option) reads and validates its settings before
     anything expensive starts (the models, a Prefect server): a bad params.yaml, vocabulary or ``-S``
@@ -225,6 +230,11 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
             _preflight(command.name, kwargs, None)
             return run(*args, **kwargs)
         path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
+        if command.name in ANYWHERE and path == Path("params.yaml") and not path.exists():
+            from flows.common import PARAMS_FILE, PROJECT_ROOT
+
+            path = PROJECT_ROOT / PARAMS_FILE  # outside a project: the installed checkout's settings
+            kwargs = {**kwargs, "params": path}
         try:
             settings = parse_set(items)
             params = load_params(path, settings)
