@@ -68,18 +68,37 @@ def _evaluate(options: dict[str, Any], params: Params | None) -> None:
 
 def _label(options: dict[str, Any], params: Params | None) -> None:
     """The vocabulary of ``--images``, and the weights of Stage 1's models: CLIP, SAM and the
-    concept teacher where the settings name one (the student's are the features stage's)."""
+    concept teacher where the settings name one (the student's are the features stage's). The
+    weights are checked last, once the options the command checks itself are right (else the
+    command names what is wrong with them)."""
     from flows.common import PARAMS_FILE, PROJECT_ROOT
+    from flows.label import PROFILES
     from flows.weights import profile_specs
 
-    if params is None or options.get("images") is not None:
-        _vocabulary(options, params)
-        base = options.get("params") or (PARAMS_FILE if Path(PARAMS_FILE).is_file() else PROJECT_ROOT / PARAMS_FILE)
-        profile, (clip, sam, _dino, *teacher), weights_dir = profile_specs(Path(base), options.get("profile"))
-    else:
-        profile, selected, weights_dir = params.models.profile, params.models.selected, params.models.weights_dir
-        clip, sam, teacher = selected.clip, selected.sam, [params.models.teacher] if params.models.teacher else []
-    check_weights([clip, sam, *teacher], weights_dir=weights_dir, profile=profile)
+    images, out, given = options.get("images"), options.get("out"), options.get("params")
+    if images is None:  # the label stage of the project
+        own = ("classes", "vocabulary", "out", "variant", "profile")
+        if params is not None and not any(options.get(o) for o in own) and not options.get("overwrite"):
+            selected = params.models.selected
+            teacher = [params.models.teacher] if params.models.teacher else []
+            check_weights([selected.clip, selected.sam, *teacher], weights_dir=params.models.weights_dir,
+                          profile=params.models.profile)
+        return
+    _vocabulary(options, params)
+    profile = options.get("profile")
+    if (out is None or not Path(images).is_dir() or (options.get("classes") is None) == (options.get("vocabulary") is None)
+            or (profile is not None and (given is not None or profile not in PROFILES))
+            or (given is not None and not Path(given).is_file())
+            or (given is None and profile is None and not Path(PARAMS_FILE).is_file())):
+        return
+    from components.labelling.export import check_variants
+    from components.outputs import check_apart
+
+    check_apart(str(out), [str(images)], what="--images")
+    check_variants([options.get("variant") or "both"])
+    base = given or (PROJECT_ROOT / PARAMS_FILE if profile is not None else PARAMS_FILE)
+    name, (clip, sam, _dino, *teacher), weights_dir = profile_specs(Path(base), profile)
+    check_weights([clip, sam, *teacher], weights_dir=weights_dir, profile=name)
 
 
 def check_weights(specs: list[str], *, weights_dir: str | None, profile: str) -> None:
