@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -52,7 +52,6 @@ from components.datasets.readers import (
     scan_image_folder,
 )
 from components.datasets.registry import display_name
-from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.io import (
     atomic_write_bytes,
     atomic_write_text,
@@ -61,9 +60,12 @@ from components.io import (
     file_sha256,
 )
 from components.outputs import safe_relative
+from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.prefetch import batched, prefetch
-from components.segmenter import Segmenter, SegmentResult
 from components.skipped import SKIPPED_FILE, write_skipped
+
+if TYPE_CHECKING:  # the segmenter (torch) loads with the model, not with this module
+    from components.segmenter import Segmenter, SegmentResult
 
 __all__ = [
     "CLASSES_FILE",

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from components.datasets.registry import display_name
-from components.overlay import overlay_picture
 from components.io import unlabelled_of
 from components.labelling.export import resize_nearest
 from components.labelling.store import DETECTIONS_FILE, VARIANTS, PseudoLabels
+from components.overlay import overlay_picture
 
 __all__ = ["VARIANT_TITLES", "ReviewItem", "stage1_agreement", "review_order", "image_detections",
            "review_picture", "read_store_image"]

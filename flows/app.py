@@ -102,9 +102,9 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
 
     from components.datasets.readers import UnreadableImageError
     from components.datasets.registry import CLASS_FILES, display_name
-    from components.overlay import overlay_picture
     from components.io import encode_label_png
     from components.labelling.store import PseudoLabels
+    from components.overlay import overlay_picture
     from components.review import image_detections, read_store_image, review_order, review_picture
     from components.tryout import legend_rows, read_upload
     from flows.common import class_lines

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow
 
 from flows.common import PARAMS_FILE, output_root, project_path, stage_params, table_artifact
+from flows.deferred import flow
 
 __all__ = ["balance_flow", "register"]
 

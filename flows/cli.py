@@ -61,16 +61,27 @@ class _LazyGroup(TyperGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+            from components.hints import did_you_mean
+
+            raise _fail(f"no such command {args[0]!r}{did_you_mean(args[0], COMMANDS)}; see `fmbseg -h`")
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
         module = importlib.import_module(f"flows.{COMMANDS[cmd_name][0]}")
-        sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        sub = typer.Typer(**_TYPER_STYLE)
         sub.callback()(lambda: None)  # always a group, so one-command modules resolve the same way
         module.register(sub)
         group = typer.main.get_group(sub)
         command = group.get_command(ctx, cmd_name)
-        return _checked_settings(_in_parent_flow_run(command), self._set_items) if command is not None else None
+        if command is None:
+            return None
+        if any(p.name == "params" for p in command.params):
+            command.epilog = SET_HELP
+        return _checked_settings(_in_parent_flow_run(command), self._set_items)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # `-S KEY=VALUE` after the command name belongs to the stage command (see _checked_settings)
@@ -84,12 +95,32 @@ class _LazyGroup(TyperGroup):
             raise _fail(str(err)) from None
         return super().parse_args(ctx, args[: head + 1] + rest)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """A user error that escapes a command (a missing file, a bad setting or value, a network
+        that is down) is one line on stderr and exit status 2; FMBSEG_TRACEBACK=1 shows the traceback."""
+        try:
+            return super().invoke(ctx)
+        except (OSError, ValueError) as err:  # FileNotFoundError, ConfigError, ConnectionError, ...
+            if os.environ.get("FMBSEG_TRACEBACK"):
+                raise
+            raise _fail(str(err) or type(err).__name__) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
 
 
 _SET_FLAGS = ("-S", "--set")
+# the end of a stage command's help: _LazyGroup.parse_args takes -S out before the command parses
+SET_HELP = ("-S, --set KEY=VALUE  override a setting of the settings file for this run (repeatable), as "
+            "`dvc exp run -S` does: -S train.lr=0.05 (values are YAML)")
+# one help style for the root and every command: click's plain help, -h and --help
+_TYPER_STYLE: dict[str, Any] = {
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
 
 
 def split_set_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -157,13 +188,19 @@ def _in_parent_flow_run(command: Any) -> Any:
 
 
 def _fail(message: str) -> typer.Exit:
-    """A user error: one line on stderr, exit status 2 (raise what this returns)."""
-    typer.echo(f"fmbseg: {message}", err=True)
+    """A user error: one line on stderr, exit status 2 (raise what this returns); a message of
+    several lines (a settings file's list of errors) is joined into one."""
+    typer.echo(f"fmbseg: {' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
     return typer.Exit(2)
 
 
 # stages whose settings depend on a model spec -> whether it runs Stage 1's dense detection
 MODEL_CHECKED = {"features": False, "train": False, "label": True}
+
+
+# commands a user runs on files of their own, from any folder: where the folder has no params.yaml,
+# the settings of the checkout fmbseg runs from apply (the device, dtype and weights folder they need)
+ANYWHERE = ("predict", "show", "export", "app")
 
 
 def _checked_settings(command: Any, items: list[str]) -> Any:
@@ -190,8 +227,14 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
             # --store DIR` or `--predictions DIR`) checks its options itself, before any start-up
             if items:
                 raise _fail("-S needs a settings file: pass --params FILE (or run in the project root)")
+            _preflight(command.name, kwargs, None)
             return run(*args, **kwargs)
         path = Path(kwargs["params"] if kwargs["params"] is not None else "params.yaml")
+        if command.name in ANYWHERE and path == Path("params.yaml") and not path.exists():
+            from flows.common import PARAMS_FILE, PROJECT_ROOT
+
+            path = PROJECT_ROOT / PARAMS_FILE  # outside a project: the installed checkout's settings
+            kwargs = {**kwargs, "params": path}
         try:
             settings = parse_set(items)
             params = load_params(path, settings)
@@ -201,6 +244,7 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
                 check_models(params, dense_text=MODEL_CHECKED[command.name])
         except (ConfigError, ValueError) as err:
             raise _fail(str(err)) from None
+        _preflight(command.name, kwargs, params)
         if not settings:
             return run(*args, **kwargs)
         raw = apply_overrides(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, settings)
@@ -214,6 +258,16 @@ def _checked_settings(command: Any, items: list[str]) -> Any:
 
     command.callback = checked
     return command
+
+
+def _preflight(command: str, options: dict[str, Any], params: Any) -> None:
+    """flows/preflight.py's checks of ``command``: a mistake exits before the command's start-up."""
+    from flows import preflight
+
+    try:
+        preflight.check(command, options, params)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
 
 
 def _version(value: bool) -> None:
@@ -233,10 +287,7 @@ app = typer.Typer(
     "Every stage command takes --params FILE and -S KEY=VALUE (repeatable) to override a setting for "
     "one run, as `dvc exp run -S` does: `fmbseg train -S train.lr=0.05`.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **_TYPER_STYLE,
 )
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 from components.config import load_params
-from components.evaluation.ablation import ablation_table
 
 __all__ = ["register"]
 
@@ -22,6 +20,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, help="also write the table as CSV here"),
     ) -> None:
         """Print the side-by-side table of trained models (ablations) from MLflow."""
+        import pandas as pd  # here, not at the top (as mlflow and torch below): `compare -h` answers at once
+
+        from components.evaluation.ablation import ablation_table
         from flows import tracking
 
         settings = load_params(params)

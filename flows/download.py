@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from prefect import flow, get_run_logger, task
 
 from components.config import load_params
+from flows.deferred import flow, get_run_logger, task
 
 __all__ = ["download_flow", "register", "LOCK_FILE_NAME"]
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import typer
-from prefect import flow, get_run_logger, task
 
 from components.config import ConfigError, OrchestrationConfig, Params
 from components.io import bytes_sha256, file_sha256
@@ -44,6 +43,7 @@ from flows.common import (
     table_artifact,
     worker_cache,
 )
+from flows.deferred import flow, get_run_logger, task
 from flows.plots import bars_png
 from flows.shards import map_shards
 

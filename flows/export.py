@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from flows import runmode
 from flows.common import PARAMS_FILE, Progress
+from flows.deferred import NO_CACHE, flow, task
 
 __all__ = ["VARIANT_HELP", "check_export", "export_variant_task", "export_flow", "check_format_export",
            "export_format_task", "export_format_flow", "register"]

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import typer
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from components.features.cache import CacheImage, ShardPlan
 from flows.common import (
     PARAMS_FILE,
     cached_dino,
@@ -27,7 +23,11 @@ from flows.common import (
     stage_params,
     table_artifact,
 )
+from flows.deferred import NO_CACHE, flow, get_run_logger, task
 from flows.shards import map_shards
+
+if TYPE_CHECKING:
+    from components.features.cache import CacheImage, ShardPlan
 
 __all__ = ["list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 
@@ -36,6 +36,8 @@ __all__ = ["list_cache_images", "features_shard", "features_flow", "run_features
 def list_cache_images(train_index: str, num_workers: int) -> list[CacheImage]:
     """The distinct images of the training index, sorted by id, with their sha256 (from the
     project's hash cache where a file's size and mtime are unchanged)."""
+    import pandas as pd  # here, not at the top: pandas takes 1 s to import
+
     from components.features.cache import unique_images
     from components.hashcache import HashCache
 

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from components.config import ConfigError, Params, check_vocabulary
 from components.datasets.readers import list_images, read_image_rgb
@@ -44,6 +42,7 @@ from flows.common import (
     table_artifact,
     worker_cache,
 )
+from flows.deferred import NO_CACHE, flow, task
 from flows.shards import map_shards
 
 __all__ = [
@@ -464,8 +463,8 @@ def register(app: typer.Typer) -> None:
             return
         import json
 
-        from components.overlay import PANEL_HEIGHT, overlay_height
         from components.labelling.export import check_variants
+        from components.overlay import PANEL_HEIGHT, overlay_height
         from flows.export import export_flow
 
         variant = variant or "both"

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
-from prefect import flow, get_run_logger, runtime, task
 
 from components.config import load_params
+from flows.deferred import flow, get_run_logger, task
 from flows.parent import PARENT_ENV
 from flows.pipeline import dvc_command, run_logged, stage_env
 
@@ -41,6 +41,8 @@ def snapshot_lock(project_dir: str) -> str | None:
 @task
 def dvc_exp_run(project_dir: str, name: str) -> str:
     """`dvc exp run`: DVC reruns exactly the stages the new images (or settings) made stale."""
+    from prefect import runtime  # here, not at the top: Prefect loads when a flow runs (flows/deferred.py)
+
     env = stage_env({PARENT_ENV: str(runtime.flow_run.id)})
     return run_logged([dvc_command(), "exp", "run", "--name", name], Path(project_dir), env, get_run_logger())
 

@@ -348,7 +348,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo_cmd(
-        workspace: Path = typer.Option(PROJECT_ROOT / "demo", help="where the demo workspace is written"),
+        workspace: Path = typer.Option(PROJECT_ROOT / "demo", show_default=False,
+                                       help="where the demo workspace is written  [default: ./demo]"),
     ) -> None:
         """The whole pipeline on synthetic data with the demo world's stand-in models, in a scratch workspace."""
         _demo(workspace)

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 
 from components.config import Params
 from flows import runmode
 from flows.common import PARAMS_FILE, Progress, class_lines, stage_params
+from flows.deferred import NO_CACHE, flow, task
 
 __all__ = ["class_lines", "prepare", "segment_images", "predict_flow", "run_predict", "register"]
 
@@ -39,10 +38,10 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
     overlay_size: ``full`` or a panel height in pixels (None: the overlays' default height).
     Raises FileNotFoundError / ValueError with a message for the user."""
     from components.aligner.checkpoint import load_aligner
-    from components.overlay import PANEL_HEIGHT, overlay_height
     from components.io import file_sha256
     from components.models import resolve_device
     from components.outputs import check_apart, check_output_folder
+    from components.overlay import PANEL_HEIGHT, overlay_height
     from components.predictions import DEFAULT_MAX_PIXELS, list_sources, planned_outputs, settings_key
     from flows.tracking import resolve_model_uri
 

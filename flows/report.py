@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from prefect import flow, get_run_logger
 
 from components.config import Params
 from components.io import atomic_write_text
 from flows.common import markdown_artifact, project_path, stage_params
+from flows.deferred import flow, get_run_logger
 
 __all__ = ["report_flow", "read_metrics", "read_stage1_metrics", "register"]
 

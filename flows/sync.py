@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from prefect import flow, get_run_logger, task
 
 from components.config import load_params
 from components.datasets.sync import sync_new_images
+from flows.deferred import flow, get_run_logger, task
 
 __all__ = ["sync_flow", "register"]
 

@@ -19,17 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
 import typer
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from components.config import Params, flatten
 from components.io import file_sha256
-from flows import tracking
 from flows.common import (
     PARAMS_FILE,
     cached_clip,
@@ -41,7 +36,11 @@ from flows.common import (
     table_artifact,
     train_settings,
 )
+from flows.deferred import NO_CACHE, flow, get_run_logger, task
 from flows.plots import line_png
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "checkpoint_path",
@@ -90,6 +89,8 @@ def _data_fingerprint(params: Params) -> str:
 def text_prototypes(clip: str, device: str, weights_dir: str | None, class_names: list[str],
                     templates: list[str]) -> torch.Tensor:
     """[K, D] float32 L2-normalised text prototypes t_k from the frozen CLIP text encoder."""
+    import torch  # here, not at the top: torch takes 2-5 s to import
+
     from components.models.clip_dense import prototypes
 
     bundle = cached_clip(clip, device, weights_dir)
@@ -105,6 +106,7 @@ def fit_aligner(params_path: str, prototypes: torch.Tensor, run_id: str) -> dict
     from components.aligner.train import train_aligner
     from components.labelling.corrections import CorrectedLabels, Corrections
     from components.labelling.store import PseudoLabels
+    from flows import tracking  # here, not at the top: mlflow takes 2-4 s to import
 
     params = stage_params(params_path)
     labels = CorrectedLabels(PseudoLabels(output_root(params)), Corrections(project_path(params, "corrections")))
@@ -233,6 +235,8 @@ def _train_settings(params: Params, *, num_classes: int) -> Any:
 def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
     """(dataset, encoder or None): cached features, or pixels that a DINOv2 encoder turns into
     features per batch (``features.cache: false``)."""
+    import pandas as pd  # here, not at the top: pandas takes 1 s to import
+
     from components.aligner.data import AlignerSamples
     from components.features.cache import FeatureCache
     from components.features.encode import DinoEncoder, PixelSource
@@ -257,6 +261,8 @@ def _training_data(params: Params, labels: Any) -> tuple[Any, Any]:
 
 def _corrected_images(params: Params) -> int:
     """How many training images have a person's corrected map (train index variant ``corrected``)."""
+    import pandas as pd  # here, not at the top: pandas takes 1 s to import
+
     from components.labelling.balance import CORRECTED
 
     variants = pd.read_parquet(project_path(params, "train_index"), columns=["variant"])["variant"]
@@ -268,6 +274,7 @@ def _changed_settings(params: Params, params_path: str) -> dict[str, Any]:
     baseline commit; with ``fmbseg train -S`` (a settings file other than ./params.yaml), those that
     differ from ./params.yaml. Empty for the pipeline's own model."""
     from components.config import load_params
+    from flows import tracking  # here, not at the top: mlflow takes 2-4 s to import
 
     changed = tracking.changed_settings(params)
     project_file = Path(PARAMS_FILE)
@@ -279,6 +286,8 @@ def _changed_settings(params: Params, params_path: str) -> dict[str, Any]:
 
 def _run_name(params: Params, changed: dict[str, Any]) -> str:
     """An ablation's run reads as its axes (``aligner.kind=linear``); else the experiment's name or the model."""
+    from flows import tracking  # here, not at the top: mlflow takes 2-4 s to import
+
     a, t = params.aligner, params.train
     fallback = os.environ.get("DVC_EXP_NAME") or f"{a.kind}-{t.loss}-lr{t.lr}-tau{t.temperature}"
     return tracking.run_name_of(changed, fallback)
@@ -290,6 +299,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     registers it as a pyfunc model; returns a summary."""
     from components.aligner.train import pending_resume
     from components.labelling.store import PseudoLabels
+    from flows import tracking  # here, not at the top: mlflow takes 2-4 s to import
 
     params = stage_params(params_path)
     labels = PseudoLabels(output_root(params))

@@ -86,7 +86,10 @@ def register(app: typer.Typer) -> None:
     @weights.command("fetch")
     def fetch_cmd(names: list[str] = names_arg, profile: str = profile_opt, params: Path = params_opt) -> None:
         """Download the weight files the profile (or the named specs) needs and that are not on disk."""
-        from components.models.weights import GatedWeightsError, fetch_weights
+        from flows.preflight import check_online
+
+        check_online()  # offline: one line now, not five retries per file after the model libraries load
+        from components.models.weights import GatedWeightsError, fetch_weights  # torch (5 s): after the check
 
         label, specs, weights_dir = profile_specs(params, profile)
         specs = list(names) if names else specs

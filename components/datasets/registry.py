@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from components.hints import did_you_mean
+
 __all__ = [
     "ArchiveKind",
     "BackgroundHandling",
@@ -545,7 +547,7 @@ def get_source(name: str) -> SourceSpec:
         return SOURCES[name]
     except KeyError:
         raise UnknownDatasetError(
-            f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}"
+            f"unknown source {name!r}{did_you_mean(name, SOURCES)}; known sources: {', '.join(sorted(SOURCES))}"
         ) from None
 
 
@@ -555,7 +557,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         return BENCHMARKS[name]
     except KeyError:
         raise UnknownDatasetError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(BENCHMARKS))}"
+            f"unknown dataset {name!r}{did_you_mean(name, BENCHMARKS)}; known datasets: {', '.join(sorted(BENCHMARKS))}"
         ) from None
 
 
@@ -563,7 +565,7 @@ def class_file_path(name: str) -> Path:
     """Path of the shipped class list ``name`` (components/datasets/classes/<name>.txt)."""
     if name not in CLASS_FILES:
         raise UnknownDatasetError(
-            f"unknown class list {name!r}; shipped class lists: {', '.join(CLASS_FILES)}"
+            f"unknown class list {name!r}{did_you_mean(name, CLASS_FILES)}; shipped class lists: {', '.join(CLASS_FILES)}"
         )
     return Path(str(resources.files("components.datasets") / "classes" / f"{name}.txt"))
 
@@ -580,7 +582,8 @@ def read_class_list(spec: str, *, source: str) -> list[str]:
     path = class_list_path(spec)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{source} {spec!r} is neither a shipped class list ({', '.join(CLASS_FILES)}) nor an existing file"
+            f"{source} {spec!r} is neither a shipped class list nor an existing file{did_you_mean(spec, CLASS_FILES)};"
+            f" shipped class lists: {', '.join(CLASS_FILES)}"
         )
     return read_class_file(path)
 

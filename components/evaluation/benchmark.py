@@ -35,8 +35,8 @@ from torch import Tensor
 from components.datasets.readers import UnreadableImageError
 from components.evaluation.inference import Prediction
 from components.evaluation.metrics import MeanIoU
-from components.overlay import write_overlay
 from components.io import UNLABELLED, atomic_write_bytes, unlabelled_of
+from components.overlay import write_overlay
 
 __all__ = [
     "IGNORE_INDEX",

@@ -11,11 +11,11 @@ import numpy as np
 
 from components.datasets.readers import read_image_rgb
 from components.datasets.registry import display_name
-from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 from components.io import atomic_write_bytes, class_colours, decode_label_png, fs_path
 from components.labelling.export import resize_nearest, store_vocabulary
 from components.labelling.formats.target import fresh_folder
 from components.labelling.store import PseudoLabels
+from components.overlay import PANEL_HEIGHT, jpeg_bytes, overlay_picture
 
 __all__ = ["OVERLAYS_FOLDER", "colourise", "render_pseudo_labels", "write_store_overlays"]
 

@@ -49,6 +49,9 @@ from components.skipped import SKIPPED_FILE, write_skipped
 if TYPE_CHECKING:  # a type only: importing Stage 1 loads torch and open_clip, which reading a store needs not
     from components.labelling.stage1 import Stage1Result
 
+if TYPE_CHECKING:  # Stage 1's models (torch, open_clip) load with the labelling, not with the store
+    from components.labelling.stage1 import Stage1Result
+
 __all__ = [
     "SHARDS_DIR",
     "INDEX_FILE",
