@@ -41,12 +41,12 @@ from flows.common import (
     cached_sam,
     inference_spec,
     project_path,
-    shard_resources,
     stage1_settings,
     stage_params,
     table_artifact,
 )
 from flows.plots import bars_png
+from flows.runners import shard_resources
 
 __all__ = [
     "evaluate_flow",
@@ -491,7 +491,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(None, help="aligner checkpoint (default: ${paths.checkpoint})"),
     ) -> None:
         """Score the aligner on one benchmark, base and SAM-refined (the evaluate@<dataset> stage)."""
-        from flows.common import make_task_runner
+        from flows.runners import make_task_runner
 
         runner = make_task_runner(stage_params(params).orchestration)
         metrics = evaluate_flow.with_options(task_runner=runner)(dataset, str(params), str(model) if model else None)
@@ -507,7 +507,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score Stage 1's pseudo labels of a benchmark against its ground truth (paper Table 2)."""
         from components.labelling.settings import stage1_variants
-        from flows.common import make_task_runner
+        from flows.runners import make_task_runner
 
         settings = stage_params(params)
         try:

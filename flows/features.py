@@ -24,12 +24,11 @@ from flows.common import (
     PARAMS_FILE,
     Progress,
     cached_dino,
-    make_task_runner,
     project_path,
-    shard_resources,
     stage_params,
     table_artifact,
 )
+from flows.runners import make_task_runner, shard_resources
 
 __all__ = ["list_cache_images", "features_shard", "features_flow", "run_features", "register"]
 

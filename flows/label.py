@@ -37,13 +37,12 @@ from flows.common import (
     cached_clip,
     cached_sam,
     cached_teacher,
-    make_task_runner,
     output_root,
-    shard_resources,
     stage1_settings,
     stage_params,
     table_artifact,
 )
+from flows.runners import make_task_runner, shard_resources
 
 __all__ = [
     "STAGE_DIR",

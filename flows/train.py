@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.config import Params, flatten
 from components.io import file_sha256
-from flows import tracking
+from flows import model_registry, tracking
 from flows.common import (
     PARAMS_FILE,
     cached_clip,
@@ -304,13 +304,13 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     tags = {**tracking.standard_tags(params, _input_paths(params)), tracking.STAGE_TAG: "train"}
     if changed:
         tags[tracking.CHANGED_TAG] = tracking.run_name_of(changed, "", limit=5000)
-    model_name = tracking.registered_model_for(params, changed)
+    model_name = model_registry.registered_model_for(params, changed)
     with tracking.start_run(params, run_name=_run_name(params, changed), tags=tags, resume_run_id=run_to_resume,
                             settings=tracking.stage_settings(params, "train", changed)) as run_id:
         tracking.log_data_counts(params, run_id, {"corrected_images": _corrected_images(params)})
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
-        version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
+        version = model_registry.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
     state_path(params).unlink(missing_ok=True)
     drop_stale_scores(params)
     last = result["epochs"][-1]
