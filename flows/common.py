@@ -78,7 +78,7 @@ def profile_settings(profile: str | None, base: str | os.PathLike[str] | None = 
 
 
 # ------------------------------------------------------------------ where each stage writes, once
-# Stage flows learn an upstream stage's output from params.yaml ``paths`` (components/config.py
+# Stage flows learn an upstream stage's output from params.yaml ``paths`` (components/config/paths.py
 # declares each one once), never by importing its flow, so that editing one flow does not make DVC
 # rerun the stages after it.
 STAGE_DIR = SUB_PATHS["stage1"][1]  # the Stage 1 store's name under ``paths.pseudo``
@@ -95,12 +95,13 @@ def stage1_settings(label: LabelConfig) -> Stage1Settings:
     size filter, which params.yaml keeps under ``amg``, is Stage1Settings' own pair of fields)."""
     from dataclasses import fields
 
-    from components.labelling.settings import Stage1Settings
+    from components.labelling.settings import AmgSettings, Stage1Settings
 
-    data = label.model_dump(mode="json")
-    for key in ("min_area_frac", "max_area_frac"):
-        data[key] = data["amg"].pop(key)
-    return Stage1Settings.from_dict({f.name: data[f.name] for f in fields(Stage1Settings)})
+    amg = label.amg
+    shared = {f.name: getattr(label, f.name) for f in fields(Stage1Settings)
+              if f.name not in ("amg", "min_area_frac", "max_area_frac")}
+    return Stage1Settings(**shared, amg=AmgSettings(**{f.name: getattr(amg, f.name) for f in fields(AmgSettings)}),
+                          min_area_frac=amg.min_area_frac, max_area_frac=amg.max_area_frac)
 
 
 def train_settings(aligner: AlignerConfig, train: TrainConfig, *, in_dim: int, ignore_index: int) -> TrainSettings:

@@ -196,7 +196,7 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path, monkeypatch, prefec
 def test_evaluate_stage1_variants(tmp_path, monkeypatch, prefect_harness, mlflow_uri):
     """One run scores the three variants in one pass: a metrics file, a per-class file and an MLflow
     run each."""
-    from flows.evaluate import evaluate_stage1_flow
+    from flows.evaluate_stage1 import evaluate_stage1_flow
 
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, ("pv21",), num_images=2)

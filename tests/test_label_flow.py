@@ -20,6 +20,7 @@ from PIL import Image
 import flows.label as label_module
 from components.datasets.synthetic import write_synthetic_unlabelled
 from components.io import encode_label_png
+from components.labelling.plan import PlannedShard
 from components.labelling.store import (
     DETECTION_SCHEMA,
     INDEX_SCHEMA,
@@ -29,7 +30,7 @@ from components.labelling.store import (
     read_records,
 )
 from flows.balance import balance_flow
-from flows.label import run_label
+from flows.label import LabelContext, run_label
 
 PARAMS = {
     "paths": {"images": "imgs", "incoming": "incoming", "pseudo": "pseudo", "reports": "reports"},
@@ -160,8 +161,8 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
     real_run_shard = label_module.run_shard
     calls: list[list[str]] = []
 
-    def failing_after_first(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-        calls.append([e["image_id"] for e in job["images"]])
+    def failing_after_first(context: LabelContext, job: PlannedShard) -> dict[str, Any]:
+        calls.append([e.image_id for e in job.images])
         if len(calls) > 1:
             raise RuntimeError("simulated crash")
         return real_run_shard(context, job)
@@ -177,8 +178,8 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
 
     calls.clear()
 
-    def counting(context: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-        calls.append([e["image_id"] for e in job["images"]])
+    def counting(context: LabelContext, job: PlannedShard) -> dict[str, Any]:
+        calls.append([e.image_id for e in job.images])
         return real_run_shard(context, job)
 
     monkeypatch.setattr(label_module, "run_shard", counting)
@@ -296,6 +297,17 @@ def test_cli_balance_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p
     result = runner.invoke(app, ["show", "nope"])
     assert result.exit_code == 2 and "no pseudo labels for image id 'nope'" in result.output
     shutil.rmtree(project / "reports", ignore_errors=True)
+
+
+def test_every_stage1_setting_is_counted_or_named_as_not_changing_a_label() -> None:
+    """The resume keys hash an explicit list of Stage1Settings' fields: a new field must join the
+    masks' list, the labels' list, or the list of those that cannot change a label."""
+    from dataclasses import fields
+
+    from components.labelling.settings import LABEL_FIELDS, MASK_FIELDS, UNCOUNTED_FIELDS, Stage1Settings
+
+    listed = [*MASK_FIELDS, *LABEL_FIELDS, *UNCOUNTED_FIELDS]
+    assert sorted(listed) == sorted(f.name for f in fields(Stage1Settings))
 
 
 def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:

@@ -320,7 +320,7 @@ def test_evaluate_stage1_scores_the_teacher_rows(tmp_path: Path, monkeypatch: py
     from test_evaluate_flow import make_project, sequential
 
     from components.evaluation.report import stage1_rows
-    from flows.evaluate import evaluate_stage1_flow
+    from flows.evaluate_stage1 import evaluate_stage1_flow
     from flows.report import read_stage1_metrics
 
     monkeypatch.chdir(tmp_path)

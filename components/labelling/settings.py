@@ -1,19 +1,20 @@
 """The settings of Stage 1, declared once: plain values, importable without torch.
 
-components/config.py builds params.yaml's ``label`` section on these names (the same Literal
+components/config/schemas.py builds params.yaml's ``label`` section on these names (the same Literal
 alias), and flows/common.py ``stage1_settings`` fills :class:`Stage1Settings` from it by field
-name.
+name; flows pass these objects to their tasks as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 from components.models.dense_modes import DENSE_MODES, DenseMode
 
-__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "TEACHER_VARIANT",
+__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "MASK_FIELDS", "LABEL_FIELDS",
+           "UNCOUNTED_FIELDS", "STAGE1_VARIANTS", "TEACHER_VARIANT",
            "LABEL_VARIANTS", "TEACHER_EVAL_VARIANTS", "stage1_variants"]
 
 STAGE1_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", "semi")
@@ -73,18 +74,28 @@ class Stage1Settings:
     max_area_frac: float
     crop_batch: int
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Stage1Settings:
-        """Inverse of ``dataclasses.asdict`` (settings travel to workers as plain dicts)."""
-        return cls(**{**data, "amg": AmgSettings(**data["amg"])})
-
     def mask_side(self) -> dict[str, Any]:
-        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash)."""
-        return {"sam_size": self.sam_size, "amg": asdict(self.amg)}
+        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash):
+        :data:`MASK_FIELDS`, as plain values."""
+        return self._plain(MASK_FIELDS)
 
     def label_side(self) -> dict[str, Any]:
-        """The settings that only change how masks are prompted, labelled and painted."""
-        side = asdict(self)
-        for key in ("sam_size", "amg", "crop_batch"):
-            side.pop(key)
-        return side
+        """The settings that only change how masks are prompted, labelled and painted:
+        :data:`LABEL_FIELDS`, as plain values."""
+        return self._plain(LABEL_FIELDS)
+
+    def counted(self) -> dict[str, Any]:
+        """Every setting a label depends on (:meth:`mask_side` and :meth:`label_side`)."""
+        return {**self.mask_side(), **self.label_side()}
+
+    def _plain(self, names: Sequence[str]) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in names}
+        return {name: asdict(v) if is_dataclass(v) else v for name, v in values.items()}
+
+
+# What a label depends on, field by field (the resume keys hash these); a new field of
+# Stage1Settings belongs to one of the three (tests/test_label_flow.py checks).
+MASK_FIELDS: tuple[str, ...] = ("sam_size", "amg")
+LABEL_FIELDS: tuple[str, ...] = ("grid", "dense_mode", "min_crops", "top_k_points", "label_size", "min_area_frac",
+                                 "max_area_frac")
+UNCOUNTED_FIELDS: tuple[str, ...] = ("crop_batch",)  # CLIP crops per forward: speed, not labels
