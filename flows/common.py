@@ -91,17 +91,13 @@ def output_root(params: Params) -> Path:
 
 # ------------------------------------------------------- settings the components take, built once
 def stage1_settings(label: LabelConfig) -> Stage1Settings:
-    """params.yaml ``label`` -> the components' Stage1Settings: the fields they share, by name (the
-    size filter, which params.yaml keeps under ``amg``, is Stage1Settings' own pair of fields)."""
+    """params.yaml ``label`` -> the components' Stage1Settings: the fields they share, by name."""
     from dataclasses import fields
 
     from components.labelling.settings import AmgSettings, Stage1Settings
 
-    amg = label.amg
-    shared = {f.name: getattr(label, f.name) for f in fields(Stage1Settings)
-              if f.name not in ("amg", "min_area_frac", "max_area_frac")}
-    return Stage1Settings(**shared, amg=AmgSettings(**{f.name: getattr(amg, f.name) for f in fields(AmgSettings)}),
-                          min_area_frac=amg.min_area_frac, max_area_frac=amg.max_area_frac)
+    shared = {f.name: getattr(label, f.name) for f in fields(Stage1Settings) if f.name != "amg"}
+    return Stage1Settings(**shared, amg=AmgSettings.of(label.amg))
 
 
 def train_settings(aligner: AlignerConfig, train: TrainConfig, *, in_dim: int, ignore_index: int) -> TrainSettings:

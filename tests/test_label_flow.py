@@ -304,10 +304,31 @@ def test_every_stage1_setting_is_counted_or_named_as_not_changing_a_label() -> N
     masks' list, the labels' list, or the list of those that cannot change a label."""
     from dataclasses import fields
 
-    from components.labelling.settings import LABEL_FIELDS, MASK_FIELDS, UNCOUNTED_FIELDS, Stage1Settings
+    from components.labelling.settings import (
+        AMG_GENERATOR_FIELDS,
+        LABEL_FIELDS,
+        MASK_FIELDS,
+        UNCOUNTED_FIELDS,
+        AmgSettings,
+        Stage1Settings,
+    )
 
     listed = [*MASK_FIELDS, *LABEL_FIELDS, *UNCOUNTED_FIELDS]
     assert sorted(listed) == sorted(f.name for f in fields(Stage1Settings))
+    # amg: the generator's settings (masks), then the size filter (labels)
+    assert [f.name for f in fields(AmgSettings)] == [*AMG_GENERATOR_FIELDS, "min_area_frac", "max_area_frac"]
+
+
+def test_settings_hashes_stay_those_stores_were_labelled_under() -> None:
+    """A store labelled by an earlier version resumes: the hashes of fixed settings do not move when
+    the code that computes them does (values written by the version before typed settings)."""
+    from components.config import apply_overrides, parse_params
+    from flows.label import settings_hashes, vocabulary_lines
+
+    vocabulary = vocabulary_lines("voc21")
+    assert settings_hashes(parse_params(PARAMS), vocabulary) == ("5b74d18d1aa68c64", "47102d948e1df550")
+    taught = parse_params(apply_overrides(PARAMS, {"models.teacher": "mini-sam3"}))
+    assert settings_hashes(taught, vocabulary) == ("adec24dfd00fffe3", "47102d948e1df550")
 
 
 def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:

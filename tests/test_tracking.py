@@ -20,6 +20,7 @@ from mini_checkpoint import write_mini_checkpoint
 from components.aligner.checkpoint import InferenceSpec, save_checkpoint
 from components.aligner.model import Aligner
 from components.config import flatten, parse_params
+from components.labelling.settings import AmgSettings
 from flows import model_registry, tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_standard_tags(tmp_path, monkeypatch) -> None:
 
 
 INFERENCE = InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, window=56, stride=28,
-                          amg={"min_area_frac": 0.0, "max_area_frac": 1.0})
+                          amg=AmgSettings(min_area_frac=0.0, max_area_frac=1.0))
 
 
 def test_champion_promotion(tmp_path, mlflow_uri) -> None:

@@ -98,7 +98,7 @@ class DownloadConfig(Section):
 # ----------------------------------------------------------------------------------------- label
 class AmgConfig(Section):
     """SamAutomaticMaskGenerator settings plus the size filter (paper appendix 1.2): the fields of
-    components.labelling.settings.AmgSettings, and Stage1Settings' min_area_frac / max_area_frac."""
+    components.labelling.settings.AmgSettings, one for one and in its order."""
 
     points_per_side: int = Field(32, ge=1)
     points_per_batch: int = Field(64, ge=1)
@@ -156,8 +156,7 @@ def check_vocabulary(lines: list[str], *, source: str, unit: str = "line") -> li
 
 
 class LabelConfig(Section):
-    """The fields of components.labelling.settings.Stage1Settings (same names, same types; the size
-    filter under ``amg``), plus what picks and feeds the images and classes (vocabulary, templates,
+    """The fields of components.labelling.settings.Stage1Settings (same names, same types), plus what picks and feeds the images and classes (vocabulary, templates,
     presence, shards, workers), which flows/label.py reads itself."""
 
     vocabulary: str = "cocostuff171"
