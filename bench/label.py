@@ -154,12 +154,12 @@ def straightforward_image(image: Any, clip: Any, sam: Any, protos: torch.Tensor,
     with clocks.step("prompts"):
         s11 = stage1_1(embedded, patches, protos, found, top_k_points=settings.top_k_points)
     with clocks.step("amg"):
-        generator = SamAutomaticMaskGenerator(sam, **vars(settings.amg), output_mode="coco_rle")
+        generator = SamAutomaticMaskGenerator(sam, **settings.amg.generator_args(), output_mode="coco_rle")
         amg = [AmgMask(r["segmentation"]["counts"].encode(), r["predicted_iou"], r["stability_score"], r["area"])
                for r in generator.generate(prepared.sam_image)]
     with clocks.step("labelling"):
         s12 = stage1_2(decode_masks(amg, settings.sam_size), patches, protos, found,
-                       min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
+                       **settings.amg.size_filter())
         result = stage1_result(found, s11, s12, amg, label_size=settings.label_size)
     return result, prepared.height, prepared.width
 

@@ -85,7 +85,7 @@ def main() -> None:
           f"device {device}, dtype {dtype if device.type == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}")
     print(f"# {args.images} timed JPEGs of {IMAGE_HW[1]}x{IMAGE_HW[0]} (+{args.warmup} warm-up), batch "
           f"{args.batch_size}, short side {spec.short_side}, window {spec.window} / stride {spec.stride}, "
-          f"AMG {spec.amg['points_per_side']}^2 points, {len(classes)} classes ({params.label.vocabulary})")
+          f"AMG {spec.amg.points_per_side}^2 points, {len(classes)} classes ({params.label.vocabulary})")
     if random:
         print(f"# RANDOM weights (files absent): {', '.join(random)}")
     print("| variant | images/s | s/image | in models | " + " | ".join(MODULES) + " |")

@@ -31,6 +31,7 @@ from components.aligner.checkpoint import InferenceSpec
 from components.aligner.model import Aligner
 from components.datasets.registry import class_file_path, display_name, read_class_file
 from components.labelling.concepts import ConceptSettings, fuse_concepts, prompt_order
+from components.labelling.settings import AmgSettings
 from components.models import build_clip, build_dino, get_spec, resolve_device
 from components.models.registry import _tokenizer
 from components.models.sam3 import SAM3_CONTEXT, Sam3Teacher
@@ -95,7 +96,7 @@ def student_rows(images: list[np.ndarray], counts: list[int], device: torch.devi
         aligner=aligner, dino=build_dino(student, device=device, random_weights=True), dino_spec=dino_spec,
         clip=clip, inference=InferenceSpec(sam="vit_h", templates=("a photo of a {}.",), short_side=window,
                                            window=window, stride=window // 2,
-                                           amg={"min_area_frac": 0.0, "max_area_frac": 1.0}),
+                                           amg=AmgSettings(min_area_frac=0.0, max_area_frac=1.0)),
         device=device,
     )
     rows = []

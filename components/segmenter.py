@@ -164,9 +164,8 @@ class Segmenter:
         self._sam: Sam | None = None
         self._lock = threading.Lock()
         self._vocabularies: dict[tuple[Any, ...], Vocabulary] = {}
-        amg = dict(inference.amg)
-        self._size_filter = (amg.pop("min_area_frac"), amg.pop("max_area_frac"))
-        self._amg = amg
+        self._size_filter = (inference.amg.min_area_frac, inference.amg.max_area_frac)
+        self._amg = inference.amg.generator_args()
 
     @classmethod
     def from_checkpoint(

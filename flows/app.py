@@ -5,7 +5,7 @@ Two tabs:
 - **Try the model**: upload an image (or pick one of the store's), type class names or pick a
   shipped vocabulary, toggle SAM refinement, name the model (a checkpoint path, ``runs:/<run_id>``,
   ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, resolved by
-  ``tracking.resolve_model_uri`` as ``fmbseg predict`` resolves it). The one Stage 2 segmenter
+  ``model_registry.resolve_model_uri`` as ``fmbseg predict`` resolves it). The one Stage 2 segmenter
   (``components.segmenter.Segmenter``) segments it; the page shows the overlay, a legend with each
   class's pixel share and score, and the label PNG to download. An upload that is not an image, or
   has more pixels than ``--max-pixels``, is refused with a message (``components.tryout``).
@@ -59,7 +59,7 @@ class ModelCache:
         from components.io import file_sha256
         from components.models import resolve_device
         from components.segmenter import Segmenter
-        from flows.tracking import resolve_model_uri
+        from flows.model_registry import resolve_model_uri
 
         checkpoint = resolve_model_uri((reference or "").strip() or self.default, self.params)
         key = file_sha256(checkpoint)  # a runs:/ URI downloads its checkpoint again on every call
@@ -243,7 +243,7 @@ def register(app: typer.Typer) -> None:
 
                 PseudoLabels(store)
             if model is not None:
-                from flows.tracking import resolve_model_uri
+                from flows.model_registry import resolve_model_uri
 
                 resolve_model_uri(model, settings)
         except (FileNotFoundError, ValueError) as err:

@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("features", "Cache frozen student-encoder (DINOv2 / DINOv3) patch features for the training images."),
     "train": ("train", "Train the aligner with TSupCon (one MLflow run per model)."),
     "evaluate": ("evaluate", "Evaluate the model on one benchmark, base and SAM-refined."),
-    "evaluate-stage1": ("evaluate", "Score Stage 1's pseudo labels on a benchmark (paper Table 2)."),
+    "evaluate-stage1": ("evaluate_stage1", "Score Stage 1's pseudo labels on a benchmark (paper Table 2)."),
     "predict": ("predict", "Segment new images with a trained model, for any class names (resumable)."),
     "report": ("report", "The benchmark table next to the paper's numbers (markdown + CSV)."),
     "compare": ("compare", "The side-by-side table of trained models (ablations) from MLflow."),

@@ -18,12 +18,12 @@ import typer
 from flows.common import (
     PARAMS_FILE,
     cached_dino,
-    make_task_runner,
     project_path,
     stage_params,
     table_artifact,
 )
 from flows.deferred import NO_CACHE, flow, get_run_logger, task
+from flows.runners import make_task_runner
 from flows.shards import map_shards
 
 if TYPE_CHECKING:

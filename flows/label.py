@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -35,7 +35,6 @@ from flows.common import (
     cached_clip,
     cached_sam,
     cached_teacher,
-    make_task_runner,
     output_root,
     stage1_settings,
     stage_params,
@@ -43,7 +42,13 @@ from flows.common import (
     worker_cache,
 )
 from flows.deferred import NO_CACHE, flow, task
+from flows.runners import make_task_runner
 from flows.shards import map_shards
+
+if TYPE_CHECKING:
+    from components.labelling.concepts import ConceptSettings
+    from components.labelling.plan import PlannedShard
+    from components.labelling.settings import Stage1Settings
 
 __all__ = [
     "STAGE_DIR",
@@ -53,6 +58,7 @@ __all__ = [
     "settings_hashes",
     "image_folders",
     "list_inputs",
+    "LabelContext",
     "run_shard",
     "label_shard",
     "label_flow",
@@ -163,58 +169,76 @@ def check_teacher(params: Params) -> None:
     teacher_weights(name, params.models.weights_dir)
 
 
-def run_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LabelContext:
+    """What every shard task of a run shares: the store, the models, the vocabulary and the
+    settings (typed, as params.yaml's validation built them), and the run's settings hashes.
+    ``ground_truth_map``: the ground truth's class index -> the vocabulary's (presence from the
+    ground truth; None: by CLIP); ``teacher`` / ``concepts``: the concept teacher (None: none)."""
+
+    root: str
+    clip: str
+    sam: str
+    device: str
+    dtype: str
+    weights_dir: str | None
+    vocabulary: tuple[str, ...]
+    templates: tuple[str, ...]
+    settings: Stage1Settings
+    settings_hash: str
+    mask_settings_hash: str
+    num_workers: int
+    ground_truth_dir: str | None
+    ground_truth_map: tuple[int, ...] | None
+    teacher: str | None
+    concepts: ConceptSettings
+
+
+def run_shard(context: LabelContext, shard: PlannedShard, tally: str | None = None) -> dict[str, Any]:
     """Label one shard with the worker's cached models (components.labelling.shard.label_shard),
-    ticking the tally file ``tally`` (components.progress.counter) per image; returns its report ({"shard_id", "labelled", "skipped",
-    "reused_masks", "timings"})."""
+    ticking the tally file ``tally`` (components.progress.counter) per image; returns its report
+    ({"shard_id", "labelled", "skipped", "reused_masks", "timings"})."""
     import torch
 
-    from components.labelling import shard
-    from components.labelling.plan import MaskSource
-    from components.labelling.settings import Stage1Settings
-    from components.labelling.store import ImageEntry
+    from components.labelling import shard as shards
     from components.models.registry import resolve_device
     from components.progress import counter
 
-    device = str(resolve_device(context["device"]))
-    clip = cached_clip(context["clip"], device, context["weights_dir"])
-    sam = cached_sam(context["sam"], device, context["weights_dir"])
-    prototypes = _cached_prototypes(
-        context["clip"], device, context["weights_dir"], tuple(context["vocabulary"]), tuple(context["templates"]),
-        context["dtype"],
-    )
+    device = str(resolve_device(context.device))
+    clip = cached_clip(context.clip, device, context.weights_dir)
+    sam = cached_sam(context.sam, device, context.weights_dir)
+    prototypes = _cached_prototypes(context.clip, device, context.weights_dir, context.vocabulary, context.templates,
+                                    context.dtype)
     ground_truth = None
-    if context["ground_truth_dir"]:
-        ground_truth = shard.GroundTruth(context["ground_truth_dir"], torch.tensor(context["ground_truth_map"]))
+    if context.ground_truth_dir:
+        ground_truth = shards.GroundTruth(context.ground_truth_dir, torch.tensor(context.ground_truth_map))
     teacher = None
-    if context.get("teacher"):
-        from components.labelling.concepts import ConceptSettings, ConceptTeacher
+    if context.teacher:
+        from components.labelling.concepts import ConceptTeacher
 
-        teacher = ConceptTeacher.for_vocabulary(
-            cached_teacher(context["teacher"], device, context["weights_dir"]),
-            ConceptSettings(**context["concepts"]), context["vocabulary"],
-        )
-    return shard.label_shard(
-        context["root"], job["shard_id"], [ImageEntry(**e) for e in job["images"]],
+        teacher = ConceptTeacher.for_vocabulary(cached_teacher(context.teacher, device, context.weights_dir),
+                                                context.concepts, list(context.vocabulary))
+    return shards.label_shard(
+        context.root, shard.shard_id, list(shard.images),
         clip=clip, sam=sam, prototypes=prototypes,
-        settings=Stage1Settings.from_dict(context["settings"]),
-        vocabulary=context["vocabulary"],
-        settings_hash=context["settings_hash"],
-        mask_settings_hash=context["mask_settings_hash"],
-        mask_sources={k: MaskSource(**v) for k, v in job["mask_sources"].items()},
+        settings=context.settings,
+        vocabulary=list(context.vocabulary),
+        settings_hash=context.settings_hash,
+        mask_settings_hash=context.mask_settings_hash,
+        mask_sources=shard.mask_sources,
         ground_truth=ground_truth,
         teacher=teacher,
-        dtype=context["dtype"],
-        num_workers=context["num_workers"],
+        dtype=context.dtype,
+        num_workers=context.num_workers,
         on_image=counter(tally),
     )
 
 
-@task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{job[shard_id]}")
-def label_shard(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
+@task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label-shard-{shard.shard_id}")
+def label_shard(context: LabelContext, shard: PlannedShard, tally: str | None = None) -> dict[str, Any]:
     """Stage 1 for one shard of images, written atomically with its completion record; each image
     done ticks the flow's progress tally (the file ``tally``, when given)."""
-    return run_shard(context, job, tally)
+    return run_shard(context, shard, tally)
 
 
 # ------------------------------------------------------------------------------------- the flow
@@ -234,6 +258,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 @flow(name="label", flow_run_name="label", log_prints=True)
 def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """FMbSeg Stage 1 over the image folder: pseudo labels under ``${paths.pseudo}/stage1``."""
+    from components.labelling.concepts import ConceptSettings
     from components.labelling.detect import class_index_map
     from components.labelling.plan import plan_shards
     from components.labelling.store import SUMMARY_FILE, ImageEntry, merge_outputs, read_records, summarise
@@ -245,7 +270,7 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     vocabulary = vocabulary_lines(params.label.vocabulary)
     full_hash, mask_hash = settings_hashes(params, vocabulary)
     gt_dir = params.label.ground_truth_dir if params.label.presence == "ground_truth" else None
-    gt_map = class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist() if gt_dir else None
+    gt_map = tuple(class_index_map(read_class_file(Path(gt_dir) / "classes.txt"), vocabulary).tolist()) if gt_dir else None
 
     raw_entries, pre_skipped = runmode.call(list_inputs, image_folders(params), params.label.num_workers,
                                             params.label.external_symlinks)
@@ -256,31 +281,26 @@ def label_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     log.info("%d images: %d already labelled in %d shards, %d to label in %d shards (settings %s)",
              len(entries), len(entries) - todo, len(plan.done), todo, len(plan.pending), full_hash)
 
-    context = {
-        "root": root.as_posix(),
-        "clip": params.models.selected.clip,
-        "sam": params.models.selected.sam,
-        "device": params.models.device,
-        "dtype": params.models.dtype,
-        "weights_dir": params.models.weights_dir,
-        "vocabulary": vocabulary,
-        "templates": list(params.label.templates),
-        "settings": asdict(stage1_settings(params.label)),
-        "settings_hash": full_hash,
-        "mask_settings_hash": mask_hash,
-        "num_workers": params.label.num_workers,
-        "ground_truth_dir": gt_dir,
-        "ground_truth_map": gt_map,
-        "teacher": params.models.teacher,
-        "concepts": params.label.concepts.model_dump(),
-    }
-    jobs = [
-        {"shard_id": s.shard_id, "images": [asdict(e) for e in s.images],
-         "mask_sources": {k: asdict(v) for k, v in s.mask_sources.items()}}
-        for s in plan.pending
-    ]
-    reports = map_shards(label_shard, context, jobs, name=lambda job: job["shard_id"],
-                         size=lambda job: len(job["images"]), out=root, orchestration=params.orchestration,
+    context = LabelContext(
+        root=root.as_posix(),
+        clip=params.models.selected.clip,
+        sam=params.models.selected.sam,
+        device=params.models.device,
+        dtype=params.models.dtype,
+        weights_dir=params.models.weights_dir,
+        vocabulary=tuple(vocabulary),
+        templates=params.label.templates,
+        settings=stage1_settings(params.label),
+        settings_hash=full_hash,
+        mask_settings_hash=mask_hash,
+        num_workers=params.label.num_workers,
+        ground_truth_dir=gt_dir,
+        ground_truth_map=gt_map,
+        teacher=params.models.teacher,
+        concepts=ConceptSettings(**params.label.concepts.model_dump()),
+    )
+    reports = map_shards(label_shard, context, plan.pending, name=lambda shard: shard.shard_id,
+                         size=lambda shard: len(shard.images), out=root, orchestration=params.orchestration,
                          desc="label", key="label-progress")
 
     final = plan_shards(entries, read_records(root), settings_hash=full_hash, mask_settings_hash=mask_hash,

@@ -50,32 +50,32 @@ def dvc_exp_run(project_dir: str, name: str) -> str:
 @task(retries=2, retry_delay_seconds=10)
 def candidate_scores(project_dir: str, benchmarks: list[str], metric: str) -> dict:
     """The new model's MLflow run id and its mean ``metric`` over ``benchmarks``."""
-    from flows import tracking
+    from flows import model_registry, tracking
 
     params = load_params(Path(project_dir) / "params.yaml")
     model_path = Path(project_dir) / params.paths.checkpoint
-    return tracking.run_scores(tracking.checkpoint_run_id(model_path), benchmarks, metric,
-                               tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
+    return model_registry.run_scores(model_registry.checkpoint_run_id(model_path), benchmarks, metric,
+                                     tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
 
 
 @task(retries=2, retry_delay_seconds=10)
 def champion_scores(project_dir: str, benchmarks: list[str], metric: str) -> dict | None:
     """The current champion's run id and mean score (None when there is no champion yet)."""
-    from flows import tracking
+    from flows import model_registry, tracking
 
     params = load_params(Path(project_dir) / "params.yaml")
-    return tracking.champion_scores(params.tracking.registered_model, benchmarks, metric,
-                                    tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
+    return model_registry.champion_scores(params.tracking.registered_model, benchmarks, metric,
+                                          tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
 
 
 @task(retries=2, retry_delay_seconds=10)
 def promote(project_dir: str, run_id: str) -> str:
     """Register the run's checkpoint and point the ``champion`` alias at it; returns the version."""
-    from flows import tracking
+    from flows import model_registry, tracking
 
     params = load_params(Path(project_dir) / "params.yaml")
-    return tracking.promote_champion(params.tracking.registered_model, run_id,
-                                     tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
+    return model_registry.promote_champion(params.tracking.registered_model, run_id,
+                                           tracking_uri=tracking.tracking_uri(params, Path(project_dir)))
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 300])

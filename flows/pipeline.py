@@ -237,15 +237,15 @@ def _api(api_url: str) -> Iterator[None]:
 def demo_champion(workspace: Path) -> str:
     """Name the workspace's trained model the ``champion`` when its store has none (what a first
     night does), so that ``models:/<registered model>@champion`` serves it; return that URI."""
-    from flows import tracking
+    from flows import model_registry, tracking
 
     params = load_params(workspace / "params.yaml")
     uri = tracking.tracking_uri(params, workspace)
     name = params.tracking.registered_model
-    if tracking.champion_run_id(name, tracking_uri=uri) is None:
-        run_id = tracking.checkpoint_run_id(workspace / params.paths.checkpoint)
-        tracking.promote_champion(name, run_id, tracking_uri=uri)
-    return f"models:/{name}@{tracking.CHAMPION_ALIAS}"
+    if model_registry.champion_run_id(name, tracking_uri=uri) is None:
+        run_id = model_registry.checkpoint_run_id(workspace / params.paths.checkpoint)
+        model_registry.promote_champion(name, run_id, tracking_uri=uri)
+    return f"models:/{name}@{model_registry.CHAMPION_ALIAS}"
 
 
 # The demo's ablation: the paper's Table 3 axis (aligner.kind) as one DVC experiment, evaluated on

@@ -1,7 +1,7 @@
 """`fmbseg predict`: segment new images with a trained model, for any class names (the `predict` flow).
 
 The model is a checkpoint path, ``runs:/<run_id>``, ``models:/<name>@<alias>`` or ``models:/<name>/latest`` (resolved by
-``tracking.resolve_model_uri``; default: the registered champion when the store has one, else
+``model_registry.resolve_model_uri``; default: the registered champion when the store has one, else
 ``${paths.checkpoint}``). The checkpoint describes itself (DINOv2, CLIP, SAM, window
 protocol), so a model of any profile runs from any project; params.yaml supplies only the device,
 dtype and weights folder. What lands in the output folder, and how a rerun resumes, is
@@ -43,7 +43,7 @@ def prepare(params: Params, sources: list[str], out: str, *, classes: str | None
     from components.outputs import check_apart, check_output_folder
     from components.overlay import PANEL_HEIGHT, overlay_height
     from components.predictions import DEFAULT_MAX_PIXELS, list_sources, planned_outputs, settings_key
-    from flows.tracking import resolve_model_uri
+    from flows.model_registry import resolve_model_uri
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

@@ -1,6 +1,6 @@
 """The trained model as an MLflow pyfunc model (docs/design.md §6b): the segmenter behind a DataFrame API.
 
-Every train run logs :class:`SegmenterModel` (``tracking.log_model``) with the aligner checkpoint
+Every train run logs :class:`SegmenterModel` (``model_registry.log_model``) with the aligner checkpoint
 as its one artifact and the project's code and pinned requirements beside it;
 ``mlflow.pyfunc.load_model("models:/fmbseg-aligner@champion")`` and ``mlflow models serve`` rebuild
 the segmenter from that checkpoint alone. The DINOv2, CLIP (and, for refined maps, SAM) weights

@@ -1,5 +1,5 @@
 """The code file of the logged pyfunc model (MLflow "models from code"): MLflow runs it when the
-model loads, instead of unpickling an object. Only MLflow imports it (``tracking.log_model``)."""
+model loads, instead of unpickling an object. Only MLflow imports it (``model_registry.log_model``)."""
 
 from mlflow.models import set_model
 

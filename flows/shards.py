@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from components.config import OrchestrationConfig
 from components.progress import Tally
 from flows import runmode
-from flows.common import Progress, shard_resources
+from flows.common import Progress
+from flows.runners import shard_resources
 
 __all__ = ["POLL_SECONDS", "map_shards"]
 

@@ -299,7 +299,7 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     registers it as a pyfunc model; returns a summary."""
     from components.aligner.train import pending_resume
     from components.labelling.store import PseudoLabels
-    from flows import tracking  # here, not at the top: mlflow takes 2-4 s to import
+    from flows import model_registry, tracking  # here, not at the top: mlflow takes 2-4 s to import
 
     params = stage_params(params_path)
     labels = PseudoLabels(output_root(params))
@@ -314,13 +314,13 @@ def train_flow(params_path: str = PARAMS_FILE) -> dict[str, Any]:
     tags = {**tracking.standard_tags(params, _input_paths(params)), tracking.STAGE_TAG: "train"}
     if changed:
         tags[tracking.CHANGED_TAG] = tracking.run_name_of(changed, "", limit=5000)
-    model_name = tracking.registered_model_for(params, changed)
+    model_name = model_registry.registered_model_for(params, changed)
     with tracking.start_run(params, run_name=_run_name(params, changed), tags=tags, resume_run_id=run_to_resume,
                             settings=tracking.stage_settings(params, "train", changed)) as run_id:
         tracking.log_data_counts(params, run_id, {"corrected_images": _corrected_images(params)})
         result = fit_aligner(params_path, prototypes, run_id)
         tracking.log_checkpoint(params, run_id, result["checkpoint"])
-        version = tracking.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
+        version = model_registry.log_model(params, run_id, result["checkpoint"], registered_model=model_name)
     state_path(params).unlink(missing_ok=True)
     drop_stale_scores(params)
     last = result["epochs"][-1]

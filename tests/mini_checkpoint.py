@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from components.aligner.checkpoint import InferenceSpec, save_checkpoint
 from components.aligner.model import Aligner
+from components.labelling.settings import AmgSettings
 
 MINI_INFERENCE = InferenceSpec(
     sam="mini-sam", templates=("a photo of a {}.",), short_side=56, window=56, stride=28,
-    amg={"points_per_side": 4, "points_per_batch": 16, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-         "min_area_frac": 0.0, "max_area_frac": 1.0},
+    amg=AmgSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                    min_area_frac=0.0, max_area_frac=1.0),
 )
 
 

@@ -1,7 +1,7 @@
 """Stage 2: the alignment module, its losses (TSupCon, Eq. 1-4) and patch-level label pooling.
 
 The names below load on first use, so that components.aligner.settings (plain values, what
-components/config.py builds on) is importable without torch.
+components/config/ builds on) is importable without torch.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import io
 import os
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +34,7 @@ import torch
 
 from components.aligner.model import Aligner
 from components.io import atomic_write_bytes
+from components.labelling.settings import AmgSettings
 
 __all__ = ["CHECKPOINT_FORMAT", "InferenceSpec", "LoadedAligner", "spec_record", "save_checkpoint", "load_aligner",
            "refuse_other_student"]
@@ -46,7 +47,6 @@ _KEYS = ("format", "model", "aligner_config", "encoder", "text", "inference", "c
 # geometry or normalisation is another model)
 _RECORD_FIELDS = ("name", "family", "architecture", "hub_repo", "pretrained_tag", "image_size", "patch_size",
                   "embed_dim", "prefix_tokens", "mean", "std")
-_AMG_AREA_KEYS = ("min_area_frac", "max_area_frac")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class InferenceSpec:
     short_side: int | None
     window: int
     stride: int
-    amg: Mapping[str, float | int] = field(default_factory=dict)
+    amg: AmgSettings
 
     def __post_init__(self) -> None:
         if not self.templates or any("{}" not in t for t in self.templates):
@@ -74,14 +74,11 @@ class InferenceSpec:
             raise ValueError(f"need window >= 1 and 1 <= stride <= window, got {self.window} / {self.stride}")
         if self.short_side is not None and self.short_side < 1:
             raise ValueError(f"short_side must be >= 1 or None, got {self.short_side}")
-        missing = [k for k in _AMG_AREA_KEYS if k not in self.amg]
-        if missing:
-            raise ValueError(f"amg needs the size filter {list(_AMG_AREA_KEYS)}, missing {missing}")
 
     def to_dict(self) -> dict[str, object]:
         """Plain types, for the checkpoint (and JSON)."""
         out = asdict(self)
-        out["templates"], out["amg"] = list(self.templates), dict(self.amg)
+        out["templates"] = list(self.templates)
         return out
 
     @classmethod
@@ -89,7 +86,7 @@ class InferenceSpec:
         """From a benchmark's effective evaluate settings (components.config.EvaluateSettings, e.g.
         ``params.evaluate.for_benchmark(name)``) and the SAM spec of the profile."""
         return cls(sam=sam, templates=tuple(settings.templates), short_side=settings.short_side,
-                   window=settings.window, stride=settings.stride, amg=settings.amg.model_dump(mode="json"))
+                   window=settings.window, stride=settings.stride, amg=AmgSettings.of(settings.amg))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, object]) -> InferenceSpec:
@@ -98,7 +95,11 @@ class InferenceSpec:
         unknown, missing = sorted(set(raw) - set(names)), sorted(set(names) - set(raw))
         if unknown or missing:
             raise ValueError(f"inference spec keys must be {names}; unknown {unknown}, missing {missing}")
-        return cls(**{**raw, "templates": tuple(raw["templates"]), "amg": dict(raw["amg"])})  # type: ignore[arg-type]
+        amg = raw["amg"]
+        missing = [k for k in ("min_area_frac", "max_area_frac") if k not in amg]  # type: ignore[operator]
+        if missing:
+            raise ValueError(f"inference spec: amg needs the size filter, missing {missing}")
+        return cls(**{**raw, "templates": tuple(raw["templates"]), "amg": AmgSettings(**amg)})  # type: ignore[arg-type]
 
 
 class LoadedAligner(NamedTuple):

@@ -1,6 +1,6 @@
 """The settings of Stage 2 training, declared once: plain values, importable without torch.
 
-components/config.py builds params.yaml's ``aligner`` and ``train`` sections on these names (the
+components/config/schemas.py builds params.yaml's ``aligner`` and ``train`` sections on these names (the
 same Literal aliases), and flows/common.py ``train_settings`` fills :class:`TrainSettings` from
 them by field name.
 """

@@ -3,7 +3,7 @@ shard of images, their sharded storage, resumable shard planning, and the Stage 
 of the training index.
 
 The names below load on first use, so that components.labelling.settings (plain values, what
-components/config.py builds on) is importable without torch.
+components/config/ builds on) is importable without torch.
 """
 
 from __future__ import annotations

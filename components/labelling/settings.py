@@ -1,19 +1,20 @@
 """The settings of Stage 1, declared once: plain values, importable without torch.
 
-components/config.py builds params.yaml's ``label`` section on these names (the same Literal
+components/config/schemas.py builds params.yaml's ``label`` section on these names (the same Literal
 alias), and flows/common.py ``stage1_settings`` fills :class:`Stage1Settings` from it by field
-name.
+name; flows pass these objects to their tasks as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from components.models.dense_modes import DENSE_MODES, DenseMode
 
-__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "Stage1Settings", "STAGE1_VARIANTS", "TEACHER_VARIANT",
+__all__ = ["DenseMode", "DENSE_MODES", "AmgSettings", "AMG_GENERATOR_FIELDS", "Stage1Settings", "MASK_FIELDS", "LABEL_FIELDS",
+           "UNCOUNTED_FIELDS", "STAGE1_VARIANTS", "TEACHER_VARIANT",
            "LABEL_VARIANTS", "TEACHER_EVAL_VARIANTS", "stage1_variants"]
 
 STAGE1_VARIANTS: tuple[str, ...] = ("stage1_1", "stage1_2", "semi")
@@ -39,17 +40,41 @@ def stage1_variants(variants: Sequence[str] | None, teacher: bool = False) -> tu
     return chosen
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AmgSettings:
-    """SamAutomaticMaskGenerator settings (crop_n_layers is always 0: one embedding per image)."""
+    """The automatic masks' settings, one shape wherever they are used (params.yaml's ``amg``
+    sections are components.config.AmgConfig, field for field; Stage 1.2; the refinement of
+    Stage 2's inference spec): SamAutomaticMaskGenerator's settings (its defaults; crop_n_layers
+    is always 0: one embedding per image), then the size filter (paper appendix 1.2): masks
+    between ``min_area_frac`` and ``max_area_frac`` of the image area are kept."""
 
-    points_per_side: int
-    points_per_batch: int
-    pred_iou_thresh: float
-    stability_score_thresh: float
-    stability_score_offset: float
-    box_nms_thresh: float
-    min_mask_region_area: int
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    min_area_frac: float
+    max_area_frac: float
+
+    @classmethod
+    def of(cls, amg: Any) -> AmgSettings:
+        """From an object with the same fields (an ``amg`` section: components.config.AmgConfig)."""
+        return cls(**{f.name: getattr(amg, f.name) for f in fields(cls)})
+
+    def generator_args(self) -> dict[str, Any]:
+        """The mask generator's keyword arguments (MaskImage.automatic_masks, SamAutomaticMaskGenerator)."""
+        return {name: getattr(self, name) for name in AMG_GENERATOR_FIELDS}
+
+    def size_filter(self) -> dict[str, float]:
+        """``{"min_area_frac", "max_area_frac"}``: the shares of the image area a kept mask lies between."""
+        return {"min_area_frac": self.min_area_frac, "max_area_frac": self.max_area_frac}
+
+
+AMG_GENERATOR_FIELDS: tuple[str, ...] = ("points_per_side", "points_per_batch", "pred_iou_thresh",
+                                         "stability_score_thresh", "stability_score_offset", "box_nms_thresh",
+                                         "min_mask_region_area")
 
 
 @dataclass(frozen=True)
@@ -57,9 +82,8 @@ class Stage1Settings:
     """Every number of Stage 1 (params.yaml ``label``), as plain values.
 
     grid: G; dense_mode: CLIP last-block mode; min_crops: T; top_k_points: prompts per class;
-    sam_size: SAM frame side; label_size: label map side; amg: generator settings;
-    min_area_frac / max_area_frac: Stage 1.2 size filter (share of the image); crop_batch: CLIP
-    crops per forward.
+    sam_size: SAM frame side; label_size: label map side; amg: generator settings and the Stage
+    1.2 size filter; crop_batch: CLIP crops per forward.
     """
 
     grid: int
@@ -69,22 +93,25 @@ class Stage1Settings:
     sam_size: int
     label_size: int
     amg: AmgSettings
-    min_area_frac: float
-    max_area_frac: float
     crop_batch: int
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Stage1Settings:
-        """Inverse of ``dataclasses.asdict`` (settings travel to workers as plain dicts)."""
-        return cls(**{**data, "amg": AmgSettings(**data["amg"])})
-
     def mask_side(self) -> dict[str, Any]:
-        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash)."""
-        return {"sam_size": self.sam_size, "amg": asdict(self.amg)}
+        """The settings SAM's automatic masks depend on (with the SAM spec, the mask hash): the
+        SAM frame's side and the generator's settings."""
+        return {"sam_size": self.sam_size, "amg": self.amg.generator_args()}
 
     def label_side(self) -> dict[str, Any]:
-        """The settings that only change how masks are prompted, labelled and painted."""
-        side = asdict(self)
-        for key in ("sam_size", "amg", "crop_batch"):
-            side.pop(key)
-        return side
+        """The settings that only change how masks are prompted, labelled and painted:
+        :data:`LABEL_FIELDS` and the size filter."""
+        return {**{name: getattr(self, name) for name in LABEL_FIELDS}, **self.amg.size_filter()}
+
+    def counted(self) -> dict[str, Any]:
+        """Every setting a label depends on (:meth:`mask_side` and :meth:`label_side`)."""
+        return {**self.mask_side(), **self.label_side()}
+
+
+# What a label depends on, field by field (the resume keys hash these); a new field of
+# Stage1Settings belongs to one of the three (tests/test_label_flow.py checks).
+MASK_FIELDS: tuple[str, ...] = ("sam_size", "amg")  # amg: its generator's settings; its size filter labels
+LABEL_FIELDS: tuple[str, ...] = ("grid", "dense_mode", "min_crops", "top_k_points", "label_size")
+UNCOUNTED_FIELDS: tuple[str, ...] = ("crop_batch",)  # CLIP crops per forward: speed, not labels

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -203,7 +202,7 @@ def automatic_masks(sam_image: MaskImage, amg: AmgSettings) -> tuple[list[AmgMas
     """SAM's automatic masks from the image's one embedding: their records, with COCO RLE counts
     (kept for relabelling), and the masks themselves, [M, s, s] bool (Stage 1.2 reads them without
     decoding the RLEs again)."""
-    records = sam_image.automatic_masks(**asdict(amg), output_mode="binary_mask")
+    records = sam_image.automatic_masks(**amg.generator_args(), output_mode="binary_mask")
     size = sam_image.size
     masks = np.stack([r["segmentation"] for r in records]) if records else np.zeros((0, *size), dtype=bool)
     amg_masks = [
@@ -368,6 +367,6 @@ def label_image(
                 if kept_masks is not None:
                     masks = decode_masks(kept_masks, settings.sam_size)
                 s12 = stage1_2(masks, features.patches, prototypes, found,
-                               min_area_frac=settings.min_area_frac, max_area_frac=settings.max_area_frac)
+                               **settings.amg.size_filter())
     with timed(seconds, "io"):
         return stage1_result(found, s11, s12, amg, label_size=settings.label_size)

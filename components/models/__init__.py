@@ -1,7 +1,7 @@
 """Foundation models: the registry (CLIP, SAM, DINOv2), their weights and their feature functions.
 
 The names below load on first use, so that components.models.dense_modes (plain values, what
-components/labelling/settings.py and components/config.py build on) is importable without torch.
+components/labelling/settings.py and components/config/ build on) is importable without torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CLIP's dense feature modes, declared once: plain values, importable without torch.
 
 components/models/clip_dense.py computes them; components/labelling/settings.py (Stage 1's
-``dense_mode``) and components/config.py (params.yaml ``label.dense_mode``) type theirs with
+``dense_mode``) and components/config/schemas.py (params.yaml ``label.dense_mode``) type theirs with
 :data:`DenseMode`.
 """
 

@@ -266,11 +266,11 @@ def test_an_empty_image_folder_is_rejected_before_any_model_loads(tmp_path):
 
 
 def test_evaluate_an_unknown_dataset_names_the_known_ones(tmp_path):
-    from flows.evaluate import _dataset_root
+    from flows.scoring import dataset_root
 
     params = parse_params({"paths": {"datasets": str(tmp_path)}})
     with pytest.raises(ConfigError, match="unknown dataset 'nosuch'") as err:
-        _dataset_root(params, "nosuch")
+        dataset_root(params, "nosuch")
     assert "pv21" in str(err.value) and "fmbseg download nosuch" not in str(err.value)
 
 
@@ -398,7 +398,7 @@ def test_train_settings_are_the_components_own_by_field_name():
 
 
 def test_stage1_settings_are_the_components_own_by_field_name():
-    """flows/common.py builds Stage1Settings by name from label (the size filter from label.amg),
+    """flows/common.py builds Stage1Settings by name from label (and its AmgSettings from label.amg),
     and the config's dense_mode type is the components' (declared once, in
     components/models/dense_modes.py, as clip_dense's MODES and Stage1Settings' dense_mode)."""
     import subprocess
@@ -420,12 +420,11 @@ def test_stage1_settings_are_the_components_own_by_field_name():
     assert isinstance(settings, Stage1Settings) and isinstance(settings.amg, AmgSettings)
     assert (settings.grid, settings.dense_mode, settings.crop_batch) == (3, "clearclip", 5)
     assert (settings.amg.points_per_side, settings.amg.box_nms_thresh) == (7, 0.5)
-    assert (settings.min_area_frac, settings.max_area_frac) == (0.02, 0.6)
+    assert (settings.amg.min_area_frac, settings.amg.max_area_frac) == (0.02, 0.6)
     assert settings.sam_size == params.label.sam_size and settings.amg.points_per_batch == params.label.amg.points_per_batch
-    size_filter = {"min_area_frac", "max_area_frac"}  # Stage1Settings' own pair, under label.amg in params.yaml
-    assert {f.name for f in fields(Stage1Settings)} - size_filter <= set(LabelConfig.model_fields)
-    assert {f.name for f in fields(AmgSettings)} | size_filter <= set(AmgConfig.model_fields)
-    # what config.py builds on stays importable without torch (the package __init__ files load lazily)
+    assert {f.name for f in fields(Stage1Settings)} <= set(LabelConfig.model_fields)
+    assert [f.name for f in fields(AmgSettings)] == list(AmgConfig.model_fields)  # one shape
+    # what components/config/ builds on stays importable without torch (the package __init__ files load lazily)
     code = "import sys, components.config, flows.common; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

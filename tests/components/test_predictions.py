@@ -213,22 +213,22 @@ def test_command_without_a_prefect_server_writes_full_resolution_overlays(tmp_pa
 
 def test_model_uris_resolve_to_the_logged_checkpoint(tmp_path, monkeypatch, mlflow_uri):
     from components.config import parse_params
-    from flows import tracking
+    from flows import model_registry, tracking
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({})
-    assert tracking.resolve_model_uri(None, params) == Path("models") / "aligner.pt"  # no champion yet
+    assert model_registry.resolve_model_uri(None, params) == Path("models") / "aligner.pt"  # no champion yet
     with tracking.start_run(params, run_name="train", tags={}) as run_id:
         model = write_mini_checkpoint(tmp_path / "aligner.pt", run_id=run_id)
         tracking.log_checkpoint(params, run_id, model)
-        tracking.log_model(params, run_id, model)  # registers version 1, as `fmbseg train` does
-    by_run = tracking.resolve_model_uri(f"runs:/{run_id}", params, dst_dir=tmp_path / "a")
+        model_registry.log_model(params, run_id, model)  # registers version 1, as `fmbseg train` does
+    by_run = model_registry.resolve_model_uri(f"runs:/{run_id}", params, dst_dir=tmp_path / "a")
     assert by_run.read_bytes() == model.read_bytes()
-    tracking.promote_champion(params.tracking.registered_model, run_id, tracking_uri=mlflow_uri)
+    model_registry.promote_champion(params.tracking.registered_model, run_id, tracking_uri=mlflow_uri)
     for uri in (f"models:/{params.tracking.registered_model}@champion", f"models:/{params.tracking.registered_model}/1",
                 None):
-        assert tracking.resolve_model_uri(uri, params).read_bytes() == model.read_bytes()
+        assert model_registry.resolve_model_uri(uri, params).read_bytes() == model.read_bytes()
     with pytest.raises(ValueError, match="no such registered model version"):
-        tracking.resolve_model_uri(f"models:/{params.tracking.registered_model}@nightly", params)
+        model_registry.resolve_model_uri(f"models:/{params.tracking.registered_model}@nightly", params)
     with pytest.raises(ValueError, match="models:/<name>@<alias>"):
-        tracking.resolve_model_uri("models:/", params)
+        model_registry.resolve_model_uri("models:/", params)

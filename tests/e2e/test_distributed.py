@@ -68,7 +68,7 @@ def test_dask_auto_starts_one_pinned_worker_per_visible_gpu(monkeypatch, prefect
     from prefect import flow, task
 
     from components.config import OrchestrationConfig
-    from flows.common import make_task_runner
+    from flows.runners import make_task_runner
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers="auto"))
@@ -92,7 +92,7 @@ def test_dask_auto_starts_one_pinned_worker_per_visible_gpu(monkeypatch, prefect
 
 def test_dask_auto_without_gpus_is_one_worker(monkeypatch):
     from components.config import OrchestrationConfig
-    from flows.common import make_task_runner, visible_gpus
+    from flows.runners import make_task_runner, visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
@@ -106,7 +106,7 @@ def test_dask_cluster_listens_on_127_0_0_1_only_and_starts_no_dashboard(monkeypa
     import distributed
 
     from components.config import OrchestrationConfig
-    from flows.common import make_task_runner, pinned_gpu_cluster
+    from flows.runners import make_task_runner, pinned_gpu_cluster
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     runner = make_task_runner(OrchestrationConfig(task_runner="dask", dask_workers=1))

@@ -92,7 +92,7 @@ def test_a_failed_night_leaves_the_champion_and_the_data_untouched(tmp_path, pre
     import mlflow
     import yaml
 
-    from flows import tracking
+    from flows import model_registry
     from flows.nightly import nightly_flow
     from flows.pipeline import dvc_command, run_logged
 
@@ -113,7 +113,7 @@ def test_a_failed_night_leaves_the_champion_and_the_data_untouched(tmp_path, pre
     client.log_metric(run, "pv21/mIoU_base", 50.0)
     client.create_registered_model("fmbseg-aligner")
     client.create_model_version("fmbseg-aligner", f"{client.get_run(run).info.artifact_uri}/model", run_id=run)
-    version = tracking.promote_champion("fmbseg-aligner", run, tracking_uri=uri)
+    version = model_registry.promote_champion("fmbseg-aligner", run, tracking_uri=uri)
 
     # tonight: new images arrive, and labelling breaks (a vocabulary that does not exist)
     _new_images(source, 2)

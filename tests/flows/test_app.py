@@ -41,7 +41,7 @@ def test_the_page_resolves_paths_runs_and_registered_models(tmp_path: Path, monk
     """The page's model box takes what `fmbseg predict --model` takes, through the same resolver; a
     segmenter is built once per checkpoint."""
     from components.config import parse_params
-    from flows import tracking
+    from flows import model_registry, tracking
     from flows.app import ModelCache
     from tests.mini_checkpoint import write_mini_checkpoint
 
@@ -50,8 +50,8 @@ def test_the_page_resolves_paths_runs_and_registered_models(tmp_path: Path, monk
     with tracking.start_run(params, run_name="train", tags={}) as run_id:
         model = write_mini_checkpoint(tmp_path / "aligner.pt", run_id=run_id)
         tracking.log_checkpoint(params, run_id, model)
-        tracking.log_model(params, run_id, model)  # registers version 1, as `fmbseg train` does
-    tracking.promote_champion(params.tracking.registered_model, run_id, tracking_uri=mlflow_uri)
+        model_registry.log_model(params, run_id, model)  # registers version 1, as `fmbseg train` does
+    model_registry.promote_champion(params.tracking.registered_model, run_id, tracking_uri=mlflow_uri)
     models = ModelCache(params, default=str(model))
     first, path = models.get("")
     assert path == model and first.segment(np.zeros((8, 8, 3), np.uint8), ["a", "b"]).label_map.shape == (8, 8)

@@ -196,7 +196,7 @@ def test_unreadable_image_is_reported_and_left_out(tmp_path, monkeypatch, prefec
 def test_evaluate_stage1_variants(tmp_path, monkeypatch, prefect_harness, mlflow_uri):
     """One run scores the three variants in one pass: a metrics file, a per-class file and an MLflow
     run each."""
-    from flows.evaluate import evaluate_stage1_flow
+    from flows.evaluate_stage1 import evaluate_stage1_flow
 
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, ("pv21",), num_images=2)
@@ -256,3 +256,31 @@ def test_evaluate_overrides_apply_to_their_benchmark_only(tmp_path, monkeypatch,
         assert (recorded["bg_threshold"], recorded["limit"], recorded["short_side"]) == (threshold, limit, 56)
         assert recorded["protocol"] is None  # the miniature geometry: no published protocol
         assert recorded["synonyms"] == ("max" if name == "pv20" else "mean")
+
+
+def _flows_imported(module: str, repo: Path) -> set[str]:
+    """The flows/ modules ``module`` imports, at any depth (top-level and local imports)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((repo / "flows" / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "flows":
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flows."):
+                todo.append(node.module.split(".")[1])
+    return seen
+
+
+@pytest.mark.parametrize(("stage", "module"), [("evaluate", "evaluate"), ("evaluate-stage1", "evaluate_stage1")])
+def test_each_evaluate_stage_depends_on_the_flow_modules_it_runs_and_no_other(stage, module, repo_root):
+    """evaluate@ and evaluate-stage1@ list exactly the flows/ modules their command imports, so
+    editing evaluate-stage1's module leaves the seven evaluate@ stages up to date, and back."""
+    deps = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"][stage]["do"]["deps"]
+    listed = {Path(d).stem for d in deps if d.startswith("flows/")}
+    assert listed == _flows_imported(module, repo_root)

@@ -19,6 +19,7 @@ from PIL import Image
 
 import flows.label as label_module
 from components.io import encode_label_png
+from components.labelling.plan import PlannedShard
 from components.labelling.store import (
     DETECTION_SCHEMA,
     INDEX_SCHEMA,
@@ -29,7 +30,7 @@ from components.labelling.store import (
 from components.skipped import SKIPPED_SCHEMA
 from demoworld.synthetic import write_synthetic_unlabelled
 from flows.balance import balance_flow
-from flows.label import run_label
+from flows.label import LabelContext, run_label
 from tests import REPO_ROOT
 
 PARAMS = {
@@ -161,8 +162,8 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
     real_run_shard = label_module.run_shard
     calls: list[list[str]] = []
 
-    def failing_after_first(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
-        calls.append([e["image_id"] for e in job["images"]])
+    def failing_after_first(context: LabelContext, job: PlannedShard, tally: str | None = None) -> dict[str, Any]:
+        calls.append([e.image_id for e in job.images])
         if len(calls) > 1:
             raise RuntimeError("simulated crash")
         return real_run_shard(context, job, tally)
@@ -178,8 +179,8 @@ def test_resume_after_a_failure_and_incremental_labelling(tmp_path: Path, monkey
 
     calls.clear()
 
-    def counting(context: dict[str, Any], job: dict[str, Any], tally: str | None = None) -> dict[str, Any]:
-        calls.append([e["image_id"] for e in job["images"]])
+    def counting(context: LabelContext, job: PlannedShard, tally: str | None = None) -> dict[str, Any]:
+        calls.append([e.image_id for e in job.images])
         return real_run_shard(context, job, tally)
 
     monkeypatch.setattr(label_module, "run_shard", counting)
@@ -297,6 +298,38 @@ def test_cli_balance_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p
     result = runner.invoke(app, ["show", "nope"])
     assert result.exit_code == 2 and "no pseudo labels for image id 'nope'" in result.output
     shutil.rmtree(project / "reports", ignore_errors=True)
+
+
+def test_every_stage1_setting_is_counted_or_named_as_not_changing_a_label() -> None:
+    """The resume keys hash an explicit list of Stage1Settings' fields: a new field must join the
+    masks' list, the labels' list, or the list of those that cannot change a label."""
+    from dataclasses import fields
+
+    from components.labelling.settings import (
+        AMG_GENERATOR_FIELDS,
+        LABEL_FIELDS,
+        MASK_FIELDS,
+        UNCOUNTED_FIELDS,
+        AmgSettings,
+        Stage1Settings,
+    )
+
+    listed = [*MASK_FIELDS, *LABEL_FIELDS, *UNCOUNTED_FIELDS]
+    assert sorted(listed) == sorted(f.name for f in fields(Stage1Settings))
+    # amg: the generator's settings (masks), then the size filter (labels)
+    assert [f.name for f in fields(AmgSettings)] == [*AMG_GENERATOR_FIELDS, "min_area_frac", "max_area_frac"]
+
+
+def test_settings_hashes_stay_those_stores_were_labelled_under() -> None:
+    """A store labelled by an earlier version resumes: the hashes of fixed settings do not move when
+    the code that computes them does (values written by the version before typed settings)."""
+    from components.config import apply_overrides, parse_params
+    from flows.label import settings_hashes, vocabulary_lines
+
+    vocabulary = vocabulary_lines("voc21")
+    assert settings_hashes(parse_params(PARAMS), vocabulary) == ("5b74d18d1aa68c64", "47102d948e1df550")
+    taught = parse_params(apply_overrides(PARAMS, {"models.teacher": "mini-sam3"}))
+    assert settings_hashes(taught, vocabulary) == ("adec24dfd00fffe3", "47102d948e1df550")
 
 
 def test_settings_hashes_follow_what_labels_and_masks_depend_on() -> None:

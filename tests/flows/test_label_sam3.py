@@ -318,7 +318,7 @@ def test_evaluate_stage1_scores_the_teacher_rows(tmp_path: Path, monkeypatch: py
     """With a teacher, evaluate-stage1 adds its two Table-2-style rows (a metrics file each); the
     report reads them next to the paper's variants."""
     from components.evaluation.report import stage1_rows
-    from flows.evaluate import evaluate_stage1_flow
+    from flows.evaluate_stage1 import evaluate_stage1_flow
     from flows.report import read_stage1_metrics
     from tests.flows.test_evaluate import make_project, sequential
 

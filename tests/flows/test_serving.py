@@ -25,7 +25,7 @@ from PIL import Image
 
 from components.config import ConfigError, parse_params
 from components.segmenter import Segmenter
-from flows import serving, tracking
+from flows import model_registry, serving, tracking
 from flows.server import free_port
 from tests import REPO_ROOT
 from tests.mini_checkpoint import write_mini_checkpoint
@@ -54,7 +54,7 @@ def logged_run(checkpoint: Path, serve: dict | None = None) -> tuple[str, str]:
     params.yaml's defaults): (run id, registered version)."""
     params = parse_params({"serve": serve} if serve else {})
     with tracking.start_run(params, run_name="train", tags={tracking.STAGE_TAG: "train"}) as run_id:
-        version = tracking.log_model(params, run_id, checkpoint)
+        version = model_registry.log_model(params, run_id, checkpoint)
     return run_id, version
 
 
@@ -112,8 +112,8 @@ def test_every_logged_model_is_a_new_version_loadable_by_models_uri(checkpoint, 
     assert version.run_id == second_run and version.source.startswith("models:/")
     assert client.get_run(second_run).info.status == "FINISHED"
     # the champion alias moves among the registered versions
-    assert tracking.promote_champion(MODEL, first_run, tracking_uri=mlflow_uri) == "1"
-    assert client.get_model_version_by_alias(MODEL, tracking.CHAMPION_ALIAS).run_id == first_run
+    assert model_registry.promote_champion(MODEL, first_run, tracking_uri=mlflow_uri) == "1"
+    assert client.get_model_version_by_alias(MODEL, model_registry.CHAMPION_ALIAS).run_id == first_run
 
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1", dst_path=str(tmp_path / "v1")))
     assert (files / "artifacts" / "aligner.pt").read_bytes() == checkpoint.read_bytes()
@@ -245,7 +245,7 @@ def test_promoting_a_run_without_a_registered_model_is_an_error(mlflow_uri) -> N
     with tracking.start_run(parse_params({}), run_name="untrained", tags={}) as run_id:
         pass
     with pytest.raises(LookupError, match="registered no version"):
-        tracking.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
+        model_registry.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
 
 
 def test_the_demo_names_its_first_model_champion(tmp_path, mlflow_uri) -> None:
@@ -257,11 +257,11 @@ def test_the_demo_names_its_first_model_champion(tmp_path, mlflow_uri) -> None:
     first_run, _ = logged_run(write_mini_checkpoint(workspace / "models" / "aligner.pt"))
     write_mini_checkpoint(workspace / "models" / "aligner.pt", run_id=first_run)
     assert demo_champion(workspace) == f"models:/{MODEL}@champion"
-    assert tracking.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
+    assert model_registry.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
     second_run, _ = logged_run(workspace / "models" / "aligner.pt")
     write_mini_checkpoint(workspace / "models" / "aligner.pt", run_id=second_run)
     demo_champion(workspace)  # a champion exists: the nightly, not the demo, moves it
-    assert tracking.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
+    assert model_registry.champion_run_id(MODEL, tracking_uri=mlflow_uri) == first_run
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -317,7 +317,7 @@ def test_mlflow_models_serve_answers_refuses_and_stops_at_its_timeout(checkpoint
     """A real server: answers, refuses bad and oversized requests with a 400 that names the field,
     and a request that passes the server's timeout (2 s here) stops computing after its 504."""
     run_id, _ = logged_run(checkpoint, serve={"max_pixels": 30_000_000, "max_classes": 50})
-    tracking.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
+    model_registry.promote_champion(MODEL, run_id, tracking_uri=mlflow_uri)
     port = free_port()
     bin_dir = Path(sys.executable).parent  # the environment's mlflow, and the uvicorn it runs from PATH
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, OMP_NUM_THREADS="1",

@@ -19,7 +19,8 @@ import torch
 from components.aligner.checkpoint import InferenceSpec, save_checkpoint
 from components.aligner.model import Aligner
 from components.config import flatten, parse_params
-from flows import tracking
+from components.labelling.settings import AmgSettings
+from flows import model_registry, tracking
 from tests import REPO_ROOT
 from tests.mini_checkpoint import write_mini_checkpoint
 
@@ -153,7 +154,7 @@ def test_standard_tags(tmp_path, monkeypatch) -> None:
 
 
 INFERENCE = InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, window=56, stride=28,
-                          amg={"min_area_frac": 0.0, "max_area_frac": 1.0})
+                          amg=AmgSettings(min_area_frac=0.0, max_area_frac=1.0))
 
 
 def test_champion_promotion(tmp_path, mlflow_uri) -> None:
@@ -165,28 +166,28 @@ def test_champion_promotion(tmp_path, mlflow_uri) -> None:
         mlflow_run_id=None,
     )
     with pytest.raises(ValueError, match="no MLflow run id"):
-        tracking.checkpoint_run_id(ckpt)
+        model_registry.checkpoint_run_id(ckpt)
     runs = {}
     for name, score in (("first", 30.0), ("second", 40.0)):
         with tracking.start_run(params, run_name=name, tags={}) as run_id:
-            tracking.log_model(params, run_id, ckpt)  # registers versions 1 and 2
+            model_registry.log_model(params, run_id, ckpt)  # registers versions 1 and 2
         tracking.attach_metrics(run_id, {"pv21/mIoU_base": score, "cs171/mIoU_base": score + 2},
                                 params=params)
         runs[name] = run_id
-    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri) is None
-    scores = tracking.run_scores(runs["first"], ["pv21", "cs171"], "mIoU_base", tracking_uri=mlflow_uri)
+    assert model_registry.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri) is None
+    scores = model_registry.run_scores(runs["first"], ["pv21", "cs171"], "mIoU_base", tracking_uri=mlflow_uri)
     assert scores == {"run_id": runs["first"], "score": 31.0, "metrics": {"pv21": 30.0, "cs171": 32.0}}
     with pytest.raises(KeyError, match="ade20k/mIoU_base"):
-        tracking.run_scores(runs["first"], ["ade20k"], "mIoU_base", tracking_uri=mlflow_uri)
-    assert tracking.promote_champion(model, runs["first"], tracking_uri=mlflow_uri) == "1"
-    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["run_id"] == runs["first"]
-    assert tracking.promote_champion(model, runs["second"], tracking_uri=mlflow_uri) == "2"
-    assert tracking.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["score"] == 40.0
+        model_registry.run_scores(runs["first"], ["ade20k"], "mIoU_base", tracking_uri=mlflow_uri)
+    assert model_registry.promote_champion(model, runs["first"], tracking_uri=mlflow_uri) == "1"
+    assert model_registry.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["run_id"] == runs["first"]
+    assert model_registry.promote_champion(model, runs["second"], tracking_uri=mlflow_uri) == "2"
+    assert model_registry.champion_scores(model, ["pv21"], "mIoU_base", tracking_uri=mlflow_uri)["score"] == 40.0
     save_checkpoint(
         ckpt, model=Aligner(4, 2, kind="linear"), encoder_spec="mini-dino", image_size=56, text_spec="mini-clip",
         templates=["{}"], class_names=["a"], prototypes=torch.ones(1, 2), inference=INFERENCE, params={}, mlflow_run_id=runs["second"],
     )
-    assert tracking.checkpoint_run_id(ckpt) == runs["second"]
+    assert model_registry.checkpoint_run_id(ckpt) == runs["second"]
 
 
 def test_model_runs_lists_trained_models_newest_first(mlflow_uri) -> None:
@@ -249,7 +250,7 @@ def _registered_run(params, checkpoint: Path, name: str, changed: dict) -> str:
     tags = {tracking.STAGE_TAG: "train", **({tracking.CHANGED_TAG: tracking.run_name_of(changed, "")} if changed else {})}
     with tracking.start_run(params, run_name=name, tags=tags, settings=tracking.stage_settings(params, "train", changed)
                             ) as run_id:
-        tracking.log_model(params, run_id, checkpoint, registered_model=tracking.registered_model_for(params, changed))
+        model_registry.log_model(params, run_id, checkpoint, registered_model=model_registry.registered_model_for(params, changed))
     return run_id
 
 
@@ -259,7 +260,7 @@ def test_ablations_never_become_versions_of_the_production_model(tmp_path, mlflo
     checkpoint = write_mini_checkpoint(tmp_path / "aligner.pt", class_names=("sky", "tree"))
     pipeline = _registered_run(params, checkpoint, "pipeline", {})
     tracking.attach_metrics(pipeline, {"pv21/mIoU_base": 15.9, "pv21/mIoU_refined": 17.0}, params=params)
-    tracking.promote_champion(name, pipeline, tracking_uri=mlflow_uri)  # what the demo's first night does
+    model_registry.promote_champion(name, pipeline, tracking_uri=mlflow_uri)  # what the demo's first night does
     ablation = _registered_run(params, checkpoint, "aligner.kind=linear", {"aligner.kind": "linear"})  # newer
     tracking.attach_metrics(ablation, {"pv21/mIoU_base": 10.8}, params=params)
 
@@ -267,8 +268,8 @@ def test_ablations_never_become_versions_of_the_production_model(tmp_path, mlflo
     assert [v.run_id for v in client.search_model_versions(f"name = '{name}'")] == [pipeline]
     assert [v.run_id for v in client.search_model_versions(f"name = '{name}-ablations'")] == [ablation]
     with pytest.raises(LookupError, match="registered no version"):
-        tracking.promote_champion(name, ablation, tracking_uri=mlflow_uri)
-    assert tracking.champion_run_id(name, tracking_uri=mlflow_uri) == pipeline
+        model_registry.promote_champion(name, ablation, tracking_uri=mlflow_uri)
+    assert model_registry.champion_run_id(name, tracking_uri=mlflow_uri) == pipeline
 
     # what the model page says: its input, and per version the profile and the scores
     model = client.get_registered_model(name)
@@ -304,8 +305,8 @@ def test_training_with_changed_settings_is_an_ablation(tmp_path, monkeypatch) ->
     changed = _changed_settings(load_params(".params-set-x.yaml"), ".params-set-x.yaml")
     assert changed == {"train.lr": 0.05}
     params = load_params("params.yaml")
-    assert tracking.registered_model_for(params, changed) == "fmbseg-aligner-ablations"
-    assert tracking.registered_model_for(params, {}) == "fmbseg-aligner"
+    assert model_registry.registered_model_for(params, changed) == "fmbseg-aligner-ablations"
+    assert model_registry.registered_model_for(params, {}) == "fmbseg-aligner"
 
 
 def _db_text(db: Path) -> str:
@@ -324,7 +325,7 @@ def test_a_copied_or_moved_workspace_keeps_working(tmp_path, _migrated_mlflow_db
     monkeypatch.chdir(old)
     run_id = _registered_run(params, checkpoint, "pipeline", {})
     tracking.log_checkpoint(params, run_id, checkpoint)
-    tracking.promote_champion(name, run_id, tracking_uri=tracking.tracking_uri(params))
+    model_registry.promote_champion(name, run_id, tracking_uri=tracking.tracking_uri(params))
     table = tmp_path / "pv21_per_class.csv"
     table.write_text("class,IoU\nsky,1\n")
 
@@ -358,7 +359,7 @@ def test_a_copied_or_moved_workspace_keeps_working(tmp_path, _migrated_mlflow_db
     shutil.move(old, moved)
     monkeypatch.chdir(moved)
     uri = tracking.tracking_uri(params)
-    assert tracking.champion_run_id(name, tracking_uri=uri) == run_id
+    assert model_registry.champion_run_id(name, tracking_uri=uri) == run_id
     assert str(old) not in _db_text(moved / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     assert Path(client.download_artifacts(run_id, "model/aligner.pt", str(tmp_path / "dl"))).read_bytes() == (

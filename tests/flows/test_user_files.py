@@ -166,19 +166,19 @@ def test_predict_reports_every_skipped_entry_with_labels_link_rules(project: Pat
 # --------------------------------------------------------------------------------------- models
 def test_a_run_artifact_path_never_leaves_its_run(project: Path, mlflow_uri: str) -> None:
     from components.config import parse_params
-    from flows import tracking
+    from flows import model_registry, tracking
 
     params = parse_params({})
     model = write_mini_checkpoint(project / "ck" / "aligner.pt")
     with tracking.start_run(params, run_name="train", tags={}) as run_id:
         tracking.log_checkpoint(params, run_id, model)
-        tracking.log_model(params, run_id, model)
+        model_registry.log_model(params, run_id, model)
     for uri in (f"runs:/{run_id}/../../../../../../etc/passwd", f"runs:/{run_id}//etc/passwd", "runs:/../x"):
         result = CliRunner().invoke(app, ["predict", "photos", "--out", "out", "--model", uri, "--classes", "a"])
         assert "refused" in one_line_refusal(result), uri
     assert not (project / "out").exists()
     name = params.tracking.registered_model
-    assert tracking.resolve_model_uri(f"models:/{name}/latest", params).read_bytes() == model.read_bytes()
+    assert model_registry.resolve_model_uri(f"models:/{name}/latest", params).read_bytes() == model.read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["text", "pickle", "folder", "other dict"])

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from components.aligner.checkpoint import InferenceSpec, load_aligner, save_checkpoint
 from components.aligner.model import Aligner
 from components.aligner.train import TrainSettings, pending_resume, train_aligner
+from components.labelling.settings import AmgSettings
 
 GRID = 4  # a 4 x 4 patch grid
 IN_DIM, OUT_DIM, K = 16, 8, 3
@@ -175,7 +176,7 @@ def test_bad_settings_are_rejected() -> None:
 
 
 MINI_INFERENCE = InferenceSpec(sam="mini-sam", templates=("a photo of a {}.",), short_side=56, window=56, stride=28,
-                               amg={"points_per_side": 4, "min_area_frac": 0.0, "max_area_frac": 1.0})
+                               amg=AmgSettings(points_per_side=4, min_area_frac=0.0, max_area_frac=1.0))
 
 
 def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path) -> None:
@@ -214,7 +215,7 @@ def test_checkpoint_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="format-1 checkpoint .* `fmbseg train`"):
         load_aligner(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="size filter"):
-        InferenceSpec(sam="mini-sam", templates=("{}",), short_side=56, window=56, stride=28, amg={})
+        InferenceSpec.from_dict({**MINI_INFERENCE.to_dict(), "amg": {}})
     with pytest.raises(ValueError, match="unknown \\['grid'\\]"):
         InferenceSpec.from_dict({**MINI_INFERENCE.to_dict(), "grid": 4})
     with pytest.raises(ValueError, match="prototypes must be"):

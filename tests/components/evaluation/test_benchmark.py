@@ -256,8 +256,9 @@ def test_stage1_segmenter_maps_16_bit_prompt_indices_and_their_unlabelled():
     settings = Stage1Settings(
         grid=2, dense_mode="fmbseg", min_crops=1, top_k_points=2, sam_size=64, label_size=64,
         amg=AmgSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0),
-        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0,
+                        min_area_frac=0.0, max_area_frac=1.0),
+        crop_batch=4,
     )
     class_map = torch.arange(300) // 2  # two prompts per class
     segment = Stage1Segmenter(variants=("stage1_1",), clip_model=torch.nn.Identity(), clip_mean=(0.0,) * 3,
@@ -317,14 +318,15 @@ def mini_models():
 def stage2(mini_models, refine: bool):
     from components.aligner.checkpoint import InferenceSpec
     from components.aligner.model import Aligner
+    from components.labelling.settings import AmgSettings
     from components.models import get_spec
     from components.segmenter import Segmenter
 
     torch.manual_seed(0)
     inference = InferenceSpec(
         sam="mini-sam", templates=("a photo of a {}.",), short_side=56, window=56, stride=28,
-        amg={"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-             "min_area_frac": 0.0, "max_area_frac": 1.0},
+        amg=AmgSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                        min_area_frac=0.0, max_area_frac=1.0),
     )
     return Segmenter(
         aligner=Aligner(32, 32, kind="transformer", num_heads=4).eval(),
@@ -401,8 +403,9 @@ def _stage1_segmenter(mini_models, tmp_path, variants):
     settings = Stage1Settings(
         grid=2, dense_mode="fmbseg", min_crops=1, top_k_points=2, sam_size=64, label_size=64,
         amg=AmgSettings(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0),
-        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+                        stability_score_offset=1.0, box_nms_thresh=0.7, min_mask_region_area=0,
+                        min_area_frac=0.0, max_area_frac=1.0),
+        crop_batch=4,
     )
     segment = Stage1Segmenter(
         variants=variants, clip_model=clip.model, clip_mean=clip.spec.mean, clip_std=clip.spec.std,

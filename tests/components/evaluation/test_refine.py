@@ -194,7 +194,7 @@ def test_refinement_with_sam2_masks(tmp_path) -> None:
     from tests.mini_checkpoint import MINI_INFERENCE, write_mini_checkpoint
 
     inference = dataclasses.replace(
-        MINI_INFERENCE, amg={**MINI_INFERENCE.amg, "pred_iou_thresh": 0.3, "stability_score_offset": 0.5})
+        MINI_INFERENCE, amg=dataclasses.replace(MINI_INFERENCE.amg, pred_iou_thresh=0.3, stability_score_offset=0.5))
     segmenter = Segmenter.from_checkpoint(
         write_mini_checkpoint(tmp_path / "aligner.pt", inference=dataclasses.replace(inference, sam="mini-sam2.1")),
         device="cpu",

@@ -24,8 +24,9 @@ VOCABULARY = ["road", "sky, clouds", "tree", "car", "person"]
 SETTINGS = Stage1Settings(
     grid=2, dense_mode="fmbseg", min_crops=0, top_k_points=3, sam_size=64, label_size=48,
     amg=AmgSettings(points_per_side=4, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                    stability_score_offset=1.0, box_nms_thresh=0.95, min_mask_region_area=0),
-    min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+                    stability_score_offset=1.0, box_nms_thresh=0.95, min_mask_region_area=0,
+                    min_area_frac=0.0, max_area_frac=1.0),
+    crop_batch=4,
 )
 
 

@@ -3,7 +3,7 @@ miniature CLIP and SAM."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -166,8 +166,9 @@ def _settings(**over: object) -> Stage1Settings:
     base = dict(
         grid=2, dense_mode="fmbseg", min_crops=1, top_k_points=5, sam_size=64, label_size=48,
         amg=AmgSettings(points_per_side=6, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                        stability_score_offset=1.0, box_nms_thresh=0.95, min_mask_region_area=0),
-        min_area_frac=0.0, max_area_frac=1.0, crop_batch=4,
+                        stability_score_offset=1.0, box_nms_thresh=0.95, min_mask_region_area=0,
+                        min_area_frac=0.0, max_area_frac=1.0),
+        crop_batch=4,
     )
     base.update(over)
     return Stage1Settings(**base)
@@ -220,7 +221,7 @@ def test_automatic_masks_keep_the_masks_their_rles_decode_to(mini_models: dict) 
     amg, masks = automatic_masks(embedded, amg_settings)
     assert len(amg) > 0 and masks.shape == (len(amg), 64, 64) and masks.dtype == torch.bool
     np.testing.assert_array_equal(decode_masks(amg, 64).numpy(), masks.numpy())
-    records = embedded.automatic_masks(**asdict(amg_settings), output_mode="coco_rle")
+    records = embedded.automatic_masks(**amg_settings.generator_args(), output_mode="coco_rle")
     assert [m.counts for m in amg] == [r["segmentation"]["counts"].encode() for r in records]
     assert [(m.area, m.predicted_iou, m.stability_score) for m in amg] == [
         (r["area"], r["predicted_iou"], r["stability_score"]) for r in records
