@@ -53,7 +53,7 @@ def _model_file(model: str | Path | None, default: str | None) -> None:
     if model is None and default is None:
         return
     path = str(model if model is not None else default)
-    if ":/" in path or Path(path).is_file():
+    if ":/" in path or Path(path).exists():  # a folder or a bad file: the command says what it is
         return
     if model is not None:
         raise FileNotFoundError(f"--model {path}: no such checkpoint")
@@ -105,14 +105,17 @@ def check_weights(specs: list[str], *, weights_dir: str | None, profile: str) ->
     """Every weight file of the registry specs ``specs`` is on disk; a FileNotFoundError naming the
     first missing file and the command that fetches (or, for a stand-in, trains) it otherwise."""
     from components.models.registry import get_spec
-    from components.models.weights import weights_status
+    from components.models.weights import gated_help, weights_status
 
     missing = [row for row in weights_status([get_spec(n) for n in specs], weights_dir=weights_dir) if not row.present]
     if missing:
         first = missing[0]
+        spec = get_spec(first.spec)
         more = f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else ""
-        fix = "fmbseg weights train-demo" if get_spec(first.spec).miniature else f"fmbseg weights fetch --profile {profile}"
-        raise FileNotFoundError(f"missing weights of {first.spec!r}: {first.path}{more}; get them with `{fix}`")
+        fix = "fmbseg weights train-demo" if spec.miniature else f"fmbseg weights fetch --profile {profile}"
+        gated = next((f for f in spec.weights if f.gated), None)
+        how = f"{gated_help(gated)}, then run `{fix}`" if gated is not None else f"get them with `{fix}`"
+        raise FileNotFoundError(f"missing weights of {first.spec!r}: {first.path}{more}; {how}")
 
 
 CHECKS: dict[str, Callable[[dict[str, Any], Params | None], None]] = {
@@ -125,16 +128,20 @@ CHECKS: dict[str, Callable[[dict[str, Any], Params | None], None]] = {
 
 
 def check_online(hosts: tuple[str, ...] = WEIGHT_HOSTS) -> None:
-    """At least one of the weights' hosts answers on port 443 (HF_ENDPOINT replaces the hub); a
-    ConnectionError that says so otherwise, before the model libraries load and retry each file."""
+    """At least one of the weights' hosts answers on its HTTPS port (HF_ENDPOINT, with its own port,
+    replaces the hub); a ConnectionError that says so otherwise, before the model libraries load and
+    retry each file."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ConnectionError("HF_HUB_OFFLINE is set: unset it to fetch weights")
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "")).hostname
-    hosts = tuple(endpoint if h == "huggingface.co" and endpoint else h for h in hosts)
+    addresses = [(host, 443) for host in hosts]
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", ""))
+    if endpoint.hostname:
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        addresses = [(endpoint.hostname, port) if host == "huggingface.co" else (host, 443) for host in hosts]
     errors = []
-    for host in hosts:
+    for host, port in addresses:
         try:
-            socket.create_connection((host, 443), timeout=ONLINE_TIMEOUT_S).close()
+            socket.create_connection((host, port), timeout=ONLINE_TIMEOUT_S).close()
             return
         except OSError as err:
             errors.append(f"{host}: {err}")

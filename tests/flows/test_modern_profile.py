@@ -59,8 +59,15 @@ def test_weights_status_modern_lists_the_gated_dinov3_files(repo_root, no_weight
     assert "sam3" in result.output and "facebook/sam3 is gated" in result.output  # the overlay's concept teacher
 
 
-def test_fetching_gated_weights_without_a_token_explains_licence_and_token(repo_root, no_weights):
-    result = runner.invoke(app, ["weights", "fetch", "dinov3_vits16", "--params", str(repo_root / "params.yaml")])
+def test_fetching_gated_weights_without_a_token_explains_licence_and_token(repo_root, no_weights, monkeypatch):
+    import socket
+
+    with socket.socket() as hub:  # a hub that answers (the fetch checks it is online first), on 127.0.0.1
+        hub.bind(("127.0.0.1", 0))
+        hub.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        result = runner.invoke(app, ["weights", "fetch", "dinov3_vits16", "--params", str(repo_root / "params.yaml")])
     assert result.exit_code == 1
     assert "no Hugging Face token" in result.output and "HF_TOKEN" in result.output
     assert "https://huggingface.co/facebook/dinov3-vits16-pretrain-lvd1689m" in result.output

@@ -28,27 +28,34 @@ def _doubles(xs: list[int]) -> list[tuple[int, int | None, str | None]]:
             sorted(runmode.completed(_double, [(x,) for x in xs], max_workers=2), key=lambda row: row[0])]
 
 
+@pytest.fixture
+def no_server(monkeypatch, tmp_path):
+    """No Prefect API configured: a Prefect profile of its own, no API URL in the environment, and
+    the setting at its default even where the session's test server set it for this process."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    for name in ("FMBSEG_AS_FLOW", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, False),
     ({"FMBSEG_AS_FLOW": "1"}, True),
     ({"FMBSEG_AS_FLOW": "0"}, False),
     ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, True),
 ])
-def test_as_flow_with_a_server_configured_or_asked(env, expected, monkeypatch, tmp_path):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # a Prefect profile of its own: no API URL in it
-    for name in ("FMBSEG_AS_FLOW", "PREFECT_API_URL"):
-        monkeypatch.delenv(name, raising=False)
+def test_as_flow_with_a_server_configured_or_asked(env, expected, monkeypatch, no_server):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert runmode.as_flow() is expected
 
 
-def test_plain_run_calls_the_flows_and_tasks_functions(monkeypatch, tmp_path, capsys):
+def test_plain_run_calls_the_flows_and_tasks_functions(monkeypatch, no_server, capsys):
     """Outside a flow run: the same results, failures reported per call, prints on stderr, and no
     Prefect engine: a task run would need an API (and start a temporary server without one)."""
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.delenv("FMBSEG_AS_FLOW", raising=False)
     monkeypatch.setattr("prefect.task_engine.run_task_sync", _no_engine)
     monkeypatch.setattr("prefect.flow_engine.run_flow", _no_engine)
     assert runmode.run(_doubles, [1, -2, 3]) == [(0, 2, None), (1, None, "negative -2"), (2, 6, None)]
