@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -22,7 +21,7 @@ import typer
 
 from components.config import ConfigError, OrchestrationConfig, Params
 from components.io import bytes_sha256
-from flows.common import project_path, table_artifact
+from flows.common import project_path, table_artifact, worker_cache
 from flows.deferred import get_run_logger, task
 from flows.shards import map_shards
 
@@ -74,21 +73,11 @@ class ScoringJob(Protocol):
         ...
 
 
-_context_lock = threading.Lock()
-_contexts: list[tuple[ScoringJob, ScoringContext]] = []  # the last two jobs built, newest first
-_KEPT_CONTEXTS = 2
-
-
+@worker_cache(maxsize=2)
 def context(job: ScoringJob) -> ScoringContext:
-    """The context of ``job``, built once per worker process (an equal job reuses it)."""
-    with _context_lock:
-        for known, built in _contexts:
-            if known == job:
-                return built
-        built = job.build()
-        _contexts.insert(0, (job, built))
-        del _contexts[_KEPT_CONTEXTS:]
-        return built
+    """The context of ``job``, built once per worker process (an equal job, a frozen record of
+    hashable settings, reuses it; the last two are kept)."""
+    return job.build()
 
 
 # ------------------------------------------------------------------------------------ the tasks
