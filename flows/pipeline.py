@@ -46,7 +46,8 @@ __all__ = [
 
 
 # What a pipeline workspace needs: the DAG, its settings and the code its stages list as deps.
-WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "components", "flows", "configs")
+WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "components", "demoworld", "flows",
+                   "configs")
 
 
 def dvc_command() -> str:

@@ -11,7 +11,7 @@ import pytest
 from tests import REPO_ROOT
 
 ROOT = REPO_ROOT
-CODE_DIRS = ("components", "flows", "tests", "bench")
+CODE_DIRS = ("components", "demoworld", "flows", "tests", "bench")
 DESIGN = ROOT / "docs" / "design.md"
 
 CITATION = re.compile(r"docs/design\.md §(\w+)")
