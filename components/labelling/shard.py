@@ -36,7 +36,7 @@ from components.io import fs_path, path_text
 from components.labelling.detect import image_level_labels
 from components.labelling.plan import MaskSource
 from components.labelling.settings import Stage1Settings
-from components.labelling.stage1 import AmgMask, label_image, timed
+from components.labelling.stage1 import AmgMask, Stage1Result, label_image, timed
 from components.labelling.store import (
     ImageEntry,
     ShardRecord,
@@ -157,6 +157,17 @@ def _load(entry: ImageEntry, ground_truth: GroundTruth | None) -> _Loaded:
     return _Loaded(image, classes, None)
 
 
+def _teach(teacher: ConceptTeacher, loaded: _Loaded, result: Stage1Result, settings: Stage1Settings, row: dict[str, Any],
+           timings: dict[str, float]) -> bool:
+    """The concept teacher's map and presence scores of one image, added to its labels ``row``;
+    False when no class passed presence (the image is unlabelled in stage1_sam3)."""
+    with timed(timings, "teacher"):
+        concepts = teacher.label(loaded.image, (settings.label_size, settings.label_size),
+                                 detected=result.presence.classes, image_classes=loaded.image_classes)
+    row.update(teacher_columns(concepts.label, concepts.presence))
+    return bool(concepts.present.any())
+
+
 def label_shard(
     root: str | Path,
     shard_id: str,
@@ -220,13 +231,8 @@ def label_shard(
         )
         row = labels_row(entry, result, height=loaded.image.shape[0], width=loaded.image.shape[1],
                          sam_size=settings.sam_size)
-        if teacher is not None:
-            with timed(timings, "teacher"):
-                concepts = teacher.label(loaded.image, (settings.label_size, settings.label_size),
-                                         detected=result.presence.classes, image_classes=loaded.image_classes)
-            row.update(teacher_columns(concepts.label, concepts.presence))
-            if not concepts.present.any():
-                unlabelled.append(entry.image_id)
+        if teacher is not None and not _teach(teacher, loaded, result, settings, row, timings):
+            unlabelled.append(entry.image_id)
         with timed(timings, "io"):
             rows[entry.image_id] = len(labels)
             labels.append(row)
