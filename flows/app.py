@@ -101,7 +101,7 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
     import gradio as gr
 
     from components.datasets.readers import UnreadableImageError
-    from components.datasets.registry import CLASS_FILES, display_name
+    from components.datasets.registry import display_name
     from components.io import encode_label_png
     from components.labelling.store import PseudoLabels
     from components.overlay import overlay_picture
@@ -155,46 +155,60 @@ def build_page(params: Any, *, model: str | None, store: str | None, max_pixels:
 
     with gr.Blocks(title="fmbseg", delete_cache=(3600, 3600 * CACHE_HOURS)) as page:
         gr.Markdown("# fmbseg: open-vocabulary segmentation from foundation models")
-        with gr.Tab("Try the model", id="try"):
-            with gr.Row():
-                with gr.Column():
-                    upload = gr.File(label="image (PNG, JPEG, ...)", type="filepath", elem_id="upload")
-                    choices = [(Path(item.image_path).name, item.image_path) for item in order[:PICK_LIMIT]]
-                    picked = gr.Dropdown(choices, value=None, elem_id="pick",
-                                         label=f"or pick one of the store's images (the {PICK_LIMIT} least confident)")
-                    typed = gr.Textbox(label='class names, comma-separated ("sky, grass, car")', elem_id="classes")
-                    vocabulary = gr.Dropdown([TYPED, *CLASS_FILES], value=TYPED, label="vocabulary",
-                                             elem_id="vocabulary")
-                    refine = gr.Checkbox(label="SAM refinement", value=False, elem_id="refine")
-                    reference = gr.Textbox(value=model or "", elem_id="model",
-                                           label="model: checkpoint path, runs:/<run_id>, models:/<name>@<alias> "
-                                                 "or models:/<name>/<version> (empty: the default)")
-                    run = gr.Button("Segment", variant="primary", elem_id="segment")
-                with gr.Column():
-                    status = gr.Markdown(elem_id="status")
-                    overlay = gr.Image(label="overlay", type="pil", format="png", interactive=False,
-                                       elem_id="overlay")
-                    legend = gr.HTML(elem_id="legend")
-                    label_png = gr.File(label="label PNG (class index per pixel, 255 = no class; 16-bit with 65535 past 255 classes)",
-                                        interactive=False, elem_id="label-png")
-            run.click(segment, [upload, picked, typed, vocabulary, refine, reference],
-                      [overlay, legend, label_png, status])
-        with gr.Tab("Review pseudo labels", id="review"):
-            gr.Markdown("Worst first: confidence = the share of the pixels labelled by both Stage 1.1 and "
-                        "Stage 1.2 on which they agree.")
-            with gr.Row():
-                previous = gr.Button("◀ previous", elem_id="previous")
-                position = gr.Slider(1, max(len(order), 1), value=1, step=1, label="image", elem_id="position")
-                following = gr.Button("next ▶", elem_id="next")
-            heading = gr.HTML(elem_id="review-info")
-            stage1 = gr.Image(label="image | Stage 1.1 | Stage 1.2", type="pil", format="png", interactive=False,
-                              elem_id="stage1")
-            detections = gr.HTML(elem_id="detections")
-            previous.click(lambda p: step(p, -1), position, position)
-            following.click(lambda p: step(p, +1), position, position)
-            position.change(show_review, position, [stage1, heading, detections])
-            page.load(show_review, position, [stage1, heading, detections])
+        _try_tab(gr, order, model, segment)
+        _review_tab(gr, page, order, show_review, step)
     return page
+
+
+def _try_tab(gr: Any, order: list[Any], model: str | None, segment: Any) -> None:
+    """The "try the model" tab: an image, class names or a vocabulary, refinement and a model in;
+    the overlay, its legend, the label PNG and a status line out (``segment`` computes them)."""
+    from components.datasets.registry import CLASS_FILES
+
+    with gr.Tab("Try the model", id="try"):
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="image (PNG, JPEG, ...)", type="filepath", elem_id="upload")
+                choices = [(Path(item.image_path).name, item.image_path) for item in order[:PICK_LIMIT]]
+                picked = gr.Dropdown(choices, value=None, elem_id="pick",
+                                     label=f"or pick one of the store's images (the {PICK_LIMIT} least confident)")
+                typed = gr.Textbox(label='class names, comma-separated ("sky, grass, car")', elem_id="classes")
+                vocabulary = gr.Dropdown([TYPED, *CLASS_FILES], value=TYPED, label="vocabulary",
+                                         elem_id="vocabulary")
+                refine = gr.Checkbox(label="SAM refinement", value=False, elem_id="refine")
+                reference = gr.Textbox(value=model or "", elem_id="model",
+                                       label="model: checkpoint path, runs:/<run_id>, models:/<name>@<alias> "
+                                             "or models:/<name>/<version> (empty: the default)")
+                run = gr.Button("Segment", variant="primary", elem_id="segment")
+            with gr.Column():
+                status = gr.Markdown(elem_id="status")
+                overlay = gr.Image(label="overlay", type="pil", format="png", interactive=False,
+                                   elem_id="overlay")
+                legend = gr.HTML(elem_id="legend")
+                label_png = gr.File(label="label PNG (class index per pixel, 255 = no class; 16-bit with 65535 past 255 classes)",
+                                    interactive=False, elem_id="label-png")
+        run.click(segment, [upload, picked, typed, vocabulary, refine, reference],
+                  [overlay, legend, label_png, status])
+
+
+def _review_tab(gr: Any, page: Any, order: list[Any], show_review: Any, step: Any) -> None:
+    """The "review pseudo labels" tab: the store's images worst first, one at a time
+    (``show_review`` draws one, ``step`` moves the position)."""
+    with gr.Tab("Review pseudo labels", id="review"):
+        gr.Markdown("Worst first: confidence = the share of the pixels labelled by both Stage 1.1 and "
+                    "Stage 1.2 on which they agree.")
+        with gr.Row():
+            previous = gr.Button("◀ previous", elem_id="previous")
+            position = gr.Slider(1, max(len(order), 1), value=1, step=1, label="image", elem_id="position")
+            following = gr.Button("next ▶", elem_id="next")
+        heading = gr.HTML(elem_id="review-info")
+        stage1 = gr.Image(label="image | Stage 1.1 | Stage 1.2", type="pil", format="png", interactive=False,
+                          elem_id="stage1")
+        detections = gr.HTML(elem_id="detections")
+        previous.click(lambda p: step(p, -1), position, position)
+        following.click(lambda p: step(p, +1), position, position)
+        position.change(show_review, position, [stage1, heading, detections])
+        page.load(show_review, position, [stage1, heading, detections])
 
 
 def _user_error(message: str) -> typer.Exit:
