@@ -221,15 +221,14 @@ def register(app: typer.Typer) -> None:
     @app.command("app")
     def app_cmd(
         model: str = typer.Option(None, "--model",
-                                  help="checkpoint path, runs:/<run_id> or models:/<name>@<alias> (default: the "
-                                       "registered champion, else ${paths.checkpoint}); the page can switch"),
-        store: str = typer.Option(None, "--store", help="Stage 1 store to review (default: ${paths.stage1} "
-                                                        "when it exists)"),
+                                  show_default="the registered champion, else ${paths.checkpoint}",
+                                  help="checkpoint path, runs:/<run_id> or models:/<name>@<alias>; the page can switch"),
+        store: str = typer.Option(None, "--store", show_default="${paths.stage1} when it exists",
+                                  help="Stage 1 store to review"),
         port: int = typer.Option(7860, "--port", help="port to serve on"),
         host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0: every interface)"),
         max_pixels: int = typer.Option(None, "--max-pixels",
-                                       help="largest upload decoded, in pixels; bigger ones are refused (default: "
-                                            "components.tryout.DEFAULT_MAX_PIXELS, 40 million)"),
+                                       show_default="40 million", help="largest upload decoded, in pixels; bigger ones are refused"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (device, dtype, weights folder, paths)"),
     ) -> None:
         """A web page to try the model on an image and to review Stage 1's pseudo labels."""

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_cmd(
         params: Path = typer.Option(Path("params.yaml"), "--params", help="settings file"),
-        experiment: str = typer.Option(None, help="MLflow experiment (default: tracking.experiment)"),
+        experiment: str = typer.Option(None, show_default="tracking.experiment", help="MLflow experiment"),
         last: int = typer.Option(50, help="the most recent N trained-model runs"),
         out: Path = typer.Option(None, help="also write the table as CSV here"),
     ) -> None:

@@ -222,7 +222,7 @@ def register(app: typer.Typer) -> None:
     def evaluate_cmd(
         dataset: str = typer.Option(..., "--dataset", help="benchmark name (pv21, pv20, pc59, co80, cs171, ...)"),
         params: Path = typer.Option(Path("params.yaml"), help="settings file"),
-        model: Path = typer.Option(None, help="aligner checkpoint (default: ${paths.checkpoint})"),
+        model: Path = typer.Option(None, show_default="${paths.checkpoint}", help="aligner checkpoint"),
     ) -> None:
         """Score the aligner on one benchmark, base and SAM-refined (the evaluate@<dataset> stage)."""
         from flows.runners import make_task_runner

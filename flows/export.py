@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
         out: Path = typer.Option(..., "--out", help="output folder"),
-        store: Path = typer.Option(None, "--store", help="a Stage 1 store (default: ${paths.stage1})"),
+        store: Path = typer.Option(None, "--store", show_default="${paths.stage1}", help="a Stage 1 store"),
         variant: str = typer.Option("both", "--variant", help=VARIANT_HELP),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (for the default store)"),
         fmt: str = typer.Option("coco", "--format", help="coco (PNG maps + COCO RLE), coco-polygons, yolo-seg "

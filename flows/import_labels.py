@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
     @app.command("import-labels")
     def import_labels_cmd(
         file: Path = typer.Argument(None, help="a COCO JSON file of corrected masks"),
-        store: Path = typer.Option(None, "--store", help="a Stage 1 store (default: ${paths.stage1}); its "
-                                   "corrections go in the folder `corrections` next to it"),
+        store: Path = typer.Option(None, "--store", show_default="${paths.stage1}",
+                                   help="a Stage 1 store; its corrections go in the folder `corrections` next to it"),
         init: bool = typer.Option(False, "--init", help="only create an empty corrections file if there is none"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (for the default folders)"),
     ) -> None:

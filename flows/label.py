@@ -447,7 +447,7 @@ def _run_label_cli(params_path: str, *, one_off: bool = False) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("label")
     def label_cmd(
-        params: Path = typer.Option(None, help="settings file (default: params.yaml)"),
+        params: Path = typer.Option(None, show_default="params.yaml", help="settings file"),
         images: Path = typer.Option(None, "--images", help="label this folder (recursive) instead of paths.images"),
         classes: str = typer.Option(None, "--classes", help='with --images: class names, comma-separated: "sky,grass,car"'),
         vocabulary: str = typer.Option(None, "--vocabulary",
@@ -516,7 +516,7 @@ def register(app: typer.Typer) -> None:
     @app.command("show")
     def show_cmd(
         image_id: str = typer.Argument(..., help="image id (its path in the image folder, without extension)"),
-        out: Path | None = typer.Option(None, help="picture to write (default: <paths.reports>/show/<id>.png)"),
+        out: Path | None = typer.Option(None, show_default="<paths.reports>/show/<id>.png", help="picture to write"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file"),
     ) -> None:
         """Write a picture of one image's pseudo labels: the image, Stage 1.1, Stage 1.2, a legend."""

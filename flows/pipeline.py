@@ -324,7 +324,7 @@ def _demo(workspace: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("pipeline")
     def pipeline_cmd(
-        targets: list[str] = typer.Argument(None, help="dvc.yaml stages to reproduce (default: all)"),
+        targets: list[str] = typer.Argument(None, show_default="all", help="dvc.yaml stages to reproduce"),
         force: bool = typer.Option(False, help="rerun stages even when up to date"),
         profile: str = typer.Option(None, "--profile", help="run as a DVC experiment (`dvc exp run -S ...`) with this "
                                     "profile's settings over params.yaml: modern, demo, or a YAML file"),

@@ -157,13 +157,12 @@ def register(app: typer.Typer) -> None:
                                        help="a shipped class list (e.g. cocostuff171) or a class file, one class "
                                             "per line, comma-separated synonyms"),
         model: str = typer.Option(None, "--model",
-                                  help="checkpoint path, runs:/<run_id>, models:/<name>@<alias>, models:/<name>/<version or latest> (default: the "
-                                       "registered champion, else ${paths.checkpoint})"),
+                                  show_default="the registered champion, else ${paths.checkpoint}",
+                                  help="checkpoint path, runs:/<run_id>, models:/<name>@<alias>, models:/<name>/<version or latest>"),
         refine: bool = typer.Option(False, "--refine", help="SAM-refined label maps"),
         overlays: bool = typer.Option(False, "--overlays", help="also write <name>_overlay.jpg with a legend"),
         overlay_size: str = typer.Option(None, "--overlay-size",
-                                         help="with --overlays: full (the image's own size) or a panel height in "
-                                              "pixels (default 320)"),
+                                         show_default="320", help="with --overlays: full (the image's own size) or a panel height in pixels"),
         batch_size: int = typer.Option(8, "--batch-size", help="images per model batch"),
         params: Path = typer.Option(Path(PARAMS_FILE), help="settings file (device, dtype, weights folder, "
                                                             "label.external_symlinks)"),
@@ -171,8 +170,8 @@ def register(app: typer.Typer) -> None:
                                        help="write into a non-empty folder fmbseg did not create (its files are "
                                             "never replaced)"),
         max_pixels: int = typer.Option(None, "--max-pixels",
-                                       help="pixel budget of one image, larger ones are skipped (listed in "
-                                            "skipped.parquet); default 50 megapixels"),
+                                       show_default="50 megapixels",
+                                       help="pixel budget of one image, larger ones are skipped (listed in skipped.parquet)"),
     ) -> None:
         """Segment new images with a trained model, for any class names (resumable)."""
         import json

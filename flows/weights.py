@@ -54,9 +54,9 @@ def register(app: typer.Typer) -> None:
     weights = typer.Typer(help="Model weights: what a profile needs, and fetching it.", no_args_is_help=True)
     app.add_typer(weights, name="weights")
 
-    profile_opt = typer.Option(None, "--profile", help="models profile (default: models.profile)")
+    profile_opt = typer.Option(None, "--profile", show_default="models.profile", help="models profile")
     params_opt = typer.Option(Path("params.yaml"), "--params", help="settings file")
-    names_arg = typer.Argument(None, help="registry spec names (default: the profile's three)")
+    names_arg = typer.Argument(None, show_default="the profile's", help="registry spec names")
 
     @weights.command("status")
     def status_cmd(names: list[str] = names_arg, profile: str = profile_opt, params: Path = params_opt) -> None:
@@ -103,9 +103,9 @@ def register(app: typer.Typer) -> None:
 
     @weights.command("train-demo")
     def train_demo_cmd(
-        out: Path = typer.Option(None, "--out", help="folder for the files (default: <weights dir>/world, "
-                                 "which wins over the copies bundled with the project)"),
-        only: list[str] = typer.Option(None, "--only", help="clip | sam (default: both)"),
+        out: Path = typer.Option(None, "--out", show_default="<weights dir>/world",
+                                 help="folder for the files (wins over the copies bundled with the project)"),
+        only: list[str] = typer.Option(None, "--only", show_default="both", help="clip | sam"),
         seed: int = typer.Option(0, help="training seed (the bundled files: 0)"),
         params: Path = params_opt,
     ) -> None:
